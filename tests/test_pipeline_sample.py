@@ -1,0 +1,112 @@
+"""Integration: the sample DAG on a few real images with the tiny random-weight model."""
+
+import json
+
+import mlflow
+import pytest
+
+from pipeline.run import parse_args, run_pipeline
+
+SMALL = ["build_splits.train.max_images=16", "build_splits.eval.0.max_images=3", "evaluate.batch_size=2"]
+
+
+def _run(work, *extra, overrides=()):
+    argv = ["--config", "configs/sample.yaml", "--work-dir", str(work)]
+    for o in [*SMALL, *overrides]:
+        argv += ["--set", o]
+    return run_pipeline(parse_args(argv + list(extra)))
+
+
+def _status(plan):
+    return {p.name: p.status for p in plan}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, ray_local, shared_data):
+    work = tmp_path_factory.mktemp("sample")
+    code, plan = _run(work)
+    return work, code, plan
+
+
+def test_first_run_runs_every_stage_and_evaluates(first_run):
+    work, code, plan = first_run
+    assert code == 0, [p.error for p in plan]
+    assert _status(plan) == {s: "ran" for s in ("build_splits", "embed_text", "train_classifier", "evaluate")}
+    ev = next(p for p in plan if p.name == "evaluate")
+    for s in ("val", "camvid"):
+        for m in ("hIoU", "mIoU_seen", "mIoU_unseen", "pAcc"):
+            assert 0.0 <= ev.metrics[f"{s}/{m}"] <= 100.0
+    art = work / "store" / "evaluate" / ev.key
+    metrics = json.loads((art / "metrics.json").read_text())
+    assert set(metrics) >= {"val", "camvid"}
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["key"] == ev.key and manifest["files"]
+
+
+def test_second_run_is_fully_cached(first_run):
+    work, _, plan1 = first_run
+    code, plan = _run(work)
+    assert code == 0
+    assert set(_status(plan).values()) == {"cached"}
+    assert [p.key for p in plan] == [p.key for p in plan1]
+    ev = next(p for p in plan if p.name == "evaluate")
+    assert ev.metrics == next(p for p in plan1 if p.name == "evaluate").metrics
+
+
+def test_changing_an_evaluate_setting_reruns_evaluate_only(first_run):
+    work, _, plan1 = first_run
+    code, plan = _run(work, overrides=["evaluate.gamma=0.5"])
+    assert code == 0
+    assert _status(plan) == {"build_splits": "cached", "embed_text": "cached",
+                             "train_classifier": "cached", "evaluate": "ran"}
+    old = {p.name: p.key for p in plan1}
+    assert next(p for p in plan if p.name == "evaluate").key != old["evaluate"]
+
+
+def test_force_and_from_select_stages(first_run):
+    work, _, _ = first_run
+    code, plan = _run(work, "--stages", "evaluate", "--force")
+    assert code == 0 and _status(plan)["evaluate"] == "ran"
+    assert {s for s, v in _status(plan).items() if v == "ran"} == {"evaluate"}
+    code, plan = _run(work, "--from", "train_classifier", "--force", "train_classifier")
+    assert code == 0
+    assert _status(plan) == {"build_splits": "cached", "embed_text": "cached",
+                             "train_classifier": "ran", "evaluate": "cached"}
+
+
+def test_dry_run_prints_plan_and_runs_nothing(first_run, capsys):
+    work, _, _ = first_run
+    code, plan = _run(work, "--dry-run", overrides=["evaluate.gamma=0.75"])
+    assert code == 0
+    assert {p.name: p.action for p in plan}["evaluate"] == "run"
+    assert all(p.status == "pending" for p in plan)
+    out = capsys.readouterr().out
+    assert "plan" in out and "evaluate" in out and "RANDOM WEIGHTS" in out
+
+
+def test_mlflow_parent_and_nested_runs(first_run):
+    work, _, _ = first_run
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name("zeroseg-sample")
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) >= 2
+    cached = [r for r in nested if r.data.tags.get("status") == "cached"]
+    ran = {r.info.run_id: r for r in nested if r.data.tags.get("status") == "ran"}
+    assert cached and all(r.data.tags["produced_by_run"] in ran for r in cached)
+    ev = [r for r in ran.values() if r.data.tags["stage"] == "evaluate"][0]
+    assert "val/hIoU" in ev.data.metrics and ev.data.params["gamma"] in ("0.0", "0.5")
+    assert len(ev.data.tags["artifact_key"]) == 64
+
+
+def test_bad_config_and_selection_errors(tmp_path, capsys):
+    code, _ = run_pipeline(parse_args(["--config", "configs/sample.yaml", "--work-dir", str(tmp_path),
+                                       "--set", "evaluate.gama=1", "--dry-run"]))
+    assert code == 2 and "did you mean evaluate.gamma" in capsys.readouterr().out
+    code, _ = run_pipeline(parse_args(["--config", "configs/sample.yaml", "--work-dir", str(tmp_path),
+                                       "--stages", "evaluate", "--dry-run"]))
+    assert code == 2 and "not cached" in capsys.readouterr().out
+    code, _ = run_pipeline(parse_args(["--config", "configs/sample.yaml", "--work-dir", str(tmp_path),
+                                       "--from", "evaluat", "--dry-run"]))
+    assert code == 2 and "did you mean 'evaluate'" in capsys.readouterr().out
