@@ -1,0 +1,237 @@
+"""Deep prompt tuning (VPT-deep) over a frozen open_clip ``VisionTransformer`` (ZegCLIP Sec. 3.3).
+
+ZegCLIP Eq. 3: the l-th transformer layer of the CLIP image encoder processes
+
+    [g^l, _, H^l] = Layer^l([g^{l-1}, P^{l-1}, H^{l-1}])
+
+where ``P`` are M learnable prompt tokens of that layer. The outputs at the prompt positions
+(``_``) are discarded: the next layer gets *its own* learnable prompts instead, so the prompts
+only act as extra keys/values that adapt each attention block while every CLIP weight stays
+intact.
+
+:class:`PromptedVisionTransformer` wraps an open_clip ``VisionTransformer`` and implements the
+three backbone variants of ZegCLIP's ablation (Table 5, Fig. 1):
+
+- ``"dpt"``: frozen encoder + deep prompts (ZegCLIP's Design 1, the default);
+- ``"ft"``: Baseline-FT, the whole image encoder is fine-tuned, no prompts;
+- ``"fix"``: Baseline-Fix, frozen encoder, no prompts (the encoder runs under ``no_grad``).
+
+Imports neither Ray nor the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKBONE_VARIANTS = ("dpt", "ft", "fix")
+
+
+def _resize_grid_embedding(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of the spatial part of a ViT positional embedding.
+
+    pos: ``[1 + gh*gw, width]`` (row 0 is the [CLS] position, kept as is) -> ``[1 + nh*nw, width]``.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    cls_pos, grid_pos = pos[:1], pos[1:]
+    width = pos.shape[-1]
+    grid_pos = grid_pos.reshape(1, old_grid[0], old_grid[1], width).permute(0, 3, 1, 2)
+    grid_pos = F.interpolate(grid_pos.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid_pos = grid_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], width)
+    return torch.cat([cls_pos, grid_pos], dim=0)
+
+
+class PromptedVisionTransformer(nn.Module):
+    """An open_clip ViT image encoder with VPT-deep prompts (ZegCLIP Eq. 3) or a plain FT/Fix variant.
+
+    Args:
+        visual: an open_clip ``VisionTransformer`` (``clip_model.visual``), token pooling
+            (``pool_type="tok"``), no attentional pooler. It is **modified in place**: its
+            positional embedding is resized once (bicubic) to ``input_size`` and ``grid_size`` /
+            ``image_size`` are updated, and its ``requires_grad`` flags are set per ``backbone``.
+        backbone: ``"dpt"`` (frozen + prompts), ``"ft"`` (fine-tune, no prompts) or ``"fix"``
+            (frozen, no prompts). Prompts exist only for ``"dpt"``; ``prompt_tokens`` and
+            ``prompt_layers`` are ignored otherwise.
+        prompt_tokens: M, learnable tokens per prompted layer (ZegCLIP Appendix A: 10 for VOC,
+            100 for COCO-Stuff, 35 for Context). ``0`` gives the plain frozen encoder.
+        prompt_layers: 1-based indices of the transformer layers that get prompts, numbered as in
+            ZegCLIP Table 8 (1 = bottom); ``None`` = every layer (the paper's default, "1->12").
+        input_size: ``(H, W)`` in pixels the positional embedding is resized to once; ``None``
+            keeps the encoder's native size. Images of another size still work: the (resized)
+            embedding is then interpolated bicubically on every call.
+        prompt_dropout: dropout on the prompt tokens during training (as in VPT [20]; the paper
+            does not say; 0.1 in ZegCLIP's released code).
+
+    Prompt initialisation follows VPT: ``U(-v, v)`` with ``v = sqrt(6 / (3 * p * p + width))``
+    (xavier-uniform range for a patch-embedding fan-in of ``3 * p * p``, ``p`` = patch size).
+    Parameters: ``prompts`` ``[n_prompted_layers, M, width]`` (only when ``backbone == "dpt"`` and
+    M > 0).
+
+    Output of :meth:`forward`: ``(g, patches)`` with ``g`` ``[B, D]`` the image [CLS] embedding
+    (``ln_post`` then ``proj``, exactly what ``CLIP.encode_image`` returns without
+    normalisation) and ``patches`` ``[B, h*w, D]`` the patch tokens of the **last** transformer
+    layer (ZegCLIP uses the last layer's tokens, ``out_indices=[11]`` for ViT-B/16) put through
+    the same ``ln_post`` and ``proj`` so that they live in CLIP's joint text-image space.
+    Neither is L2-normalised here. ``h, w = H / patch, W / patch`` (row-major).
+
+    Raises:
+        ValueError: unknown ``backbone``, ``prompt_tokens < 0``, a prompt layer outside
+            ``1..n_layers``, an encoder with an attentional pooler or non-token pooling, or an
+            image whose size is not a multiple of the patch size.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        *,
+        backbone: str = "dpt",
+        prompt_tokens: int = 10,
+        prompt_layers: Sequence[int] | None = None,
+        input_size: Sequence[int] | None = None,
+        prompt_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if backbone not in BACKBONE_VARIANTS:
+            raise ValueError(f"backbone must be one of {BACKBONE_VARIANTS}, got {backbone!r}")
+        for attr in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj"):
+            if not hasattr(visual, attr):
+                raise ValueError(
+                    f"the image encoder is not an open_clip VisionTransformer (no attribute {attr!r}); "
+                    "ZegCLIP needs a ViT CLIP model such as ViT-B-16"
+                )
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ValueError("open_clip VisionTransformer with an attentional pooler is not supported by ZegCLIP")
+        if getattr(visual, "pool_type", "tok") != "tok":
+            raise ValueError(f"ZegCLIP needs [CLS]-token pooling, the encoder has pool_type={visual.pool_type!r}")
+        if visual.proj is None:
+            raise ValueError("the image encoder has no output projection (visual.proj is None)")
+        if prompt_tokens < 0:
+            raise ValueError(f"prompt_tokens must be >= 0, got {prompt_tokens}")
+
+        self.visual = visual
+        self.backbone = backbone
+        self.patch_size = tuple(int(p) for p in _pair(visual.patch_size))
+        self.width = int(visual.class_embedding.shape[-1])
+        self.output_dim = int(visual.proj.shape[-1])
+        self.num_layers = len(visual.transformer.resblocks)
+        self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
+
+        # --- positional embedding: resized once to the training resolution (bicubic)
+        native_grid = tuple(int(g) for g in _pair(visual.grid_size))
+        if input_size is not None:
+            input_size = tuple(int(s) for s in input_size)
+            if input_size[0] % self.patch_size[0] or input_size[1] % self.patch_size[1]:
+                raise ValueError(f"input_size {input_size} is not a multiple of the patch size {self.patch_size}")
+            new_grid = (input_size[0] // self.patch_size[0], input_size[1] // self.patch_size[1])
+            if new_grid != native_grid:
+                with torch.no_grad():
+                    pos = _resize_grid_embedding(visual.positional_embedding.detach(), native_grid, new_grid)
+                visual.positional_embedding = nn.Parameter(pos.clone())
+                visual.grid_size = new_grid
+                visual.image_size = input_size
+        self.grid_size = tuple(int(g) for g in _pair(visual.grid_size))
+
+        # --- which parameters train
+        for p in visual.parameters():
+            p.requires_grad_(backbone == "ft")
+
+        # --- deep prompts (dpt only)
+        if backbone == "dpt":
+            layers = list(range(1, self.num_layers + 1)) if prompt_layers is None else [int(i) for i in prompt_layers]
+            bad = [i for i in layers if not 1 <= i <= self.num_layers]
+            if bad:
+                raise ValueError(f"prompt_layers {bad} outside 1..{self.num_layers} (1 = bottom layer, ZegCLIP Table 8)")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"prompt_layers has duplicates: {layers}")
+            self.prompt_layers = tuple(sorted(layers))
+            self.num_prompts = int(prompt_tokens)
+        else:
+            self.prompt_layers = ()
+            self.num_prompts = 0
+        if self.num_prompts > 0 and self.prompt_layers:
+            self.prompts = nn.Parameter(torch.zeros(len(self.prompt_layers), self.num_prompts, self.width))
+            bound = math.sqrt(6.0 / float(3 * self.patch_size[0] * self.patch_size[1] + self.width))
+            nn.init.uniform_(self.prompts, -bound, bound)
+        else:
+            self.prompts = None
+        # layer index (0-based) -> row of self.prompts
+        self._prompt_row = {layer - 1: row for row, layer in enumerate(self.prompt_layers)} if self.prompts is not None else {}
+        self.prompt_dropout = nn.Dropout(prompt_dropout) if prompt_dropout > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------ helpers
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        v = self.visual
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        if H % self.patch_size[0] or W % self.patch_size[1]:
+            raise ValueError(f"image size {(H, W)} is not a multiple of the patch size {self.patch_size}")
+        x = v.conv1(images.to(v.conv1.weight.dtype))  # [B, width, h, w]
+        B, C, h, w = x.shape
+        x = x.reshape(B, C, h * w).permute(0, 2, 1)  # [B, h*w, width]
+        cls = v.class_embedding.to(x.dtype).reshape(1, 1, C).expand(B, 1, C)
+        x = torch.cat([cls, x], dim=1)
+        pos = v.positional_embedding.to(x.dtype)
+        if (h, w) != self.grid_size:
+            pos = _resize_grid_embedding(pos, self.grid_size, (h, w))
+        x = x + pos
+        x = v.ln_pre(x)
+        return x, (h, w)
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the transformer layers with per-layer prompts; returns ``[B, 1 + N, width]`` (no prompts)."""
+        B = x.shape[0]
+        in_seq = 0  # prompt tokens currently in the sequence, right after [CLS]
+        for i, blk in enumerate(self.visual.transformer.resblocks):
+            row = self._prompt_row.get(i)
+            if row is not None or in_seq:
+                parts = [x[:, :1]]
+                if row is not None:
+                    p = self.prompt_dropout(self.prompts[row]).to(x.dtype)
+                    parts.append(p.unsqueeze(0).expand(B, -1, -1))
+                parts.append(x[:, 1 + in_seq:])  # Eq. 3: previous prompt outputs are discarded
+                x = torch.cat(parts, dim=1)
+                in_seq = self.num_prompts if row is not None else 0
+            if self.batch_first:
+                x = blk(x)
+            else:
+                x = blk(x.transpose(0, 1)).transpose(0, 1)
+        if in_seq:
+            x = torch.cat([x[:, :1], x[:, 1 + in_seq:]], dim=1)
+        return x
+
+    # ------------------------------------------------------------------ API
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """images ``[B, 3, H, W]`` (CLIP-normalised) -> ``(g [B, D], patches [B, h*w, D], (h, w))``.
+
+        ``D`` is CLIP's joint embedding size (``visual.proj.shape[1]``, 512 for ViT-B/16);
+        ``h = H // patch``, ``w = W // patch``. See the class docstring for which layer's tokens.
+        """
+        if self.backbone == "fix":
+            with torch.no_grad():
+                return self._forward(images)
+        return self._forward(images)
+
+    def _forward(self, images):
+        x, hw = self._embed(images)
+        x = self._blocks(x)
+        x = self.visual.ln_post(x)  # LayerNorm is per token: same as ln_post on the pooled token
+        x = x @ self.visual.proj
+        return x[:, 0], x[:, 1:], hw
+
+    def extra_repr(self) -> str:
+        return (
+            f"backbone={self.backbone!r}, prompt_tokens={self.num_prompts}, prompt_layers={list(self.prompt_layers)}, "
+            f"grid={self.grid_size}, width={self.width}, output_dim={self.output_dim}"
+        )
+
+
+def _pair(x) -> tuple:
+    if isinstance(x, (tuple, list)):
+        return tuple(x)
+    return (x, x)
