@@ -9,5 +9,11 @@ class DataError(ZerosegError, ValueError):
     """Bad dataset input: corrupt image, missing label, label value outside the class list, ..."""
 
 
+class BadImageError(DataError):
+    """One image file cannot be used (missing, corrupt, truncated, or its size disagrees with its
+    annotation/label). ``build_splits.on_bad_image: skip`` skips such images (counted in
+    ``stats.json``) instead of failing; every other :class:`DataError` always fails."""
+
+
 class ConfigError(ZerosegError, ValueError):
     """Bad configuration: unknown key, unknown class name, inconsistent settings, ..."""

@@ -1,0 +1,303 @@
+"""Stage ``build_splits``: dataset files -> manifests, label PNGs, classes.json, stats.json.
+
+Wiring only: the readers, class splits and the per-image function live in ``zeroseg.data``.
+
+1. list the training dataset and every eval dataset (driver: json / directory listing);
+2. resolve the seen/unseen split of the training vocabulary and each eval vocabulary
+   (``class_map`` for cross-dataset evaluation);
+3. truncate to ``max_images`` (first N by sorted image id), hold out ``val_fraction`` of the
+   training images as eval set ``val`` (hash of image id + seed);
+4. one Ray Data pass over all images: ``from_items(records).map_batches(process_batch)``
+   decode-checks each image, rasterises its label and applies the unseen policy; workers return
+   the label PNG bytes and the driver writes them into the output directory (so workers need no
+   access to it: the stage works on a multi-node cluster without a shared file system);
+5. write ``manifests/<split>.parquet``, ``classes.json``, ``stats.json``.
+
+Label URIs in the manifests point at the *published* artifact (``<store>/build_splits/<key>/
+labels/...``, a local path or an ``s3://`` / ``gs://`` URI), not at the staging directory the
+stage writes into (it is renamed or uploaded after ``run``). See :func:`artifact_uri`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.dag import Stage, StageConfig, StageContext, register
+from zeroseg.data.classes import BUILTIN_SPLITS, Vocabulary, eval_vocabulary, resolve_split
+from zeroseg.data.readers import DatasetListing, dataset_fingerprint, read_coco, read_mask_folder
+from zeroseg.data.splits import (
+    EVAL_POLICY,
+    TRAIN_SPLIT,
+    VAL_SPLIT,
+    assign_val,
+    label_path,
+    make_records,
+    process_batch,
+    summarize,
+    truncate,
+    write_classes_json,
+    write_manifest,
+)
+from zeroseg.errors import DataError
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_COCO_KEYS = ("annotations", "coco_kind", "panoptic_masks")
+_MASK_KEYS = ("labels", "classes", "ignore_index", "reduce_zero_label", "label_suffix", "ids_file")
+
+#: Rows per Ray Data ``map_batches`` call (each row is one image).
+BATCH_SIZE = 8
+
+
+class DatasetConfig(BaseModel):
+    """One dataset (``train`` or an ``eval`` entry). Paths are relative to the working directory.
+
+    ``format: coco`` uses ``images`` + ``annotations`` (+ ``coco_kind``, ``panoptic_masks``);
+    ``format: mask_folder`` uses ``images`` + ``labels`` + ``classes`` (+ ``ignore_index``,
+    ``reduce_zero_label``, ``label_suffix``, ``ids_file``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=_NAME, description="dataset / eval set name (file names, metric keys)")
+    format: Literal["coco", "mask_folder"]
+    images: str
+    annotations: str | list[str] | None = Field(None, description="COCO json file(s); several: categories united")
+    coco_kind: Literal["instances", "stuff", "panoptic"] = "instances"
+    panoptic_masks: str | None = Field(None, description="panoptic PNG folder (default: json path without .json)")
+    labels: str | None = None
+    classes: str | list[str] | None = Field(None, description='class names, or a json {"classes", "ignore_index"}')
+    ignore_index: int | None = Field(None, ge=0, le=255, description="overrides the class file's (default 255)")
+    reduce_zero_label: bool = False
+    label_suffix: str = ".png"
+    ids_file: str | None = None
+    max_images: int | None = Field(None, ge=1, description="first N images by sorted image id")
+    class_map: dict[str, str] = Field(default_factory=dict, description="eval only: {eval_name: train_vocab_name}")
+
+    @model_validator(mode="after")
+    def _by_format(self) -> DatasetConfig:
+        given = self.model_fields_set
+        if self.format == "coco":
+            if self.annotations is None:
+                raise ValueError(f"dataset {self.name!r} (format coco) needs 'annotations' (the COCO json)")
+            wrong = [k for k in _MASK_KEYS if k in given]
+        else:
+            missing = [k for k in ("labels", "classes") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"dataset {self.name!r} (format mask_folder) needs {missing}")
+            wrong = [k for k in _COCO_KEYS if k in given]
+        if wrong:
+            raise ValueError(f"dataset {self.name!r}: key(s) {wrong} do not apply to format {self.format!r}")
+        return self
+
+
+class SplitConfig(BaseModel):
+    """The seen/unseen split of the training vocabulary (``zeroseg.data.classes.resolve_split``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    builtin: Literal[tuple(BUILTIN_SPLITS)] | None = None  # type: ignore[valid-type]
+    unseen: list[str] | None = None
+    seen: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SplitConfig:
+        if self.builtin is not None and (self.unseen is not None or self.seen is not None):
+            raise ValueError("give either split.builtin or split.unseen/seen, not both")
+        if self.builtin is None and self.unseen is None and self.seen is None:
+            raise ValueError(f"give split.builtin ({', '.join(BUILTIN_SPLITS)}) or split.unseen (a list of class "
+                             "names; [] for none)")
+        return self
+
+
+class BuildSplitsConfig(StageConfig):
+    """``build_splits`` config section."""
+
+    train: DatasetConfig
+    split: SplitConfig
+    unseen_policy: Literal["ignore", "drop"] = "ignore"
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share of train -> eval set 'val'")
+    seed: int = 0
+    on_bad_image: Literal["error", "skip"] = "error"
+    eval: list[DatasetConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names(self) -> BuildSplitsConfig:
+        if self.train.class_map:
+            raise ValueError("train.class_map: class_map applies to eval datasets only (it maps an eval class "
+                             "to a training class name)")
+        taken = {TRAIN_SPLIT} | ({VAL_SPLIT} if self.val_fraction > 0 else set())
+        for e in self.eval:
+            if e.name in taken:
+                raise ValueError(f"eval set name {e.name!r} is already used (train, val with val_fraction > 0, "
+                                 "or another eval entry); rename it")
+            taken.add(e.name)
+        return self
+
+
+def artifact_uri(ctx: StageContext) -> str:
+    """Where this run's artifact will live once published (local path or store URI).
+
+    ``ctx.extra["artifact_uri"]`` when the driver provides it; else derived from
+    ``ctx.train_storage`` (``<store>/_train``, see ``pipeline/store.py``) as
+    ``<store>/<stage>/<key>``; else (a hand-built context) the output directory itself.
+    """
+    if ctx.extra.get("artifact_uri"):
+        return str(ctx.extra["artifact_uri"]).rstrip("/")
+    ts = str(ctx.train_storage or "").rstrip("/")
+    if ts.endswith("/_train"):
+        return f"{ts[: -len('/_train')]}/{ctx.stage}/{ctx.key}"
+    return str(Path(ctx.output_dir).resolve())
+
+
+def _path(p: str) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def list_dataset(d: DatasetConfig) -> DatasetListing:
+    """List one configured dataset (``zeroseg.data.readers``)."""
+    if d.format == "coco":
+        ann = [_path(a) for a in d.annotations] if isinstance(d.annotations, list) else _path(d.annotations)
+        return read_coco(ann, _path(d.images), kind=d.coco_kind,
+                         panoptic_masks=_path(d.panoptic_masks) if d.panoptic_masks else None, dataset=d.name)
+    classes = d.classes if isinstance(d.classes, list) else _path(d.classes)
+    return read_mask_folder(_path(d.images), _path(d.labels), classes, ignore_index=d.ignore_index,
+                            reduce_zero_label=d.reduce_zero_label, label_suffix=d.label_suffix,
+                            ids_file=_path(d.ids_file) if d.ids_file else None, dataset=d.name)
+
+
+def _fingerprint_inputs(d: DatasetConfig) -> tuple[list[Path], list[Path]]:
+    files: list[Path] = []
+    dirs: list[Path] = [_path(d.images)]
+    if d.format == "coco":
+        anns = d.annotations if isinstance(d.annotations, list) else [d.annotations]
+        files += [_path(a) for a in anns]
+        if d.coco_kind == "panoptic":
+            dirs.append(_path(d.panoptic_masks) if d.panoptic_masks else _path(anns[0]).with_suffix(""))
+    else:
+        dirs.append(_path(d.labels))
+        if isinstance(d.classes, str):
+            files.append(_path(d.classes))
+        if d.ids_file:
+            files.append(_path(d.ids_file))
+    return files, dirs
+
+
+@register
+class BuildSplits(Stage):
+    """Class splits, label maps and manifests for one training dataset and its eval sets."""
+
+    name = "build_splits"
+    version = "1"
+    needs = ()
+    Config = BuildSplitsConfig
+
+    def fingerprint(self, config: BuildSplitsConfig) -> str:
+        """sha256 of the dataset files: annotation / class / id files by content, image and label
+        directories by their sorted ``(relative name, size)`` listing (see
+        ``zeroseg.data.readers.dataset_fingerprint`` for why not by content)."""
+        files: list[Path] = []
+        dirs: list[Path] = []
+        for d in [config.train, *config.eval]:
+            f, ds = _fingerprint_inputs(d)
+            files += f
+            dirs += ds
+        return dataset_fingerprint(files, dirs)
+
+    def run(self, ctx: StageContext) -> dict[str, float]:
+        cfg: BuildSplitsConfig = ctx.config
+        out = Path(ctx.output_dir)
+        base_uri = artifact_uri(ctx)
+
+        # 1-2. listings and vocabularies
+        train_list = list_dataset(cfg.train)
+        train_vocab = resolve_split(train_list.names, dataset=cfg.train.name, builtin=cfg.split.builtin,
+                                    unseen=cfg.split.unseen, seen=cfg.split.seen)
+        evals: dict[str, Vocabulary] = {}
+        split_records: dict[str, list[dict[str, Any]]] = {}
+        policies: dict[str, str] = {TRAIN_SPLIT: cfg.unseen_policy}
+
+        # 3. truncation and the held-out val set
+        recs = truncate(train_list.records, cfg.train.max_images)
+        val_ids = assign_val([r["image_id"] for r in recs], cfg.val_fraction, cfg.seed) if cfg.val_fraction else set()
+        n = len(train_vocab.names)
+        split_records[TRAIN_SPLIT] = make_records([r for r in recs if r["image_id"] not in val_ids],
+                                                  split=TRAIN_SPLIT, dataset=cfg.train.name, policy=cfg.unseen_policy,
+                                                  unseen=train_vocab.unseen, num_classes=n)
+        if cfg.val_fraction > 0:
+            evals[VAL_SPLIT] = eval_vocabulary(train_list.names, dataset=cfg.train.name, train=train_vocab)
+            split_records[VAL_SPLIT] = make_records([r for r in recs if r["image_id"] in val_ids], split=VAL_SPLIT,
+                                                    dataset=cfg.train.name, policy=EVAL_POLICY,
+                                                    unseen=evals[VAL_SPLIT].unseen, num_classes=n)
+            policies[VAL_SPLIT] = EVAL_POLICY
+        for e in cfg.eval:
+            lst = list_dataset(e)
+            evals[e.name] = eval_vocabulary(lst.names, dataset=e.name, train=train_vocab, class_map=e.class_map)
+            split_records[e.name] = make_records(truncate(lst.records, e.max_images), split=e.name, dataset=e.name,
+                                                 policy=EVAL_POLICY, unseen=evals[e.name].unseen,
+                                                 num_classes=len(lst.names))
+            policies[e.name] = EVAL_POLICY
+        vocabs = {TRAIN_SPLIT: train_vocab, **evals}
+        total = sum(len(v) for v in split_records.values())
+        ctx.log(f"{total} images: " + ", ".join(f"{k} {len(v)}" for k, v in split_records.items()))
+
+        # 4. the per-image pass (Ray Data); the driver writes the returned PNGs
+        results: dict[str, list[dict[str, Any]]] = {k: [] for k in split_records}
+        errors: list[dict[str, Any]] = []
+        for res, png in _ray_pass([r for v in split_records.values() for r in v], cfg.on_bad_image):
+            if res["status"] == "error":
+                errors.append(res)
+                continue
+            if res["status"] == "kept":
+                p = label_path(out, res["split"], res["image_id"])
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(png)
+            results[res["split"]].append(res)
+        if errors:
+            errors.sort(key=lambda r: (r["split"], r["image_id"]))
+            more = f" (and {len(errors) - 1} more image(s) with errors)" if len(errors) > 1 else ""
+            raise DataError(f"{errors[0]['reason']}{more}")
+
+        # 5. manifests, classes.json, stats.json
+        stats: dict[str, Any] = {"unseen_policy": cfg.unseen_policy, "val_fraction": cfg.val_fraction,
+                                 "seed": cfg.seed, "on_bad_image": cfg.on_bad_image, "splits": {}}
+        metrics: dict[str, float] = {}
+        for split, res_list in results.items():
+            res_list.sort(key=lambda r: r["image_id"])
+            rows = [{**r, "label_uri": f"{base_uri}/labels/{split}/{r['image_id']}.png"}
+                    for r in res_list if r["status"] == "kept"]
+            write_manifest(out / "manifests" / f"{split}.parquet", rows, vocabs[split],
+                           inductive_train=split == TRAIN_SPLIT)
+            stats["splits"][split] = summarize(res_list, vocabs[split], policy=policies[split])
+            metrics[f"{split}_images"] = len(rows)
+        write_classes_json(out / "classes.json", train_vocab, evals)
+        (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        metrics["skipped_images"] = sum(s["skipped"] for s in stats["splits"].values())
+        metrics["dropped_images"] = sum(s["dropped_total"] for s in stats["splits"].values())
+        tr = stats["splits"][TRAIN_SPLIT]
+        ctx.log(f"train: kept {tr['kept']}, dropped {tr['dropped']}, skipped {tr['skipped']}; unseen classes "
+                f"{list(train_vocab.unseen_names)}")
+        if metrics[f"{TRAIN_SPLIT}_images"] == 0:
+            raise DataError(f"build_splits: no training image left (stats: dropped {tr['dropped']}, skipped "
+                            f"{tr['skipped']}); check the split and unseen_policy")
+        return metrics
+
+
+def _ray_pass(records: list[dict[str, Any]], on_bad_image: str):
+    """Yield ``(result, png bytes)`` for every record, computed by Ray Data ``map_batches``."""
+    if not records:
+        return
+    import ray
+
+    if not ray.is_initialized():  # the driver (pipeline/run.py) normally initialises Ray
+        raise RuntimeError("build_splits needs an initialised Ray (ray.init) before run()")
+    ds = ray.data.from_items([{"record": json.dumps(r)} for r in records])
+    ds = ds.map_batches(process_batch, fn_kwargs={"on_bad_image": on_bad_image}, batch_size=BATCH_SIZE,
+                        batch_format="numpy")
+    for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        for raw, png in zip(batch["result"], batch["png"]):
+            yield json.loads(raw), bytes(png)
+

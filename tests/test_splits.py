@@ -1,0 +1,200 @@
+"""Unseen-pixel policies, deterministic splits, skip counting, stats and the manifest guard."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from zeroseg.data.classes import resolve_split
+from zeroseg.data.readers import read_coco, read_mask_folder
+from zeroseg.data.splits import (
+    assign_val,
+    make_records,
+    process_batch,
+    process_record,
+    split_unit,
+    summarize,
+    truncate,
+    write_manifest,
+)
+from zeroseg.errors import BadImageError, DataError
+
+W, H = 8, 6
+PERSON, CAR, DOG = 0, 1, 2
+
+
+def rect(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def ann(aid, image, cat, seg, crowd=0):
+    return {"id": aid, "image_id": image, "category_id": cat, "segmentation": seg, "iscrowd": crowd}
+
+
+@pytest.fixture
+def coco(tmp_path):
+    """Five 8x6 images; vocabulary person, car, dog (COCO ids 1, 3, 18); dog is unseen.
+
+    1: person + car (no dog)       2: person with a dog on top    3: only a dog
+    4: person + crowd of dogs      5: no annotations
+    """
+    img = tmp_path / "images"
+    img.mkdir()
+    for i in range(1, 6):
+        Image.new("RGB", (W, H), (i, i, i)).save(img / f"{i:04d}.png")
+    anns = [
+        ann(1, 1, 1, rect(0, 0, 4, 6)), ann(2, 1, 3, rect(4, 0, 8, 3)),
+        ann(3, 2, 1, rect(0, 0, 8, 6)), ann(4, 2, 18, rect(2, 2, 4, 4)),
+        ann(5, 3, 18, rect(0, 0, 2, 2)),
+        ann(6, 4, 1, rect(0, 0, 2, 6)), ann(7, 4, 18, rect(4, 0, 8, 6), crowd=1),
+    ]
+    data = {"images": [{"id": i, "file_name": f"{i:04d}.png", "width": W, "height": H} for i in range(1, 6)],
+            "annotations": anns,
+            "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    lst = read_coco(tmp_path / "ann.json", img)
+    vocab = resolve_split(lst.names, dataset="toy", unseen=["dog"])
+    return lst, vocab
+
+
+def run(lst, vocab, policy, split="train"):
+    recs = make_records(lst.records, split=split, dataset="toy", policy=policy, unseen=vocab.unseen,
+                        num_classes=len(vocab.names))
+    out = {}
+    for r in recs:
+        res, png = process_record(r)
+        label = np.asarray(Image.open(io.BytesIO(png))) if png else None
+        out[res["image_id"]] = (res, label)
+    return out
+
+
+def test_ignore_policy_keeps_images_and_blanks_unseen_pixels(coco):
+    lst, vocab = coco
+    assert vocab.unseen == (DOG,)
+    out = run(lst, vocab, "ignore")
+    status = {k: (r["status"], r["reason"]) for k, (r, _) in out.items()}
+    assert status == {"0001": ("kept", None), "0002": ("kept", None), "0003": ("dropped", "no_labelled_pixels"),
+                      "0004": ("kept", None), "0005": ("dropped", "no_labelled_pixels")}
+    res, label = out["0002"]
+    want = np.zeros((H, W), np.uint8)
+    want[2:4, 2:4] = 255  # the dog on top of the person
+    np.testing.assert_array_equal(label, want)
+    assert res["classes"] == [PERSON] and res["unseen_pixels"] == 4 and res["pixels"] == {"0": 44}
+    res, label = out["0001"]
+    want = np.full((H, W), 255, np.uint8)
+    want[:, 0:4] = PERSON
+    want[0:3, 4:8] = CAR
+    np.testing.assert_array_equal(label, want)
+    assert res["classes"] == [PERSON, CAR] and (res["height"], res["width"]) == (H, W)
+    res, label = out["0004"]  # crowd dogs are ignore anyway
+    assert (label[:, 4:] == 255).all() and (label[:, :2] == PERSON).all() and res["unseen_pixels"] == 24
+
+
+def test_drop_policy_drops_every_image_with_an_unseen_pixel(coco):
+    lst, vocab = coco
+    out = run(lst, vocab, "drop")
+    status = {k: (r["status"], r["reason"]) for k, (r, _) in out.items()}
+    assert status == {"0001": ("kept", None), "0002": ("dropped", "unseen_pixels"),
+                      "0003": ("dropped", "unseen_pixels"), "0004": ("dropped", "unseen_pixels"),
+                      "0005": ("dropped", "no_labelled_pixels")}
+    assert out["0002"][1] is None  # no PNG for a dropped image
+    stats = summarize([r for r, _ in out.values()], vocab, policy="drop")
+    assert stats["kept"] == 1 and stats["dropped"] == {"no_labelled_pixels": 1, "unseen_pixels": 3}
+    assert stats["no_annotations"] == 1 and stats["images_with_unseen"] == 3
+    assert stats["pixels_per_class"] == {"person": 24, "car": 12, "dog": 0} and stats["unseen_present"] == []
+
+
+def test_eval_sets_keep_all_classes_and_empty_images(coco):
+    lst, vocab = coco
+    out = run(lst, vocab, "eval", split="val")
+    assert all(r["status"] == "kept" for r, _ in out.values())
+    assert out["0002"][0]["classes"] == [PERSON, DOG] and (out["0002"][1][2:4, 2:4] == DOG).all()
+    assert out["0005"][0]["empty"] and (out["0005"][1] == 255).all()
+    stats = summarize([r for r, _ in out.values()], vocab, policy="eval")
+    assert stats["unseen_present"] == ["dog"] and stats["no_labelled_pixels"] == 1 and stats["dropped"] == {}
+
+
+def test_split_is_deterministic_seeded_and_order_free():
+    ids = [f"{i:012d}" for i in range(400)]
+    a = assign_val(ids, 0.25, seed=0)
+    assert a == assign_val(list(reversed(ids)), 0.25, seed=0) == assign_val(sorted(ids, key=hash), 0.25, seed=0)
+    assert a == assign_val(ids, 0.25, seed=0)
+    assert a != assign_val(ids, 0.25, seed=1)
+    assert 60 < len(a) < 140
+    # a subset keeps its members' assignment (stable when images are added or removed)
+    assert assign_val(ids[:100], 0.25, seed=0) == {i for i in a if i in set(ids[:100])}
+    assert assign_val(ids, 0.0, seed=0) == set()
+    assert 0.0 <= split_unit("x", 3) < 1.0 and split_unit("x", 3) == split_unit("x", 3)
+
+
+def test_truncate_takes_first_ids_in_sorted_order():
+    recs = [{"image_id": i} for i in ("c", "a", "d", "b")]
+    assert [r["image_id"] for r in truncate(recs, 2)] == ["a", "b"]
+    assert len(truncate(recs, None)) == 4
+
+
+def test_bad_image_error_or_skip_with_counting(coco, tmp_path):
+    lst, vocab = coco
+    bad = lst.records[0]["image_path"]
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (H * 8, W * 8, 3), dtype=np.uint8)).save(buf, "JPEG")
+    with open(bad, "wb") as f:  # a truncated JPEG under the .png name
+        f.write(buf.getvalue()[:200])
+    recs = make_records(lst.records, split="train", dataset="toy", policy="ignore", unseen=vocab.unseen, num_classes=3)
+    with pytest.raises(BadImageError, match=r"0001\.png is corrupt or truncated"):
+        process_record(recs[0], on_bad_image="error")
+    results = [process_record(r, on_bad_image="skip")[0] for r in recs]
+    assert results[0]["status"] == "skipped"
+    stats = summarize(results, vocab, policy="ignore")
+    assert stats["skipped"] == 1 and stats["skipped_files"][0]["file"] == bad
+    assert "truncated" in stats["skipped_files"][0]["error"]
+    assert stats["images_total"] == 5 and stats["kept"] == 2
+
+
+def test_size_mismatch_is_a_bad_image(coco):
+    lst, vocab = coco
+    Image.new("RGB", (W + 1, H)).save(lst.records[1]["image_path"])
+    recs = make_records(lst.records, split="val", dataset="toy", policy="eval", unseen=(), num_classes=3)
+    with pytest.raises(BadImageError, match="is 9x6 but its annotation says 8x6"):
+        process_record(recs[1])
+
+
+def test_process_batch_returns_label_errors_instead_of_raising(tmp_path):
+    img, lbl = tmp_path / "img", tmp_path / "lbl"
+    img.mkdir()
+    lbl.mkdir()
+    for stem, v in (("ok", 1), ("bad", 9)):
+        Image.new("RGB", (4, 3)).save(img / f"{stem}.jpg")
+        Image.fromarray(np.full((3, 4), v, np.uint8), mode="L").save(lbl / f"{stem}.png")
+    lst = read_mask_folder(img, lbl, ["a", "b"], dataset="m")
+    recs = make_records(lst.records, split="m", dataset="m", policy="eval", unseen=[], num_classes=2)
+    out = process_batch({"record": np.array([json.dumps(r) for r in recs], dtype=object)}, on_bad_image="skip")
+    res = [json.loads(x) for x in out["result"]]
+    assert [r["status"] for r in res] == ["error", "kept"]  # label errors are never skipped
+    assert "value(s) [9] outside the class list: 2 classes" in res[0]["reason"]
+    assert out["png"][0] == b"" and np.asarray(Image.open(io.BytesIO(out["png"][1]))).max() == 1
+
+
+def _row(image_id, classes):
+    return {"image_id": image_id, "image_uri": f"/x/{image_id}.jpg", "label_uri": f"/l/{image_id}.png",
+            "height": 6, "width": 8, "classes": classes, "dataset": "toy"}
+
+
+def test_write_manifest_schema_and_inductive_guard(tmp_path, coco):
+    _, vocab = coco
+    p = tmp_path / "m" / "train.parquet"
+    write_manifest(p, [_row("a", [0, 1]), _row("b", [])], vocab, inductive_train=True)
+    t = pq.read_table(p)
+    assert pa.types.is_list(t.schema.field("classes").type)
+    assert t.schema.field("classes").type.value_type == pa.int32() == t.schema.field("height").type
+    assert t.column_names == ["image_id", "image_uri", "label_uri", "height", "width", "classes", "dataset"]
+    assert t.to_pylist()[0]["classes"] == [0, 1]
+    with pytest.raises(DataError, match=r"image 'leaky' carries unseen class\(es\) \['dog'\]"):
+        write_manifest(p, [_row("a", [0]), _row("leaky", [0, DOG])], vocab, inductive_train=True)
+    write_manifest(tmp_path / "val.parquet", [_row("leaky", [0, DOG])], vocab, inductive_train=False)
+    with pytest.raises(DataError, match="outside the 3 classes"):
+        write_manifest(tmp_path / "val.parquet", [_row("x", [7])], vocab, inductive_train=False)

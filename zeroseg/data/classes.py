@@ -1,0 +1,325 @@
+"""Class vocabularies and seen/unseen splits for zero-shot segmentation.
+
+A *vocabulary* is a dataset's class names in label-id order (id ``i`` = ``names[i]``, 255 =
+ignore). A *split* partitions a training vocabulary into *seen* classes (their pixels supervise
+training) and *unseen* classes (never present in an inductive training target; evaluated as the
+zero-shot part of GZS3). Evaluation vocabularies (the held-out ``val`` part of the training
+dataset, or another dataset for cross-dataset evaluation) are resolved against the training
+split through their *prompt names* (:func:`eval_vocabulary`).
+
+Built-in splits (``BUILTIN_SPLITS``), unseen classes from ZegCLIP (Zhou et al., CVPR 2023)
+Appendix E, Table 10, which follows SPNet / ZS3 / ZegFormer:
+
+* ``coco_stuff171``: COCO-Stuff 164K, 171 classes (the 80 COCO things in category-id order,
+  then the 91 stuff classes, as in ``../shared/data/clip-text-embeddings/class_names.json``),
+  15 unseen (Table 10 writes "wall concrete"; the dataset spells it ``wall-concrete``).
+* ``voc20``: PASCAL VOC 2012 without background, 20 classes, 5 unseen.
+* ``pascal_context59``: PASCAL Context 59 classes (the standard list without background, mmseg
+  ``PascalContextDataset59`` spellings: ``aeroplane``, ``pottedplant``, ``tvmonitor``), 10 unseen
+  (Table 10 writes "tv monitor"; the dataset spells it ``tvmonitor``).
+
+Nothing here imports Ray or the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from zeroseg.errors import ConfigError
+
+IGNORE_INDEX = 255
+
+#: COCO-Stuff-171 in label-id order (== class_names.json "coco_stuff171").
+COCO_STUFF_171: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge",
+    "building-other", "bush", "cabinet", "cage", "cardboard", "carpet", "ceiling-other",
+    "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile",
+    "floor-wood", "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel",
+    "ground-other", "hill", "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss",
+    "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow", "plant-other", "plastic",
+    "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
+    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs",
+    "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree",
+    "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone",
+    "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
+)
+
+#: ZegCLIP Table 10, COCO row (SPNet's 15 unseen COCO-Stuff classes).
+COCO_STUFF_UNSEEN: tuple[str, ...] = (
+    "cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard",
+    "clouds", "grass", "playingfield", "river", "road", "tree", "wall-concrete",
+)
+
+#: PASCAL VOC 2012 object classes in label-id order, background excluded (== class_names.json "voc20").
+VOC20: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+
+#: ZegCLIP Table 10, VOC row.
+VOC_UNSEEN: tuple[str, ...] = ("pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+#: PASCAL Context 59 (background excluded), mmseg ``PascalContextDataset59`` order and spellings.
+PASCAL_CONTEXT_59: tuple[str, ...] = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
+    "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow",
+    "cup", "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse",
+    "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform",
+    "pottedplant", "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa",
+    "table", "track", "train", "tree", "truck", "tvmonitor", "wall", "water", "window", "wood",
+)
+
+#: ZegCLIP Table 10, Context row ("tv monitor" spelled as the dataset does).
+PASCAL_CONTEXT_UNSEEN: tuple[str, ...] = (
+    "cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tvmonitor", "keyboard", "aeroplane",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinSplit:
+    """A published benchmark split.
+
+    Attributes:
+        name: the ``split.builtin`` value.
+        names: the benchmark's full class list (label-id order).
+        unseen: the unseen class names.
+        source: where the split comes from.
+    """
+
+    name: str
+    names: tuple[str, ...]
+    unseen: tuple[str, ...]
+    source: str
+
+
+BUILTIN_SPLITS: dict[str, BuiltinSplit] = {
+    "coco_stuff171": BuiltinSplit("coco_stuff171", COCO_STUFF_171, COCO_STUFF_UNSEEN,
+                                  "ZegCLIP Table 10 (COCO-Stuff 164K, 156 seen / 15 unseen)"),
+    "voc20": BuiltinSplit("voc20", VOC20, VOC_UNSEEN, "ZegCLIP Table 10 (PASCAL VOC 2012, 15 seen / 5 unseen)"),
+    "pascal_context59": BuiltinSplit("pascal_context59", PASCAL_CONTEXT_59, PASCAL_CONTEXT_UNSEEN,
+                                     "ZegCLIP Table 10 (PASCAL Context 59, 49 seen / 10 unseen)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """One dataset's classes and their zero-shot role (``classes.json`` entry).
+
+    Attributes:
+        dataset: the dataset name (``train.name`` or an eval entry's ``name``).
+        names: class names in label-id order; label id ``i`` means ``names[i]``.
+        prompt_names: the names given to the text encoder, same order as ``names`` (a
+            ``class_map`` target for cross-dataset evaluation, else the name itself).
+        seen: sorted ids of seen classes.
+        unseen: sorted ids of unseen classes (disjoint from ``seen``).
+        ignore_index: the ignore label value in label PNGs (always 255).
+    """
+
+    dataset: str
+    names: tuple[str, ...]
+    prompt_names: tuple[str, ...]
+    seen: tuple[int, ...]
+    unseen: tuple[int, ...]
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        if len(self.prompt_names) != n:
+            raise ValueError(f"{self.dataset}: {len(self.prompt_names)} prompt names for {n} classes")
+        if set(self.seen) & set(self.unseen):
+            raise ValueError(f"{self.dataset}: classes both seen and unseen: {sorted(set(self.seen) & set(self.unseen))}")
+        bad = [i for i in (*self.seen, *self.unseen) if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"{self.dataset}: class ids {bad} outside [0, {n})")
+
+    @property
+    def seen_names(self) -> tuple[str, ...]:
+        return tuple(self.names[i] for i in self.seen)
+
+    @property
+    def unseen_names(self) -> tuple[str, ...]:
+        return tuple(self.names[i] for i in self.unseen)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``classes.json`` form (docs/architecture.md)."""
+        return {"dataset": self.dataset, "names": list(self.names), "prompt_names": list(self.prompt_names),
+                "seen": list(self.seen), "unseen": list(self.unseen), "ignore_index": self.ignore_index}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Vocabulary:
+        """Inverse of :meth:`to_json`."""
+        return cls(dataset=d["dataset"], names=tuple(d["names"]), prompt_names=tuple(d["prompt_names"]),
+                   seen=tuple(int(i) for i in d["seen"]), unseen=tuple(int(i) for i in d["unseen"]),
+                   ignore_index=int(d.get("ignore_index", IGNORE_INDEX)))
+
+
+def nearest_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Up to ``n`` candidates closest to ``name`` (difflib ratio >= 0.5, then case-insensitive
+    substring matches)."""
+    cands = list(candidates)
+    near = difflib.get_close_matches(name, cands, n=n, cutoff=0.5)
+    if len(near) < n:
+        low = name.lower().replace(" ", "").replace("-", "")
+        for c in cands:
+            cl = c.lower().replace(" ", "").replace("-", "")
+            if c not in near and (low in cl or cl in low):
+                near.append(c)
+            if len(near) >= n:
+                break
+    return near
+
+
+def _unknown(kind: str, name: str, dataset: str, names: Sequence[str]) -> ConfigError:
+    near = nearest_names(name, names)
+    hint = f"; nearest: {', '.join(repr(x) for x in near)}" if near else ""
+    return ConfigError(f"{kind} {name!r} is not a class of dataset {dataset!r}{hint} "
+                       f"({len(names)} classes: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
+
+
+def _ids(kind: str, wanted: Sequence[str], dataset: str, names: Sequence[str]) -> list[int]:
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for w in wanted:
+        if w not in index:
+            raise _unknown(kind, w, dataset, names)
+        out.append(index[w])
+    dup = sorted({w for w in wanted if list(wanted).count(w) > 1})
+    if dup:
+        raise ConfigError(f"{kind} list names {dup} more than once")
+    return sorted(out)
+
+
+def resolve_split(
+    names: Sequence[str],
+    *,
+    dataset: str,
+    builtin: str | None = None,
+    unseen: Sequence[str] | None = None,
+    seen: Sequence[str] | None = None,
+) -> Vocabulary:
+    """The training vocabulary of ``dataset`` with its seen/unseen split.
+
+    Exactly one way of giving the split:
+
+    * ``builtin``: a key of ``BUILTIN_SPLITS``; the dataset must have every class of the
+      benchmark; its unseen classes are unseen, every other class of the dataset is seen;
+    * ``unseen`` (and optionally ``seen``): class names; default ``seen`` = all other classes.
+      When both are given they must cover every class (a class in neither would have no role);
+    * ``seen`` only: ``unseen`` = all other classes.
+
+    ``unseen: []`` is a fully supervised split (every class seen).
+
+    Args:
+        names: the dataset's class names in label-id order.
+        dataset: the dataset name, for messages.
+
+    Returns:
+        a :class:`Vocabulary` with ``prompt_names == names``.
+
+    Raises:
+        ConfigError: an unknown class name (naming the class, the dataset and the nearest names),
+            an unknown builtin split, a builtin split whose classes the dataset lacks, a class both
+            seen and unseen, classes in neither list, duplicate or more than 255 names.
+    """
+    names = tuple(names)
+    if len(names) > 255:
+        raise ConfigError(f"dataset {dataset!r} has {len(names)} classes; label PNGs are uint8 with 255 = "
+                          "ignore, so at most 255 classes are supported")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"dataset {dataset!r} lists class name(s) {dup} more than once; names must be unique")
+    if builtin is not None:
+        if unseen is not None or seen is not None:
+            raise ConfigError("split: give either builtin or unseen/seen, not both")
+        if builtin not in BUILTIN_SPLITS:
+            near = difflib.get_close_matches(builtin, list(BUILTIN_SPLITS), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"split.builtin {builtin!r} is unknown{hint} (builtin splits: {', '.join(BUILTIN_SPLITS)})")
+        b = BUILTIN_SPLITS[builtin]
+        missing = [n for n in b.names if n not in names]
+        if missing:
+            hints = "; ".join(f"{m!r} (nearest: {', '.join(nearest_names(m, names)) or 'none'})" for m in missing[:5])
+            raise ConfigError(
+                f"split.builtin {builtin!r} needs all {len(b.names)} classes of its benchmark, but dataset "
+                f"{dataset!r} lacks {len(missing)}: {hints}{' ...' if len(missing) > 5 else ''}. Use a dataset with "
+                f"that vocabulary, or give split.unseen explicitly")
+        unseen_ids = _ids("unseen class", b.unseen, dataset, names)
+        seen_ids = [i for i in range(len(names)) if i not in unseen_ids]
+    elif unseen is None and seen is None:
+        raise ConfigError(f"split: give builtin ({', '.join(BUILTIN_SPLITS)}) or a list of unseen class names "
+                          "(unseen: [] for a fully supervised run)")
+    else:
+        unseen_ids = _ids("unseen class", unseen, dataset, names) if unseen is not None else None
+        seen_ids = _ids("seen class", seen, dataset, names) if seen is not None else None
+        if unseen_ids is None:
+            unseen_ids = [i for i in range(len(names)) if i not in seen_ids]
+        if seen_ids is None:
+            seen_ids = [i for i in range(len(names)) if i not in unseen_ids]
+        both = sorted(set(seen_ids) & set(unseen_ids))
+        if both:
+            raise ConfigError(f"split: class(es) {[names[i] for i in both]} are both seen and unseen")
+        neither = [i for i in range(len(names)) if i not in seen_ids and i not in unseen_ids]
+        if neither:
+            raise ConfigError(f"split: class(es) {[names[i] for i in neither]} of dataset {dataset!r} are neither "
+                              "seen nor unseen; list them in one of split.seen / split.unseen (or omit split.seen)")
+    return Vocabulary(dataset=dataset, names=names, prompt_names=names,
+                      seen=tuple(sorted(seen_ids)), unseen=tuple(sorted(unseen_ids)))
+
+
+def eval_vocabulary(
+    names: Sequence[str],
+    *,
+    dataset: str,
+    train: Vocabulary,
+    class_map: Mapping[str, str] | None = None,
+) -> Vocabulary:
+    """An evaluation dataset's vocabulary, resolved against the training split.
+
+    ``prompt_names[i] = class_map.get(names[i], names[i])``; class ``i`` is *seen* exactly when
+    ``prompt_names[i]`` is a seen training class name, otherwise *unseen* (this includes classes
+    the training vocabulary does not have at all, e.g. CamVid "sky" against COCO things).
+
+    Args:
+        names: the eval dataset's class names in label-id order.
+        dataset: the eval set's name, for messages.
+        train: the training vocabulary (:func:`resolve_split`).
+        class_map: ``{eval_name: train_vocab_name}`` for cross-dataset evaluation.
+
+    Raises:
+        ConfigError: a ``class_map`` key that is not a class of the eval dataset, or a value that
+            is not a class of the training vocabulary (each naming the nearest names); more than
+            255 or duplicate names.
+    """
+    names = tuple(names)
+    class_map = dict(class_map or {})
+    if len(names) > 255:
+        raise ConfigError(f"dataset {dataset!r} has {len(names)} classes; at most 255 are supported (uint8 labels)")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"dataset {dataset!r} lists class name(s) {dup} more than once; names must be unique")
+    for k, v in class_map.items():
+        if k not in names:
+            raise _unknown(f"class_map key (eval dataset {dataset!r} class)", k, dataset, names)
+        if v not in train.names:
+            near = nearest_names(v, train.names)
+            hint = f"; nearest: {', '.join(repr(x) for x in near)}" if near else ""
+            raise ConfigError(f"class_map {k!r}: {v!r} is not a class of the training dataset {train.dataset!r}{hint}")
+    prompts = tuple(class_map.get(n, n) for n in names)
+    seen_train = set(train.seen_names)
+    seen = tuple(i for i, p in enumerate(prompts) if p in seen_train)
+    unseen = tuple(i for i, p in enumerate(prompts) if p not in seen_train)
+    return Vocabulary(dataset=dataset, names=names, prompt_names=prompts, seen=seen, unseen=unseen)

@@ -1,0 +1,362 @@
+"""Train/val/eval splits: the per-image pass, unseen-pixel policies, statistics, manifests.
+
+The build_splits stage lists datasets (``zeroseg.data.readers``), tags each record with its split
+and policy (:func:`make_records`), runs :func:`process_batch` over all records as a Ray Data
+``map_batches`` pass, writes the returned label PNGs, and finishes with :func:`summarize` and
+:func:`write_manifest`. Every function here also runs without Ray (tests call them directly).
+
+Unseen-pixel policies for *training* images (never applied to evaluation sets, which keep all
+classes):
+
+* ``ignore`` (ZegFormer, ZegCLIP inductive setting): keep the image, set its unseen pixels to
+  255 (ignore), so no unseen class reaches a training target;
+* ``drop`` (PADing Sec. 4.1: "we discard the training images that contain even one pixel of any
+  unseen classes"): leave out every image with at least one unseen pixel. A crowd region of an
+  unseen class counts as unseen pixels although crowd regions are ignore in the label.
+
+After the policy a training image whose label is entirely 255 (nothing labelled: no
+annotations, only crowd regions, or only unseen pixels under ``ignore``) is dropped with reason
+``no_labelled_pixels``: it would contribute nothing but compute. Evaluation sets keep such images
+(they count ``no_labelled_pixels`` in the stats) so that an eval set holds every image of its
+source.
+
+Held-out validation: for a training dataset with a single set, ``val_fraction`` of its images
+(chosen by :func:`split_unit`, a hash of image id and seed: the same for any input order) form
+the evaluation set ``val`` with ALL classes (unseen ones included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zeroseg.data.classes import IGNORE_INDEX, Vocabulary
+from zeroseg.data.readers import (
+    check_image,
+    encode_png,
+    rasterize_coco,
+    read_mask_label,
+    read_panoptic_label,
+)
+from zeroseg.errors import BadImageError, ConfigError, DataError
+
+POLICIES = ("ignore", "drop")
+EVAL_POLICY = "eval"
+ON_BAD_IMAGE = ("error", "skip")
+TRAIN_SPLIT = "train"
+VAL_SPLIT = "val"
+
+#: Reasons a training image is left out (``stats.json`` ``dropped``).
+DROP_UNSEEN = "unseen_pixels"
+DROP_EMPTY = "no_labelled_pixels"
+
+
+def manifest_schema():
+    """The pyarrow schema of a manifest (docs/architecture.md, build_splits)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("label_uri", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("classes", pa.list_(pa.int32())),
+        ("dataset", pa.string()),
+    ])
+
+
+# -- deterministic splitting -----------------------------------------------------------------
+def split_unit(image_id: str, seed: int) -> float:
+    """A uniform number in ``[0, 1)`` from ``sha256(f"{seed}:{image_id}")`` (first 8 bytes).
+
+    Depends only on the image id and the seed: the same for any input order or subset."""
+    d = hashlib.sha256(f"{int(seed)}:{image_id}".encode()).digest()
+    return int.from_bytes(d[:8], "big") / 2.0**64
+
+
+def assign_val(image_ids: Iterable[str], val_fraction: float, seed: int) -> set[str]:
+    """The image ids held out for ``val``: those with ``split_unit(id, seed) < val_fraction``.
+
+    The held-out share is ``val_fraction`` in expectation (binomial), not exactly.
+
+    Raises:
+        ConfigError: ``val_fraction`` outside ``[0, 1)``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    return {i for i in image_ids if split_unit(i, seed) < val_fraction}
+
+
+def truncate(records: Sequence[dict[str, Any]], max_images: int | None) -> list[dict[str, Any]]:
+    """The first ``max_images`` records by sorted ``image_id`` (all when None)."""
+    recs = sorted(records, key=lambda r: r["image_id"])
+    return recs if max_images is None else recs[: int(max_images)]
+
+
+def make_records(records: Iterable[dict[str, Any]], *, split: str, dataset: str, policy: str,
+                 unseen: Iterable[int], num_classes: int) -> list[dict[str, Any]]:
+    """Tag listed records (``readers.read_*``) with what :func:`process_record` needs.
+
+    Args:
+        split: the output split name (``train``, ``val`` or an eval set name).
+        dataset: the dataset name written into the manifest.
+        policy: ``ignore`` or ``drop`` for training, ``eval`` for evaluation sets.
+        unseen: the unseen vocabulary ids of this split's vocabulary.
+        num_classes: the vocabulary size.
+    """
+    if policy not in (*POLICIES, EVAL_POLICY):
+        raise ConfigError(f"unseen_policy {policy!r} is unknown; use one of {', '.join(POLICIES)}")
+    u = sorted(int(i) for i in unseen)
+    return [{**r, "split": split, "dataset": dataset, "policy": policy, "unseen": u, "num_classes": int(num_classes)}
+            for r in records]
+
+
+# -- the per-image pass ----------------------------------------------------------------------
+def apply_unseen_policy(label: np.ndarray, unseen: Sequence[int], policy: str,
+                        crowd: Sequence[tuple[int, int]] = ()) -> tuple[np.ndarray | None, int]:
+    """Apply a training policy to one label map.
+
+    Args:
+        label: ``uint8 [H, W]`` vocabulary ids, 255 ignore.
+        unseen: unseen vocabulary ids.
+        policy: ``ignore`` (unseen pixels -> 255), ``drop`` (PADing: drop the image if it has one
+            unseen pixel, crowd regions included) or ``eval`` (unchanged).
+        crowd: ``(vocabulary id, pixels)`` of the image's crowd regions.
+
+    Returns:
+        ``(label or None when dropped, number of unseen pixels before the policy)``; the label
+        is a new array when changed.
+    """
+    if len(unseen):
+        mask = np.isin(label, np.asarray(unseen, dtype=np.uint8))
+        n = int(mask.sum())
+    else:
+        mask, n = None, 0
+    n_crowd = sum(px for c, px in crowd if c in set(unseen))
+    if policy == "drop":
+        return (None if n + n_crowd > 0 else label), n + n_crowd
+    if policy == "ignore" and n:
+        label = label.copy()
+        label[mask] = IGNORE_INDEX
+    return label, n + n_crowd
+
+
+def process_record(record: Mapping[str, Any], on_bad_image: str = "error") -> tuple[dict[str, Any], bytes | None]:
+    """Decode-check, rasterise and apply the policy to one image (the work of one Ray Data row).
+
+    Args:
+        record: a record from :func:`make_records` (``kind`` ``coco`` / ``panoptic`` / ``mask``).
+        on_bad_image: ``error`` raises on a bad image file; ``skip`` returns status ``skipped``.
+
+    Returns:
+        ``(result, png)``: ``result`` is JSON-serialisable: ``image_id``, ``split``, ``dataset``,
+        ``image_uri``, ``status`` (``kept`` / ``dropped`` / ``skipped``), ``reason`` (drop
+        reason or the skip error), ``height``, ``width`` (pixels), ``classes`` (sorted ids present
+        after the policy), ``pixels`` (``{id: count}`` after the policy, kept images only),
+        ``unseen_pixels`` (before the policy), ``no_annotations``, ``empty`` (all-255 label);
+        ``png`` is the encoded ``uint8`` label (vocabulary ids, 255 ignore) for kept images,
+        else None.
+
+    Raises:
+        BadImageError: with ``on_bad_image="error"``: a missing, corrupt or truncated image, or an
+            image whose size differs from its annotation / label.
+        DataError: an invalid annotation or label (always, whatever ``on_bad_image``).
+    """
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ConfigError(f"on_bad_image {on_bad_image!r} is unknown; use one of {', '.join(ON_BAD_IMAGE)}")
+    res: dict[str, Any] = {
+        "image_id": record["image_id"], "split": record["split"], "dataset": record["dataset"],
+        "image_uri": record["image_path"], "status": "kept", "reason": None, "height": None, "width": None,
+        "classes": [], "pixels": {}, "unseen_pixels": 0, "no_annotations": bool(record.get("no_annotations")),
+        "empty": False,
+    }
+    kind = record["kind"]
+    try:
+        h, w = check_image(record["image_path"])
+        if kind in ("coco", "panoptic") and (h, w) != (record["height"], record["width"]):
+            raise BadImageError(f"image {record['image_path']} is {w}x{h} but its annotation says "
+                                f"{record['width']}x{record['height']} (width x height)")
+        if kind == "coco":
+            label, crowd = rasterize_coco(record["anns"], h, w)
+        elif kind == "panoptic":
+            label, crowd = read_panoptic_label(record.get("png"), record["segments"], h, w)
+        elif kind == "mask":
+            label = read_mask_label(record["label_path"], record["num_classes"], record["ignore_index"],
+                                    record["reduce_zero_label"])
+            crowd = []
+            if label.shape != (h, w):
+                raise BadImageError(f"image {record['image_path']} is {w}x{h} but its label {record['label_path']} "
+                                    f"is {label.shape[1]}x{label.shape[0]}")
+        else:
+            raise ValueError(f"unknown record kind {kind!r}")
+    except BadImageError as e:
+        if on_bad_image == "skip":
+            res.update(status="skipped", reason=str(e))
+            return res, None
+        raise
+    res.update(height=int(h), width=int(w))
+    label, n_unseen = apply_unseen_policy(label, record.get("unseen", ()), record["policy"], crowd)
+    res["unseen_pixels"] = n_unseen
+    if label is None:
+        res.update(status="dropped", reason=DROP_UNSEEN)
+        return res, None
+    counts = np.bincount(label.ravel(), minlength=256)
+    res["empty"] = bool(counts[IGNORE_INDEX] == label.size)
+    if res["empty"] and record["policy"] in POLICIES:
+        res.update(status="dropped", reason=DROP_EMPTY)
+        return res, None
+    present = [int(i) for i in np.flatnonzero(counts[:IGNORE_INDEX])]
+    res["classes"] = present
+    res["pixels"] = {str(i): int(counts[i]) for i in present}
+    return res, encode_png(label)
+
+
+def process_batch(batch: Mapping[str, Any], on_bad_image: str = "error") -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` UDF over JSON records (``batch_format="numpy"``).
+
+    Args:
+        batch: ``{"record": [json string of a make_records record, ...]}``.
+
+    Returns:
+        ``{"result": [json of process_record's result], "png": [label PNG bytes, b"" if none]}``.
+        A :class:`DataError` that must fail the stage comes back as a result with ``status``
+        ``"error"`` and its message in ``reason`` (the driver raises it: Ray would otherwise wrap
+        it in its own exception types).
+    """
+    results, pngs = [], []
+    for raw in batch["record"]:
+        rec = json.loads(raw)
+        try:
+            res, png = process_record(rec, on_bad_image)
+        except DataError as e:
+            res = {"image_id": rec["image_id"], "split": rec["split"], "dataset": rec["dataset"],
+                   "image_uri": rec["image_path"], "status": "error", "reason": str(e)}
+            png = None
+        results.append(json.dumps(res))
+        pngs.append(png or b"")
+    return {"result": np.array(results, dtype=object), "png": np.array(pngs, dtype=object)}
+
+
+def label_path(output_dir: str | os.PathLike, split: str, image_id: str) -> Path:
+    """Where build_splits writes a label PNG: ``<output_dir>/labels/<split>/<image_id>.png``."""
+    return Path(output_dir) / "labels" / split / f"{image_id}.png"
+
+
+# -- statistics and outputs ------------------------------------------------------------------
+def summarize(results: Iterable[Mapping[str, Any]], vocab: Vocabulary, *, policy: str) -> dict[str, Any]:
+    """``stats.json`` entry of one split.
+
+    Args:
+        results: :func:`process_record` results of the split.
+        vocab: the split's vocabulary.
+        policy: ``ignore`` / ``drop`` (training) or ``eval``.
+
+    Returns:
+        ``{"dataset", "policy", "images_total", "kept", "dropped": {reason: n}, "dropped_total",
+        "skipped", "skipped_files": [{"file", "error"}], "no_annotations", "no_labelled_pixels"
+        (kept all-ignore images: eval sets only), "images_with_unseen" (before the policy),
+        "unseen_pixels" (before the policy), "pixels_per_class": {name: pixels} (kept images),
+        "unseen_present": [unseen class names with pixels in the kept labels]}``.
+    """
+    results = list(results)
+    dropped = Counter(r["reason"] for r in results if r["status"] == "dropped")
+    pixels = Counter()
+    for r in results:
+        if r["status"] == "kept":
+            for k, v in r["pixels"].items():
+                pixels[int(k)] += v
+    skipped = sorted(({"file": r["image_uri"], "error": r["reason"]} for r in results if r["status"] == "skipped"),
+                     key=lambda d: d["file"])
+    return {
+        "dataset": vocab.dataset,
+        "policy": policy,
+        "images_total": len(results),
+        "kept": sum(r["status"] == "kept" for r in results),
+        "dropped": dict(sorted(dropped.items())),
+        "dropped_total": sum(dropped.values()),
+        "skipped": len(skipped),
+        "skipped_files": skipped,
+        "no_annotations": sum(bool(r.get("no_annotations")) for r in results),
+        "no_labelled_pixels": sum(r["status"] == "kept" and bool(r.get("empty")) for r in results),
+        "images_with_unseen": sum(r.get("unseen_pixels", 0) > 0 for r in results if r["status"] != "skipped"),
+        "unseen_pixels": sum(r.get("unseen_pixels", 0) for r in results if r["status"] != "skipped"),
+        "pixels_per_class": {vocab.names[i]: pixels.get(i, 0) for i in range(len(vocab.names))},
+        "unseen_present": [vocab.names[i] for i in vocab.unseen if pixels.get(i, 0) > 0],
+    }
+
+
+def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], vocab: Vocabulary,
+                   inductive_train: bool) -> None:
+    """Write one manifest as Parquet (:func:`manifest_schema`), rows in the given order.
+
+    Args:
+        path: the ``.parquet`` file to write (parent directories are created).
+        rows: dicts with ``image_id``, ``image_uri``, ``label_uri``, ``height``, ``width``,
+            ``classes`` (vocabulary ids present in the label), ``dataset``.
+        vocab: the manifest's vocabulary.
+        inductive_train: the manifest is an inductive training manifest: no row may carry an
+            unseen class.
+
+    Raises:
+        DataError: with ``inductive_train``, a row whose ``classes`` holds an unseen class
+            (naming the image and the classes: unseen pixels would leak into training); a class
+            id outside the vocabulary; a duplicate image id.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    unseen = set(vocab.unseen)
+    ids = set()
+    for r in rows:
+        cls = [int(c) for c in r["classes"]]
+        bad = [c for c in cls if not 0 <= c < len(vocab.names)]
+        if bad:
+            raise DataError(f"manifest {path}: image {r['image_id']!r} has class ids {bad} outside the "
+                            f"{len(vocab.names)} classes of {vocab.dataset!r}")
+        if inductive_train:
+            leak = sorted(set(cls) & unseen)
+            if leak:
+                raise DataError(f"inductive training manifest {path}: image {r['image_id']!r} carries unseen "
+                                f"class(es) {[vocab.names[c] for c in leak]} (ids {leak}); unseen pixels must be "
+                                "ignored (policy ignore) or the image dropped (policy drop)")
+        if r["image_id"] in ids:
+            raise DataError(f"manifest {path}: image id {r['image_id']!r} appears twice")
+        ids.add(r["image_id"])
+    table = pa.Table.from_pylist([{
+        "image_id": str(r["image_id"]), "image_uri": str(r["image_uri"]), "label_uri": str(r["label_uri"]),
+        "height": int(r["height"]), "width": int(r["width"]), "classes": [int(c) for c in r["classes"]],
+        "dataset": str(r["dataset"]),
+    } for r in rows], schema=manifest_schema())
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, p)
+
+
+def write_classes_json(path: str | os.PathLike, train: Vocabulary, evals: Mapping[str, Vocabulary]) -> None:
+    """``classes.json``: ``{"train": vocab, "eval": {name: vocab}}`` (docs/architecture.md)."""
+    data = {"train": train.to_json(), "eval": {k: v.to_json() for k, v in evals.items()}}
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def read_classes_json(path: str | os.PathLike) -> tuple[Vocabulary, dict[str, Vocabulary]]:
+    """Inverse of :func:`write_classes_json`: ``(train vocabulary, {eval name: vocabulary})``.
+
+    Raises:
+        DataError: missing or malformed file.
+    """
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+        return Vocabulary.from_json(d["train"]), {k: Vocabulary.from_json(v) for k, v in d["eval"].items()}
+    except FileNotFoundError:
+        raise DataError(f"classes file {p} does not exist (written by build_splits)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"classes file {p} is malformed ({type(e).__name__}: {e})") from None
