@@ -1,0 +1,123 @@
+"""MaskCLIP: training-free dense CLIP baseline (Zhou, Loy and Dai, "Extract Free Dense Labels
+from CLIP", ECCV 2022).
+
+Each patch's embedding from the frozen CLIP image tower (:func:`zeroseg.models.clip.dense_features`:
+the last block's value embedding instead of its query-key attention, MaskCLIP Sec. 3.2) is
+compared with the class text embeddings by cosine similarity; the class with the highest
+similarity labels the patch. Nothing is trained. The released code's optional refinements
+(key smoothing, prompt denoising, MaskCLIP+ pseudo-label training) are not implemented.
+
+Imports neither Ray nor the pipeline.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zeroseg.errors import ConfigError
+from zeroseg.models import Segmenter, register_segmenter
+from zeroseg.models.clip import check_dense_visual, dense_features, image_norm, native_input_size
+
+#: Model config keys of :class:`MaskCLIP` and their defaults.
+#: ``input_size``: ``[H, W]`` or None (= the CLIP model's ``image_size``; other sizes resize the
+#: positional embedding bicubically). ``logit_scale``: the factor applied to the cosine
+#: similarities, a positive float or ``"model"`` (= the CLIP model's learned ``logit_scale.exp()``,
+#: 100 for OpenAI CLIP). 100 is the temperature MaskCLIP's head uses before its softmax
+#: (``MaskClipHead.refine_output``: ``softmax(output * 100)``). It does not change the argmax.
+MASKCLIP_DEFAULT_CONFIG: dict[str, Any] = {"input_size": None, "logit_scale": 100.0}
+
+
+def resolve_maskclip_config(clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults + ``cfg``, validated; ``input_size`` and ``logit_scale`` made concrete.
+
+    Returns:
+        ``{"input_size": [H, W], "logit_scale": float}``.
+
+    Raises:
+        ConfigError: an unknown key (naming the nearest), a bad ``input_size`` or ``logit_scale``.
+    """
+    out = dict(MASKCLIP_DEFAULT_CONFIG)
+    for k, v in dict(cfg or {}).items():
+        if k not in out:
+            near = difflib.get_close_matches(k, list(out), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown MaskCLIP model config key {k!r}{hint} (keys: {', '.join(out)})")
+        out[k] = v
+    size = out["input_size"]
+    if size is None:
+        size = list(native_input_size(clip_model))
+    elif isinstance(size, int):
+        size = [size, size]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise ConfigError(f"MaskCLIP input_size must be [H, W] positive ints or null, got {out['input_size']!r}")
+    out["input_size"] = [int(s) for s in size]
+    scale = out["logit_scale"]
+    if scale == "model":
+        scale = float(clip_model.logit_scale.detach().exp().reshape(-1)[0])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ConfigError(f"MaskCLIP logit_scale must be a positive number or 'model', got {out['logit_scale']!r}")
+    out["logit_scale"] = float(scale)
+    return out
+
+
+@register_segmenter("maskclip")
+class MaskCLIP(Segmenter):
+    """Training-free dense CLIP segmenter (MaskCLIP).
+
+    Args:
+        clip_model: an open_clip ``CLIP`` with a ViT image tower (or the tower itself). Only the
+            image tower is kept; it is frozen (``requires_grad=False``) and put in eval mode.
+        cfg: model config, keys and defaults in :data:`MASKCLIP_DEFAULT_CONFIG`.
+
+    Attributes (``Segmenter`` contract): ``input_size`` ``(H, W)``; ``mean``/``std``: the CLIP
+    model's pixel normalisation (``visual.preprocess_cfg``, OpenAI's by default); ``cfg``: the
+    resolved config; ``logit_scale``: float.
+
+    ``forward(images [B, 3, H, W], text_embeddings [C, D]) -> scores [B, C, H/p, W/p]`` float32:
+    ``logit_scale * cos(patch_embedding, text_embedding)`` (both L2-normalised here), at the
+    patch grid (``p`` = patch size). ``trainable_names()`` is empty: no ``weights.pt``.
+
+    Raises:
+        ConfigError: bad config. ValueError: a non-ViT image tower; at call time, text
+        embeddings not ``[C >= 1, D]``.
+    """
+
+    def __init__(self, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.cfg = resolve_maskclip_config(clip_model, cfg)
+        visual = getattr(clip_model, "visual", clip_model)
+        check_dense_visual(visual)
+        self.visual = visual
+        self.visual.requires_grad_(False)
+        self.visual.eval()
+        self.embed_dim = int(visual.output_dim)
+        self.input_size = tuple(self.cfg["input_size"])
+        self.mean, self.std = image_norm(visual)
+        self.logit_scale = self.cfg["logit_scale"]
+
+    def train(self, mode: bool = True) -> "MaskCLIP":
+        """The frozen tower always stays in eval mode (no dropout / patch dropout)."""
+        super().train(mode)
+        self.visual.eval()
+        return self
+
+    def trainable_names(self) -> list[str]:
+        return []
+
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> L2-normalised patch embeddings ``[B, D, H/p, W/p]`` float32."""
+        _, patches = dense_features(self.visual, images)
+        return F.normalize(patches.float(), dim=1)
+
+    def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        if text_embeddings.ndim != 2 or text_embeddings.shape[0] < 1 or text_embeddings.shape[1] != self.embed_dim:
+            raise ValueError(f"text_embeddings must be [C >= 1, {self.embed_dim}], got {tuple(text_embeddings.shape)}")
+        patches = self.patch_embeddings(images)
+        t = F.normalize(text_embeddings.to(device=patches.device, dtype=torch.float32), dim=-1)
+        return self.logit_scale * torch.einsum("bdhw,cd->bchw", patches, t)
