@@ -1,0 +1,490 @@
+"""Segmentation metrics for zero-shot semantic segmentation: confusion matrices, IoU, accuracy,
+mIoU over seen / unseen classes, hIoU, and the GZS3 / ZS3 predictions with seen-class
+calibration.
+
+Conventions (binding for every number the pipeline reports):
+
+- **Confusion matrix** ``cm[g, p]``: int64 ``[C, C]``, rows = ground-truth class ``g``, columns =
+  predicted class ``p``, counted over every *valid* pixel (ground truth != ``ignore_index``,
+  255) of the whole evaluation set (accumulated, not averaged per image: mmseg's
+  ``total_area_*``). Built with one ``bincount(C * gt + pred, minlength=C*C)`` per call.
+- **Units: percent** (0-100), like the papers' tables.
+- **Per-class IoU** = TP / (TP + FP + FN) = ``cm[c,c] / (row_c + col_c - cm[c,c])``; **per-class
+  accuracy** = TP / (TP + FN) = ``cm[c,c] / row_c``.
+- **Absent classes** follow mmseg (the ZegFormer / ZegCLIP / PADing code base:
+  ``mmseg.core.evaluation.metrics`` computes ``IoU = intersect / union`` and averages with
+  ``np.nanmean``): a class with no ground-truth pixels **and** no predicted pixels has IoU NaN
+  (0/0) and is left out of every mean; a class with no ground-truth pixels that *is* predicted
+  somewhere has IoU 0 and counts (pulling the mean down). Accuracy is NaN for every class
+  without ground-truth pixels. A mean over no finite value is NaN.
+- **mIoU(S), mIoU(U)**: the NaN-skipping mean IoU over the seen / unseen class ids;
+  **hIoU** = 2·S·U / (S + U) (ZegCLIP Eq. 9), 0 when S + U = 0, NaN when S or U is NaN.
+- **pAcc** = trace / total valid pixels; **mAcc** = NaN-skipping mean of per-class accuracy.
+- **GZS3**: every pixel is labelled by the argmax over *all* classes (seen + unseen), after the
+  optional calibration (ZegFormer Eq. 2): ``argmax_c p(c) - gamma * [c in S]`` where ``p`` is the
+  softmax over classes of the scores (ZegFormer calibrates probabilities, gamma in [0, 1]).
+  With ``gamma == 0`` this is the plain argmax of the scores.
+- **ZS3**: the argmax over the *unseen* classes only, evaluated on the pixels whose ground truth
+  is an unseen class; its confusion matrix is ``[U, U]`` indexed by position in ``unseen_ids``.
+
+Functions taking torch tensors compute on the tensors' device (CPU or GPU); the metric
+functions take NumPy confusion matrices. Imports neither Ray nor the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Ground-truth value of pixels that are not evaluated.
+IGNORE_INDEX = 255
+
+
+# --------------------------------------------------------------------------------------------
+# confusion matrices
+# --------------------------------------------------------------------------------------------
+def _first_bad(values: np.ndarray, num_classes: int, ignore_index: int | None) -> int:
+    """The first value of ``values`` outside ``[0, C)`` (and not ``ignore_index``)."""
+    v = values.reshape(-1)
+    bad = (v < 0) | (v >= num_classes)
+    if ignore_index is not None:
+        bad &= v != ignore_index
+    return int(v[np.flatnonzero(bad)[0]])
+
+
+def _check_num_classes(num_classes: int) -> int:
+    c = int(num_classes)
+    if c < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return c
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Confusion matrix of predicted against ground-truth label maps (NumPy).
+
+    One ``np.bincount(C * gt + pred)`` over all pixels: ignored pixels are routed to an extra
+    ground-truth row that is dropped (no masked copies), invalid ground-truth values to another
+    extra row that is checked.
+
+    Args:
+        pred: integer array, any shape (e.g. ``[B, H, W]`` or ``[H, W]``): predicted class ids in
+            ``[0, C)`` wherever the ground truth is valid (values at ignored pixels are not used).
+        gt: integer array of the same shape: class ids in ``[0, C)`` or ``ignore_index``.
+        num_classes: ``C``.
+        ignore_index: ground-truth value excluded from the count (default 255).
+
+    Returns:
+        int64 ``[C, C]``, ``cm[g, p]`` = number of valid pixels with ground truth ``g`` predicted
+        as ``p``.
+
+    Raises:
+        ValueError: shapes differ; a ground-truth value outside ``[0, C)`` other than
+            ``ignore_index``, or a prediction outside ``[0, C)`` at a valid pixel (the message
+            names the value).
+    """
+    c = _check_num_classes(num_classes)
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred {pred.shape} and gt {gt.shape} must have the same shape")
+    if not (np.issubdtype(pred.dtype, np.integer) and np.issubdtype(gt.dtype, np.integer)):
+        raise ValueError(f"pred and gt must be integer arrays, got {pred.dtype} and {gt.dtype}")
+    if gt.size == 0:
+        return np.zeros((c, c), np.int64)
+    idx_dtype = np.int32 if (c + 2) * c < 2**31 else np.int64
+    # gt -> row index: [0, C) kept, ignore -> C (dropped), anything else -> C + 1 (error)
+    if gt.dtype == np.uint8:
+        lut = np.full(256, c + 1, idx_dtype)
+        lut[: min(c, 256)] = np.arange(min(c, 256), dtype=idx_dtype)
+        if 0 <= ignore_index < 256 and ignore_index >= c:
+            lut[ignore_index] = c
+        rows = lut[gt]
+    else:
+        g = gt.astype(np.int64, copy=False)
+        rows = np.where((g >= 0) & (g < c), g, np.where(g == ignore_index, c, c + 1)).astype(idx_dtype)
+    p = pred
+    if p.min() < 0 or p.max() >= c:
+        valid = rows < c
+        if valid.any() and (p[valid].min() < 0 or p[valid].max() >= c):
+            raise ValueError(f"prediction value {_first_bad(p[valid], c, None)} is outside [0, {c}) "
+                             f"at a valid pixel")
+        p = np.where(valid, p, 0)
+    idx = rows * idx_dtype(c) + p.astype(idx_dtype, copy=False)
+    counts = np.bincount(idx.reshape(-1), minlength=(c + 2) * c)
+    if counts[(c + 1) * c:].any():
+        raise ValueError(f"ground-truth value {_first_bad(gt, c, ignore_index)} is outside [0, {c}) and is "
+                         f"not the ignore index {ignore_index}")
+    return counts[: c * c].reshape(c, c).astype(np.int64, copy=False)
+
+
+def _gt_rows_torch(gt: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """int64 row index of every pixel: ``[0, C)`` kept, ignore -> C, invalid -> C + 1."""
+    c = num_classes
+    if gt.dtype == torch.uint8:
+        lut = torch.full((256,), c + 1, dtype=torch.int64, device=gt.device)
+        n = min(c, 256)
+        lut[:n] = torch.arange(n, device=gt.device)
+        if 0 <= ignore_index < 256 and ignore_index >= c:
+            lut[ignore_index] = c
+        return lut[gt.long()]
+    g = gt.long()
+    inside = (g >= 0) & (g < c)
+    return torch.where(inside, g, torch.where(g == ignore_index, c, c + 1))
+
+
+def _counts_torch(pred: torch.Tensor, rows: torch.Tensor, num_classes: int, extra_rows: int) -> torch.Tensor:
+    """``bincount(rows * C + pred)`` with ``(C + extra_rows) * C`` bins (int64, on device)."""
+    c = num_classes
+    return torch.bincount((rows * c + pred.long()).reshape(-1), minlength=(c + extra_rows) * c)
+
+
+def confusion_matrix_torch(pred: torch.Tensor, gt: torch.Tensor, num_classes: int,
+                           ignore_index: int = IGNORE_INDEX, check: bool = True) -> torch.Tensor:
+    """Confusion matrix with ``torch.bincount`` on the tensors' device (CPU or CUDA).
+
+    Args:
+        pred: integer tensor, any shape (e.g. ``[B, H, W]``), class ids in ``[0, C)`` wherever
+            the ground truth is valid.
+        gt: integer tensor of the same shape and device (uint8 label maps are the fast path):
+            class ids in ``[0, C)`` or ``ignore_index``.
+        num_classes: ``C``.
+        ignore_index: ground-truth value excluded from the count (default 255).
+        check: validate ``pred`` (two reductions, one host sync); pass False only when ``pred``
+            is an argmax over ``C`` classes. Ground truth is always validated.
+
+    Returns:
+        int64 ``[C, C]`` on the tensors' device, ``cm[g, p]`` as in :func:`confusion_matrix`.
+
+    Raises:
+        ValueError: shapes differ; a ground-truth value outside ``[0, C)`` other than
+            ``ignore_index``, or a prediction outside ``[0, C)`` at a valid pixel (naming the value).
+    """
+    c = _check_num_classes(num_classes)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape")
+    if pred.is_floating_point() or gt.is_floating_point():
+        raise ValueError(f"pred and gt must be integer tensors, got {pred.dtype} and {gt.dtype}")
+    if gt.numel() == 0:
+        return torch.zeros((c, c), dtype=torch.int64, device=gt.device)
+    rows = _gt_rows_torch(gt, c, ignore_index)
+    p = pred
+    if check and (int(p.min()) < 0 or int(p.max()) >= c):
+        valid = rows < c
+        pv = p[valid]
+        if pv.numel() and (int(pv.min()) < 0 or int(pv.max()) >= c):
+            raise ValueError(f"prediction value {_first_bad(pv.cpu().numpy(), c, None)} is outside [0, {c}) "
+                             f"at a valid pixel")
+        p = torch.where(valid, p, torch.zeros_like(p))
+    counts = _counts_torch(p, rows, c, 2)
+    _raise_on_bad_gt(counts, gt, c, ignore_index)
+    return counts[: c * c].view(c, c)
+
+
+def _raise_on_bad_gt(counts: torch.Tensor, gt: torch.Tensor, c: int, ignore_index: int) -> None:
+    if bool(counts[(c + 1) * c:].any()):
+        g = gt.reshape(-1)
+        bad = ((g < 0) | (g >= c)) & (g != ignore_index)
+        value = int(g[bad.nonzero()[0, 0]])
+        raise ValueError(f"ground-truth value {value} is outside [0, {c}) and is not the ignore index {ignore_index}")
+
+
+def _ids(ids: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int, what: str) -> list[int]:
+    out = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    bad = [i for i in out if not 0 <= i < num_classes]
+    if bad:
+        raise ValueError(f"{what} ids {bad} are outside [0, {num_classes})")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} ids {out} contain duplicates")
+    return out
+
+
+def check_split(seen_ids: Sequence[int], unseen_ids: Sequence[int], num_classes: int) -> tuple[list[int], list[int]]:
+    """Validated ``(seen, unseen)`` id lists.
+
+    Raises:
+        ValueError: an id outside ``[0, C)``, a duplicate, or an id both seen and unseen.
+    """
+    s, u = _ids(seen_ids, num_classes, "seen"), _ids(unseen_ids, num_classes, "unseen")
+    both = sorted(set(s) & set(u))
+    if both:
+        raise ValueError(f"class ids {both} are both seen and unseen")
+    return s, u
+
+
+def calibrated_argmax(scores: torch.Tensor, seen_ids: Sequence[int], gamma: float = 0.0) -> torch.Tensor:
+    """GZS3 prediction with seen-class calibration (ZegFormer Eq. 2).
+
+    ``argmax_c softmax(scores)_c - gamma * [c in S]`` over all classes; with ``gamma == 0`` the
+    plain ``argmax_c scores_c`` (the softmax is monotone, so it is skipped).
+
+    Args:
+        scores: float ``[B, C, H, W]`` class scores (logits or probabilities; any scale).
+        seen_ids: the seen class ids ``S``.
+        gamma: calibration factor (ZegFormer: in [0, 1]; subtracted from probabilities).
+
+    Returns:
+        int64 ``[B, H, W]`` class ids in ``[0, C)``, on the scores' device.
+    """
+    if scores.ndim != 4:
+        raise ValueError(f"scores must be [B, C, H, W], got {tuple(scores.shape)}")
+    if gamma == 0.0 or not len(seen_ids):
+        return scores.argmax(dim=1)
+    c = scores.shape[1]
+    offset = torch.zeros(c, dtype=torch.float32, device=scores.device)
+    offset[torch.as_tensor(list(seen_ids), dtype=torch.long, device=scores.device)] = float(gamma)
+    probs = torch.softmax(scores.float(), dim=1)
+    return (probs - offset.view(1, c, 1, 1)).argmax(dim=1)
+
+
+def gzs3_zs3_confusion(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    seen_ids: Sequence[int],
+    unseen_ids: Sequence[int],
+    gamma: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both zero-shot confusion matrices from one set of scores, on the scores' device.
+
+    Args:
+        scores: float ``[B, C, H, W]`` class scores at the label resolution.
+        labels: integer ``[B, H, W]`` (uint8 preferred) ground truth, ids in ``[0, C)`` or
+            ``ignore_index``; moved to the scores' device if needed.
+        seen_ids, unseen_ids: disjoint class id lists.
+        gamma: seen-class calibration for GZS3 (:func:`calibrated_argmax`, ZegFormer Eq. 2);
+            ZS3 is unaffected (its argmax has no seen class).
+
+    Returns:
+        ``(gzs3 [C, C], zs3 [U, U])`` int64 on the scores' device. GZS3: argmax over all classes,
+        every valid pixel. ZS3: argmax over ``scores[:, unseen_ids]``, only pixels whose ground
+        truth is unseen; index ``k`` = class ``unseen_ids[k]``.
+
+    Raises:
+        ValueError: shape mismatch, bad ids, or a label value outside ``[0, C)`` other than
+            ``ignore_index`` (naming the value).
+    """
+    if scores.ndim != 4 or labels.ndim != 3 or scores.shape[0] != labels.shape[0] \
+            or scores.shape[2:] != labels.shape[1:]:
+        raise ValueError(f"scores must be [B, C, H, W] and labels [B, H, W] with the same B, H, W; got "
+                         f"{tuple(scores.shape)} and {tuple(labels.shape)}")
+    c = scores.shape[1]
+    seen, unseen = check_split(seen_ids, unseen_ids, c)
+    labels = labels.to(scores.device)
+    rows = _gt_rows_torch(labels, c, ignore_index)
+    counts = _counts_torch(calibrated_argmax(scores, seen, gamma), rows, c, 2)
+    _raise_on_bad_gt(counts, labels, c, ignore_index)
+    gzs3 = counts[: c * c].view(c, c)
+    u = len(unseen)
+    if u == 0:
+        return gzs3, torch.zeros((0, 0), dtype=torch.int64, device=scores.device)
+    # ground truth -> position in unseen_ids, everything else (seen, ignore, invalid) -> U (dropped)
+    to_u = torch.full((c + 2,), u, dtype=torch.int64, device=scores.device)
+    to_u[torch.as_tensor(unseen, dtype=torch.long, device=scores.device)] = torch.arange(u, device=scores.device)
+    uidx = torch.as_tensor(unseen, dtype=torch.long, device=scores.device)
+    pred_u = scores.index_select(1, uidx).argmax(dim=1)
+    zs3 = _counts_torch(pred_u, to_u[rows], u, 1)[: u * u].view(u, u)
+    return gzs3, zs3
+
+
+# --------------------------------------------------------------------------------------------
+# metrics from a confusion matrix (NumPy, percent)
+# --------------------------------------------------------------------------------------------
+def nanmean(values: np.ndarray) -> float:
+    """Mean of the finite entries (mmseg's ``np.nanmean``), NaN when there are none (no warning)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _as_cm(cm: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(cm, torch.Tensor):
+        cm = cm.detach().cpu().numpy()
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"a confusion matrix must be square [C, C], got {cm.shape}")
+    return cm.astype(np.float64)
+
+
+def per_class_iou(cm: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per-class IoU in percent: ``100 * TP / (TP + FP + FN)``.
+
+    Args:
+        cm: ``[C, C]`` confusion matrix (rows ground truth, columns prediction).
+
+    Returns:
+        float64 ``[C]``; NaN for a class with no ground-truth and no predicted pixels; 0 for a
+        class predicted but absent from the ground truth (mmseg's convention).
+    """
+    m = _as_cm(cm)
+    tp = np.diag(m)
+    union = m.sum(1) + m.sum(0) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, 100.0 * tp / np.where(union > 0, union, 1), np.nan)
+
+
+def per_class_accuracy(cm: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per-class accuracy (recall) in percent: ``100 * TP / (TP + FN)``; NaN without GT pixels.
+
+    Returns:
+        float64 ``[C]``.
+    """
+    m = _as_cm(cm)
+    gt = m.sum(1)
+    return np.where(gt > 0, 100.0 * np.diag(m) / np.where(gt > 0, gt, 1), np.nan)
+
+
+def pixel_accuracy(cm: np.ndarray | torch.Tensor) -> float:
+    """pAcc in percent: correctly labelled valid pixels / valid pixels; NaN with no pixels."""
+    m = _as_cm(cm)
+    total = m.sum()
+    return float(100.0 * np.trace(m) / total) if total > 0 else float("nan")
+
+
+def harmonic_iou(miou_seen: float, miou_unseen: float) -> float:
+    """hIoU = 2·S·U / (S + U) (ZegCLIP Eq. 9); 0 when S + U = 0; NaN when S or U is NaN.
+
+    Units follow the inputs (percent throughout this module).
+    """
+    s, u = float(miou_seen), float(miou_unseen)
+    if math.isnan(s) or math.isnan(u):
+        return float("nan")
+    return 0.0 if s + u == 0 else 2.0 * s * u / (s + u)
+
+
+@dataclasses.dataclass
+class SegMetrics:
+    """GZS3 metrics of one evaluation set, all in percent (NaN: undefined, see module docstring).
+
+    Attributes:
+        pAcc, mAcc, mIoU: over all classes. mIoU_seen, mIoU_unseen, hIoU: ZegCLIP's mIoU(S),
+            mIoU(U), hIoU (Eq. 9).
+        iou, acc: float64 ``[C]`` per class. gt_pixels, pred_pixels: int64 ``[C]``.
+        seen_ids, unseen_ids: the split used.
+    """
+
+    pAcc: float
+    mAcc: float
+    mIoU: float
+    mIoU_seen: float
+    mIoU_unseen: float
+    hIoU: float
+    iou: np.ndarray
+    acc: np.ndarray
+    gt_pixels: np.ndarray
+    pred_pixels: np.ndarray
+    seen_ids: list[int]
+    unseen_ids: list[int]
+
+    def summary(self) -> dict[str, float]:
+        """The scalar metrics ``{pAcc, mAcc, mIoU, mIoU_seen, mIoU_unseen, hIoU}``."""
+        return {k: getattr(self, k) for k in ("pAcc", "mAcc", "mIoU", "mIoU_seen", "mIoU_unseen", "hIoU")}
+
+    def per_class(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """One dict per class: id, name, split (seen/unseen/-), iou, acc (percent or None),
+        gt_pixels, pred_pixels."""
+        split = _split_names(len(self.iou), self.seen_ids, self.unseen_ids)
+        return [{"id": i, "name": names[i] if names is not None else str(i), "split": split[i],
+                 "iou": _finite_or_none(self.iou[i]), "acc": _finite_or_none(self.acc[i]),
+                 "gt_pixels": int(self.gt_pixels[i]), "pred_pixels": int(self.pred_pixels[i])}
+                for i in range(len(self.iou))]
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None
+
+
+def _split_names(c: int, seen_ids: Sequence[int], unseen_ids: Sequence[int]) -> list[str]:
+    out = ["-"] * c
+    for i in seen_ids:
+        out[i] = "seen"
+    for i in unseen_ids:
+        out[i] = "unseen"
+    return out
+
+
+def segmentation_metrics(cm: np.ndarray | torch.Tensor, seen_ids: Sequence[int],
+                         unseen_ids: Sequence[int]) -> SegMetrics:
+    """pAcc, mAcc, mIoU, mIoU(S), mIoU(U), hIoU and per-class IoU / accuracy, in percent.
+
+    Args:
+        cm: ``[C, C]`` confusion matrix (rows ground truth), NumPy or torch (any device).
+        seen_ids, unseen_ids: disjoint class ids (classes in neither count in mIoU only).
+
+    Returns:
+        :class:`SegMetrics`. Means skip NaN classes (mmseg's nanmean); hIoU per ZegCLIP Eq. 9.
+
+    Raises:
+        ValueError: a non-square matrix or bad ids.
+    """
+    m = _as_cm(cm)
+    c = m.shape[0]
+    seen, unseen = check_split(seen_ids, unseen_ids, c)
+    iou, acc = per_class_iou(m), per_class_accuracy(m)
+    s = nanmean(iou[seen]) if seen else float("nan")
+    u = nanmean(iou[unseen]) if unseen else float("nan")
+    return SegMetrics(pAcc=pixel_accuracy(m), mAcc=nanmean(acc), mIoU=nanmean(iou), mIoU_seen=s, mIoU_unseen=u,
+                      hIoU=harmonic_iou(s, u), iou=iou, acc=acc, gt_pixels=m.sum(1).astype(np.int64),
+                      pred_pixels=m.sum(0).astype(np.int64), seen_ids=seen, unseen_ids=unseen)
+
+
+def zs3_metrics(cm_unseen: np.ndarray | torch.Tensor) -> dict[str, Any]:
+    """ZS3 metrics from the ``[U, U]`` unseen-only confusion matrix, in percent.
+
+    Returns:
+        ``{"mIoU", "pAcc", "mAcc", "iou": [U] list (None for NaN)}``; NaN when ``U == 0`` or no
+        pixel has an unseen ground truth.
+    """
+    m = _as_cm(cm_unseen)
+    if m.shape[0] == 0:
+        return {"mIoU": float("nan"), "pAcc": float("nan"), "mAcc": float("nan"), "iou": []}
+    iou = per_class_iou(m)
+    return {"mIoU": nanmean(iou), "pAcc": pixel_accuracy(m), "mAcc": nanmean(per_class_accuracy(m)),
+            "iou": [_finite_or_none(x) for x in iou]}
+
+
+def per_class_table(metrics: SegMetrics, names: Sequence[str]) -> str:
+    """Markdown table, one row per class: class, split (seen/unseen), IoU (%), Acc (%), GT pixels.
+
+    NaN (class absent from ground truth and prediction; accuracy without ground truth) is
+    written ``n/a``.
+
+    Raises:
+        ValueError: ``names`` has another length than the number of classes.
+    """
+    if len(names) != len(metrics.iou):
+        raise ValueError(f"{len(names)} class names for {len(metrics.iou)} classes")
+
+    def f(x: float) -> str:
+        return f"{x:.2f}" if math.isfinite(x) else "n/a"
+
+    lines = ["| id | class | split | IoU (%) | Acc (%) | GT pixels | predicted pixels |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    split = _split_names(len(names), metrics.seen_ids, metrics.unseen_ids)
+    for i, n in enumerate(names):
+        lines.append(f"| {i} | {str(n).replace('|', '/')} | {split[i]} | {f(metrics.iou[i])} | {f(metrics.acc[i])} "
+                     f"| {int(metrics.gt_pixels[i])} | {int(metrics.pred_pixels[i])} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SegMetrics",
+    "calibrated_argmax",
+    "check_split",
+    "confusion_matrix",
+    "confusion_matrix_torch",
+    "gzs3_zs3_confusion",
+    "harmonic_iou",
+    "nanmean",
+    "per_class_accuracy",
+    "per_class_iou",
+    "per_class_table",
+    "pixel_accuracy",
+    "segmentation_metrics",
+    "zs3_metrics",
+]
