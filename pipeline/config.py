@@ -99,10 +99,37 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = _resolve_extends(p, raw, seen=(p.resolve(),))
     for ov in overrides or []:
         apply_override(raw, ov)
     raw = _interpolate(raw)
     return LoadedConfig(p, raw)
+
+
+def _resolve_extends(path: Path, raw: dict[str, Any], seen: tuple[Path, ...]) -> dict[str, Any]:
+    """``extends: other.yaml`` (relative to this file): deep-merge this file over that one.
+
+    Mappings merge key by key; any other value (lists included) replaces the base's.
+    """
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    base_path = (path.parent / str(base_name)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: 'extends' cycle through {base_path}")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends {base_name!r}, but {base_path} does not exist")
+    base = yaml.safe_load(base_path.read_text()) or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{base_path}: top level must be a mapping of sections")
+    return _deep_merge(_resolve_extends(base_path, base, seen + (base_path,)), raw)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

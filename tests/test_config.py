@@ -97,3 +97,17 @@ def test_override_list_index():
     assert raw["build_splits"]["eval"][0]["max_images"] == 4
     with pytest.raises(ConfigError, match="list of 1 items"):
         apply_override(raw, "build_splits.eval.3.max_images=4")
+
+
+def test_extends_deep_merges_over_the_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("run: {name: base, work_dir: w}\nevaluate: {gamma: 0.1, batch_size: 2}\n"
+                                        "build_splits: {eval: [{name: a}, {name: b}]}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nrun: {name: child}\nevaluate: {gamma: 0.5}\n"
+                                         "build_splits: {eval: [{name: c}]}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["evaluate.batch_size=8"])
+    assert cfg.run.name == "child" and cfg.run.work_dir == "w"
+    assert cfg.sections["evaluate"] == {"gamma": 0.5, "batch_size": 8}
+    assert cfg.sections["build_splits"]["eval"] == [{"name": "c"}]  # lists replace
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")
