@@ -5,6 +5,9 @@ Dispatches on ``method`` (:data:`METHODS`, one function per method). Every metho
 when it trains something, ``weights.pt`` (the trained parameters only), with
 ``zeroseg.models.save_segmenter``; evaluate rebuilds it with ``zeroseg.models.load_segmenter``.
 
+- ``zegclip``: ZegCLIP (Zhou et al., CVPR 2023), inductive: deep prompt tuning + relationship
+  descriptor + mask decoder trained on seen classes with Ray Train (``stages/train_zegclip.py``);
+  its keys live under ``train_classifier.zegclip`` (model, train, scaling, augment).
 - ``maskclip``: training-free (MaskCLIP, Zhou et al. 2022): checks that the text embeddings fit
   the CLIP model, builds the segmenter once (so a bad checkpoint or config fails here, not in
   evaluate) and writes ``segmenter.json`` only; the weights are the CLIP spec's.
@@ -21,10 +24,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.dag import Stage, StageConfig, StageContext, register
 from zeroseg.errors import ConfigError, DataError
+from stages.train_zegclip import ZegCLIPTrainConfig, train_zegclip
 from zeroseg.models.clip import ClipSpec, clip_fingerprint
 
 
@@ -50,6 +54,14 @@ class TrainClassifierConfig(StageConfig):
     clip: ClipSpec
     input_size: list[int] | None = Field(None, min_length=2, max_length=2)
     maskclip: MaskCLIPOptions = MaskCLIPOptions()
+    zegclip: ZegCLIPTrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _method_section(self) -> "TrainClassifierConfig":
+        if self.zegclip is not None and self.method != "zegclip":
+            raise ValueError(f"train_classifier.zegclip is set but method is {self.method!r}; "
+                             "set method: zegclip or remove the zegclip section")
+        return self
 
     @field_validator("method")
     @classmethod
@@ -114,9 +126,18 @@ def _build_maskclip(ctx: StageContext, cfg: TrainClassifierConfig) -> dict[str, 
     return {"trainable_params": 0.0}
 
 
+def _train_zegclip(ctx: StageContext, cfg: TrainClassifierConfig) -> dict[str, float]:
+    """ZegCLIP: a Ray Train job on the seen classes (``stages/train_zegclip.py``)."""
+    from zeroseg.models.clip import model_embed_dim
+
+    check_text_embeddings(ctx, model_embed_dim(cfg.clip), cfg.clip.model)
+    return train_zegclip(ctx, cfg.clip, cfg.zegclip or ZegCLIPTrainConfig(), cfg.input_size)
+
+
 #: method -> ``run(ctx, config) -> metrics``. A method added here is accepted by the config.
 METHODS: dict[str, Callable[[StageContext, TrainClassifierConfig], dict[str, float]]] = {
     "maskclip": _build_maskclip,
+    "zegclip": _train_zegclip,
 }
 
 

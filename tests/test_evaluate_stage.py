@@ -147,30 +147,39 @@ def _reference(inputs, s, gamma=0.0, n=None):
     return gz, zs
 
 
+# One Ray run for the whole module (actor start-up dominates: ~10-20 s on a loaded 2-core box):
+# both sets named in reverse order, max_images, seen-class calibration, batches of 2.
+MAX_IMAGES, GAMMA = 4, 0.3
+N_IMAGES = {s: min(MAX_IMAGES, len(v)) for s, v in SIZES.items()}  # val 4 of 5, cam 3
+
+
 @pytest.fixture(scope="module")
 def full_run(inputs, ray_one_cpu):
     from stages.evaluate import Evaluate
 
     out = inputs["root"] / "out_full"
-    metrics = Evaluate().run(_ctx(inputs, out, _conf(batch_size=2, device="auto")))
+    conf = _conf(sets=["cam", "val"], max_images=MAX_IMAGES, gamma=GAMMA, batch_size=2, device="auto")
+    metrics = Evaluate().run(_ctx(inputs, out, conf))
     return out, metrics
 
 
 def test_full_run_matches_the_direct_computation(inputs, full_run):
     out, metrics = full_run
     doc = json.loads((out / "metrics.json").read_text())
-    assert set(doc) == {"val", "cam"}
+    assert list(doc) == ["cam", "val"]
     for s in ("val", "cam"):
-        gz, zs = _reference(inputs, s)
+        n = N_IMAGES[s]
+        gz, zs = _reference(inputs, s, gamma=GAMMA, n=n)
         got = doc[s]
         np.testing.assert_array_equal(np.array(got["gzs3"]["confusion_matrix"]), gz)
-        assert got["images"] == len(SIZES[s]) and got["pixels"] == sum(h * w for h, w in SIZES[s])
+        assert got["images"] == n and got["pixels"] == sum(h * w for h, w in SIZES[s][:n]) and got["gamma"] == GAMMA
         ref = segmentation_metrics(gz, VOCABS[s]["seen"], VOCABS[s]["unseen"])
         for k, v in ref.summary().items():
-            assert got["gzs3"][k] == pytest.approx(v), k
-            assert metrics[f"{s}/{k}"] == pytest.approx(v), k
-            assert 0.0 <= v <= 100.0
-        assert set(got["gzs3"]) >= {"pAcc", "mAcc", "mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "per_class"}
+            if np.isfinite(v):  # NaN (e.g. no unseen class present) -> null in JSON, left out of the dict
+                assert got["gzs3"][k] == pytest.approx(v) and metrics[f"{s}/{k}"] == pytest.approx(v), k
+                assert 0.0 <= v <= 100.0
+            else:
+                assert got["gzs3"][k] is None and f"{s}/{k}" not in metrics
         assert [r["name"] for r in got["gzs3"]["per_class"]] == VOCABS[s]["names"]
         assert sum(r["gt_pixels"] for r in got["gzs3"]["per_class"]) == int(gz.sum())
         zref = zs.diagonal().sum() / zs.sum() * 100
@@ -179,8 +188,8 @@ def test_full_run_matches_the_direct_computation(inputs, full_run):
         md = (out / f"per_class_{s}.md").read_text()
         assert "| id | class | split | IoU (%) | Acc (%) | GT pixels" in md and VOCABS[s]["names"][-1] in md
         assert (out / f"per_class_iou_{s}.png").read_bytes()[:4] == b"\x89PNG"
-    assert set(metrics) >= {"val/hIoU", "val/mIoU_seen", "val/mIoU_unseen", "val/pAcc", "cam/hIoU", "fps"}
-    assert all(isinstance(v, float) for v in metrics.values())
+    assert set(metrics) >= {"val/pAcc", "val/mIoU", "cam/pAcc", "fps"}
+    assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
 
 
 def test_fps_record(full_run):
@@ -189,43 +198,29 @@ def test_fps_record(full_run):
     p = fps["protocol"]
     assert p["batch_size"] == 2 and p["resolution"] == INPUT and p["device"] == "cpu"
     assert p["warmup_batches_excluded_per_worker"] == 1 and p["concurrency"] == 1
-    # one actor, 8 images in batches of <= 2: the first batch is warm-up
+    # one actor, 7 images in batches of <= 2: the first batch is warm-up
+    total = sum(N_IMAGES.values())
     timed = fps["overall"]["images_timed"]
-    assert 0 < timed <= 8 - 1 and fps["overall"]["images_per_s"] > 0 and fps["overall"]["megapixels_per_s"] > 0
-    assert sum(v["images"] for v in fps["sets"].values()) == 8
+    assert 0 < timed <= total - 1 and fps["overall"]["images_per_s"] > 0 and fps["overall"]["megapixels_per_s"] > 0
+    assert sum(v["images"] for v in fps["sets"].values()) == total == fps["end_to_end"]["images"]
     assert metrics["fps"] == pytest.approx(fps["overall"]["images_per_s"])
 
 
-def test_gamma_sets_and_max_images(inputs, ray_one_cpu, tmp_path):
-    from stages.evaluate import Evaluate
+def test_worker_matches_reference_without_ray(inputs):
+    """The worker in-process (real MaskCLIP): all of cam in one batch, no calibration."""
+    from stages.evaluate import EvalWorker, load_eval_sets
 
-    out = tmp_path / "out"
-    metrics = Evaluate().run(_ctx(inputs, out, _conf(sets=["cam"], max_images=2, gamma=0.4, batch_size=4,
-                                                     warmup_batches=0, resolution=INPUT)))
-    doc = json.loads((out / "metrics.json").read_text())
-    assert set(doc) == {"cam"} and doc["cam"]["images"] == 2 and doc["cam"]["gamma"] == 0.4
-    gz, _ = _reference(inputs, "cam", gamma=0.4, n=2)
-    np.testing.assert_array_equal(np.array(doc["cam"]["gzs3"]["confusion_matrix"]), gz)
-    assert not any(k.startswith("val/") for k in metrics)
-    assert json.loads((out / "fps.json").read_text())["overall"]["images_timed"] == 2  # no warm-up
-
-
-def test_bad_label_value_is_reported_through_ray(inputs, ray_one_cpu, tmp_path):
-    from stages.evaluate import Evaluate
-
-    bs = tmp_path / "bs"
-    (bs / "manifests").mkdir(parents=True)
-    classes = json.loads((inputs["bs"] / "classes.json").read_text())
-    (bs / "classes.json").write_text(json.dumps(classes))
-    lab = np.full((16, 16), 7, np.uint8)  # cam has 3 classes
-    Image.fromarray(lab, mode="L").save(tmp_path / "bad.png")
-    t = pq.read_table(inputs["bs"] / "manifests" / "cam.parquet").slice(0, 1).to_pylist()
-    t[0]["label_uri"] = str(tmp_path / "bad.png")
-    pq.write_table(pa.Table.from_pylist(t, schema=pq.read_schema(inputs["bs"] / "manifests" / "cam.parquet")),
-                   bs / "manifests" / "cam.parquet")
-    ctx = _ctx({**inputs, "bs": bs}, tmp_path / "out", _conf(sets=["cam"]))
-    with pytest.raises(DataError, match=r"bad\.png.*ground-truth value 7 is outside \[0, 3\)"):
-        Evaluate().run(ctx)
+    sets = load_eval_sets(_ctx(inputs, inputs["root"] / "o_w", _conf()), ["cam"])
+    ws = {"cam": {k: sets["cam"][k] for k in ("embeddings", "seen", "unseen", "ignore_index")}}
+    w = EvalWorker(str(inputs["tc"]), ws, gamma=0.0, device="cpu", resolution=None, warmup_batches=0)
+    rows = inputs["rows"]["cam"]
+    out = w({"eval_set": np.array(["cam"] * len(rows), dtype=object),
+             "image_uri": np.array([r["image_uri"] for r in rows], dtype=object),
+             "label_uri": np.array([r["label_uri"] for r in rows], dtype=object)})
+    gz, zs = _reference(inputs, "cam")
+    np.testing.assert_array_equal(np.frombuffer(out["gzs3"][0], np.int64).reshape(3, 3), gz)
+    np.testing.assert_array_equal(np.frombuffer(out["zs3"][0], np.int64).reshape(2, 2), zs)
+    assert out["timed"][0] and out["images"][0] == 3 and (out["height"][0], out["width"][0]) == tuple(INPUT)
 
 
 class _Oracle(torch.nn.Module):
@@ -311,21 +306,18 @@ def test_config_schema():
             EvaluateConfig(**bad)
 
 
-def test_mlflow_helper(tmp_path):
+def test_mlflow_helper(tmp_path, monkeypatch):
+    import types
+
     import mlflow
 
     from stages.evaluate import log_to_mlflow
 
-    log_to_mlflow(None, {"a": 1.0}, tmp_path)  # no run: nothing happens, nothing imported needed
-    (tmp_path / "files").mkdir()
-    (tmp_path / "files" / "metrics.json").write_text("{}")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        exp = mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
-        with mlflow.start_run(experiment_id=exp) as run:
-            log_to_mlflow(run.info.run_id, {"val/iou/traffic light": 12.5, "val/iou/x": float("nan")}, tmp_path / "files")
-        got = mlflow.tracking.MlflowClient().get_run(run.info.run_id)
-        assert got.data.metrics == {"val/iou/traffic light": 12.5}
-        assert [a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run.info.run_id)] == ["metrics.json"]
-    finally:
-        mlflow.set_tracking_uri(None)
+    calls = []
+    monkeypatch.setattr(mlflow, "log_metrics", lambda m: calls.append(("metrics", m)))
+    monkeypatch.setattr(mlflow, "log_artifacts", lambda d: calls.append(("artifacts", d)))
+    monkeypatch.setattr(mlflow, "active_run", lambda: types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1")))
+    log_to_mlflow(None, {"a": 1.0}, tmp_path)  # no run id: skipped
+    assert calls == []
+    log_to_mlflow("r1", {"val/iou/traffic light": 12.5, "val/iou/x": float("nan"), "val/iou/a:b": 1}, tmp_path)
+    assert calls == [("metrics", {"val/iou/traffic light": 12.5, "val/iou/a_b": 1.0}), ("artifacts", str(tmp_path))]

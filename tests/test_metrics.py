@@ -55,7 +55,17 @@ SEEN, UNSEEN = [0, 1], [2, 3, 4]
 NAMES = ["sky", "road", "cat", "dog", "cow"]
 
 
-def test_confusion_matrix_toy_numpy_and_torch():
+@pytest.fixture(params=["numpy-on-cpu", "torch.bincount"])
+def counting(request, monkeypatch):
+    """Run a test through both counting back ends of the torch functions (torch.bincount is
+    the path CUDA tensors take)."""
+    import zeroseg.metrics
+
+    monkeypatch.setattr(zeroseg.metrics, "NUMPY_ON_CPU", request.param == "numpy-on-cpu")
+    return request.param
+
+
+def test_confusion_matrix_toy_numpy_and_torch(counting):
     cm = confusion_matrix(PRED, GT, 5)
     assert cm.dtype == np.int64 and cm.shape == (5, 5)
     np.testing.assert_array_equal(cm, CM)
@@ -102,7 +112,7 @@ def test_harmonic_iou():
         assert nanmean(np.array([np.nan, 1.0, 3.0])) == 2.0
 
 
-def test_ignore_label_and_value_errors():
+def test_ignore_label_and_value_errors(counting):
     # predictions at ignored pixels are never looked at, even out of range
     pred = PRED.copy()
     pred[2, 0] = 255
@@ -131,18 +141,31 @@ def test_ignore_label_and_value_errors():
         segmentation_metrics(CM, [0, 1, 2], UNSEEN)
 
 
-def test_confusion_matrix_matches_a_pixel_loop_on_random_maps():
-    rng = np.random.default_rng(0)
-    c = 13
-    gt = rng.integers(0, c, size=(3, 17, 23)).astype(np.uint8)
+@pytest.mark.parametrize("c, shape", [(13, (3, 17, 23)), (171, (2, 300, 400))])  # 171: several chunks
+def test_confusion_matrices_match_np_add_at_on_random_maps(counting, c, shape):
+    rng = np.random.default_rng(c)
+    gt = rng.integers(0, c, size=shape).astype(np.uint8)
     gt[rng.random(gt.shape) < 0.2] = 255
-    pred = rng.integers(0, c, size=gt.shape)
+    scores = torch.from_numpy(rng.standard_normal((shape[0], c, *shape[1:]), dtype=np.float32))
+    pred = scores.argmax(1).numpy()
+    valid = gt != 255
     ref = np.zeros((c, c), np.int64)
-    for g, p in zip(gt.ravel(), pred.ravel()):
-        if g != 255:
-            ref[g, p] += 1
+    np.add.at(ref, (gt[valid].astype(np.int64), pred[valid]), 1)
     np.testing.assert_array_equal(confusion_matrix(pred, gt, c), ref)
+    np.testing.assert_array_equal(confusion_matrix(pred, gt.astype(np.int64), c), ref)
     np.testing.assert_array_equal(confusion_matrix_torch(torch.from_numpy(pred), torch.from_numpy(gt), c).numpy(), ref)
+    # ZS3 over a third of the classes, uint8 and int64 labels
+    unseen = list(range(0, c, 3))
+    seen = [i for i in range(c) if i not in unseen]
+    pu = scores[:, unseen].argmax(1).numpy()
+    pos = {k: i for i, k in enumerate(unseen)}
+    m = np.isin(gt, unseen)
+    zref = np.zeros((len(unseen),) * 2, np.int64)
+    np.add.at(zref, (np.vectorize(pos.get)(gt[m]), pu[m]), 1)
+    for lab in (torch.from_numpy(gt), torch.from_numpy(gt.astype(np.int64))):
+        gz, zs = gzs3_zs3_confusion(scores, lab, seen, unseen)
+        np.testing.assert_array_equal(gz.numpy(), ref)
+        np.testing.assert_array_equal(zs.numpy(), zref)
 
 
 def _toy_scores() -> torch.Tensor:
@@ -153,7 +176,7 @@ def _toy_scores() -> torch.Tensor:
     return s
 
 
-def test_gzs3_and_zs3_from_the_same_scores():
+def test_gzs3_and_zs3_from_the_same_scores(counting):
     scores = _toy_scores()
     assert torch.equal(calibrated_argmax(scores, SEEN, 0.0)[0], torch.from_numpy(PRED))
     gz, zs = gzs3_zs3_confusion(scores, torch.from_numpy(GT)[None], SEEN, UNSEEN)
@@ -175,7 +198,7 @@ def test_gzs3_and_zs3_from_the_same_scores():
         gzs3_zs3_confusion(scores, torch.full((1, 3, 4), 9, dtype=torch.uint8), SEEN, UNSEEN)
 
 
-def test_gamma_calibration_flips_a_seen_pixel_to_unseen():
+def test_gamma_calibration_flips_a_seen_pixel_to_unseen(counting):
     # one pixel, class 0 seen, class 1 unseen, logits (2.0, 1.5): softmax p = (0.6225, 0.3775).
     # ZegFormer Eq. 2 on probabilities: gamma 0.1 -> (0.5225, 0.3775): seen;
     # gamma 0.3 -> (0.3225, 0.3775): unseen. (Subtracting from the raw logits would keep it seen:

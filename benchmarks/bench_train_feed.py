@@ -1,0 +1,298 @@
+"""Training-feed throughput: Ray Data vs a PyTorch DataLoader, same loop, same cores; and the peak
+memory of a 2-worker fit. In one run.
+
+    .venv/bin/python benchmarks/bench_train_feed.py [--cpus N] [--steps 60] [--batch 8] [--crop 256]
+
+(a) ``ray``: ``pipeline.training.fit`` in-process (``num_workers=0``) reading
+    ``pipeline.datasets.train_dataset`` (read_parquet -> map_batches decode/remap/augment) through
+    ``Loop.batches`` (``iter_torch_batches``), Ray started with ``--cpus`` CPUs;
+(b) ``dataloader``: the same model, optimiser and step over ``torch.utils.data.DataLoader`` with
+    ``--cpus`` worker processes running the same ``zeroseg.data.transforms`` per sample.
+
+Both use real CamVid frames from ``../shared/data/camvid-val`` (each listed ``--repeat`` times so an
+epoch is as long as a real dataset's few hundred steps), random rescale (0.5-2.0) + ``--crop`` crops + flip, a small
+conv net, ``torch.set_num_threads(--torch-threads)``. Throughput is images/s over the steps after
+``--steps`` warm-up steps (worker start-up excluded), measured ``--rounds`` times alternately
+(DataLoader, Ray, DataLoader, Ray, ...) so that load from other users hits both alike; the target is
+mean(ray) / mean(dataloader) >= 0.9. ``Ray Data (preserve_order off)`` is one extra measurement.
+
+(c) peak RSS of a 2-worker ``fit`` (``num_workers=2``, 0.5 CPU each, 2-CPU embedded cluster) run
+    as a subprocess: the sum over the whole process tree (driver, raylet, GCS, train workers,
+    Ray Data workers), sampled every 0.2 s with psutil. Shared pages are counted once per process,
+    so this over-states the machine's use.
+
+Prints a table and one JSON line. Never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DATA = Path(os.environ.get("ZEROSEG_DATA", REPO.parent / "shared" / "data"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from zeroseg.data.transforms import (  # noqa: E402
+    AugmentConfig,
+    decode_image,
+    decode_label,
+    make_lut,
+    remap_label,
+    sample_rng,
+    train_transform,
+)
+
+LUT = make_lut(list(range(11)))  # CamVid: 11 classes, 11 = void -> 255
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+def write_manifest(path: Path, repeat: int) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    imgs = sorted((DATA / "camvid-val" / "images").glob("*.png"))
+    if not imgs:
+        sys.exit(f"no CamVid images under {DATA}/camvid-val/images")
+    rows = [(f"{p.stem}#{r}", str(p), str(p.parent.parent / "labels" / p.name)) for r in range(repeat) for p in imgs]
+    pq.write_table(pa.table({
+        "image_id": [r[0] for r in rows], "image_uri": [r[1] for r in rows], "label_uri": [r[2] for r in rows],
+        "height": pa.array([360] * len(rows), pa.int32()), "width": pa.array([480] * len(rows), pa.int32()),
+        "classes": pa.array([list(range(11))] * len(rows), pa.list_(pa.int32())),
+        "dataset": ["camvid"] * len(rows),
+    }), path)
+    return path
+
+
+def make_model() -> torch.nn.Module:
+    def block(i, o):
+        return [torch.nn.Conv2d(i, o, 3, stride=2, padding=1), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
+
+    return torch.nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), torch.nn.Conv2d(64, 11, 1))
+
+
+def step(model, opt, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = model(images)
+    target = labels[:, ::8, ::8].long()  # the net predicts at 1/8 resolution
+    loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+class Meter:
+    """images/s over the steps after the warm-up."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.n, self.images, self.t0 = warmup, 0, 0, None
+
+    def tick(self, images: int) -> None:
+        self.n += 1
+        if self.n == self.warmup:
+            self.t0 = time.perf_counter()
+        elif self.n > self.warmup:
+            self.images += images
+
+    def rate(self) -> float:
+        return self.images / (time.perf_counter() - self.t0)
+
+
+# -- (a) Ray Data via the real training wrapper ------------------------------------------------
+def ray_loop(loop) -> None:
+    cfg = loop.config
+    torch.set_num_threads(cfg["torch_threads"])
+    model = loop.prepare(make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=loop.lr, momentum=0.9)
+    loop.restore(model, opt)
+    meter = Meter(cfg["warmup"])
+    for batch in loop.batches("train"):
+        loss = step(model, opt, batch["image"], batch["label"])
+        loop.step_done(loss, images=len(batch["image"]))
+        meter.tick(len(batch["image"]))
+    Path(cfg["out"]).write_text(json.dumps({"img_s": meter.rate()}))
+
+
+def bench_ray(manifest: Path, args, work: Path, deterministic: bool, tag: str = "") -> float:
+    from pipeline.datasets import train_dataset
+    from pipeline.training import ScalingSection, TrainSection, fit
+
+    aug = AugmentConfig(crop_size=(args.crop, args.crop))
+    ds = train_dataset(manifest, LUT, aug, seed=0, block_rows=args.batch)
+    out = work / f"ray-{deterministic}-{tag}.json"
+    fit(ray_loop, {"torch_threads": args.torch_threads, "warmup": args.steps, "out": str(out)}, {"train": ds},
+        ScalingSection(num_workers=0),
+        TrainSection(max_steps=2 * args.steps, batch_size=args.batch, lr=0.01, checkpoint_every=10**6,
+                     log_every=args.steps, deterministic_data=deterministic, prefetch_batches=args.prefetch),
+        str(work / "store"), f"feed-{deterministic}-{tag}", log=lambda m: None)
+    return json.loads(out.read_text())["img_s"]
+
+
+# -- (b) PyTorch DataLoader over the same transforms --------------------------------------------
+class ManifestDataset(torch.utils.data.Dataset):
+    def __init__(self, manifest: Path, aug: AugmentConfig, seed: int):
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(manifest, columns=["image_id", "image_uri", "label_uri"]).to_pydict()
+        self.rows = list(zip(t["image_id"], t["image_uri"], t["label_uri"]))
+        self.aug, self.seed, self.epoch = aug, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        image_id, img_uri, lbl_uri = self.rows[i]
+        image = decode_image(img_uri)
+        label = remap_label(decode_label(lbl_uri), LUT)
+        x, y = train_transform(image, label, self.aug, sample_rng(self.seed, image_id, self.epoch))
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def bench_dataloader(manifest: Path, args) -> float:
+    torch.set_num_threads(args.torch_threads)
+    ds = ManifestDataset(manifest, AugmentConfig(crop_size=(args.crop, args.crop)), seed=0)
+    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,
+                                     num_workers=args.cpus, persistent_workers=True, prefetch_factor=args.prefetch,
+                                     generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    meter, done = Meter(args.steps), 0
+    while done < 2 * args.steps:
+        for images, labels in dl:
+            step(model, opt, images, labels)
+            meter.tick(len(images))
+            done += 1
+            if done >= 2 * args.steps:
+                break
+        ds.epoch += 1  # persistent workers keep their copy: per-epoch seeds are not re-read
+    return meter.rate()
+
+
+# -- (c) peak memory of a 2-worker fit -----------------------------------------------------------
+def fit_child(work: Path, steps: int) -> None:
+    """Runs in a subprocess: an embedded 2-CPU cluster and a 2-worker fit on the real feed."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    from pipeline.datasets import train_dataset
+    from pipeline.training import ScalingSection, TrainSection, fit
+
+    manifest = write_manifest(work / "child.parquet", repeat=1)
+    ds = train_dataset(manifest, LUT, AugmentConfig(crop_size=(256, 256)), seed=0, block_rows=4)
+    t0 = time.perf_counter()
+    res = fit(ray_loop, {"torch_threads": 1, "warmup": 2, "out": str(work / "child.json")}, {"train": ds},
+              ScalingSection(num_workers=2, resources_per_worker={"CPU": 0.5}),
+              TrainSection(max_steps=steps, batch_size=4, lr=0.01, checkpoint_every=steps // 2, log_every=5),
+              str(work / "child-store"), "mem", log=lambda m: None)
+    print(json.dumps({"steps": res.steps, "fit_s": time.perf_counter() - t0}), flush=True)
+
+
+def peak_rss_of(cmd: list[str]) -> dict:
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, stop = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                total = 0
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak = max(peak, total)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    stop.set()
+    th.join()
+    last = [ln for ln in out.splitlines() if ln.startswith("{")]
+    return {"rc": proc.returncode, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak / 2**20,
+            "child": json.loads(last[-1]) if last else None, "log": out}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="Ray CPUs = DataLoader workers")
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=40, help="warm-up steps, then as many measured steps")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=10, help="list each CamVid frame this many times")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved DataLoader/Ray Data measurements")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--fit-child", metavar="DIR", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.fit_child:
+        fit_child(Path(args.fit_child), steps=12)
+        return 0
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    with tempfile.TemporaryDirectory(prefix="zeroseg-feed-") as tmp:
+        work = Path(tmp)
+        manifest = write_manifest(work / "train.parquet", args.repeat)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        dls, rds = [], []
+        for r in range(args.rounds):  # interleaved, so that drifting machine load hits both alike
+            dls.append(bench_dataloader(manifest, args))
+            rds.append(bench_ray(manifest, args, work, deterministic=True, tag=str(r)))
+            print(f"round {r}: DataLoader {dls[-1]:.1f} img/s, Ray Data {rds[-1]:.1f} img/s", flush=True)
+        rf = bench_ray(manifest, args, work, deterministic=False, tag="nd")
+        ray.shutdown()
+        dl, rd = float(np.mean(dls)), float(np.mean(rds))
+        mem = None if args.skip_memory else peak_rss_of([sys.executable, __file__, "--fit-child", str(work)])
+    if mem is not None and mem["rc"] != 0:
+        print(mem["log"][-3000:])
+        return 1
+    print(f"{'feed':<34}{'images/s':>10}{'vs DataLoader':>15}")
+    print(f"{'torch DataLoader (mean of rounds)':<34}{dl:>10.1f}{1.0:>15.3f}")
+    print(f"{'Ray Data (mean of rounds)':<34}{rd:>10.1f}{rd / dl:>15.3f}")
+    print(f"{'Ray Data (preserve_order off)':<34}{rf:>10.1f}{rf / dl:>15.3f}")
+    print(f"(cpus {args.cpus}, torch threads {args.torch_threads}, batch {args.batch}, crop {args.crop}, "
+          f"{args.steps} measured steps after {args.steps} warm-up; target ratio >= 0.9)")
+    if mem is not None:
+        print(f"2-worker fit: peak RSS of the process tree {mem['peak_rss_mib']:.0f} MiB, "
+              f"wall {mem['seconds']:.1f} s (fit {mem['child']['fit_s']:.1f} s, {mem['child']['steps']} steps)")
+    print(json.dumps({
+        "bench": "train_feed", "cpus": args.cpus, "torch_threads": args.torch_threads, "batch": args.batch,
+        "crop": args.crop, "measured_steps": args.steps,
+        "dataloader_img_s": round(dl, 2), "ray_img_s": round(rd, 2), "ray_nondeterministic_img_s": round(rf, 2),
+        "rounds": [{"dataloader": round(a, 2), "ray": round(b, 2)} for a, b in zip(dls, rds)],
+        "ratio": round(rd / dl, 4), "ratio_nondeterministic": round(rf / dl, 4),
+        "fit2_peak_rss_mib": round(mem["peak_rss_mib"]) if mem else None,
+        "fit2_wall_s": round(mem["seconds"], 1) if mem else None,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The training data feed: transforms (NumPy/PIL) and the Ray Data pipeline on real CamVid frames."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from zeroseg.data.transforms import (
+    AugmentConfig,
+    decode_image,
+    decode_label,
+    make_lut,
+    normalize,
+    remap_label,
+    sample_rng,
+    train_transform,
+)
+from zeroseg.errors import DataError
+
+CAMVID_VOID = 11
+LUT = make_lut(list(range(11)))  # CamVid ids 0..10 are training ids 0..10; 11 (void) -> 255
+
+
+def camvid_pairs(shared_data: Path, n: int) -> list[tuple[str, Path, Path]]:
+    imgs = sorted((shared_data / "camvid-val" / "images").glob("*.png"))[:n]
+    return [(p.stem, p, p.parent.parent / "labels" / p.name) for p in imgs]
+
+
+def write_manifest(path: Path, pairs: list[tuple[str, Path, Path]]) -> Path:
+    """A build_splits-schema manifest (docs/architecture.md) over real images."""
+    table = pa.table({
+        "image_id": pa.array([p[0] for p in pairs], pa.string()),
+        "image_uri": pa.array([str(p[1]) for p in pairs], pa.string()),
+        "label_uri": pa.array([str(p[2]) for p in pairs], pa.string()),
+        "height": pa.array([360] * len(pairs), pa.int32()),
+        "width": pa.array([480] * len(pairs), pa.int32()),
+        "classes": pa.array([list(range(11))] * len(pairs), pa.list_(pa.int32())),
+        "dataset": pa.array(["camvid"] * len(pairs), pa.string()),
+    })
+    pq.write_table(table, path)
+    return path
+
+
+# -- transforms (no Ray) -----------------------------------------------------------------------
+def test_decode_real_camvid_frame(shared_data):
+    _, img_p, lbl_p = camvid_pairs(shared_data, 1)[0]
+    img = decode_image(img_p)
+    lbl = decode_label(lbl_p.read_bytes())
+    assert img.dtype == np.uint8 and img.shape == (360, 480, 3)
+    assert lbl.dtype == np.uint8 and lbl.shape == (360, 480)
+    assert lbl.max() <= CAMVID_VOID
+
+
+def test_decode_errors_name_the_problem(shared_data, tmp_path):
+    _, img_p, _ = camvid_pairs(shared_data, 1)[0]
+    with pytest.raises(DataError, match="mode 'RGB'"):
+        decode_label(img_p)  # an RGB image is not a label map
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png"):
+        decode_image(bad)
+
+
+def test_lut_maps_listed_ids_and_ignores_the_rest():
+    assert LUT.dtype == np.uint8 and LUT.shape == (256,)
+    assert list(LUT[:11]) == list(range(11)) and LUT[CAMVID_VOID] == 255 and LUT[200] == 255
+    lut = make_lut({3: 0, 7: 1})
+    assert (lut[3], lut[7], lut[0]) == (0, 1, 255)
+    assert list(remap_label(np.array([[3, 7, 5]], np.uint8), lut)[0]) == [0, 1, 255]
+    with pytest.raises(ValueError, match="ignore_index"):
+        make_lut({1: 255})
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        make_lut({300: 1})
+
+
+def test_train_transform_shapes_dtypes_and_determinism(shared_data):
+    _, img_p, lbl_p = camvid_pairs(shared_data, 1)[0]
+    img, lbl = decode_image(img_p), remap_label(decode_label(lbl_p), LUT)
+    cfg = AugmentConfig(crop_size=(128, 160), ratio_range=(0.5, 1.5))
+    a = train_transform(img, lbl, cfg, sample_rng(0, "frame", 0))
+    b = train_transform(img, lbl, cfg, sample_rng(0, "frame", 0))
+    c = train_transform(img, lbl, cfg, sample_rng(0, "frame", 1))
+    assert a[0].dtype == np.float32 and a[0].shape == (3, 128, 160) and a[0].flags.c_contiguous
+    assert a[1].dtype == np.uint8 and a[1].shape == (128, 160)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])  # another epoch draws another augmentation
+    assert set(np.unique(a[1])) <= set(range(11)) | {255}
+
+
+def test_identity_settings_give_normalised_image_and_flip(shared_data):
+    _, img_p, lbl_p = camvid_pairs(shared_data, 1)[0]
+    img, lbl = decode_image(img_p), decode_label(lbl_p)
+    cfg = AugmentConfig(crop_size=(360, 480), ratio_range=(1, 1), flip_prob=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x, y = train_transform(img, lbl, cfg, np.random.default_rng(0))
+    np.testing.assert_allclose(x, (img[:, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5, atol=1e-5)
+    assert np.array_equal(y, lbl[:, ::-1])
+
+
+def test_small_images_are_padded_with_zero_and_ignore():
+    img = np.full((20, 30, 3), 255, np.uint8)
+    lbl = np.zeros((20, 30), np.uint8)
+    cfg = AugmentConfig(crop_size=(32, 40), ratio_range=(1, 1), flip_prob=0.0, mean=(0.0,) * 3, std=(1.0,) * 3)
+    x, y = train_transform(img, lbl, cfg, np.random.default_rng(0))
+    assert x.shape == (3, 32, 40) and y.shape == (32, 40)
+    assert np.allclose(x[:, :20, :30], 1.0) and np.all(x[:, 20:, :] == 0) and np.all(x[:, :, 30:] == 0)
+    assert np.all(y[:20, :30] == 0) and np.all(y[20:, :] == 255) and np.all(y[:, 30:] == 255)
+
+
+def test_rescale_relative_to_reference_scale():
+    from zeroseg.data.transforms import rescale_size
+
+    assert rescale_size((360, 480), 1.0, (2048, 512)) == (512, 683)  # short edge hits 512
+    assert rescale_size((360, 480), 0.5, None) == (180, 240)
+
+
+def test_normalize_and_config_validation():
+    x = normalize(np.array([[[255, 0, 51]]], np.uint8), (0.5, 0.5, 0.2), (0.5, 0.5, 0.1))
+    np.testing.assert_allclose(x[:, 0, 0], [1.0, -1.0, 0.0], atol=1e-6)
+    with pytest.raises(ValidationError, match="crop_sise"):
+        AugmentConfig(crop_sise=(1, 1))
+    with pytest.raises(ValidationError, match="long_edge, short_edge"):
+        AugmentConfig(scale=(512, 2048))
+    with pytest.raises(ValidationError, match="low <= high"):
+        AugmentConfig(ratio_range=(2.0, 0.5))
+
+
+def test_mismatched_image_and_label_sizes():
+    with pytest.raises(DataError, match="label is"):
+        train_transform(np.zeros((10, 12, 3), np.uint8), np.zeros((10, 10), np.uint8), AugmentConfig(),
+                        np.random.default_rng(0))
+
+
+# -- the Ray Data pipeline ----------------------------------------------------------------------
+def _epoch(ds) -> list[dict[str, np.ndarray]]:
+    return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def test_train_dataset_decodes_remaps_and_normalises(shared_data, tmp_path, ray_local):
+    from pipeline.datasets import train_dataset
+
+    pairs = camvid_pairs(shared_data, 4)
+    manifest = write_manifest(tmp_path / "train.parquet", pairs)
+    cfg = AugmentConfig(crop_size=(360, 480), ratio_range=(1, 1), flip_prob=0.0)
+    ds = train_dataset(manifest, LUT, cfg, seed=0, block_rows=2, shuffle=False)
+    ds.context.execution_options.preserve_order = True
+    batches = _epoch(ds)
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    assert images.dtype == np.float32 and images.shape == (4, 3, 360, 480)
+    assert labels.dtype == np.uint8 and labels.shape == (4, 360, 480)
+    for i, (_, img_p, lbl_p) in enumerate(pairs):
+        raw = decode_label(lbl_p)
+        assert np.array_equal(labels[i], LUT[raw])  # training ids, void -> 255
+        assert (labels[i] == 255).sum() == (raw == CAMVID_VOID).sum()
+        np.testing.assert_allclose(images[i], normalize(decode_image(img_p), cfg.mean, cfg.std), atol=1e-5)
+
+
+def test_train_dataset_is_seeded_per_epoch(shared_data, tmp_path, ray_local):
+    from pipeline.datasets import train_dataset
+
+    manifest = write_manifest(tmp_path / "train.parquet", camvid_pairs(shared_data, 6))
+    cfg = AugmentConfig(crop_size=(64, 64))
+
+    def build():
+        ds = train_dataset(manifest, LUT, cfg, seed=3, block_rows=2)
+        ds.context.execution_options.preserve_order = True
+        return ds
+
+    ds1, ds2 = build(), build()
+    e0, e1 = _epoch(ds1), _epoch(ds1)
+    f0 = _epoch(ds2)
+    cat = lambda bs: np.concatenate([b["image"] for b in bs])  # noqa: E731
+    assert np.array_equal(cat(e0), cat(f0))  # same seed, same epoch: identical samples and order
+    assert not np.array_equal(cat(e0), cat(e1))  # the next epoch: new order/augmentation
+
+
+def test_manifest_errors(shared_data, tmp_path, ray_local):
+    from pipeline.datasets import read_manifest, train_dataset
+
+    pq.write_table(pa.table({"image_id": ["a"], "image_uri": ["/x.png"]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['label_uri'"):
+        read_manifest(tmp_path / "bad.parquet")
+
+    _, img_p, lbl_p = camvid_pairs(shared_data, 1)[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG garbage")
+    manifest = write_manifest(tmp_path / "m.parquet", [("good", img_p, lbl_p), ("rotten", broken, lbl_p)])
+    ds = train_dataset(manifest, LUT, AugmentConfig(crop_size=(32, 32)), seed=0, block_rows=1)
+    with pytest.raises(Exception) as e:  # Ray Data re-raises it as a UserCodeException with our traceback
+        _epoch(ds)
+    assert "zeroseg.errors.DataError: training image 'rotten'" in str(e.value) and "broken.png" in str(e.value)
+
+
+def test_png_bytes_and_uris_decode_alike(shared_data):
+    from pipeline.datasets import read_bytes
+
+    _, img_p, _ = camvid_pairs(shared_data, 1)[0]
+    data = read_bytes(str(img_p))
+    assert np.array_equal(decode_image(data), decode_image(img_p))
+    assert np.array_equal(decode_image(read_bytes(f"file://{img_p}")), decode_image(io.BytesIO(data).getvalue()))
+    assert Image.open(img_p).size == (480, 360)
