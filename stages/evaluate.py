@@ -125,7 +125,8 @@ class EvalWorker:
         self.std = torch.tensor(self.seg.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.sets = {}
         for name, s in sets.items():
-            self.sets[name] = {**s, "text": torch.as_tensor(np.asarray(s["embeddings"], np.float32), device=self.device)}
+            text = np.array(s["embeddings"], dtype=np.float32, copy=True)  # object-store arrays are read-only
+            self.sets[name] = {**s, "text": torch.from_numpy(text).to(self.device)}
         self.gamma = float(gamma)
         self.warmup = int(warmup_batches)
         self.calls = 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pydantic
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -302,7 +303,7 @@ def test_config_schema():
     assert (c.sets, c.batch_size, c.gamma, c.device, c.num_gpus_per_worker, c.concurrency, c.warmup_batches,
             c.max_images, c.resolution) == (None, 4, 0.0, "auto", None, 1, 1, None, None)
     for bad in ({"gama": 0.1}, {"device": "tpu"}, {"batch_size": 0}, {"resolution": [224]}, {"gamma": -1}):
-        with pytest.raises(Exception):
+        with pytest.raises(pydantic.ValidationError):
             EvaluateConfig(**bad)
 
 
