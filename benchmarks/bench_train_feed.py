@@ -91,21 +91,42 @@ def step(model, opt, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return loss
 
 
+def tree_cpu_seconds() -> float:
+    """User+system CPU seconds of this process and all its descendants (Ray's GCS, raylet and
+    workers when this process started the cluster; DataLoader workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 class Meter:
-    """images/s over the steps after the warm-up."""
+    """images/s and images per CPU-second (whole process tree) over the steps after the warm-up.
+
+    The CPU-second figure is far less sensitive to other users' load than images/s."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.n, self.images, self.t0 = warmup, 0, 0, None
+        self.warmup, self.n, self.images, self.t0, self.c0 = warmup, 0, 0, None, None
 
     def tick(self, images: int) -> None:
         self.n += 1
         if self.n == self.warmup:
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), tree_cpu_seconds()
         elif self.n > self.warmup:
             self.images += images
 
     def rate(self) -> float:
         return self.images / (time.perf_counter() - self.t0)
+
+    def per_cpu_s(self) -> float:
+        return self.images / max(tree_cpu_seconds() - self.c0, 1e-9)
 
 
 # -- (a) Ray Data via the real training wrapper ------------------------------------------------
@@ -120,10 +141,10 @@ def ray_loop(loop) -> None:
         loss = step(model, opt, batch["image"], batch["label"])
         loop.step_done(loss, images=len(batch["image"]))
         meter.tick(len(batch["image"]))
-    Path(cfg["out"]).write_text(json.dumps({"img_s": meter.rate()}))
+    Path(cfg["out"]).write_text(json.dumps({"img_s": meter.rate(), "img_cpu_s": meter.per_cpu_s()}))
 
 
-def bench_ray(manifest: Path, args, work: Path, deterministic: bool, tag: str = "") -> float:
+def bench_ray(manifest: Path, args, work: Path, deterministic: bool, tag: str = "") -> tuple[float, float]:
     from pipeline.datasets import train_dataset
     from pipeline.training import ScalingSection, TrainSection, fit
 
@@ -135,7 +156,8 @@ def bench_ray(manifest: Path, args, work: Path, deterministic: bool, tag: str = 
         TrainSection(max_steps=2 * args.steps, batch_size=args.batch, lr=0.01, checkpoint_every=10**6,
                      log_every=args.steps, deterministic_data=deterministic, prefetch_batches=args.prefetch),
         str(work / "store"), f"feed-{deterministic}-{tag}", log=lambda m: None)
-    return json.loads(out.read_text())["img_s"]
+    r = json.loads(out.read_text())
+    return r["img_s"], r["img_cpu_s"]
 
 
 # -- (b) PyTorch DataLoader over the same transforms --------------------------------------------
@@ -158,7 +180,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def bench_dataloader(manifest: Path, args) -> float:
+def bench_dataloader(manifest: Path, args) -> tuple[float, float]:
     torch.set_num_threads(args.torch_threads)
     ds = ManifestDataset(manifest, AugmentConfig(crop_size=(args.crop, args.crop)), seed=0)
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,
@@ -176,7 +198,7 @@ def bench_dataloader(manifest: Path, args) -> float:
             if done >= 2 * args.steps:
                 break
         ds.epoch += 1  # persistent workers keep their copy: per-epoch seeds are not re-read
-    return meter.rate()
+    return meter.rate(), meter.per_cpu_s()
 
 
 # -- (c) peak memory of a 2-worker fit -----------------------------------------------------------
@@ -265,18 +287,20 @@ def main() -> int:
         for r in range(args.rounds):  # interleaved, so that drifting machine load hits both alike
             dls.append(bench_dataloader(manifest, args))
             rds.append(bench_ray(manifest, args, work, deterministic=True, tag=str(r)))
-            print(f"round {r}: DataLoader {dls[-1]:.1f} img/s, Ray Data {rds[-1]:.1f} img/s", flush=True)
-        rf = bench_ray(manifest, args, work, deterministic=False, tag="nd")
+            print(f"round {r}: DataLoader {dls[-1][0]:.1f} img/s ({dls[-1][1]:.1f} img/CPU-s), "
+                  f"Ray Data {rds[-1][0]:.1f} img/s ({rds[-1][1]:.1f} img/CPU-s)", flush=True)
+        rf, rf_cpu = bench_ray(manifest, args, work, deterministic=False, tag="nd")
         ray.shutdown()
-        dl, rd = float(np.mean(dls)), float(np.mean(rds))
+        dl, rd = float(np.mean([x[0] for x in dls])), float(np.mean([x[0] for x in rds]))
+        dl_cpu, rd_cpu = float(np.mean([x[1] for x in dls])), float(np.mean([x[1] for x in rds]))
         mem = None if args.skip_memory else peak_rss_of([sys.executable, __file__, "--fit-child", str(work)])
     if mem is not None and mem["rc"] != 0:
         print(mem["log"][-3000:])
         return 1
-    print(f"{'feed':<34}{'images/s':>10}{'vs DataLoader':>15}")
-    print(f"{'torch DataLoader (mean of rounds)':<34}{dl:>10.1f}{1.0:>15.3f}")
-    print(f"{'Ray Data (mean of rounds)':<34}{rd:>10.1f}{rd / dl:>15.3f}")
-    print(f"{'Ray Data (preserve_order off)':<34}{rf:>10.1f}{rf / dl:>15.3f}")
+    print(f"{'feed':<34}{'images/s':>10}{'ratio':>8}{'img/CPU-s':>11}{'ratio':>8}")
+    print(f"{'torch DataLoader (mean of rounds)':<34}{dl:>10.1f}{1.0:>8.3f}{dl_cpu:>11.2f}{1.0:>8.3f}")
+    print(f"{'Ray Data (mean of rounds)':<34}{rd:>10.1f}{rd / dl:>8.3f}{rd_cpu:>11.2f}{rd_cpu / dl_cpu:>8.3f}")
+    print(f"{'Ray Data (preserve_order off)':<34}{rf:>10.1f}{rf / dl:>8.3f}{rf_cpu:>11.2f}{rf_cpu / dl_cpu:>8.3f}")
     print(f"(cpus {args.cpus}, torch threads {args.torch_threads}, batch {args.batch}, crop {args.crop}, "
           f"{args.steps} measured steps after {args.steps} warm-up; target ratio >= 0.9)")
     if mem is not None:
@@ -286,8 +310,10 @@ def main() -> int:
         "bench": "train_feed", "cpus": args.cpus, "torch_threads": args.torch_threads, "batch": args.batch,
         "crop": args.crop, "measured_steps": args.steps,
         "dataloader_img_s": round(dl, 2), "ray_img_s": round(rd, 2), "ray_nondeterministic_img_s": round(rf, 2),
-        "rounds": [{"dataloader": round(a, 2), "ray": round(b, 2)} for a, b in zip(dls, rds)],
+        "rounds": [{"dataloader": round(a[0], 2), "ray": round(b[0], 2)} for a, b in zip(dls, rds)],
         "ratio": round(rd / dl, 4), "ratio_nondeterministic": round(rf / dl, 4),
+        "dataloader_img_per_cpu_s": round(dl_cpu, 3), "ray_img_per_cpu_s": round(rd_cpu, 3),
+        "cpu_efficiency_ratio": round(rd_cpu / dl_cpu, 4),
         "fit2_peak_rss_mib": round(mem["peak_rss_mib"]) if mem else None,
         "fit2_wall_s": round(mem["seconds"], 1) if mem else None,
     }))

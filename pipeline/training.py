@@ -35,7 +35,8 @@ Resume. ``RunConfig(storage_path, name)`` comes from the artifact key (``StageCo
 
 What a resumed run restores exactly: the number of optimisation steps done, model, optimiser,
 scheduler (and any ``extra`` object with ``state_dict``), the data position (epoch and batches
-consumed in it: the resumed worker skips those batches), and the torch/numpy/python RNG streams
+consumed in it: the resumed worker skips those batches, which still decodes them: at most one
+epoch's worth), and the torch/numpy/python RNG streams
 (re-seeded from ``(seed, rank, step)`` at every checkpoint, so an uninterrupted and a resumed run
 draw the same numbers after step ``s``). With ``deterministic_data`` the rows a worker gets per
 epoch and their order are a function of ``(seed, epoch, world size)``, and the per-sample
@@ -89,7 +90,8 @@ class ScalingSection(BaseModel):
             (no DDP, no worker restarts; for tests and small runs); the global batch counts it as 1.
         use_gpu: one GPU per worker and the nccl backend (gloo otherwise).
         resources_per_worker: Ray resources per worker, e.g. ``{"CPU": 4, "GPU": 1}``; ``None``:
-            1 CPU (+1 GPU with ``use_gpu``).
+            1 CPU, or with ``use_gpu`` 1 GPU and no CPU (Ray's default). Leave CPUs for the Ray
+            Data decode tasks: on a 2-CPU machine, 2 workers x ``{"CPU": 0.5}``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -384,7 +386,8 @@ def fit(
     Raises:
         NonFiniteLossError: the loss became NaN/inf (step and last good checkpoint named).
         CheckpointMismatchError, DataError, ConfigError: bad input found by a worker (the
-            original error, unwrapped from Ray's).
+            original error, unwrapped from Ray's; in a multi-worker run Ray Train counts it as a
+            worker failure first and retries up to ``max_failures`` times).
         ray.train.TrainingFailedError: any other failure once ``max_failures`` is used up.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
