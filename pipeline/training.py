@@ -262,6 +262,27 @@ def global_batch_and_lr(scaling: ScalingSection, train: TrainSection) -> tuple[i
                          f"Results may differ from the reference setup: use {fix}, or lr_scaling: linear")
 
 
+def check_cpus_left_for_data(scaling: ScalingSection, cluster_cpus: float, data_cpus: float = 1.0) -> None:
+    """Refuse a fit whose workers would hold every CPU: the Ray Data tasks that decode the
+    training feed would never be scheduled and the fit would wait forever.
+
+    Args:
+        cluster_cpus: logical CPUs of the Ray cluster (``ray.cluster_resources()["CPU"]``).
+        data_cpus: CPUs one decode task needs (``train_dataset(num_cpus=...)``, default 1).
+
+    Raises:
+        ConfigError: naming the CPUs asked for and how to leave room.
+    """
+    per = (scaling.resources_per_worker or {}).get("CPU", 1.0)
+    held = scaling.num_workers * per
+    if cluster_cpus - held < data_cpus:
+        raise ConfigError(
+            f"{scaling.num_workers} training workers x {per:g} CPU hold {held:g} of the cluster's {cluster_cpus:g} "
+            f"CPUs, leaving less than {data_cpus:g} for the Ray Data feed, which would never run; lower "
+            "scaling.num_workers or set scaling.resources_per_worker: {CPU: 0.5} (or add CPUs)"
+        )
+
+
 def strict_load(model: Any, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
     """``model.load_state_dict(state_dict)`` that fails with every difference listed.
 
@@ -429,6 +450,9 @@ def fit(
 
     def train_fn(config: dict[str, Any]) -> dict[str, Any]:
         return _worker_main(config, train_loop, meta)
+
+    if scaling.num_workers > 0:
+        check_cpus_left_for_data(scaling, ray.cluster_resources().get("CPU", 0.0))
 
     from ray.data import DataContext
 

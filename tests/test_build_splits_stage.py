@@ -17,12 +17,8 @@ UNSEEN = ["cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scis
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
-    yield ray
+def ray_session(ray_local):
+    yield ray_local  # the session's one embedded cluster (conftest.py)
 
 
 def make_config(data, **over):

@@ -45,15 +45,8 @@ def _quiet():
 
 
 @pytest.fixture(scope="module")
-def ray_one_cpu():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    if started:
-        ray.shutdown()
+def ray_one_cpu(ray_local):
+    yield ray_local  # the session's one embedded cluster (conftest.py)
 
 
 def _labels(rng, h, w, c):

@@ -30,7 +30,7 @@ from pipeline.training import (
     load_model_state,
     strict_load,
 )
-from zeroseg.errors import DataError
+from zeroseg.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -297,3 +297,13 @@ def test_killed_driver_rerun_resumes(shared_data, tmp_path, ray_local):
     ds = train_dataset(manifest, LUT, AugmentConfig(crop_size=(64, 64)), seed=0, block_rows=2)
     res = fit(seg_loop, {}, {"train": ds}, SCALING_2, T(max_steps=12, batch_size=2, checkpoint_every=2), store, "driver")
     assert res.resumed_from_step >= killed_at and res.steps == 12  # resumed, not restarted
+
+
+def test_workers_holding_every_cpu_is_a_clear_error():
+    from pipeline.training import check_cpus_left_for_data
+
+    check_cpus_left_for_data(ScalingSection(num_workers=2, resources_per_worker={"CPU": 0.5}), 2.0)
+    with pytest.raises(ConfigError, match=r"hold 2 of the cluster's 2 CPUs.*resources_per_worker"):
+        check_cpus_left_for_data(ScalingSection(num_workers=2), 2.0)
+    with pytest.raises(ConfigError, match="hold 1 of the cluster's 1"):
+        check_cpus_left_for_data(ScalingSection(num_workers=2, resources_per_worker={"CPU": 0.5}), 1.0)
