@@ -452,6 +452,8 @@ def fit(
         return _worker_main(config, train_loop, meta)
 
     if scaling.num_workers > 0:
+        import ray
+
         check_cpus_left_for_data(scaling, ray.cluster_resources().get("CPU", 0.0))
 
     from ray.data import DataContext
