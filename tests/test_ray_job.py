@@ -35,9 +35,10 @@ def head_node(tmp_path_factory):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while time.time() < deadline:
-        r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", url], env=env,
+        # ready = a trivial job runs (the job server answers before the node's job agent is up)
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--", "true"], env=env,
                            capture_output=True, text=True)
         if r.returncode == 0:
             break
@@ -45,7 +46,7 @@ def head_node(tmp_path_factory):
             pytest.fail(f"ray start --head exited with {proc.returncode}; see {log.name}")
         time.sleep(2)
     else:
-        pytest.fail("the Ray head node's job server did not come up in 120 s")
+        pytest.fail("the Ray head node could not run a trivial job within 180 s")
     yield url, env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
