@@ -39,16 +39,7 @@ from zeroseg.errors import ConfigError
 from zeroseg.losses import LOSS_KINDS, ZEGCLIP_LOSS_WEIGHTS, segmentation_loss_terms
 from zeroseg.models.prompt import BACKBONE_VARIANTS, PromptedVisionTransformer
 
-try:  # the Segmenter base class and registry live in zeroseg/models/__init__.py
-    from zeroseg.models import Segmenter, register_segmenter
-except ImportError:  # pragma: no cover - until that module provides them
-    Segmenter = nn.Module  # type: ignore[misc,assignment]
-
-    def register_segmenter(name):  # type: ignore[no-redef]
-        def deco(cls):
-            return cls
-
-        return deco
+from zeroseg.models import Segmenter, register_segmenter
 
 
 # --------------------------------------------------------------------------- paper settings
@@ -464,24 +455,14 @@ class ZegCLIP(Segmenter):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Strict load of a :meth:`trainable_state_dict`.
+        """Strict load of a :meth:`trainable_state_dict` (``zeroseg.models.load_trainable``).
 
         Raises:
-            ValueError: missing or unexpected keys (naming them) or a shape mismatch.
+            DataError (a ValueError): missing or unexpected keys (naming them) or a shape mismatch.
         """
-        expected = set(self.trainable_names())
-        got = set(state_dict)
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"ZegCLIP weights do not match the model config (backbone={self.cfg['backbone']!r}): "
-                f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-            )
-        try:
-            self.load_state_dict(dict(state_dict), strict=False)
-        except RuntimeError as e:
-            raise ValueError(f"ZegCLIP weights do not fit the model: {e}") from e
+        from zeroseg.models import load_trainable
+
+        load_trainable(self, state_dict, where=f"ZegCLIP weights (backbone={self.cfg['backbone']!r})")
 
     def optimizer_param_groups(self, weight_decay: float = 0.01) -> list[dict[str, Any]]:
         """Two AdamW groups over :meth:`trainable_parameters`: norm layers (names with ``norm`` or
