@@ -18,13 +18,6 @@ from zeroseg.text import TEMPLATES, encode_class_names, get_templates
 TINY = ClipSpec(model=TINY_MODEL, random_init=True)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny():
     with warnings.catch_warnings():

@@ -7,7 +7,6 @@ embeddings, a segmenter artifact.
 """
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +34,6 @@ VOCABS = {
 }
 # (set, image sizes): sizes differ inside a batch; labels are never resized
 SIZES = {"val": [(20, 30), (24, 28), (20, 30), (18, 40), (26, 26)], "cam": [(16, 24), (22, 18), (16, 24)]}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 @pytest.fixture(scope="module")

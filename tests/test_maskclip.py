@@ -24,13 +24,6 @@ from zeroseg.models.maskclip import MaskCLIP
 TINY = ClipSpec(model=TINY_MODEL, random_init=True)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 @pytest.fixture(scope="module")
 def clip_model():
     with warnings.catch_warnings():
