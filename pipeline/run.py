@@ -284,27 +284,29 @@ def _short_metrics(p: PlannedStage) -> str:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:
-    """Evaluate's flat ``{"<set>/<metric>": value}`` as a set x metric table."""
+    """Evaluate's flat ``{"<set>/<metric>": value}`` as a metric x set table.
+
+    Metrics are rows so the table stays narrow (a `ray job` log is 80 columns wide) however many
+    metrics there are; values are percent with two decimals.
+    """
     sets: dict[str, dict[str, Any]] = {}
     for k, v in metrics.items():
         if "/" in k:
             s, m = k.split("/", 1)
             sets.setdefault(s, {})[m] = v
-    cols = []
-    for m in ("hIoU", "mIoU_seen", "mIoU_unseen", "mIoU", "pAcc", "mAcc", "zs3_mIoU"):
-        if any(m in d for d in sets.values()):
-            cols.append(m)
-    extra = sorted({m for d in sets.values() for m in d} - set(cols))
+    rows = [m for m in ("hIoU", "mIoU_seen", "mIoU_unseen", "mIoU", "pAcc", "mAcc", "zs3_mIoU")
+            if any(m in d for d in sets.values())]
+    rows += sorted({m for d in sets.values() for m in d} - set(rows))
     t = Table(title="evaluation (percent; GZS3 unless marked zs3)", title_justify="left")
-    t.add_column("set")
-    for c in cols + extra:
-        t.add_column(c, justify="right")
-    for s, d in sets.items():
-        t.add_row(s, *[_fmt(d[c]) if c in d else "-" for c in cols + extra])
+    t.add_column("metric", no_wrap=True)
+    for s in sets:
+        t.add_column(s, justify="right", no_wrap=True)
+    for m in rows:
+        t.add_row(m, *[_fmt(d[m]) if m in d else "-" for d in sets.values()])
     return t
 
 

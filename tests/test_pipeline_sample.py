@@ -110,3 +110,20 @@ def test_bad_config_and_selection_errors(tmp_path, capsys):
     code, _ = run_pipeline(parse_args(["--config", "configs/sample.yaml", "--work-dir", str(tmp_path),
                                        "--from", "evaluat", "--dry-run"]))
     assert code == 2 and "did you mean 'evaluate'" in capsys.readouterr().out
+
+
+def test_metrics_table_fits_an_80_column_job_log():
+    """`ray job` logs are 80 columns: every metric name and value must print whole."""
+    from rich.console import Console
+
+    from pipeline.run import metrics_table
+
+    names = ("hIoU", "mIoU_seen", "mIoU_unseen", "mIoU", "pAcc", "mAcc", "zs3_mIoU", "zs3_pAcc")
+    metrics = {f"{s}/{m}": 12.3456 + i for s in ("val", "camvid", "context") for i, m in enumerate(names)}
+    con = Console(width=80, record=True, file=open("/dev/null", "w"))
+    con.print(metrics_table(metrics))
+    text = con.export_text()
+    for i, m in enumerate(names):
+        row = next(line for line in text.splitlines() if f" {m} " in line)
+        assert row.count(f"{12.3456 + i:.2f}") == 3, row
+    assert "…" not in text
