@@ -279,11 +279,19 @@ def print_summary(plan: list[PlannedStage], tracking_uri: str) -> None:
 def _short_metrics(p: PlannedStage) -> str:
     if p.name == "evaluate":
         return "see metrics below" if p.metrics else ""
-    items = [f"{k}={_fmt(v)}" for k, v in p.metrics.items() if not isinstance(v, (dict, list))]
+    items = [f"{k}={_note(v)}" for k, v in p.metrics.items() if not isinstance(v, (dict, list))]
     return ", ".join(items[:6])
 
 
+def _note(v: Any) -> str:
+    """A stage note value: counts print as integers (MLflow hands them back as floats)."""
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else f"{v:.4g}"
+    return str(v)
+
+
 def _fmt(v: Any) -> str:
+    """A metric value in percent, two decimals."""
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 

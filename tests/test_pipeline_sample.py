@@ -127,3 +127,11 @@ def test_metrics_table_fits_an_80_column_job_log():
         row = next(line for line in text.splitlines() if f" {m} " in line)
         assert row.count(f"{12.3456 + i:.2f}") == 3, row
     assert "…" not in text
+
+
+def test_stage_notes_print_counts_as_integers():
+    from pipeline.run import PlannedStage, _short_metrics
+
+    p = PlannedStage(name="embed_text", key="k", config=None, stage=None, selected=True, cached=False,
+                     metrics={"vocabularies": 3.0, "embed_dim": 64.0, "loss": 0.123456})
+    assert _short_metrics(p) == "vocabularies=3, embed_dim=64, loss=0.1235"
