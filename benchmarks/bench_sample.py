@@ -11,48 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def run_measured(cmd: list[str]) -> dict:
-    """Run ``cmd``; return wall seconds, peak tree RSS (MiB) and the exit code."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = 0
-    stop = threading.Event()
-
-    def sample():
-        nonlocal peak
-        root = psutil.Process(proc.pid)
-        while not stop.is_set():
-            try:
-                procs = [root, *root.children(recursive=True)]
-                rss = 0
-                for p in procs:
-                    try:
-                        rss += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak = max(peak, rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, _ = proc.communicate()
-    stop.set()
-    th.join()
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak / 2**20, "rc": proc.returncode, "log": out}
+from _measure import run_measured  # noqa: E402
 
 
 def main() -> int:
@@ -64,11 +30,11 @@ def main() -> int:
         cmd = [sys.executable, "pipeline/run.py", "--config", args.config, "--work-dir", work]
         for o in args.overrides:
             cmd += ["--set", o]
-        full = run_measured(cmd)
+        full = run_measured(cmd, REPO)
         if full["rc"] != 0:
             print(full["log"][-3000:])
             return 1
-        cached = run_measured(cmd)
+        cached = run_measured(cmd, REPO)
         if cached["rc"] != 0 or "ran" in _statuses(cached["log"]):
             print(cached["log"][-3000:])
             return 1

@@ -29,18 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 DATA = Path(os.environ.get("ZEROSEG_DATA", REPO.parent / "shared" / "data"))
 
 import numpy as np  # noqa: E402
+from _measure import run_measured, tree_cpu_seconds  # noqa: E402
 import torch  # noqa: E402
 
 from zeroseg.data.transforms import (  # noqa: E402
@@ -89,22 +89,6 @@ def step(model, opt, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     loss.backward()
     opt.step()
     return loss
-
-
-def tree_cpu_seconds() -> float:
-    """User+system CPU seconds of this process and all its descendants (Ray's GCS, raylet and
-    workers when this process started the cluster; DataLoader workers)."""
-    import psutil
-
-    me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 class Meter:
@@ -224,36 +208,9 @@ def fit_child(work: Path, steps: int) -> None:
 
 
 def peak_rss_of(cmd: list[str]) -> dict:
-    import psutil
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, stop = 0, threading.Event()
-
-    def sample():
-        nonlocal peak
-        root = psutil.Process(proc.pid)
-        while not stop.is_set():
-            try:
-                total = 0
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak = max(peak, total)
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, _ = proc.communicate()
-    stop.set()
-    th.join()
-    last = [ln for ln in out.splitlines() if ln.startswith("{")]
-    return {"rc": proc.returncode, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak / 2**20,
-            "child": json.loads(last[-1]) if last else None, "log": out}
+    res = run_measured(cmd, REPO)
+    last = [ln for ln in res["log"].splitlines() if ln.startswith("{")]
+    return {**res, "child": json.loads(last[-1]) if last else None}
 
 
 def main() -> int:

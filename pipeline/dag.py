@@ -81,6 +81,11 @@ class StageContext:
         mlflow_run_id: the stage's nested MLflow run (active while ``run`` executes).
         tracking_uri: the MLflow tracking URI.
         log: print-like progress callable.
+        artifact_uri: where the artifact is published once ``run`` returns
+            (``<store>/<stage>/<key>``, a local path or a store URI); stages that write URIs of
+            their own files into their outputs (build_splits' label URIs) use it. ``None`` for a
+            hand-built context whose output_dir is the final location.
+        extra: free-form values for stage-specific plumbing.
     """
 
     stage: str
@@ -94,6 +99,7 @@ class StageContext:
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     log: Callable[[str], None] = print
+    artifact_uri: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

@@ -223,7 +223,7 @@ def execute(plan: list[PlannedStage], cfg: LoadedConfig, store: ArtifactStore, p
                     work_dir=work_dir, train_storage=store.train_storage(), train_name=f"{p.name}-{p.key[:16]}",
                     mlflow_run_id=run_id, tracking_uri=cfg.run.mlflow_uri(),
                     log=lambda msg, _n=p.name: console.print(f"  [{_n}] {msg}"),
-                    extra={"artifact_uri": store.uri(p.name, p.key)},
+                    artifact_uri=store.uri(p.name, p.key),
                 )
                 try:
                     metrics = p.stage.run(ctx) or {}

@@ -139,17 +139,10 @@ class BuildSplitsConfig(StageConfig):
 
 
 def artifact_uri(ctx: StageContext) -> str:
-    """Where this run's artifact will live once published (local path or store URI).
-
-    ``ctx.extra["artifact_uri"]`` when the driver provides it; else derived from
-    ``ctx.train_storage`` (``<store>/_train``, see ``pipeline/store.py``) as
-    ``<store>/<stage>/<key>``; else (a hand-built context) the output directory itself.
-    """
-    if ctx.extra.get("artifact_uri"):
-        return str(ctx.extra["artifact_uri"]).rstrip("/")
-    ts = str(ctx.train_storage or "").rstrip("/")
-    if ts.endswith("/_train"):
-        return f"{ts[: -len('/_train')]}/{ctx.stage}/{ctx.key}"
+    """Where this run's artifact will live once published (local path or store URI):
+    ``ctx.artifact_uri`` (the driver sets it), else the output directory itself."""
+    if ctx.artifact_uri:
+        return str(ctx.artifact_uri).rstrip("/")
     return str(Path(ctx.output_dir).resolve())
 
 

@@ -43,7 +43,7 @@ def run_stage(cfg, tmp_path):
     out.mkdir(parents=True)
     ctx = StageContext(stage="build_splits", key=KEY, config=cfg, inputs={}, output_dir=out, work_dir=tmp_path,
                        train_storage=str(tmp_path / "store" / "_train"), train_name="build_splits-test",
-                       log=lambda m: None)
+                       log=lambda m: None, artifact_uri=str(tmp_path / "store" / "build_splits" / KEY))
     return BuildSplits().run(ctx), out
 
 
