@@ -150,7 +150,8 @@ def print_plan(plan: list[PlannedStage], store_uri: str) -> None:
 
 def init_ray(cfg: LoadedConfig) -> None:
     """Connect to ``run.ray.address`` / ``RAY_ADDRESS`` (set by ``ray job submit``), or start
-    an embedded local cluster."""
+    an embedded local cluster. Called before the first stage that runs, so a fully cached
+    invocation costs no cluster start-up; a no-op when Ray is already initialised."""
     import ray
 
     if ray.is_initialized():
@@ -213,6 +214,7 @@ def execute(plan: list[PlannedStage], cfg: LoadedConfig, store: ArtifactStore, p
         inputs = {d: artifacts[d] for d in p.stage.needs}
         for old in glob.glob(str(Path(store.base) / ".staging" / f"{p.name}-{p.key[:16]}-*")) if store.local else []:
             shutil.rmtree(old, ignore_errors=True)
+        init_ray(cfg)  # first stage that runs; a fully cached invocation never starts Ray
         staging = store.staging_dir(p.name, p.key)
         console.print(f"[cyan]▶[/] {p.name} running ({p.key[:12]})")
         t0 = time.perf_counter()
@@ -344,7 +346,6 @@ def run_pipeline(args: argparse.Namespace) -> tuple[int, list[PlannedStage]]:
     if args.dry_run:
         return 0, plan
 
-    init_ray(cfg)
     tracking_uri = cfg.run.mlflow_uri()
     tracking.setup(tracking_uri, cfg.run.experiment or cfg.run.name)
     t0 = time.perf_counter()

@@ -43,7 +43,13 @@ def test_first_run_runs_every_stage_and_evaluates(first_run):
     assert manifest["key"] == ev.key and manifest["files"]
 
 
-def test_second_run_is_fully_cached(first_run):
+def test_second_run_is_fully_cached(first_run, monkeypatch):
+    import pipeline.run as run_mod
+
+    def no_ray(cfg):
+        raise AssertionError("a fully cached run must not start or join a Ray cluster")
+
+    monkeypatch.setattr(run_mod, "init_ray", no_ray)
     work, _, plan1 = first_run
     code, plan = _run(work)
     assert code == 0
