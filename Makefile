@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	command -v uv >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
 	uv venv -q --allow-existing --python 3.11 $(VENV)
-	uv pip install -q --python $(PY) -e '.[dev]'
+	uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
 	touch $@
 
 sample: install
