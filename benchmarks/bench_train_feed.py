@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 DATA = Path(os.environ.get("ZEROSEG_DATA", REPO.parent / "shared" / "data"))
 
 import numpy as np  # noqa: E402
+from stages.train_zegclip import ZegCLIPTrainConfig  # noqa: E402
 from _measure import run_measured, tree_cpu_seconds  # noqa: E402
 import torch  # noqa: E402
 
@@ -133,7 +134,7 @@ def bench_ray(manifest: Path, args, work: Path, deterministic: bool, tag: str = 
     from pipeline.training import ScalingSection, TrainSection, fit
 
     aug = AugmentConfig(crop_size=(args.crop, args.crop))
-    ds = train_dataset(manifest, LUT, aug, seed=0, block_rows=args.batch)
+    ds = train_dataset(manifest, LUT, aug, seed=0, block_rows=args.block_rows)
     out = work / f"ray-{deterministic}-{tag}.json"
     fit(ray_loop, {"torch_threads": args.torch_threads, "warmup": args.steps, "out": str(out)}, {"train": ds},
         ScalingSection(num_workers=0),
@@ -222,7 +223,9 @@ def main() -> int:
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=10, help="list each CamVid frame this many times")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved DataLoader/Ray Data measurements")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved DataLoader/Ray Data measurements")
+    ap.add_argument("--block-rows", type=int, default=ZegCLIPTrainConfig().block_rows,
+                    help="images per Ray Data decode task (default: the train stage's)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--fit-child", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -259,13 +262,14 @@ def main() -> int:
     print(f"{'Ray Data (mean of rounds)':<34}{rd:>10.1f}{rd / dl:>8.3f}{rd_cpu:>11.2f}{rd_cpu / dl_cpu:>8.3f}")
     print(f"{'Ray Data (preserve_order off)':<34}{rf:>10.1f}{rf / dl:>8.3f}{rf_cpu:>11.2f}{rf_cpu / dl_cpu:>8.3f}")
     print(f"(cpus {args.cpus}, torch threads {args.torch_threads}, batch {args.batch}, crop {args.crop}, "
+          f"{args.block_rows} rows per decode task, "
           f"{args.steps} measured steps after {args.steps} warm-up; target ratio >= 0.9)")
     if mem is not None:
         print(f"2-worker fit: peak RSS of the process tree {mem['peak_rss_mib']:.0f} MiB, "
               f"wall {mem['seconds']:.1f} s (fit {mem['child']['fit_s']:.1f} s, {mem['child']['steps']} steps)")
     print(json.dumps({
         "bench": "train_feed", "cpus": args.cpus, "torch_threads": args.torch_threads, "batch": args.batch,
-        "crop": args.crop, "measured_steps": args.steps,
+        "block_rows": args.block_rows, "crop": args.crop, "measured_steps": args.steps,
         "dataloader_img_s": round(dl, 2), "ray_img_s": round(rd, 2), "ray_nondeterministic_img_s": round(rf, 2),
         "rounds": [{"dataloader": round(a[0], 2), "ray": round(b[0], 2)} for a, b in zip(dls, rds)],
         "ratio": round(rd / dl, 4), "ratio_nondeterministic": round(rf / dl, 4),
