@@ -41,6 +41,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from pipeline.dag import Stage, StageConfig, StageContext, register
+from zeroseg.data.transforms import Size
 from zeroseg.errors import ConfigError, DataError, ZerosegError
 
 MANIFEST_COLUMNS = ["image_id", "image_uri", "label_uri"]
@@ -67,20 +68,13 @@ class EvaluateConfig(StageConfig):
     concurrency: int = Field(1, ge=1)
     warmup_batches: int = Field(1, ge=0)
     max_images: int | None = Field(None, ge=1)
-    resolution: list[int] | None = Field(None, min_length=2, max_length=2)
+    resolution: Size | None = None
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
-        return v
-
-    @field_validator("resolution")
-    @classmethod
-    def _positive(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and min(v) < 1:
-            raise ValueError(f"resolution must be [H, W] positive ints, got {v}")
         return v
 
 

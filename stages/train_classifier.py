@@ -27,8 +27,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.dag import Stage, StageConfig, StageContext, register
-from zeroseg.errors import ConfigError, DataError
 from stages.train_zegclip import ZegCLIPTrainConfig, train_zegclip
+from zeroseg.data.transforms import Size
+from zeroseg.errors import ConfigError, DataError
 from zeroseg.models.clip import ClipSpec, clip_fingerprint
 
 
@@ -52,7 +53,7 @@ class TrainClassifierConfig(StageConfig):
 
     method: str = "maskclip"
     clip: ClipSpec
-    input_size: list[int] | None = Field(None, min_length=2, max_length=2)
+    input_size: Size | None = None
     maskclip: MaskCLIPOptions = MaskCLIPOptions()
     zegclip: ZegCLIPTrainConfig | None = None
 
@@ -70,13 +71,6 @@ class TrainClassifierConfig(StageConfig):
             near = difflib.get_close_matches(v, list(METHODS), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ValueError(f"unknown method {v!r}{hint} (methods: {', '.join(METHODS)})")
-        return v
-
-    @field_validator("input_size")
-    @classmethod
-    def _positive(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and min(v) < 1:
-            raise ValueError(f"input_size must be [H, W] positive ints, got {v}")
         return v
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.training import ScalingSection, TrainSection, fit, unwrap
-from zeroseg.data.transforms import AugmentConfig, make_lut
+from zeroseg.data.transforms import AugmentConfig, Size, make_lut
 from zeroseg.errors import DataError
 
 
@@ -117,7 +117,7 @@ def zegclip_train_loop(loop: Any) -> None:
                        **{k: float(v.detach()) for k, v in out.items() if k != "loss"})
 
 
-def train_zegclip(ctx: Any, clip_spec: Any, cfg: ZegCLIPTrainConfig, input_size: list[int] | None) -> dict[str, Any]:
+def train_zegclip(ctx: Any, clip_spec: Any, cfg: ZegCLIPTrainConfig, input_size: Size | None) -> dict[str, Any]:
     """Run ZegCLIP training for ``ctx`` and save the segmenter artifact into ``ctx.output_dir``.
 
     Returns:
