@@ -180,7 +180,8 @@ class EvalWorker:
                 if tuple(sc.shape[-2:]) != lab.shape:
                     sc = F.interpolate(sc, size=lab.shape, mode="bilinear", align_corners=False)
                 try:
-                    g, z = gzs3_zs3_confusion(sc, lab_t[None], s["seen"], s["unseen"], self.gamma, s["ignore_index"])
+                    g, z = gzs3_zs3_confusion(sc, lab_t[None], s["seen"], s["unseen"], self.gamma, s["ignore_index"],
+                                              probabilities=self.seg.scores_are_probabilities)
                 except ValueError as e:
                     raise DataError(f"label {uri} (eval set {name!r}, {c} classes): {e}") from None
                 gz += g

@@ -233,3 +233,26 @@ def test_per_class_table_and_plot(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     with pytest.raises(ValueError):
         plot_per_class_iou(m.iou, NAMES[:3], SEEN, UNSEEN, tmp_path / "x.png")
+
+
+def test_gamma_on_sigmoid_probabilities_is_subtracted_directly():
+    # ZegCLIP-style per-class probabilities over 20 classes: seen class 0 at 0.95, unseen class 1
+    # at 0.30, the rest 0.01. Subtracting gamma 0.1 from the probabilities keeps class 0
+    # (0.85 > 0.30). A softmax of values in (0, 1) is nearly flat (exp(0.95)/Z ~ 0.118 vs
+    # exp(0.30)/Z ~ 0.062), so gamma 0.1 would wrongly flip it to the unseen class.
+    scores = torch.full((1, 20, 1, 1), 0.01)
+    scores[0, 0], scores[0, 1] = 0.95, 0.30
+    seen = [0] + list(range(2, 20))
+    assert calibrated_argmax(scores, seen, 0.1, probabilities=True).item() == 0
+    assert calibrated_argmax(scores, seen, 0.1).item() == 1  # the logit path softmaxes first
+    assert calibrated_argmax(scores, seen, 0.7, probabilities=True).item() == 1  # 0.25 < 0.30
+    label = torch.tensor([[[0]]], dtype=torch.uint8)
+    gz, _ = gzs3_zs3_confusion(scores, label, seen, [1], gamma=0.1, probabilities=True)
+    assert gz[0, 0] == 1
+
+
+def test_segmenters_declare_their_score_kind():
+    from zeroseg.models.maskclip import MaskCLIP
+    from zeroseg.models.zegclip import ZegCLIP
+
+    assert ZegCLIP.scores_are_probabilities and not MaskCLIP.scores_are_probabilities

@@ -249,19 +249,28 @@ def check_split(seen_ids: Sequence[int], unseen_ids: Sequence[int], num_classes:
     return s, u
 
 
-def calibrated_argmax(scores: torch.Tensor, seen_ids: Sequence[int], gamma: float = 0.0) -> torch.Tensor:
+def calibrated_argmax(scores: torch.Tensor, seen_ids: Sequence[int], gamma: float = 0.0,
+                      probabilities: bool = False) -> torch.Tensor:
     """GZS3 prediction with seen-class calibration (ZegFormer Eq. 2).
 
-    ``argmax_c softmax(scores)_c - gamma * [c in S]`` over all classes; with ``gamma == 0`` the
-    plain ``argmax_c scores_c`` (the softmax is monotone, so it is skipped).
+    ``argmax_c p_c - gamma * [c in S]`` over all classes, where ``p`` are class probabilities:
+    ``softmax(scores)`` for logits, ``scores`` themselves when ``probabilities`` is set (ZegCLIP's
+    per-class sigmoid outputs, from which its released code subtracts gamma directly; a softmax
+    over values in (0, 1) would be nearly flat and let gamma dominate). With ``gamma == 0`` this
+    is the plain ``argmax_c scores_c``.
 
     Args:
-        scores: float ``[B, C, H, W]`` class scores (logits or probabilities; any scale).
+        scores: float ``[B, C, H, W]`` class scores: logits (any scale), or probabilities in
+            [0, 1] with ``probabilities=True`` (see ``Segmenter.scores_are_probabilities``).
         seen_ids: the seen class ids ``S``.
-        gamma: calibration factor (ZegFormer: in [0, 1]; subtracted from probabilities).
+        gamma: calibration factor, in probability units (ZegFormer, ZegCLIP: in [0, 1]).
+        probabilities: the scores are already per-class probabilities.
 
     Returns:
         int64 ``[B, H, W]`` class ids in ``[0, C)``, on the scores' device.
+
+    Raises:
+        ValueError: ``scores`` is not 4-D.
     """
     if scores.ndim != 4:
         raise ValueError(f"scores must be [B, C, H, W], got {tuple(scores.shape)}")
@@ -270,7 +279,7 @@ def calibrated_argmax(scores: torch.Tensor, seen_ids: Sequence[int], gamma: floa
     c = scores.shape[1]
     offset = torch.zeros(c, dtype=torch.float32, device=scores.device)
     offset[torch.as_tensor(list(seen_ids), dtype=torch.long, device=scores.device)] = float(gamma)
-    probs = torch.softmax(scores.float(), dim=1)
+    probs = scores.float() if probabilities else torch.softmax(scores.float(), dim=1)
     return (probs - offset.view(1, c, 1, 1)).argmax(dim=1)
 
 
@@ -281,6 +290,7 @@ def gzs3_zs3_confusion(
     unseen_ids: Sequence[int],
     gamma: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
+    probabilities: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both zero-shot confusion matrices from one set of scores, on the scores' device.
 
@@ -292,6 +302,8 @@ def gzs3_zs3_confusion(
         gamma: seen-class calibration for GZS3 (:func:`calibrated_argmax`, ZegFormer Eq. 2);
             ZS3 is unaffected (its argmax has no seen class).
         ignore_index: ground-truth value excluded (default 255).
+        probabilities: the scores are per-class probabilities (passed to
+            :func:`calibrated_argmax`).
 
     Returns:
         ``(gzs3 [C, C], zs3 [U, U])`` int64 on the scores' device. GZS3: argmax over all classes,
@@ -309,7 +321,7 @@ def gzs3_zs3_confusion(
     c = _check_args(scores.shape[1], ignore_index)
     seen, unseen = check_split(seen_ids, unseen_ids, c)
     labels = labels.detach().to(scores.device)
-    gzs3 = _confusion_t(calibrated_argmax(scores.detach(), seen, gamma), labels, c, ignore_index, check_pred=False)
+    gzs3 = _confusion_t(calibrated_argmax(scores.detach(), seen, gamma, probabilities), labels, c, ignore_index, check_pred=False)
     u = len(unseen)
     if u == 0:
         return gzs3, torch.zeros((0, 0), dtype=torch.int64, device=scores.device)

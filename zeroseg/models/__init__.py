@@ -44,6 +44,9 @@ class Segmenter(nn.Module):
         mean, std: per-channel pixel normalisation for images scaled to [0, 1]
             (``(x - mean) / std``).
         cfg: the resolved model config (what ``segmenter.json`` stores under ``"model"``).
+        scores_are_probabilities: ``forward`` returns per-class probabilities in [0, 1]
+            (ZegCLIP's sigmoid) rather than logits; seen-class calibration (ZegFormer Eq. 2)
+            then subtracts gamma from the scores without a softmax.
 
     ``forward(images [B, 3, H, W] float normalised, text_embeddings [C, D] L2-normalised)
     -> class scores [B, C, h, w]`` at any resolution (evaluate upsamples bilinearly and takes the
@@ -54,6 +57,7 @@ class Segmenter(nn.Module):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     cfg: dict[str, Any]
+    scores_are_probabilities: bool = False
 
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -354,6 +354,8 @@ class ZegCLIP(Segmenter):
         ValueError: a non-ViT CLIP model, or wrongly shaped inputs at call time.
     """
 
+    scores_are_probabilities = True  # forward returns sigmoid(mask logits)
+
     def __init__(self, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__()
         self.cfg = resolve_zegclip_config(cfg, **overrides)
