@@ -132,6 +132,15 @@ def test_panoptic_png(tmp_path):
     assert (label[0:3] == 1).all() and (label[3:] == 255).all()
     assert crowd == [(0, 12)]
 
+    # a grey (mode L) PNG would decode to ids v * 65793 and match no segment: an error, not all-ignore
+    Image.fromarray(rgb[..., 0], mode="L").save(pdir / "0001.png")
+    with pytest.raises(DataError, match=r"0001\.png is mode L, not RGB"):
+        read_panoptic_label(rec["png"], rec["segments"], H, W)
+    data["annotations"][0]["segments_info"][0].pop("id")
+    (tmp_path / "pan.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"pan\.json: a segments_info entry of image 1 lacks 'id'"):
+        read_coco(tmp_path / "pan.json", img, kind="panoptic")
+
 
 def test_annotation_json_errors(tmp_path):
     img = tmp_path / "images"
@@ -200,6 +209,9 @@ def test_missing_label_file_names_image_and_label(tmp_path):
     ids = tmp_path / "ids.txt"
     ids.write_text("x\n")
     assert [r["image_id"] for r in read_mask_folder(img, lbl, cf, ids_file=ids).records] == ["x"]
+    ids.write_text("x\ntypo\n")  # a listed stem with no image is an error, not a skipped image
+    with pytest.raises(DataError, match=r"ids\.txt lists 'typo' but .*img has no image with that stem"):
+        read_mask_folder(img, lbl, cf, ids_file=ids)
 
 
 def test_rgb_label_is_rejected(tmp_path):

@@ -224,6 +224,9 @@ def read_coco(
             for a in anns:
                 png = str((masks_dir / a.get("file_name", image_id + ".png")).resolve())
                 for s in a.get("segments_info", []):
+                    if "id" not in s:
+                        raise DataError(f"annotation file {a['_file']}: a segments_info entry of image {iid} "
+                                        f"lacks 'id' ({s}); every panoptic segment needs its PNG id")
                     segs.append({"id": int(s["id"]), "label": _map_cat(s, to_vocab, a["_file"]),
                                  "category_id": int(s["category_id"]), "iscrowd": int(s.get("iscrowd", 0))})
             rec.update(kind="panoptic", png=png, segments=segs, no_annotations=not segs)
@@ -350,7 +353,10 @@ def read_panoptic_label(png: str | None, segments: Sequence[dict[str, Any]], hei
         return label, []
     try:
         with Image.open(png) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint32)
+            if im.mode != "RGB":
+                raise DataError(f"panoptic PNG {png} is mode {im.mode}, not RGB: segment ids are encoded as "
+                                "R + 256 G + 65536 B, so the file must be the RGB PNG of the COCO panoptic release")
+            rgb = np.asarray(im, dtype=np.uint32)
     except FileNotFoundError:
         raise DataError(f"panoptic PNG {png} does not exist (listed in the panoptic json)") from None
     except OSError as e:
@@ -440,7 +446,8 @@ def read_mask_folder(
     for s in stems:
         img = by_stem.get(s)
         if img is None:
-            img = images_dir / (s + ".jpg")  # reported as a missing (bad) image by check_image
+            raise DataError(f"dataset {dataset!r}: ids_file {ids_file} lists {s!r} but {images_dir} has no image "
+                            f"with that stem (suffixes {', '.join(sorted(IMAGE_SUFFIXES))}); fix the id or add the image")
         lbl = labels_dir / (s + label_suffix)
         if not lbl.is_file():
             raise DataError(f"dataset {dataset!r}: missing label file {lbl} for image {img}; every image needs a "
