@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.dag import Stage, StageConfig, StageContext, register
+from zeroseg.data.readers import load_json
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.models.clip import ClipSpec, clip_fingerprint, file_sha256, model_embed_dim, weights_id
 from zeroseg.text import TEMPLATES
@@ -87,10 +88,10 @@ def read_vocabularies(classes_json: Path) -> dict[str, dict[str, Any]]:
     """``{"train": vocab, <eval name>: vocab, ...}`` from build_splits' ``classes.json``.
 
     Raises:
-        DataError: missing keys, an eval set named ``train``, or ``prompt_names`` of another
+        DataError: a missing or invalid JSON file, missing keys, an eval set named ``train``, or ``prompt_names`` of another
             length than ``names``.
     """
-    doc = json.loads(Path(classes_json).read_text())
+    doc = load_json(Path(classes_json), "build_splits classes.json")
     try:
         vocabs = {"train": doc["train"]}
         for name, v in (doc.get("eval") or {}).items():
@@ -116,13 +117,14 @@ def read_embedding_file(f: EmbeddingFile) -> tuple[np.ndarray, list[str], str]:
 
     Raises:
         ConfigError: a missing file, or an ambiguous / unknown ``key`` (listing the keys).
-        DataError: not a 2-D array, names not strings, or rows != names.
+        DataError: unreadable JSON or .npy, not a 2-D array, names not a list of strings, or
+            rows != names.
     """
     emb_path, names_path = _path(f.embeddings), _path(f.class_names)
     for p, what in ((emb_path, "embeddings"), (names_path, "class_names")):
         if not p.is_file():
             raise ConfigError(f"embed_text.file.{what}: {p} does not exist")
-    doc = json.loads(names_path.read_text())
+    doc = load_json(names_path, "embed_text.file.class_names")
     key = f.key or ""
     if isinstance(doc, dict):
         if f.key is None:
@@ -143,9 +145,12 @@ def read_embedding_file(f: EmbeddingFile) -> tuple[np.ndarray, list[str], str]:
         names = doc
     else:
         raise DataError(f"{names_path}: expected a list of class names or a dict of such lists")
-    if not all(isinstance(n, str) for n in names):
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{names_path}{'[' + key + ']' if key else ''}: class names must be strings")
-    rows = np.load(emb_path, allow_pickle=False)
+    try:
+        rows = np.load(emb_path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{emb_path} is not a readable .npy array ({e}); re-export it with numpy.save") from None
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.floating):
         raise DataError(f"{emb_path}: expected a 2-D float array [N, D], got {rows.dtype} {rows.shape}")
     if rows.shape[0] != len(names):

@@ -206,3 +206,20 @@ def test_config_by_source(tmp_path):
         validate_section("embed_text", EmbedTextConfig, {"source": "model"}, None, tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="templates"):
         validate_section("embed_text", EmbedTextConfig, {"templates": "ensemble"}, TINY.model_dump(), tmp_path / "c.yaml")
+
+
+def test_unreadable_embedding_files_name_the_file(tmp_path):
+    from stages.embed_text import EmbeddingFile, read_embedding_file
+
+    npy, names = tmp_path / "e.npy", tmp_path / "names.json"
+    np.save(npy, np.eye(3, dtype=np.float32))
+    names.write_text('["a", "b",')
+    with pytest.raises(DataError, match=r"names\.json is not valid JSON"):
+        read_embedding_file(EmbeddingFile(embeddings=str(npy), class_names=str(names)))
+    names.write_text('{"voc": "abc"}')  # a string would otherwise pass as the classes a, b, c
+    with pytest.raises(DataError, match=r"names\.json\[voc\]: class names must be strings"):
+        read_embedding_file(EmbeddingFile(embeddings=str(npy), class_names=str(names)))
+    names.write_text('["a", "b", "c"]')
+    npy.write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(DataError, match=r"e\.npy is not a readable \.npy array"):
+        read_embedding_file(EmbeddingFile(embeddings=str(npy), class_names=str(names)))

@@ -83,7 +83,7 @@ def read_class_file(path: str | os.PathLike) -> tuple[list[str], int | None]:
         DataError: the file is missing, not JSON, or lacks a ``classes`` list of strings (named).
     """
     p = Path(path)
-    data = _load_json(p, "class list")
+    data = load_json(p, "class list")
     if isinstance(data, list):
         data = {"classes": data}
     if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
@@ -98,9 +98,14 @@ def read_class_file(path: str | os.PathLike) -> tuple[list[str], int | None]:
     return list(names), ign
 
 
-def _load_json(p: Path, what: str) -> Any:
+def load_json(p: Path, what: str) -> Any:
+    """Parse a JSON file, naming it (as ``what``) in every error.
+
+    Raises:
+        DataError: the file does not exist or is not valid UTF-8 JSON.
+    """
     if not p.is_file():
-        raise DataError(f"{what} file {p} does not exist (check the path in the build_splits config)")
+        raise DataError(f"{what} file {p} does not exist (check the path in the config)")
     try:
         with open(p, "rb") as f:
             return json.load(f)
@@ -149,7 +154,7 @@ def read_coco(
     imgs: dict[Any, dict[str, Any]] = {}
     anns_by_img: dict[Any, list[dict[str, Any]]] = {}
     for p in paths:
-        data = _load_json(p, "annotation")
+        data = load_json(p, "annotation")
         if not isinstance(data, dict):
             raise DataError(f"annotation file {p}: top level must be a JSON object (COCO format)")
         for key in ("images", "annotations", "categories"):
