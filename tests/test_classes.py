@@ -49,8 +49,9 @@ def test_builtin_split_requires_the_full_vocabulary():
     coco80 = COCO_STUFF_171[:80]
     with pytest.raises(ConfigError, match=r"lacks 91.*'banner'"):
         resolve_split(coco80, dataset="coco128", builtin="coco_stuff171")
-    # extra classes are allowed and seen (e.g. VOC with background)
-    v = resolve_split(("background", *VOC20), dataset="voc", builtin="voc20")
+    # extra classes are allowed and seen (e.g. VOC with background), with a warning naming them
+    with pytest.warns(UserWarning, match=r"1 class\(es\) outside the benchmark's 20, counted as seen: \['background'\]"):
+        v = resolve_split(("background", *VOC20), dataset="voc", builtin="voc20")
     assert 0 in v.seen and v.unseen_names == ("pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -234,6 +235,10 @@ def resolve_split(
         ConfigError: an unknown class name (naming the class, the dataset and the nearest names),
             an unknown builtin split, a builtin split whose classes the dataset lacks, a class both
             seen and unseen, classes in neither list, duplicate or more than 255 names.
+
+    Warns:
+        UserWarning: a builtin split on a dataset with classes outside the benchmark's (naming
+            them; they are counted as seen).
     """
     names = tuple(names)
     if len(names) > 255:
@@ -259,6 +264,12 @@ def resolve_split(
                 f"that vocabulary, or give split.unseen explicitly")
         unseen_ids = _ids("unseen class", b.unseen, dataset, names)
         seen_ids = [i for i in range(len(names)) if i not in unseen_ids]
+        extra = [n for n in names if n not in b.names]
+        if extra:  # allowed (e.g. VOC with background), but the run is no longer the benchmark's
+            warnings.warn(f"split.builtin {builtin!r}: dataset {dataset!r} has {len(extra)} class(es) outside the "
+                          f"benchmark's {len(b.names)}, counted as seen: {extra[:10]}{' ...' if len(extra) > 10 else ''}. "
+                          "Metrics are then not comparable with the benchmark's; drop them (ignore, "
+                          "reduce_zero_label) or give split.unseen explicitly", UserWarning, stacklevel=2)
     elif unseen is None and seen is None:
         raise ConfigError(f"split: give builtin ({', '.join(BUILTIN_SPLITS)}) or a list of unseen class names "
                           "(unseen: [] for a fully supervised run)")
