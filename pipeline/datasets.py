@@ -145,18 +145,37 @@ def decode_train_batch(batch: dict[str, np.ndarray], *, lut: np.ndarray, augment
     for i in range(n):
         image_id, img_uri, lbl_uri = str(ids[i]), str(img_uris[i]), str(lbl_uris[i])
         try:
-            image = decode_image(_local_or_bytes(img_uri))
-            label = remap_label(decode_label(_local_or_bytes(lbl_uri)), lut)
+            image, label = decode_pair(img_uri, lbl_uri)
+            label = remap_label(label, lut)
             images[i], labels[i] = train_transform(image, label, augment, sample_rng(seed, image_id, epoch))
         except DataError as e:
-            raise DataError(f"training image {image_id!r} ({img_uri}, label {lbl_uri}): {e}") from None
-        except FileNotFoundError as e:
-            raise DataError(f"training image {image_id!r}: file not found: {e.filename}") from None
+            raise DataError(f"training image {image_id!r}: {e}") from None
     return {"image": images, "label": labels}
 
 
-def _local_or_bytes(uri: str) -> str | bytes:
-    return uri if "://" not in uri else read_bytes(uri)
+def decode_pair(image_uri: str, label_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a manifest row's image and label PNG (local paths or store URIs).
+
+    Returns:
+        ``(image uint8 [H, W, 3] RGB, label uint8 [H, W] training/vocabulary ids, 255 ignore)``.
+
+    Raises:
+        DataError: a missing, unreadable or undecodable file, naming its URI.
+    """
+    out = []
+    for uri, decode in ((image_uri, decode_image), (label_uri, decode_label)):
+        if "://" not in uri:
+            out.append(decode(uri))  # a local path: decode_* name it in their errors
+            continue
+        try:
+            data = read_bytes(uri)
+        except OSError as e:  # FileNotFoundError, permission, store errors
+            raise DataError(f"{uri} cannot be read ({type(e).__name__}: {e})") from None
+        try:
+            out.append(decode(data))
+        except DataError as e:
+            raise DataError(f"{uri}: {e}") from None
+    return out[0], out[1]
 
 
 def train_dataset(manifest_uri: str | Path, lut: np.ndarray, augment: AugmentConfig, seed: int, *,

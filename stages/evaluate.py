@@ -156,14 +156,19 @@ class EvalWorker:
         import torch
         import torch.nn.functional as F
 
-        from pipeline.datasets import read_bytes
-        from zeroseg.data.transforms import decode_image, decode_label
+        from pipeline.datasets import decode_pair
         from zeroseg.metrics import gzs3_zs3_confusion
 
         s = self.sets[name]
         t0 = time.perf_counter()
-        images = [decode_image(read_bytes(u)) for u in image_uris]
-        labels = [decode_label(read_bytes(u)) for u in label_uris]
+        images, labels = [], []
+        for img_uri, lbl_uri in zip(image_uris, label_uris):
+            try:
+                image, label = decode_pair(img_uri, lbl_uri)
+            except DataError as e:
+                raise DataError(f"eval set {name!r}: {e}") from None
+            images.append(image)
+            labels.append(label)
         t1 = time.perf_counter()
         c, u = int(s["text"].shape[0]), len(s["unseen"])
         with torch.inference_mode():

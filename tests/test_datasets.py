@@ -206,3 +206,21 @@ def test_png_bytes_and_uris_decode_alike(shared_data):
     assert np.array_equal(decode_image(data), decode_image(img_p))
     assert np.array_equal(decode_image(read_bytes(f"file://{img_p}")), decode_image(io.BytesIO(data).getvalue()))
     assert Image.open(img_p).size == (480, 360)
+
+
+def test_decode_pair_names_the_bad_file(shared_data, tmp_path):
+    from pipeline.datasets import decode_pair
+
+    _, img_p, lbl_p = camvid_pairs(shared_data, 1)[0]
+    image, label = decode_pair(str(img_p), f"file://{lbl_p}")
+    assert image.shape == (360, 480, 3) and label.shape == (360, 480) and label.dtype == np.uint8
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DataError, match=r"broken\.png"):
+        decode_pair(str(broken), str(lbl_p))
+    with pytest.raises(DataError, match=r"file://.*broken\.png: "):
+        decode_pair(f"file://{broken}", str(lbl_p))
+    with pytest.raises(DataError, match=r"gone\.png.*FileNotFoundError"):
+        decode_pair(str(img_p), str(tmp_path / "gone.png"))
+    with pytest.raises(DataError, match=r"file://.*gone\.png cannot be read"):
+        decode_pair(f"file://{tmp_path / 'gone.png'}", str(lbl_p))
