@@ -21,6 +21,7 @@ from PIL import Image
 from pipeline.dag import Artifact, StageContext
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.metrics import confusion_matrix, segmentation_metrics
+from zeroseg.models import Segmenter
 from zeroseg.models.clip import TINY_MODEL, ClipSpec
 
 TINY = ClipSpec(model=TINY_MODEL, random_init=True)
@@ -209,7 +210,7 @@ def test_worker_matches_reference_without_ray(inputs):
     assert out["timed"][0] and out["images"][0] == 3 and (out["height"][0], out["width"][0]) == tuple(INPUT)
 
 
-class _Oracle(torch.nn.Module):
+class _Oracle(Segmenter):
     """Reads the class id back from the image (red channel = 20 * id): perfect scores at the
     input resolution, which equals the label resolution (no resampling blur)."""
 
