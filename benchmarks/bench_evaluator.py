@@ -63,14 +63,6 @@ def textbook(preds: list[np.ndarray], gts: list[np.ndarray], c: int) -> np.ndarr
     return cm.reshape(c, c)
 
 
-def batched(fn, preds, gts, c, bs):
-    cm = None
-    for i in range(0, len(gts), bs):
-        out = fn(preds[i: i + bs], gts[i: i + bs], c)
-        cm = out if cm is None else cm + out
-    return cm
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--labels", type=Path, default=DEFAULT_LABELS)

@@ -44,34 +44,26 @@ from stages.train_zegclip import ZegCLIPTrainConfig  # noqa: E402
 from _measure import run_measured, tree_cpu_seconds  # noqa: E402
 import torch  # noqa: E402
 
-from zeroseg.data.transforms import (  # noqa: E402
-    AugmentConfig,
-    decode_image,
-    decode_label,
-    make_lut,
-    remap_label,
-    sample_rng,
-    train_transform,
-)
+from pipeline.datasets import decode_train_batch  # noqa: E402
+from zeroseg.data.splits import manifest_schema  # noqa: E402
+from zeroseg.data.transforms import AugmentConfig, make_lut  # noqa: E402
 
 LUT = make_lut(list(range(11)))  # CamVid: 11 classes, 11 = void -> 255
 
 
 # -- shared pieces ---------------------------------------------------------------------------
 def write_manifest(path: Path, repeat: int) -> Path:
+    """A build_splits-style manifest listing every CamVid frame ``repeat`` times (ids ``stem#r``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     imgs = sorted((DATA / "camvid-val" / "images").glob("*.png"))
     if not imgs:
         sys.exit(f"no CamVid images under {DATA}/camvid-val/images")
-    rows = [(f"{p.stem}#{r}", str(p), str(p.parent.parent / "labels" / p.name)) for r in range(repeat) for p in imgs]
-    pq.write_table(pa.table({
-        "image_id": [r[0] for r in rows], "image_uri": [r[1] for r in rows], "label_uri": [r[2] for r in rows],
-        "height": pa.array([360] * len(rows), pa.int32()), "width": pa.array([480] * len(rows), pa.int32()),
-        "classes": pa.array([list(range(11))] * len(rows), pa.list_(pa.int32())),
-        "dataset": ["camvid"] * len(rows),
-    }), path)
+    rows = [{"image_id": f"{p.stem}#{r}", "image_uri": str(p), "label_uri": str(p.parent.parent / "labels" / p.name),
+             "height": 360, "width": 480, "classes": list(range(11)), "dataset": "camvid"}
+            for r in range(repeat) for p in imgs]
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), path)
     return path
 
 
@@ -152,17 +144,18 @@ class ManifestDataset(torch.utils.data.Dataset):
 
         t = pq.read_table(manifest, columns=["image_id", "image_uri", "label_uri"]).to_pydict()
         self.rows = list(zip(t["image_id"], t["image_uri"], t["label_uri"]))
-        self.aug, self.seed, self.epoch = aug, seed, 0
+        self.aug, self.seed = aug, seed
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
+        # the Ray Data feed's own per-sample code, on a one-row batch
         image_id, img_uri, lbl_uri = self.rows[i]
-        image = decode_image(img_uri)
-        label = remap_label(decode_label(lbl_uri), LUT)
-        x, y = train_transform(image, label, self.aug, sample_rng(self.seed, image_id, self.epoch))
-        return torch.from_numpy(x), torch.from_numpy(y)
+        row = {"image_id": np.array([image_id]), "image_uri": np.array([img_uri]), "label_uri": np.array([lbl_uri])}
+        # epoch 0: persistent DataLoader workers cannot see the pass index
+        out = decode_train_batch(row, lut=LUT, augment=self.aug, seed=self.seed, epoch=0)
+        return torch.from_numpy(out["image"][0]), torch.from_numpy(out["label"][0])
 
 
 def bench_dataloader(manifest: Path, args) -> tuple[float, float]:
@@ -182,7 +175,6 @@ def bench_dataloader(manifest: Path, args) -> tuple[float, float]:
             done += 1
             if done >= 2 * args.steps:
                 break
-        ds.epoch += 1  # persistent workers keep their copy: per-epoch seeds are not re-read
     return meter.rate(), meter.per_cpu_s()
 
 
@@ -235,7 +227,6 @@ def main() -> int:
 
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     with tempfile.TemporaryDirectory(prefix="zeroseg-feed-") as tmp:
         work = Path(tmp)
         manifest = write_manifest(work / "train.parquet", args.repeat)
