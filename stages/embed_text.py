@@ -25,13 +25,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.dag import Stage, StageConfig, StageContext, register
 from zeroseg.data.readers import load_json
 from zeroseg.errors import ConfigError, DataError
-from zeroseg.models.clip import ClipSpec, clip_fingerprint, file_sha256, model_embed_dim, weights_id
-from zeroseg.text import TEMPLATES
+from zeroseg.models.clip import (
+    ClipSpec,
+    clip_fingerprint,
+    file_sha256,
+    get_tokenizer,
+    load_clip,
+    model_embed_dim,
+    weights_id,
+)
+from zeroseg.text import TEMPLATES, encode_class_names, get_templates
 
 #: Largest allowed | ||row|| - 1 | of a precomputed embedding (float16 files are ~1e-3 off).
 NORM_TOLERANCE = 1e-2
@@ -245,9 +254,9 @@ class EmbedText(Stage):
             prov["weights"] = weights_id(cfg.clip)
 
         if cfg.source == "model":
-            result = self._from_model(ctx, cfg, vocabs, prov)
+            result = self._from_model(cfg, vocabs, prov)
         else:
-            result = self._from_file(ctx, cfg, vocabs, prov)
+            result = self._from_file(cfg, vocabs, prov)
 
         dim = 0
         for vocab, emb in result.items():
@@ -262,13 +271,8 @@ class EmbedText(Stage):
                 "embed_dim": float(dim)}
 
     @staticmethod
-    def _from_model(ctx: StageContext, cfg: EmbedTextConfig, vocabs: dict[str, dict[str, Any]],
+    def _from_model(cfg: EmbedTextConfig, vocabs: dict[str, dict[str, Any]],
                     prov: dict[str, Any]) -> dict[str, np.ndarray]:
-        import torch
-
-        from zeroseg.models.clip import get_tokenizer, load_clip
-        from zeroseg.text import encode_class_names, get_templates
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_clip(cfg.clip, device=device)
         tokenizer = get_tokenizer(cfg.clip)
@@ -280,7 +284,7 @@ class EmbedText(Stage):
         return {v: _normalise(emb[[row[p] for p in d["prompt_names"]]]) for v, d in vocabs.items()}
 
     @staticmethod
-    def _from_file(ctx: StageContext, cfg: EmbedTextConfig, vocabs: dict[str, dict[str, Any]],
+    def _from_file(cfg: EmbedTextConfig, vocabs: dict[str, dict[str, Any]],
                    prov: dict[str, Any]) -> dict[str, np.ndarray]:
         f = cfg.file
         rows, names, key = read_embedding_file(f)
