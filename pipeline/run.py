@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import glob
+import math
 import os
 import shutil
 import sys
@@ -275,6 +276,9 @@ def print_summary(plan: list[PlannedStage], tracking_uri: str) -> None:
     ev = next((p for p in plan if p.name == "evaluate" and p.metrics), None)
     if ev is not None:
         console.print(metrics_table(ev.metrics))
+        line = fps_line(ev.metrics)
+        if line:
+            console.print(line, markup=False)
     console.print(f"MLflow runs: {tracking.ui_command(tracking_uri)}")
 
 
@@ -318,6 +322,17 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
     for m in rows:
         t.add_row(m, *[_fmt(d[m]) if m in d else "-" for d in sets.values()])
     return t
+
+
+def fps_line(metrics: dict[str, Any]) -> str | None:
+    """Evaluate's ``fps`` metric (no ``<set>/`` prefix, so not in :func:`metrics_table`) with its
+    timing protocol (stages/evaluate.py, ``fps.json``); None when absent or not finite."""
+    v = metrics.get("fps")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return (f"FPS: {v:.2f} images/s per inference worker (timed: host arrays -> confusion matrices, i.e. "
+            "resize + normalise, forward, upsampling, argmax, counting; warm-up batches and image decoding "
+            "excluded; details in evaluate's fps.json)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,9 +64,29 @@ def _clip(v: Any) -> str:
     return s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 3] + "..."
 
 
+#: MLflow's ``log_batch`` limit on metrics per request.
+_MAX_METRICS_PER_BATCH = 1000
+
+
+def _is_active(run_id: str | None) -> bool:
+    """True when ``run_id`` is None or the active (fluent) run: log through the fluent API."""
+    import mlflow
+
+    if run_id is None:
+        return True
+    active = mlflow.active_run()
+    return active is not None and active.info.run_id == run_id
+
+
 def log_metrics(metrics: dict[str, Any], run_id: str | None = None) -> None:
-    """Log the finite numeric entries of ``metrics`` (MLflow key rules: '/' kept, others '_')."""
+    """Log the finite numeric entries of ``metrics`` (MLflow key rules: '/' kept, others '_').
+
+    To the active run when ``run_id`` is None or is the active run, else to run ``run_id``
+    through the client; in batches of 1000 (MLflow's ``log_batch`` limit). Booleans, non-numbers
+    and NaN / inf are skipped.
+    """
     import math
+    import time
 
     import mlflow
 
@@ -77,12 +97,17 @@ def log_metrics(metrics: dict[str, Any], run_id: str | None = None) -> None:
         clean[_metric_key(k)] = float(v)
     if not clean:
         return
-    if run_id is None:
-        mlflow.log_metrics(clean)
+    items = list(clean.items())
+    n = _MAX_METRICS_PER_BATCH
+    if _is_active(run_id):
+        for i in range(0, len(items), n):
+            mlflow.log_metrics(dict(items[i: i + n]))
     else:
-        mlflow.tracking.MlflowClient().log_batch(
-            run_id, metrics=[mlflow.entities.Metric(k, v, int(__import__("time").time() * 1000), 0) for k, v in clean.items()]
-        )
+        client = mlflow.tracking.MlflowClient()
+        now = int(time.time() * 1000)
+        entities = [mlflow.entities.Metric(k, v, now, 0) for k, v in items]
+        for i in range(0, len(entities), n):
+            client.log_batch(run_id, metrics=entities[i: i + n])
 
 
 def _metric_key(k: str) -> str:
@@ -101,6 +126,17 @@ def log_artifact(path: str | Path) -> None:
     import mlflow
 
     mlflow.log_artifact(str(path))
+
+
+def log_artifacts(directory: str | Path, run_id: str | None = None) -> None:
+    """Log every file under ``directory`` to the active run, or to run ``run_id`` (client API)
+    when that is not the active run."""
+    import mlflow
+
+    if _is_active(run_id):
+        mlflow.log_artifacts(str(directory))
+    else:
+        mlflow.tracking.MlflowClient().log_artifacts(run_id, str(directory))
 
 
 def ui_command(tracking_uri: str) -> str:

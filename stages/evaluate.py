@@ -310,40 +310,16 @@ def _user_error(e: BaseException) -> ZerosegError | None:
     return _find_user_error(e)
 
 
-def _finite(x: Any) -> Any:
-    """JSON-safe copy: NaN / inf floats -> None, numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    return x
-
-
 def log_to_mlflow(run_id: str | None, metrics: dict[str, float], output_dir: Path) -> None:
     """Log ``metrics`` and every file of ``output_dir`` to MLflow run ``run_id``; nothing when
-    ``run_id`` is None. Uses the tracking URI the driver set; non-finite values are skipped."""
+    ``run_id`` is None. Uses the tracking URI the driver set; non-finite values are skipped
+    (``pipeline.tracking.log_metrics``, batched for MLflow's 1000-metric limit)."""
     if not run_id:
         return
-    import mlflow
+    from pipeline import tracking
 
-    clean = {re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k): float(v) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        if clean:
-            mlflow.log_metrics(clean)
-        mlflow.log_artifacts(str(output_dir))
-    else:
-        client = mlflow.tracking.MlflowClient()
-        now = int(time.time() * 1000)
-        items = [mlflow.entities.Metric(k, v, now, 0) for k, v in clean.items()]
-        for i in range(0, len(items), 1000):
-            client.log_batch(run_id, metrics=items[i: i + 1000])
-        client.log_artifacts(run_id, str(output_dir))
+    tracking.log_metrics(metrics, run_id=run_id)
+    tracking.log_artifacts(output_dir, run_id=run_id)
 
 
 @register
@@ -358,7 +334,7 @@ class Evaluate(Stage):
     def run(self, ctx: StageContext) -> dict[str, float]:
         import ray
 
-        from zeroseg.metrics import per_class_table, segmentation_metrics, zs3_metrics
+        from zeroseg.metrics import json_safe, per_class_table, segmentation_metrics, zs3_metrics
         from zeroseg.plots import plot_per_class_iou
 
         cfg: EvaluateConfig = ctx.config
@@ -442,8 +418,8 @@ class Evaluate(Stage):
         fps = _fps_record(cfg, timing, devices, size, gpus, pass_seconds)
         if fps["overall"]["images_per_s"] is not None:
             result["fps"] = fps["overall"]["images_per_s"]
-        (Path(ctx.output_dir) / "metrics.json").write_text(json.dumps(_finite(doc), indent=1) + "\n")
-        (Path(ctx.output_dir) / "fps.json").write_text(json.dumps(_finite(fps), indent=2) + "\n")
+        (Path(ctx.output_dir) / "metrics.json").write_text(json.dumps(json_safe(doc), indent=1) + "\n")
+        (Path(ctx.output_dir) / "fps.json").write_text(json.dumps(json_safe(fps), indent=2) + "\n")
         result = {k: float(v) for k, v in result.items() if math.isfinite(v)}
         for name in sets:
             ctx.log(f"{name}: " + ", ".join(f"{k.split('/', 1)[1]}={v:.2f}" for k, v in result.items()

@@ -108,7 +108,7 @@ def test_vocabulary_json_round_trip_and_checks():
     v = resolve_split(VOC20, dataset="voc", builtin="voc20")
     assert Vocabulary.from_json(json.loads(json.dumps(v.to_json()))) == v
     assert v.to_json()["ignore_index"] == 255
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"x: classes both seen and unseen: \[1\]"):
         Vocabulary("x", ("a", "b"), ("a", "b"), seen=(0, 1), unseen=(1,))
     with pytest.raises(ConfigError, match="more than once"):
         resolve_split(["a", "a"], dataset="x", unseen=[])

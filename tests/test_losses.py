@@ -111,9 +111,27 @@ def test_errors_and_degenerate_targets():
         sigmoid_focal_loss(logits, torch.tensor([[[0, 2], [1, 255]]]))
     with pytest.raises(ValueError, match="B, H, W"):
         dice_loss(logits, torch.zeros(1, 3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="focal_alpha"):
+        sigmoid_focal_loss(logits, target, focal_alpha=-1.0)
+    with pytest.raises(ValueError, match="focal_alpha"):
+        segmentation_loss(logits, target, focal_alpha=1.5)
     all_ignored = torch.full_like(target, 255)
-    x = logits.clone().requires_grad_(True)
     for kind in ("focal_dice", "ce"):
+        x = logits.clone().requires_grad_(True)
         loss = segmentation_loss(x, all_ignored, kind=kind)
         assert torch.isfinite(loss) and loss.item() == 0.0
         loss.backward()
+        assert x.grad is not None and torch.all(torch.isfinite(x.grad)) and torch.all(x.grad == 0), kind
+
+
+def test_terms_share_targets_and_match_the_component_losses():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 6, 5)
+    target = torch.randint(0, 4, (2, 6, 5))
+    target[0, :2] = 255
+    for fa in (None, 0.25):
+        terms = segmentation_loss_terms(logits, target, alpha=2.0, beta=0.5, focal_alpha=fa, dice_smooth=0.5)
+        focal = sigmoid_focal_loss(logits, target, focal_alpha=fa)
+        dice = dice_loss(logits, target, smooth=0.5)
+        assert torch.equal(terms["focal"], focal) and torch.equal(terms["dice"], dice)
+        assert torch.equal(terms["loss"], 2.0 * focal + 0.5 * dice)

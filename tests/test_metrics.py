@@ -231,7 +231,7 @@ def test_per_class_table_and_plot(tmp_path):
     out = plot_per_class_iou(m.iou, NAMES, SEEN, UNSEEN, tmp_path / "sub" / "iou.png", title="toy", summary=m.summary())
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="5 IoU values for 3 class names"):
         plot_per_class_iou(m.iou, NAMES[:3], SEEN, UNSEEN, tmp_path / "x.png")
 
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zeroseg.data.classes import IGNORE_INDEX
+
 LOSS_KINDS = ("focal_dice", "ce")
 
 #: ZegCLIP's loss weights. The paper gives gamma = 2 (Sec. 3.4) but no numbers for alpha / beta;
@@ -62,12 +64,22 @@ def _check(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> Non
 
 
 def one_hot_targets(
-    target: torch.Tensor, num_classes: int, ignore_index: int = 255
+    target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class binary masks from a label map.
 
-    target ``[B, H, W]`` long -> ``(masks [B, C, H, W] float in {0, 1}, valid [B, H, W] bool)``;
-    ignored pixels are 0 in every mask and False in ``valid``.
+    Args:
+        target: ``[B, H, W]`` integer class ids in ``0..num_classes-1`` or ``ignore_index``.
+        num_classes: ``C``, the number of mask channels.
+        ignore_index: label value of ignored pixels (default 255).
+
+    Returns:
+        ``(masks [B, C, H, W] float32 in {0, 1}, valid [B, H, W] bool)``; ignored pixels are 0 in
+        every mask and False in ``valid``.
+
+    Raises:
+        RuntimeError: a non-ignored id outside ``0..C-1`` (from ``F.one_hot``, on CPU; no check
+            here: the loss functions validate ids first and raise ``ValueError``).
     """
     valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target))
@@ -81,30 +93,20 @@ def _num_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return present, present.sum().clamp(min=1).to(masks.dtype)
 
 
-def sigmoid_focal_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    gamma: float = 2.0,
-    focal_alpha: float | None = None,
-    ignore_index: int = 255,
-) -> torch.Tensor:
-    """Sigmoid focal loss over per-class binary masks (ZegCLIP Eq. 4; Lin et al., RetinaNet).
+def _check_focal_alpha(focal_alpha: float | None) -> None:
+    if focal_alpha is not None and not 0.0 <= focal_alpha <= 1.0:
+        raise ValueError(f"focal_alpha must be None (no class balance) or in [0, 1], got {focal_alpha}")
 
-    Per pixel, with ``p = sigmoid(x)`` and ``y`` the binary target:
-    ``-[y (1 - p)^gamma log p + (1 - y) p^gamma log(1 - p)]`` (times ``a`` for positives and
-    ``1 - a`` for negatives when ``focal_alpha = a`` is given). Averaged over the valid pixels of
-    each image (the ``1/hw`` of Eq. 4), summed over classes and images, divided by ``num_masks``
-    (module docstring). Returns a 0-d tensor (unitless, nats).
-    """
-    _check(logits, target, ignore_index)
-    masks, valid = one_hot_targets(target, logits.shape[1], ignore_index)
+
+def _focal(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, gamma: float,
+           focal_alpha: float | None) -> torch.Tensor:
+    """:func:`sigmoid_focal_loss` on checked inputs and their :func:`one_hot_targets`."""
     x = logits.float()
     ce = F.binary_cross_entropy_with_logits(x, masks, reduction="none")  # -log p_t
     p = torch.sigmoid(x)
     p_t = p * masks + (1 - p) * (1 - masks)
     loss = ce * (1 - p_t).pow(gamma)
-    if focal_alpha is not None and focal_alpha >= 0:
+    if focal_alpha is not None:
         loss = loss * (focal_alpha * masks + (1 - focal_alpha) * (1 - masks))
     v = valid.unsqueeze(1).to(loss.dtype)
     n_valid = v.flatten(2).sum(-1).clamp(min=1)  # [B, 1]
@@ -113,23 +115,9 @@ def sigmoid_focal_loss(
     return per_mask.sum() / num_masks
 
 
-def dice_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    smooth: float = 1.0,
-    squared: bool = True,
-    ignore_index: int = 255,
-) -> torch.Tensor:
-    """Dice loss over the classes present in each image (ZegCLIP Eq. 5).
-
-    Per (image, class) present: ``1 - (2 sum p*y + s) / (sum p^2 + sum y^2 + s)`` over valid pixels,
-    ``p = sigmoid(logit)`` (``squared=False`` uses ``sum p + sum y``, as ZegCLIP's released code
-    does); ``s = smooth`` (Eq. 5 has none; 1.0 as in the released code avoids 0/0). Averaged over
-    the present masks; 0 (with a graph) when no pixel is labelled. Returns a 0-d tensor in [0, 1].
-    """
-    _check(logits, target, ignore_index)
-    masks, valid = one_hot_targets(target, logits.shape[1], ignore_index)
+def _dice(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, smooth: float,
+          squared: bool) -> torch.Tensor:
+    """:func:`dice_loss` on checked inputs and their :func:`one_hot_targets`."""
     p = torch.sigmoid(logits.float()) * valid.unsqueeze(1)
     inter = (p * masks).flatten(2).sum(-1)
     if squared:
@@ -141,7 +129,77 @@ def dice_loss(
     return (per_mask * present).sum() / num_masks
 
 
-def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255) -> torch.Tensor:
+def sigmoid_focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 2.0,
+    focal_alpha: float | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Sigmoid focal loss over per-class binary masks (ZegCLIP Eq. 4; Lin et al., RetinaNet).
+
+    Per pixel, with ``p = sigmoid(x)`` and ``y`` the binary target:
+    ``-[y (1 - p)^gamma log p + (1 - y) p^gamma log(1 - p)]`` (times ``a`` for positives and
+    ``1 - a`` for negatives when ``focal_alpha = a`` is given). Averaged over the valid pixels of
+    each image (the ``1/hw`` of Eq. 4), summed over classes and images, divided by ``num_masks``
+    (module docstring).
+
+    Args:
+        logits: ``[B, C, H, W]`` float mask logits (pre-sigmoid) at the label's size.
+        target: ``[B, H, W]`` integer class ids in ``0..C-1`` or ``ignore_index``.
+        gamma: focusing exponent (ZegCLIP: 2; 0 gives plain BCE).
+        focal_alpha: positive-class weight ``a`` in ``[0, 1]``; None = no class balance (Eq. 4).
+        ignore_index: label value left out of the loss (default 255).
+
+    Returns:
+        0-d float32 tensor (unitless, nats).
+
+    Raises:
+        ValueError: shape mismatch, float targets, a label id neither ``< C`` nor
+            ``ignore_index``, or ``focal_alpha`` outside ``[0, 1]``.
+    """
+    _check(logits, target, ignore_index)
+    _check_focal_alpha(focal_alpha)
+    masks, valid = one_hot_targets(target, logits.shape[1], ignore_index)
+    return _focal(logits, masks, valid, gamma, focal_alpha)
+
+
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    smooth: float = 1.0,
+    squared: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Dice loss over the classes present in each image (ZegCLIP Eq. 5).
+
+    Per (image, class) present: ``1 - (2 sum p*y + s) / (sum p^2 + sum y^2 + s)`` over valid pixels,
+    ``p = sigmoid(logit)`` (``squared=False`` uses ``sum p + sum y``, as ZegCLIP's released code
+    does); ``s = smooth`` (Eq. 5 has none; 1.0 as in the released code avoids 0/0). Averaged over
+    the present masks; 0 (with a graph) when no pixel is labelled.
+
+    Args:
+        logits: ``[B, C, H, W]`` float mask logits (pre-sigmoid) at the label's size.
+        target: ``[B, H, W]`` integer class ids in ``0..C-1`` or ``ignore_index``.
+        smooth: additive smoothing ``s`` of numerator and denominator.
+        squared: squared (V-Net) denominators; False for plain sums.
+        ignore_index: label value left out of the loss (default 255).
+
+    Returns:
+        0-d float32 tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: shape mismatch, float targets, or a label id neither ``< C`` nor
+            ``ignore_index``.
+    """
+    _check(logits, target, ignore_index)
+    masks, valid = one_hot_targets(target, logits.shape[1], ignore_index)
+    return _dice(logits, masks, valid, smooth, squared)
+
+
+def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Softmax cross-entropy over the C classes, mean over valid pixels (the mutually exclusive "EL"
     baseline of ZegCLIP Sec. 3.2 / Table 5). 0 (with a graph) when every pixel is ignored."""
     _check(logits, target, ignore_index)
@@ -161,7 +219,7 @@ def segmentation_loss_terms(
     focal_alpha: float | None = None,
     dice_smooth: float = 1.0,
     dice_squared: bool = True,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> dict[str, torch.Tensor]:
     """The loss and its components.
 
@@ -172,8 +230,11 @@ def segmentation_loss_terms(
         ValueError: unknown ``kind`` (or the checks of the component losses).
     """
     if kind == "focal_dice":
-        focal = sigmoid_focal_loss(logits, target, gamma=gamma, focal_alpha=focal_alpha, ignore_index=ignore_index)
-        dice = dice_loss(logits, target, smooth=dice_smooth, squared=dice_squared, ignore_index=ignore_index)
+        _check(logits, target, ignore_index)
+        _check_focal_alpha(focal_alpha)
+        masks, valid = one_hot_targets(target, logits.shape[1], ignore_index)  # shared by both terms
+        focal = _focal(logits, masks, valid, gamma, focal_alpha)
+        dice = _dice(logits, masks, valid, dice_smooth, dice_squared)
         return {"loss": alpha * focal + beta * dice, "focal": focal, "dice": dice}
     if kind == "ce":
         ce = cross_entropy_loss(logits, target, ignore_index=ignore_index)

@@ -41,8 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-#: Ground-truth value of pixels that are not evaluated.
-IGNORE_INDEX = 255
+from zeroseg.data.classes import IGNORE_INDEX  # ground-truth value of pixels that are not evaluated
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +238,14 @@ def _ids(ids: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int, what:
 def check_split(seen_ids: Sequence[int], unseen_ids: Sequence[int], num_classes: int) -> tuple[list[int], list[int]]:
     """Validated ``(seen, unseen)`` id lists.
 
+    Args:
+        seen_ids: seen class ids (ints, a 1-D array or tensor).
+        unseen_ids: unseen class ids.
+        num_classes: ``C``; every id must lie in ``[0, C)``.
+
+    Returns:
+        ``(seen, unseen)`` as lists of Python ints, order kept.
+
     Raises:
         ValueError: an id outside ``[0, C)``, a duplicate, or an id both seen and unseen.
     """
@@ -293,6 +300,10 @@ def gzs3_zs3_confusion(
     probabilities: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both zero-shot confusion matrices from one set of scores, on the scores' device.
+
+    Protocol: GZS3 (generalised, all classes compete) and ZS3 (only unseen classes compete, only
+    unseen ground-truth pixels count) as defined by SPNet (Xian et al., CVPR 2019) and ZS3Net
+    (Bucher et al., NeurIPS 2019) and used by ZegFormer / ZegCLIP.
 
     Args:
         scores: float ``[B, C, H, W]`` class scores at the label resolution.
@@ -369,11 +380,14 @@ def per_class_iou(cm: np.ndarray | torch.Tensor) -> np.ndarray:
     """Per-class IoU in percent: ``100 * TP / (TP + FP + FN)``.
 
     Args:
-        cm: ``[C, C]`` confusion matrix (rows ground truth, columns prediction).
+        cm: ``[C, C]`` confusion matrix (rows ground truth, columns prediction), NumPy or torch.
 
     Returns:
         float64 ``[C]``; NaN for a class with no ground-truth and no predicted pixels; 0 for a
         class predicted but absent from the ground truth (mmseg's convention).
+
+    Raises:
+        ValueError: ``cm`` is not a square 2-D matrix.
     """
     m = _as_cm(cm)
     tp = np.diag(m)
@@ -383,10 +397,16 @@ def per_class_iou(cm: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def per_class_accuracy(cm: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Per-class accuracy (recall) in percent: ``100 * TP / (TP + FN)``; NaN without GT pixels.
+    """Per-class accuracy (recall) in percent: ``100 * TP / (TP + FN)``.
+
+    Args:
+        cm: ``[C, C]`` confusion matrix (rows ground truth, columns prediction), NumPy or torch.
 
     Returns:
-        float64 ``[C]``.
+        float64 ``[C]``; NaN for a class without ground-truth pixels.
+
+    Raises:
+        ValueError: ``cm`` is not a square 2-D matrix.
     """
     m = _as_cm(cm)
     gt = m.sum(1)
@@ -394,7 +414,17 @@ def per_class_accuracy(cm: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def pixel_accuracy(cm: np.ndarray | torch.Tensor) -> float:
-    """pAcc in percent: correctly labelled valid pixels / valid pixels; NaN with no pixels."""
+    """pAcc in percent: correctly labelled valid pixels / valid pixels.
+
+    Args:
+        cm: ``[C, C]`` confusion matrix, NumPy or torch.
+
+    Returns:
+        ``100 * trace / sum``; NaN when the matrix counts no pixel.
+
+    Raises:
+        ValueError: ``cm`` is not a square 2-D matrix.
+    """
     m = _as_cm(cm)
     total = m.sum()
     return float(100.0 * np.trace(m) / total) if total > 0 else float("nan")
@@ -453,6 +483,20 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(float(x)) else None
 
 
+def json_safe(x: Any) -> Any:
+    """JSON-safe copy of nested dicts / lists / tuples: NaN / inf floats -> None, NumPy scalars ->
+    Python (tuples become lists); anything else unchanged."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return _finite_or_none(x)
+    return x
+
+
 def _split_names(c: int, seen_ids: Sequence[int], unseen_ids: Sequence[int]) -> list[str]:
     out = ["-"] * c
     for i in seen_ids:
@@ -490,9 +534,19 @@ def segmentation_metrics(cm: np.ndarray | torch.Tensor, seen_ids: Sequence[int],
 def zs3_metrics(cm_unseen: np.ndarray | torch.Tensor) -> dict[str, Any]:
     """ZS3 metrics from the ``[U, U]`` unseen-only confusion matrix, in percent.
 
+    ZS3 protocol of SPNet (Xian et al., CVPR 2019) and ZS3Net (Bucher et al., NeurIPS 2019), as
+    reported by ZegFormer / ZegCLIP: only unseen classes are candidates and only pixels whose
+    ground truth is unseen are scored (matrix from :func:`gzs3_zs3_confusion`).
+
+    Args:
+        cm_unseen: ``[U, U]`` confusion matrix indexed by position in ``unseen_ids``, NumPy or torch.
+
     Returns:
         ``{"mIoU", "pAcc", "mAcc", "iou": [U] list (None for NaN)}``; NaN when ``U == 0`` or no
         pixel has an unseen ground truth.
+
+    Raises:
+        ValueError: ``cm_unseen`` is not a square 2-D matrix.
     """
     m = _as_cm(cm_unseen)
     if m.shape[0] == 0:
@@ -535,6 +589,7 @@ __all__ = [
     "confusion_matrix_torch",
     "gzs3_zs3_confusion",
     "harmonic_iou",
+    "json_safe",
     "nanmean",
     "per_class_accuracy",
     "per_class_iou",

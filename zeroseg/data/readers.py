@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from zeroseg.data.classes import IGNORE_INDEX
 from zeroseg.errors import BadImageError, ConfigError, DataError
 
-IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 COCO_KINDS = ("instances", "stuff", "panoptic")
 #: COCO-Stuff's catch-all stuff category: not one of the 171 classes (-> ignore).

@@ -30,9 +30,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from zeroseg.data.classes import IGNORE_INDEX
 from zeroseg.errors import DataError
-
-IGNORE_INDEX = 255
 
 #: CLIP's pixel statistics for images in [0, 1] (open_clip OPENAI_DATASET_MEAN / STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
