@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from pipeline.dag import StageContext
 from stages.build_splits import BuildSplits, BuildSplitsConfig
+from zeroseg.data.splits import assign_val
 from zeroseg.errors import ConfigError, DataError
 
 KEY = "ab" * 32
@@ -38,6 +39,14 @@ def make_config(data, **over):
     return BuildSplitsConfig.model_validate(raw)
 
 
+def expected_val_ids(data, cfg):
+    """The held-out ids computed here, independently of the stage: the first ``max_images`` coco
+    image ids (file-name stems) in sorted order, then :func:`assign_val` with the config's fraction and seed."""
+    images = json.loads((data / "coco128-seg/annotations.json").read_text())["images"]
+    ids = sorted(im["file_name"].rsplit(".", 1)[0] for im in images)[: cfg.train.max_images]
+    return ids, assign_val(ids, cfg.val_fraction, cfg.seed)
+
+
 def run_stage(cfg, tmp_path):
     out = tmp_path / "staging"
     out.mkdir(parents=True)
@@ -55,14 +64,17 @@ def built(ray_session, shared_data, tmp_path_factory):
     return cfg, metrics, out, tmp
 
 
-def test_outputs_and_metrics(built):
+def test_outputs_and_metrics(built, shared_data):
     cfg, metrics, out, tmp = built
     stats = json.loads((out / "stats.json").read_text())["splits"]
     assert set(stats) == {"train", "val", "camvid"}
-    # the first 12 coco128 images, 5 held out by hash (seed 0); 000000000072 shows only giraffes (unseen),
-    # so under policy ignore its label is all 255 and it is dropped
+    # the first 12 coco128 images, some held out by hash (seed 0); 000000000072 shows only giraffes (unseen),
+    # so under policy ignore its label is all 255 and it is dropped (when it stays in train: checked here)
+    ids, val_ids = expected_val_ids(shared_data, cfg)
+    assert len(ids) == 12 and 0 < len(val_ids) < 12 and "000000000072" not in val_ids
     assert stats["train"]["images_total"] + stats["val"]["images_total"] == 12
-    assert stats["val"]["images_total"] == 5
+    assert stats["val"]["images_total"] == len(val_ids)
+    assert stats["train"]["images_total"] == 12 - len(val_ids)
     assert stats["train"]["dropped"] == {"no_labelled_pixels": 1} and stats["train"]["images_with_unseen"] == 1
     assert stats["train"]["unseen_present"] == [] and stats["val"]["unseen_present"] == ["giraffe"]
     assert metrics["train_images"] == stats["train"]["kept"] > 0
@@ -84,7 +96,7 @@ def test_outputs_and_metrics(built):
     assert "road" in stats["camvid"]["unseen_present"] and stats["camvid"]["pixels_per_class"]["sky"] > 0
 
 
-def test_train_labels_never_hold_unseen_ids_and_uris_point_at_the_published_artifact(built):
+def test_train_labels_never_hold_unseen_ids_and_uris_point_at_the_published_artifact(built, shared_data):
     cfg, _, out, tmp = built
     unseen = set(json.loads((out / "classes.json").read_text())["train"]["unseen"])
     published = tmp / "store" / "build_splits" / KEY
@@ -98,10 +110,12 @@ def test_train_labels_never_hold_unseen_ids_and_uris_point_at_the_published_arti
         assert present == set(r["classes"]) and not present & unseen
         assert Image.open(r["image_uri"]).size == (r["width"], r["height"])
     # val keeps unseen classes: 000000000025 (held out with seed 0) shows giraffes
+    ids, val_ids = expected_val_ids(shared_data, cfg)
+    assert "000000000025" in val_ids
     val = {r["image_id"]: r for r in pq.read_table(out / "manifests" / "val.parquet").to_pylist()}
     train_ids = {r["image_id"] for r in rows}
-    assert not train_ids & set(val) and "000000000072" not in train_ids
-    assert sorted(val) == ["000000000009", "000000000025", "000000000036", "000000000042", "000000000061"]
+    assert set(val) == val_ids  # eval sets keep every image
+    assert train_ids == set(ids) - val_ids - {"000000000072"}  # 072: only giraffes -> dropped
     assert set(val["000000000025"]["classes"]) & unseen
     cam = pq.read_table(out / "manifests" / "camvid.parquet").to_pylist()[0]
     assert cam["dataset"] == "camvid" and max(cam["classes"]) <= 10
@@ -117,9 +131,13 @@ def test_drop_policy_and_fingerprint(built, shared_data, tmp_path):
     assert stats["images_total"] == 12 and stats["dropped"] == {"unseen_pixels": 2} and stats["kept"] == 10
     assert not (out / "manifests" / "val.parquet").exists() and m["train_images"] == stats["kept"]
     stage = BuildSplits()
-    assert stage.fingerprint(cfg) == stage.fingerprint(make_config(shared_data))
-    assert len(stage.fingerprint(cfg)) == 64
-    assert stage.fingerprint(cfg) != stage.fingerprint(cfg_drop)  # the camvid folders are no longer inputs
+    fp = stage.fingerprint(cfg)
+    assert fp == stage.fingerprint(make_config(shared_data)) and len(fp) == 64
+    # the fingerprint covers dataset files only: policy, fraction and seed leave it alone ...
+    assert fp == stage.fingerprint(make_config(shared_data, unseen_policy="drop", val_fraction=0.0, seed=7))
+    # ... while dropping the camvid eval set (its folders no longer inputs), and nothing else, changes it
+    assert fp != stage.fingerprint(make_config(shared_data, eval=[]))
+    assert fp != stage.fingerprint(cfg_drop)
 
 
 def test_unknown_split_class_fails_the_stage_with_a_suggestion(ray_session, shared_data, tmp_path):

@@ -62,10 +62,22 @@ def test_unknown_key_names_the_nearest(tmp_path):
 
 
 def test_clip_injected_unless_overridden(tmp_path):
-    c = validate_section("s", Cfg, {}, {"model": "A", "random_init": True}, tmp_path)
-    assert c.clip.model == "A"
-    c = validate_section("s", Cfg, {"clip": {"model": "B"}}, {"model": "A"}, tmp_path)
-    assert c.clip.model == "B"
+    top = {"model": "A", "random_init": True}
+    c = validate_section("s", Cfg, {}, top, tmp_path)
+    assert c.clip == Inner(model="A", random_init=True)
+    # a section's own clip replaces the top-level one whole: nothing of it is merged in
+    c = validate_section("s", Cfg, {"clip": {"model": "B"}}, top, tmp_path)
+    assert c.clip == Inner(model="B", random_init=False)
+    c = validate_section("s", Cfg, {"clip": {"random_init": False}}, top, tmp_path)
+    assert c.clip == Inner(model="m", random_init=False)
+    assert top == {"model": "A", "random_init": True}  # the top-level spec is not mutated
+    assert validate_section("s", Cfg, {}, None, tmp_path).clip is None  # no top-level clip: nothing injected
+
+    class NoClip(StageConfig):
+        gamma: float = 0.0
+
+    # only models with a clip field get one (an injected key would fail NoClip's extra="forbid")
+    assert not hasattr(validate_section("s", NoClip, {}, top, tmp_path), "clip")
 
 
 def test_keys_same_config_same_key_any_change_new_key():

@@ -38,9 +38,18 @@ def test_first_run_runs_every_stage_and_evaluates(first_run):
             assert 0.0 <= ev.metrics[f"{s}/{m}"] <= 100.0
     art = work / "store" / "evaluate" / ev.key
     metrics = json.loads((art / "metrics.json").read_text())
-    assert set(metrics) >= {"val", "camvid"}
+    assert set(metrics) == {"val", "camvid"}
+    assert metrics["camvid"]["images"] == 3 and metrics["val"]["gamma"] == 0.0  # evaluate.gamma in sample.yaml
+    # the plan's metrics are exactly the file's summary numbers (NaN there is null, and left out of the plan)
+    want = {}
+    for s, doc in metrics.items():
+        for m in ("pAcc", "mAcc", "mIoU", "mIoU_seen", "mIoU_unseen", "hIoU"):
+            want[f"{s}/{m}"] = doc["gzs3"][m]
+        want[f"{s}/zs3_mIoU"], want[f"{s}/zs3_pAcc"] = doc["zs3"]["mIoU"], doc["zs3"]["pAcc"]
+    want = {k: v for k, v in want.items() if v is not None}
+    assert {k: v for k, v in ev.metrics.items() if k != "fps"} == want
     manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["key"] == ev.key and manifest["files"]
+    assert manifest["key"] == ev.key and manifest["files"] and manifest["metrics"] == ev.metrics
 
 
 def test_second_run_is_fully_cached(first_run, monkeypatch):
@@ -80,30 +89,58 @@ def test_force_and_from_select_stages(first_run):
                              "train_classifier": "ran", "evaluate": "cached"}
 
 
+def _tree(root):
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
 def test_dry_run_prints_plan_and_runs_nothing(first_run, capsys):
     work, _, _ = first_run
+    before = _tree(work / "store")
     code, plan = _run(work, "--dry-run", overrides=["evaluate.gamma=0.75"])
     assert code == 0
     assert {p.name: p.action for p in plan}["evaluate"] == "run"
     assert all(p.status == "pending" for p in plan)
+    ev = next(p for p in plan if p.name == "evaluate")
+    assert not (work / "store" / "evaluate" / ev.key).exists()
+    assert _tree(work / "store") == before  # no artifact, staging or cache entry appeared
     out = capsys.readouterr().out
     assert "plan" in out and "evaluate" in out and "RANDOM WEIGHTS" in out
 
 
 def test_mlflow_parent_and_nested_runs(first_run):
+    """A fully cached invocation (run here, so the test stands alone) logs one parent run with one
+    nested ``cached`` run per stage, each pointing at the MLflow run that produced its artifact."""
     work, _, _ = first_run
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     exp = mlflow.get_experiment_by_name("zeroseg-sample")
-    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) >= 2
-    cached = [r for r in nested if r.data.tags.get("status") == "cached"]
-    ran = {r.info.run_id: r for r in nested if r.data.tags.get("status") == "ran"}
-    assert cached and all(r.data.tags["produced_by_run"] in ran for r in cached)
-    ev = [r for r in ran.values() if r.data.tags["stage"] == "evaluate"][0]
-    assert "val/hIoU" in ev.data.metrics and ev.data.params["gamma"] in ("0.0", "0.5")
-    assert len(ev.data.tags["artifact_key"]) == 64
+    before = {r.info.run_id for r in mlflow.search_runs([exp.experiment_id], output_format="list")}
+    code, plan = _run(work)
+    assert code == 0 and set(_status(plan).values()) == {"cached"}
+    runs = {r.info.run_id: r for r in mlflow.search_runs([exp.experiment_id], output_format="list")}
+    new = [r for i, r in runs.items() if i not in before]
+    parents = [r for r in new if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(new) == 1 + len(plan)
+    parent = parents[0]
+    assert {k: v for k, v in parent.data.tags.items() if k.startswith("stages.")} == {
+        f"stages.{p.name}": f"cached {p.key[:12]}" for p in plan}
+    nested = {r.data.tags["stage"]: r for r in new if r is not parent}
+    assert set(nested) == {p.name for p in plan}
+    for p in plan:
+        r = nested[p.name]
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.tags["status"] == "cached" and r.data.tags["artifact_key"] == p.key
+        # produced_by_run: the run recorded in the artifact's manifest, a "ran" run of the same stage and key
+        manifest = json.loads((work / "store" / p.name / p.key / "manifest.json").read_text())
+        producer = runs[r.data.tags["produced_by_run"]]
+        assert r.data.tags["produced_by_run"] == manifest["mlflow_run_id"]
+        assert producer.data.tags["status"] == "ran" and producer.data.tags["stage"] == p.name
+        assert producer.data.tags["artifact_key"] == p.key
+        assert r.data.metrics == p.metrics == manifest["metrics"]
+    ev = next(p for p in plan if p.name == "evaluate")
+    producer = runs[nested["evaluate"].data.tags["produced_by_run"]]
+    assert producer.data.params["gamma"] == "0.0" and len(producer.data.tags["artifact_key"]) == 64
+    assert producer.data.metrics["val/hIoU"] == ev.metrics["val/hIoU"]
+    assert all(producer.data.metrics[k] == v for k, v in ev.metrics.items())
 
 
 def test_bad_config_and_selection_errors(tmp_path, capsys):

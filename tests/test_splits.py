@@ -1,5 +1,6 @@
 """Unseen-pixel policies, deterministic splits, skip counting, stats and the manifest guard."""
 
+import hashlib
 import io
 import json
 
@@ -124,11 +125,18 @@ def test_split_is_deterministic_seeded_and_order_free():
     assert a == assign_val(list(reversed(ids)), 0.25, seed=0) == assign_val(sorted(ids, key=hash), 0.25, seed=0)
     assert a == assign_val(ids, 0.25, seed=0)
     assert a != assign_val(ids, 0.25, seed=1)
-    assert 60 < len(a) < 140
+    # len(a) ~ Binomial(400, 0.25): mean 100, sigma = sqrt(400 * 0.25 * 0.75) ~ 8.7, so +-4 sigma ~ [65, 135]
+    assert 65 <= len(a) <= 135
     # a subset keeps its members' assignment (stable when images are added or removed)
     assert assign_val(ids[:100], 0.25, seed=0) == {i for i in a if i in set(ids[:100])}
     assert assign_val(ids, 0.0, seed=0) == set()
-    assert 0.0 <= split_unit("x", 3) < 1.0 and split_unit("x", 3) == split_unit("x", 3)
+    # the documented formula, computed independently: sha256(f"{seed}:{id}"), first 8 bytes big-endian / 2**64
+    for image_id, seed in (("x", 3), ("000000000009", 0), ("img/007", 42)):
+        want = int.from_bytes(hashlib.sha256(f"{seed}:{image_id}".encode()).digest()[:8], "big") / 2**64
+        assert split_unit(image_id, seed) == want and 0.0 <= want < 1.0
+    assert split_unit("x", 3) != split_unit("x", 4) and split_unit("x", 3) != split_unit("y", 3)
+    # assign_val is exactly the ids whose unit falls below the fraction
+    assert a == {i for i in ids if split_unit(i, 0) < 0.25}
 
 
 def test_truncate_takes_first_ids_in_sorted_order():

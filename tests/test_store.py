@@ -11,6 +11,12 @@ from zeroseg.errors import ConfigError
 KEY = "a" * 64
 
 
+@pytest.fixture
+def store(tmp_path):
+    """A local store at ``tmp_path/store`` with its cache at ``tmp_path/cache``."""
+    return ArtifactStore(str(tmp_path / "store"), tmp_path / "cache")
+
+
 def _stage_output(store, text="hello"):
     d = store.staging_dir("stage_x", KEY)
     (d / "sub").mkdir()
@@ -19,8 +25,7 @@ def _stage_output(store, text="hello"):
     return d
 
 
-def test_publish_then_get_roundtrip(tmp_path):
-    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache")
+def test_publish_then_get_roundtrip(store):
     assert not store.exists("stage_x", KEY) and store.get("stage_x", KEY) is None
     art = store.publish("stage_x", KEY, _stage_output(store), {"metrics": {"m": 1.0}})
     assert store.exists("stage_x", KEY)
@@ -30,8 +35,7 @@ def test_publish_then_get_roundtrip(tmp_path):
     assert got.manifest["metrics"] == {"m": 1.0} and art.key == KEY
 
 
-def test_crash_before_manifest_leaves_stage_not_done(tmp_path, monkeypatch):
-    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache")
+def test_crash_before_manifest_leaves_stage_not_done(store, tmp_path, monkeypatch):
     staging = _stage_output(store)
 
     def boom(*a, **k):
@@ -50,8 +54,7 @@ def test_crash_before_manifest_leaves_stage_not_done(tmp_path, monkeypatch):
     assert store.get("stage_x", KEY).file("sub/f.txt").read_text() == "second"
 
 
-def test_tampered_file_fails_verification(tmp_path):
-    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache")
+def test_tampered_file_fails_verification(store, tmp_path):
     store.publish("stage_x", KEY, _stage_output(store), {})
     f = tmp_path / "store" / "stage_x" / KEY / "sub" / "f.txt"
     f.write_text("HELLO")  # same size, different content
@@ -64,8 +67,7 @@ def test_tampered_file_fails_verification(tmp_path):
         size_only.get("stage_x", KEY)
 
 
-def test_manifest_key_mismatch_is_corrupt(tmp_path):
-    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache")
+def test_manifest_key_mismatch_is_corrupt(store, tmp_path):
     store.publish("stage_x", KEY, _stage_output(store), {})
     m = tmp_path / "store" / "stage_x" / KEY / "manifest.json"
     data = json.loads(m.read_text())
