@@ -68,6 +68,8 @@ def test_model_logit_scale_and_config_errors(clip_model):
         MaskCLIP(clip_model, {"logit_scale": 0})
     with pytest.raises(ConfigError, match="input_size"):
         MaskCLIP(clip_model, {"input_size": [224]})
+    with pytest.raises(ConfigError, match=r"input_size \[224, 200\] is not a multiple of the CLIP patch size \[16, 16\]"):
+        MaskCLIP(clip_model, {"input_size": [224, 200]})
     with pytest.raises(ValueError, match=r"\[C >= 1, 64\]"):
         MaskCLIP(clip_model)(torch.randn(1, 3, 224, 224), torch.randn(3, 32))
 

@@ -16,6 +16,7 @@ from zeroseg.models.zegclip import (
     MaskDecoderLayer,
     RelationshipDescriptor,
     ZegCLIP,
+    resolve_zegclip_config,
 )
 
 TINY = Path(__file__).resolve().parent.parent / "zeroseg" / "models" / "configs" / "zeroseg-tiny-vit.json"
@@ -89,6 +90,29 @@ def test_deep_prompts_follow_eq3(layers):
     torch.testing.assert_close(patches, rp, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="outside 1..2"):
         PromptedVisionTransformer(tiny_clip().visual, prompt_layers=[3])
+
+
+def test_prompt_dropout_mask_is_per_image():
+    """Dropout is applied after the prompts are expanded to the batch (ZegCLIP's released code):
+    in train mode two identical images get different prompt masks, in eval mode none."""
+    clip = tiny_clip()
+    enc = PromptedVisionTransformer(clip.visual, backbone="dpt", prompt_tokens=8, prompt_layers=[1], prompt_dropout=0.5)
+    seen = []
+    hook = clip.visual.transformer.resblocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = images(1, 64).expand(2, -1, -1, -1)  # two identical images
+    torch.manual_seed(0)
+    with torch.no_grad():
+        enc.train()
+        g_train, _, _ = enc(x)
+        enc.eval()
+        g_eval, _, _ = enc(x)
+    hook.remove()
+    p_train, p_eval = seen[0][:, 1:9], seen[1][:, 1:9]  # prompt tokens right after [CLS]
+    assert not torch.equal(p_train[0] == 0, p_train[1] == 0)  # per-image dropout masks
+    assert not torch.allclose(g_train[0], g_train[1])
+    torch.testing.assert_close(p_eval[0], enc.prompts[0])
+    torch.testing.assert_close(p_eval[1], p_eval[0])
+    torch.testing.assert_close(g_eval[1], g_eval[0])
 
 
 def test_positional_embedding_resized_once_bicubic():
@@ -236,9 +260,29 @@ def test_config_validation():
         ZegCLIP(tiny_clip(), {"rd": "tgt"})
     with pytest.raises(ConfigError, match="divisible"):
         ZegCLIP(tiny_clip(), {"decoder_width": 30, "decoder_heads": 4})
+    with pytest.raises(ConfigError, match=r"model.input_size \[72, 64\] is not a multiple of the CLIP patch size"):
+        ZegCLIP(tiny_clip(), {"input_size": [72, 64]})
     model = ZegCLIP(tiny_clip(), {"input_size": 32, "rd": "t_g", "loss": "ce"})
     assert model.cfg["input_size"] == [32, 32] and model.head.rd.in_dim == 2 * D
     assert ZEGCLIP_PAPER_SETTINGS["prompt_tokens"] == {"voc": 10, "coco": 100, "context": 35}
+
+
+@pytest.mark.parametrize("value", [[], "12", [1, "2"], [True], [0], [1.0], 3])
+def test_prompt_layers_must_be_a_nonempty_int_list(value):
+    with pytest.raises(ConfigError, match=r"model.prompt_layers must be a non-empty list of 1-based layer numbers"):
+        resolve_zegclip_config({"prompt_layers": value})
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.5, "10", None])
+def test_prompt_tokens_must_be_a_positive_int(value):
+    with pytest.raises(ConfigError, match=r"model.prompt_tokens must be a positive int"):
+        resolve_zegclip_config({"prompt_tokens": value})
+
+
+def test_prompt_settings_accepted():
+    cfg = resolve_zegclip_config({"prompt_layers": (1, 2), "prompt_tokens": 1})
+    assert cfg["prompt_layers"] == [1, 2] and cfg["prompt_tokens"] == 1
+    assert resolve_zegclip_config()["prompt_layers"] is None  # every layer (Table 8)
 
 
 @pytest.mark.parametrize("kind", ["focal_dice", "ce"])

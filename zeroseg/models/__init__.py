@@ -113,7 +113,12 @@ def get_builder(method: str) -> Callable[..., Segmenter]:
 
 
 def build_segmenter(method: str, clip_model: nn.Module, model_cfg: Mapping[str, Any] | None = None) -> Segmenter:
-    """``get_builder(method)(clip_model, dict(model_cfg or {}))``."""
+    """``get_builder(method)(clip_model, dict(model_cfg or {}))``.
+
+    Raises:
+        ConfigError: unknown method, or a bad ``model_cfg`` (raised by the method's builder).
+        ValueError: a CLIP model the method cannot use (e.g. a non-ViT image tower).
+    """
     return get_builder(method)(clip_model, dict(model_cfg or {}))
 
 

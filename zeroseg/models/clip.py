@@ -119,15 +119,6 @@ class ClipSpec(BaseModel):
             )
         return self
 
-    @property
-    def source(self) -> str:
-        """``"pretrained"``, ``"checkpoint"`` or ``"random_init"``."""
-        if self.pretrained:
-            return "pretrained"
-        if self.checkpoint:
-            return "checkpoint"
-        return "random_init"
-
 
 def as_spec(spec: ClipSpec | Mapping[str, Any]) -> ClipSpec:
     """A :class:`ClipSpec` from a spec or its dict form (as stored in ``segmenter.json``)."""
@@ -219,7 +210,12 @@ def model_config(spec: ClipSpec | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_embed_dim(spec: ClipSpec | Mapping[str, Any]) -> int:
-    """Dimension ``D`` of the joint image-text embedding space of ``spec.model`` (from its config)."""
+    """Dimension ``D`` of the joint image-text embedding space of ``spec.model`` (from its config;
+    no weights are loaded).
+
+    Raises:
+        ConfigError: unknown model or bad model config file (see :func:`resolve_model_name`).
+    """
     return int(model_config(spec)["embed_dim"])
 
 
@@ -389,14 +385,15 @@ def image_norm(model: torch.nn.Module) -> tuple[tuple[float, float, float], tupl
     """``(mean, std)`` pixel normalisation of a loaded CLIP model (images in [0, 1]).
 
     From ``visual.preprocess_cfg`` (set by ``open_clip.create_model``; the tag's values for a
-    pretrained tag), defaulting to ``OPENAI_DATASET_MEAN`` / ``OPENAI_DATASET_STD``.
+    pretrained tag), else the legacy ``visual.image_mean`` / ``image_std`` attributes (set alone by
+    open_clip's ``load_openai_model``), else ``OPENAI_DATASET_MEAN`` / ``OPENAI_DATASET_STD``.
     """
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     visual = getattr(model, "visual", model)
     pp = getattr(visual, "preprocess_cfg", None) or {}
-    mean = pp.get("mean") or OPENAI_DATASET_MEAN
-    std = pp.get("std") or OPENAI_DATASET_STD
+    mean = pp.get("mean") or getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
+    std = pp.get("std") or getattr(visual, "image_std", None) or OPENAI_DATASET_STD
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)  # type: ignore[return-value]
 
 
@@ -407,6 +404,37 @@ def native_input_size(model: torch.nn.Module) -> tuple[int, int]:
     if isinstance(size, int):
         return (size, size)
     return (int(size[0]), int(size[1]))
+
+
+def patch_size(model: torch.nn.Module) -> tuple[int, int]:
+    """``(ph, pw)`` in pixels of a ViT image tower (``visual.patch_size``).
+
+    Raises:
+        ValueError: the image tower has no ``patch_size`` (not a ViT).
+    """
+    visual = getattr(model, "visual", model)
+    p = getattr(visual, "patch_size", None)
+    if p is None:
+        raise ValueError(f"the CLIP image tower {type(visual).__name__} has no patch size (not a ViT)")
+    if isinstance(p, int):
+        return (p, p)
+    return (int(p[0]), int(p[1]))
+
+
+def check_input_size(model: torch.nn.Module, size: tuple[int, int] | list[int], key: str) -> None:
+    """Check that ``(H, W) = size`` is a multiple of the ViT's patch size (the patch grid must
+    tile the image exactly).
+
+    Raises:
+        ConfigError: it is not (naming ``key`` and the nearest valid size).
+        ValueError: ``model`` is not a ViT (see :func:`patch_size`).
+    """
+    ph, pw = patch_size(model)
+    if int(size[0]) % ph or int(size[1]) % pw:
+        near = [max(ph, round(int(size[0]) / ph) * ph), max(pw, round(int(size[1]) / pw) * pw)]
+        raise ConfigError(
+            f"{key} {list(size)} is not a multiple of the CLIP patch size {[ph, pw]}; use e.g. {near}"
+        )
 
 
 # --------------------------------------------------------------------------- dense features
@@ -471,9 +499,7 @@ def _value_path(attn: torch.nn.MultiheadAttention, y: torch.Tensor) -> torch.Ten
     return attn.out_proj(v)
 
 
-def dense_features(
-    visual: torch.nn.Module, images: torch.Tensor, attn_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_features(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Image embedding and per-patch embeddings of an open_clip ViT (MaskCLIP Sec. 3.2).
 
     Steps: patchify (``conv1``), prepend [CLS], add the positional embedding (bicubic-resized when
@@ -493,8 +519,6 @@ def dense_features(
         images: ``[B, 3, H, W]`` normalised pixels. ``H, W`` need not equal the model's
             ``image_size``; the grid is ``(H // p, W // p)`` for patch size ``p`` (a remainder is
             cropped by the strided patch convolution).
-        attn_mask: optional additive/boolean attention mask ``[L, L]`` or ``[B*heads, L, L]``
-            (``L = 1 + h*w``) for every block; in the last block only its [CLS] row is used.
 
     Returns:
         ``(cls, patches)``: ``cls`` ``[B, D]`` (equal to ``model.encode_image(images)`` at the
@@ -509,7 +533,7 @@ def dense_features(
     check_dense_visual(visual)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-    ph, pw = visual.patch_size if isinstance(visual.patch_size, tuple) else (visual.patch_size,) * 2
+    ph, pw = patch_size(visual)
     if images.shape[-2] < ph or images.shape[-1] < pw:
         raise ValueError(f"images {tuple(images.shape[-2:])} are smaller than one patch {(ph, pw)}")
     dtype = visual.conv1.weight.dtype
@@ -527,24 +551,18 @@ def dense_features(
     if not batch_first:
         x = x.transpose(0, 1)  # [L, B, width]
     for blk in blocks[:-1]:
-        x = blk(x, attn_mask=attn_mask)
+        x = blk(x)
     if not batch_first:
         x = x.transpose(0, 1)
 
     last = blocks[-1]
     y = last.ln_1(x)  # [B, L, width]
     # [CLS]: the unmodified block, computed for the [CLS] query only
-    cls_mask = None
-    if attn_mask is not None:
-        cls_mask = (attn_mask[:1] if attn_mask.ndim == 2 else attn_mask[:, :1]).to(
-            y.dtype if attn_mask.dtype != torch.bool else torch.bool
-        )
     q = y[:, :1]
     if last.attn.batch_first:
-        a = last.attn(q, y, y, need_weights=False, attn_mask=cls_mask)[0]
+        a = last.attn(q, y, y, need_weights=False)[0]
     else:
-        a = last.attn(q.transpose(0, 1), y.transpose(0, 1), y.transpose(0, 1),
-                      need_weights=False, attn_mask=cls_mask)[0].transpose(0, 1)
+        a = last.attn(q.transpose(0, 1), y.transpose(0, 1), y.transpose(0, 1), need_weights=False)[0].transpose(0, 1)
     c = x[:, :1] + last.ls_1(a)
     c = c + last.ls_2(last.mlp(last.ln_2(c)))
     # patches: MaskCLIP value path

@@ -22,13 +22,13 @@ from torch import nn
 
 from zeroseg.errors import ConfigError
 from zeroseg.models import Segmenter, register_segmenter
-from zeroseg.models.clip import check_dense_visual, dense_features, image_norm, native_input_size
+from zeroseg.models.clip import check_dense_visual, check_input_size, dense_features, image_norm, native_input_size
 
 #: Model config keys of :class:`MaskCLIP` and their defaults.
-#: ``input_size``: ``[H, W]`` or None (= the CLIP model's ``image_size``; other sizes resize the
-#: positional embedding bicubically). ``logit_scale``: the factor applied to the cosine
-#: similarities, a positive float or ``"model"`` (= the CLIP model's learned ``logit_scale.exp()``,
-#: 100 for OpenAI CLIP). 100 is the temperature MaskCLIP's head uses before its softmax
+#: ``input_size``: ``[H, W]`` or None (= the CLIP model's ``image_size``; other sizes, multiples
+#: of the patch size, resize the positional embedding bicubically). ``logit_scale``: the factor
+#: applied to the cosine similarities, a positive float or ``"model"`` (= the CLIP model's learned
+#: ``logit_scale.exp()``, 100 for OpenAI CLIP). 100 is the temperature MaskCLIP's head uses before its softmax
 #: (``MaskClipHead.refine_output``: ``softmax(output * 100)``). It does not change the argmax.
 MASKCLIP_DEFAULT_CONFIG: dict[str, Any] = {"input_size": None, "logit_scale": 100.0}
 
@@ -40,7 +40,8 @@ def resolve_maskclip_config(clip_model: nn.Module, cfg: Mapping[str, Any] | None
         ``{"input_size": [H, W], "logit_scale": float}``.
 
     Raises:
-        ConfigError: an unknown key (naming the nearest), a bad ``input_size`` or ``logit_scale``.
+        ConfigError: an unknown key (naming the nearest), a bad ``input_size`` (not ``[H, W]``
+            positive ints, or not a multiple of the CLIP patch size) or ``logit_scale``.
     """
     out = dict(MASKCLIP_DEFAULT_CONFIG)
     for k, v in dict(cfg or {}).items():
@@ -57,6 +58,7 @@ def resolve_maskclip_config(clip_model: nn.Module, cfg: Mapping[str, Any] | None
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         raise ConfigError(f"MaskCLIP input_size must be [H, W] positive ints or null, got {out['input_size']!r}")
     out["input_size"] = [int(s) for s in size]
+    check_input_size(clip_model, out["input_size"], "MaskCLIP input_size")
     scale = out["logit_scale"]
     if scale == "model":
         scale = float(clip_model.logit_scale.detach().exp().reshape(-1)[0])
@@ -90,9 +92,9 @@ class MaskCLIP(Segmenter):
 
     def __init__(self, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.cfg = resolve_maskclip_config(clip_model, cfg)
         visual = getattr(clip_model, "visual", clip_model)
         check_dense_visual(visual)
+        self.cfg = resolve_maskclip_config(clip_model, cfg)
         self.visual = visual
         self.visual.requires_grad_(False)
         self.visual.eval()

@@ -25,25 +25,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from zeroseg.models.clip import resize_pos_embed
+
 BACKBONE_VARIANTS = ("dpt", "ft", "fix")
-
-
-def _resize_grid_embedding(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of the spatial part of a ViT positional embedding.
-
-    pos: ``[1 + gh*gw, width]`` (row 0 is the [CLS] position, kept as is) -> ``[1 + nh*nw, width]``.
-    """
-    if tuple(old_grid) == tuple(new_grid):
-        return pos
-    cls_pos, grid_pos = pos[:1], pos[1:]
-    width = pos.shape[-1]
-    grid_pos = grid_pos.reshape(1, old_grid[0], old_grid[1], width).permute(0, 3, 1, 2)
-    grid_pos = F.interpolate(grid_pos.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
-    grid_pos = grid_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], width)
-    return torch.cat([cls_pos, grid_pos], dim=0)
 
 
 class PromptedVisionTransformer(nn.Module):
@@ -65,19 +51,20 @@ class PromptedVisionTransformer(nn.Module):
             keeps the encoder's native size. Images of another size still work: the (resized)
             embedding is then interpolated bicubically on every call.
         prompt_dropout: dropout on the prompt tokens during training (as in VPT [20]; the paper
-            does not say; 0.1 in ZegCLIP's released code).
+            does not say; 0.1 in ZegCLIP's released code). Applied after the prompts are expanded
+            to the batch, so every image gets its own dropout mask (as the released code does).
 
     Prompt initialisation follows VPT: ``U(-v, v)`` with ``v = sqrt(6 / (3 * p * p + width))``
     (xavier-uniform range for a patch-embedding fan-in of ``3 * p * p``, ``p`` = patch size).
     Parameters: ``prompts`` ``[n_prompted_layers, M, width]`` (only when ``backbone == "dpt"`` and
     M > 0).
 
-    Output of :meth:`forward`: ``(g, patches)`` with ``g`` ``[B, D]`` the image [CLS] embedding
-    (``ln_post`` then ``proj``, exactly what ``CLIP.encode_image`` returns without
-    normalisation) and ``patches`` ``[B, h*w, D]`` the patch tokens of the **last** transformer
-    layer (ZegCLIP uses the last layer's tokens, ``out_indices=[11]`` for ViT-B/16) put through
-    the same ``ln_post`` and ``proj`` so that they live in CLIP's joint text-image space.
-    Neither is L2-normalised here. ``h, w = H / patch, W / patch`` (row-major).
+    Output of :meth:`forward`: ``(g, patches, (h, w))`` with ``g`` ``[B, D]`` the image [CLS]
+    embedding (``ln_post`` then ``proj``, exactly what ``CLIP.encode_image`` returns without
+    normalisation), ``patches`` ``[B, h*w, D]`` the patch tokens (row-major) of the **last**
+    transformer layer (ZegCLIP uses the last layer's tokens, ``out_indices=[11]`` for ViT-B/16) put
+    through the same ``ln_post`` and ``proj`` so that they live in CLIP's joint text-image space,
+    and ``(h, w) = (H // patch, W // patch)`` the patch grid. Neither embedding is L2-normalised.
 
     Raises:
         ValueError: unknown ``backbone``, ``prompt_tokens < 0``, a prompt layer outside
@@ -130,7 +117,7 @@ class PromptedVisionTransformer(nn.Module):
             new_grid = (input_size[0] // self.patch_size[0], input_size[1] // self.patch_size[1])
             if new_grid != native_grid:
                 with torch.no_grad():
-                    pos = _resize_grid_embedding(visual.positional_embedding.detach(), native_grid, new_grid)
+                    pos = resize_pos_embed(visual.positional_embedding.detach(), native_grid, new_grid)
                 visual.positional_embedding = nn.Parameter(pos.clone())
                 visual.grid_size = new_grid
                 visual.image_size = input_size
@@ -178,7 +165,7 @@ class PromptedVisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1)
         pos = v.positional_embedding.to(x.dtype)
         if (h, w) != self.grid_size:
-            pos = _resize_grid_embedding(pos, self.grid_size, (h, w))
+            pos = resize_pos_embed(pos, self.grid_size, (h, w))
         x = x + pos
         x = v.ln_pre(x)
         return x, (h, w)
@@ -192,8 +179,9 @@ class PromptedVisionTransformer(nn.Module):
             if row is not None or in_seq:
                 parts = [x[:, :1]]
                 if row is not None:
-                    p = self.prompt_dropout(self.prompts[row]).to(x.dtype)
-                    parts.append(p.unsqueeze(0).expand(B, -1, -1))
+                    # expand first: one dropout mask per image (ZegCLIP's released code)
+                    p = self.prompts[row].to(x.dtype).unsqueeze(0).expand(B, -1, -1)
+                    parts.append(self.prompt_dropout(p))
                 parts.append(x[:, 1 + in_seq:])  # Eq. 3: previous prompt outputs are discarded
                 x = torch.cat(parts, dim=1)
                 in_seq = self.num_prompts if row is not None else 0

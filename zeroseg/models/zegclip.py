@@ -37,9 +37,9 @@ from torch import nn
 
 from zeroseg.errors import ConfigError
 from zeroseg.losses import LOSS_KINDS, ZEGCLIP_LOSS_WEIGHTS, segmentation_loss_terms
-from zeroseg.models.prompt import BACKBONE_VARIANTS, PromptedVisionTransformer
-
 from zeroseg.models import Segmenter, register_segmenter
+from zeroseg.models.clip import check_input_size, image_norm
+from zeroseg.models.prompt import BACKBONE_VARIANTS, PromptedVisionTransformer
 
 
 # --------------------------------------------------------------------------- paper settings
@@ -154,7 +154,10 @@ class MaskDecoderLayer(nn.Module):
     ``mask_logits`` are the cross-attention's scaled dot products ``Q K^T / sqrt(d_k)`` before the
     softmax (ZegCLIP Eqs. 1-2), per head with ``d_k = W / heads`` and averaged over heads (as in
     ZegCLIP's released head; with ``heads=1`` it is Eq. 2 exactly). ``Q = phi_q(q)`` uses the
-    layer's *input* queries.
+    layer's *input* queries. ``W`` = ``width``, ``N = h*w`` patch tokens.
+
+    Raises:
+        ValueError: ``width`` not divisible by ``heads``.
     """
 
     def __init__(self, width: int, heads: int, ffn_ratio: float = 4.0, dropout: float = 0.1, self_attn: bool = False):
@@ -196,12 +199,17 @@ class MaskDecoderLayer(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """ZegCLIP's light decoder head: query projection (RD), patch projection, L decoder layers.
+    """ZegCLIP's light decoder head: query projection (RD), patch projection, L decoder layers
+    (L = 3 in ZegCLIP Sec. 3.2 / Fig. 8, the default).
 
     ``forward(t [C, D], g [B, D], patches [B, N, D], hw) -> list of L mask logits [B, C, h, w]``
-    (one per layer, bottom to top; ZegCLIP supervises and predicts with the last one; the earlier
-    ones are there for optional auxiliary losses, which neither the paper nor the released code
-    uses).
+    with ``N = h*w`` (one per layer, bottom to top; ZegCLIP supervises and predicts with the last
+    one; the earlier ones are there for optional auxiliary losses, which neither the paper nor the
+    released code uses).
+
+    Raises:
+        ValueError: ``layers < 1``, ``width`` not divisible by ``heads``, an unknown ``rd`` form;
+            at call time, ``N != h*w`` or ``t`` / ``g`` not ``[C, D]`` / ``[B, D]``.
     """
 
     def __init__(
@@ -262,7 +270,7 @@ ZEGCLIP_DEFAULT_CONFIG: dict[str, Any] = {
     "prompt_layers": None,  # 1-based ViT layers with prompts; None = all (Table 8)
     "prompt_dropout": 0.1,  # VPT / released code; paper silent
     "rd": "tg_t",  # query form, Table 4 names in RD_FORMS
-    "decoder_layers": 3,
+    "decoder_layers": 3,  # Sec. 3.2: a 3-layer transformer decoder
     "decoder_width": 512,
     "decoder_heads": 8,
     "decoder_ffn_ratio": 4.0,
@@ -278,6 +286,9 @@ ZEGCLIP_DEFAULT_CONFIG: dict[str, Any] = {
 
 def resolve_zegclip_config(cfg: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Defaults <- ``cfg`` <- ``overrides``, validated; returns a JSON-serialisable dict.
+
+    ``prompt_layers`` comes back as a list of ints or None; whether its layers exist and
+    ``input_size`` fits the patch size is checked when the model is built (it needs the CLIP model).
 
     Raises:
         ConfigError: unknown key (naming the nearest valid key) or a bad value.
@@ -304,22 +315,25 @@ def resolve_zegclip_config(cfg: Mapping[str, Any] | None = None, **overrides: An
         raise ConfigError(f"model.input_size must be [H, W] positive ints, got {out['input_size']!r}")
     out["input_size"] = [int(s) for s in size]
     for key in ("prompt_tokens", "decoder_layers", "decoder_width", "decoder_heads"):
-        if not isinstance(out[key], int) or out[key] < (0 if key == "prompt_tokens" else 1):
-            raise ConfigError(f"model.{key} must be a {'non-negative' if key == 'prompt_tokens' else 'positive'} int, got {out[key]!r}")
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            fix = " (e.g. 10 as for VOC; backbone fix/ft ignores it)" if key == "prompt_tokens" else ""
+            raise ConfigError(f"model.{key} must be a positive int{fix}, got {v!r}")
     if out["decoder_width"] % out["decoder_heads"]:
         raise ConfigError(f"model.decoder_width {out['decoder_width']} must be divisible by model.decoder_heads {out['decoder_heads']}")
-    if out["prompt_layers"] is not None:
-        out["prompt_layers"] = [int(i) for i in out["prompt_layers"]]
+    layers = out["prompt_layers"]
+    if layers is not None:
+        if (
+            not isinstance(layers, (list, tuple))
+            or not layers
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in layers)
+        ):
+            raise ConfigError(
+                "model.prompt_layers must be a non-empty list of 1-based layer numbers (ints, e.g. [1, 2, 3]) "
+                f"or null for every layer, got {layers!r}"
+            )
+        out["prompt_layers"] = [int(i) for i in layers]
     return out
-
-
-def _clip_norm(visual: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    pp = getattr(visual, "preprocess_cfg", None) or {}
-    mean = pp.get("mean") or getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
-    std = pp.get("std") or getattr(visual, "image_std", None) or OPENAI_DATASET_STD
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 @register_segmenter("zegclip")
@@ -361,6 +375,7 @@ class ZegCLIP(Segmenter):
         self.cfg = resolve_zegclip_config(cfg, **overrides)
         c = self.cfg
         visual = getattr(clip_model, "visual", clip_model)
+        check_input_size(visual, c["input_size"], "model.input_size")
         self.encoder = PromptedVisionTransformer(
             visual,
             backbone=c["backbone"],
@@ -381,12 +396,7 @@ class ZegCLIP(Segmenter):
             self_attn=c["decoder_self_attn"],
         )
         self.input_size = tuple(c["input_size"])
-        self.mean, self.std = _clip_norm(visual)
-
-    @classmethod
-    def from_config(cls, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> "ZegCLIP":
-        """Same as the constructor (for registries that build from ``(clip_model, cfg)``)."""
-        return cls(clip_model, cfg)
+        self.mean, self.std = image_norm(visual)
 
     # ------------------------------------------------------------------ forward
     def mask_logits(
@@ -394,7 +404,12 @@ class ZegCLIP(Segmenter):
     ) -> torch.Tensor | list[torch.Tensor]:
         """images ``[B, 3, H, W]`` (normalised), text_embeddings ``[C, D]`` -> mask logits
         ``[B, C, H/p, W/p]`` of the last decoder layer (Eq. 2), or the list of every layer's
-        (bottom to top) with ``all_layers=True``. Float32."""
+        (bottom to top) with ``all_layers=True``. Float32.
+
+        Raises:
+            ValueError: text_embeddings not ``[C >= 1, D]``; images not ``[B, 3, H, W]`` with
+                ``H, W`` multiples of the patch size ``p``.
+        """
         if text_embeddings.ndim != 2 or text_embeddings.shape[-1] != self.embed_dim or text_embeddings.shape[0] < 1:
             raise ValueError(f"text_embeddings must be [C >= 1, {self.embed_dim}], got {tuple(text_embeddings.shape)}")
         g, patches, hw = self.encoder(images)
@@ -423,6 +438,10 @@ class ZegCLIP(Segmenter):
         images ``[B, 3, H, W]``; target ``[B, H', W']`` long training ids in ``0..C-1`` (255 =
         ignore); text_embeddings ``[C, D]`` of the same training (seen) classes.
         -> ``{"loss": scalar, "focal": ..., "dice": ...}`` (or ``{"loss", "ce"}``).
+
+        Raises:
+            ValueError: see :meth:`mask_logits`; a target that is not ``[B, H', W']`` (or
+                ``[B, 1, H', W']``) integer ids in ``0..C-1`` or ``ignore_index``.
         """
         logits = self.mask_logits(images, text_embeddings)
         if target.ndim == 4 and target.shape[1] == 1:
@@ -450,11 +469,6 @@ class ZegCLIP(Segmenter):
         """The parameters an optimiser should get: prompts + head (dpt), head (fix), all (ft)."""
         names = set(self.trainable_names())
         return [p for n, p in self.named_parameters() if n in names]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict restricted to :meth:`trainable_names` (what ``weights.pt`` stores)."""
-        names = set(self.trainable_names())
-        return {k: v for k, v in self.state_dict().items() if k in names}
 
     def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Strict load of a :meth:`trainable_state_dict` (``zeroseg.models.load_trainable``).
