@@ -178,25 +178,6 @@ class FitResult:
         """The trained model's state dict (CPU tensors)."""
         return load_model_state(self.checkpoint_dir)
 
-    def export_weights(self, dest: str | Path, keep: Callable[[str], bool] | None = None) -> Path:
-        """Write the model's state dict (optionally only the keys ``keep`` accepts, e.g. the
-        trained parameters) to ``dest`` (a file in the stage's output directory) with ``torch.save``.
-
-        Raises:
-            ValueError: ``keep`` accepts no key.
-        """
-        import torch
-
-        sd = self.model_state()
-        if keep is not None:
-            sd = {k: v for k, v in sd.items() if keep(k)}
-            if not sd:
-                raise ValueError(f"export_weights: no key of {self.checkpoint_dir / MODEL_PT} passes the filter")
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(sd, dest)
-        return dest
-
 
 # =============================================================================================
 # Errors
@@ -266,14 +247,24 @@ def check_cpus_left_for_data(scaling: ScalingSection, cluster_cpus: float, data_
     """Refuse a fit whose workers would hold every CPU: the Ray Data tasks that decode the
     training feed would never be scheduled and the fit would wait forever.
 
+    CPUs per worker are Ray's (``ScalingConfig.num_cpus_per_worker``): 1 by default, none with
+    ``use_gpu`` and no ``resources_per_worker``, 0 when ``resources_per_worker`` names no CPU.
+
     Args:
         cluster_cpus: logical CPUs of the Ray cluster (``ray.cluster_resources()["CPU"]``).
         data_cpus: CPUs one decode task needs (``train_dataset(num_cpus=...)``, default 1).
 
     Raises:
-        ConfigError: naming the CPUs asked for and how to leave room.
+        ConfigError: naming the CPUs asked for and how to leave room, or a scaling section Ray
+            rejects (e.g. ``GPU`` in ``resources_per_worker`` without ``use_gpu``).
     """
-    per = (scaling.resources_per_worker or {}).get("CPU", 1.0)
+    from ray.train import ScalingConfig
+
+    try:
+        per = float(ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                  resources_per_worker=scaling.resources_per_worker).num_cpus_per_worker)
+    except ValueError as e:
+        raise ConfigError(f"scaling section rejected by Ray Train: {e}") from None
     held = scaling.num_workers * per
     if cluster_cpus - held < data_cpus:
         raise ConfigError(
@@ -336,7 +327,12 @@ class CheckpointInfo:
 def list_checkpoints(storage_path: str, name: str) -> list[CheckpointInfo]:
     """Complete checkpoints under ``<storage_path>/<name>/``, oldest first.
 
-    ``storage_path`` is a local path or a pyarrow URI (``s3://``, ``gs://``, ...).
+    ``storage_path`` is a local path or a pyarrow URI (``s3://``, ``gs://``, ...). A run
+    directory that does not exist yet has none.
+
+    Raises:
+        OSError: the storage cannot be listed (credentials, network, permissions), naming the
+            path: resuming must not silently start over from step 0.
     """
     import pyarrow.fs as pafs
 
@@ -344,8 +340,9 @@ def list_checkpoints(storage_path: str, name: str) -> list[CheckpointInfo]:
     run_dir = f"{base}/{name}"
     try:
         infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
-    except OSError:
-        return []
+    except OSError as e:
+        raise OSError(f"cannot list the checkpoints under {storage_path.rstrip('/')}/{name} "
+                      f"({type(e).__name__}: {e}); check the storage path, credentials and network") from e
     out = []
     for info in infos:
         if info.type != pafs.FileType.Directory or not info.base_name.startswith(CHECKPOINT_PREFIX):

@@ -11,13 +11,14 @@ decoder's class queries are the seen-class text embeddings (ZegCLIP Sec. 3.1); i
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.training import ScalingSection, TrainSection, fit, unwrap
+from pipeline.training import ScalingSection, TrainSection, fit
 from zeroseg.data.transforms import AugmentConfig, Size, make_lut
 from zeroseg.errors import DataError
 
@@ -30,6 +31,10 @@ class ZegCLIPTrainConfig(BaseModel):
     Paper settings (ZegCLIP Sec. 4.2, released configs): ViT-B/16, 512x512 crops, global batch 16,
     AdamW lr 2e-5 (x10 for prompts and head), weight decay 0.01, poly schedule (power 0.9) with
     linear warm-up, 20k (VOC) / 40k (Context) / 80k (COCO-Stuff) iterations.
+
+    ``warmup_steps``: optimizer steps of linear warm-up (lr factor ``(s + 1) / warmup_steps``;
+    0: none). ``poly_power``: exponent ``p`` of the poly decay ``(1 - s / max_steps) ** p``
+    (``s``: optimizer steps done). ``head_lr_mult``: lr multiplier for every trained parameter.
 
     ``block_rows``: images per Ray Data decode task. 32 keeps the per-task overhead small enough
     for the feed to keep up with a PyTorch DataLoader (``benchmarks/bench_train_feed.py``: 8 rows
@@ -46,6 +51,30 @@ class ZegCLIPTrainConfig(BaseModel):
     warmup_steps: int = Field(1500, ge=0)
     poly_power: float = Field(0.9, ge=0)
     block_rows: int = Field(32, gt=0)
+
+
+def seen_text_embeddings(vocab: Mapping[str, Any], emb: np.ndarray) -> np.ndarray:
+    """The ``[S, D]`` rows of ``emb`` (embed_text's ``embeddings/train.npy``) for the seen classes
+    of ``vocab`` (the ``train`` entry of build_splits' ``classes.json``), in ``seen`` order.
+
+    Raises:
+        DataError: ``emb`` is not one row per training class, a seen id has no row, or no class
+            is seen (ZegCLIP's class queries are the seen-class embeddings: nothing to train).
+    """
+    names = list(vocab["names"])
+    if emb.ndim != 2 or emb.shape[0] != len(names):
+        raise DataError(f"embeddings/train.npy has shape {emb.shape} for {len(names)} training classes "
+                        "(classes.json); re-run embed_text")
+    seen = [int(c) for c in vocab.get("seen") or []]
+    bad = [c for c in seen if not 0 <= c < len(names)]
+    if bad:
+        raise DataError(f"classes.json: seen class ids {bad} of the training vocabulary are outside "
+                        f"[0, {len(names)}): no text embedding row; re-run build_splits and embed_text")
+    if not seen:
+        raise DataError(f"classes.json: the training vocabulary ({vocab.get('dataset', '?')!r}, {len(names)} classes) "
+                        "has no seen class, so ZegCLIP has no class to train on; make build_splits.split leave "
+                        "some classes seen (split.unseen / split.seen) and re-run build_splits")
+    return emb[seen]
 
 
 class _LossModule:
@@ -79,6 +108,10 @@ def build_model(clip_spec: dict[str, Any], model_cfg: dict[str, Any]) -> Any:
 def zegclip_train_loop(loop: Any) -> None:
     """Per-worker loop (see ``pipeline/training.py``): AdamW, poly LR with linear warm-up.
 
+    Schedule from ZegCLIP's released mmseg config (``configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py``:
+    ``lr_config`` poly, power 0.9, linear warm-up 1500 iters; its ``min_lr`` 1e-6 is 0 here), as a
+    ``LambdaLR`` factor applied per optimizer step.
+
     ``loop.config``: ``clip`` (ClipSpec dict), ``model`` (ZegCLIP cfg), ``seen_text``
     (``[S, D]`` seen-class text embeddings, L2-normalised), ``weight_decay``, ``head_lr_mult``,
     ``warmup_steps``, ``poly_power``. Batches: ``image`` float32 ``[B, 3, H, W]``, ``label``
@@ -94,7 +127,7 @@ def zegclip_train_loop(loop: Any) -> None:
     groups = seg.optimizer_param_groups(cfg["weight_decay"])
     for g in groups:  # ZegCLIP's released config: lr_mult 10 for the prompts and the head
         g["lr"] = loop.lr * cfg["head_lr_mult"]
-    opt = torch.optim.AdamW(groups, lr=loop.lr * cfg["head_lr_mult"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])  # every group sets its lr
     max_steps, warm, power = loop.train.max_steps, cfg["warmup_steps"], cfg["poly_power"]
 
     def factor(step: int) -> float:
@@ -104,10 +137,9 @@ def zegclip_train_loop(loop: Any) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     loop.restore(model, opt, sched)
     model.train()
-    device = next(seg.parameters()).device
-    for batch in loop.batches("train"):
-        images = batch["image"].to(device, non_blocking=True)
-        target = batch["label"].to(device).long()
+    for batch in loop.batches("train"):  # tensors already on loop.device
+        images = batch["image"]
+        target = batch["label"].long()
         out = model(images, target)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -120,11 +152,23 @@ def zegclip_train_loop(loop: Any) -> None:
 def train_zegclip(ctx: Any, clip_spec: Any, cfg: ZegCLIPTrainConfig, input_size: Size | None) -> dict[str, Any]:
     """Run ZegCLIP training for ``ctx`` and save the segmenter artifact into ``ctx.output_dir``.
 
+    Args:
+        ctx: the train_classifier ``StageContext`` (inputs ``build_splits`` and ``embed_text``,
+            ``output_dir``, ``train_storage`` / ``train_name`` for checkpoints, MLflow run, ``log``).
+        clip_spec: the ``ClipSpec`` the model starts from (rebuilt in every worker).
+        cfg: the ``train_classifier.zegclip`` section.
+        input_size: ``[H, W]`` the segmenter runs at; ``None``: ``cfg.model["input_size"]``,
+            else ``cfg.augment.crop_size``.
+
     Returns:
         metrics: steps, global batch, effective lr, final loss, trainable parameter count.
 
     Raises:
-        DataError: no seen class has a text embedding row, or the train manifest is empty.
+        DataError: no seen class has a text embedding row (:func:`seen_text_embeddings`), or the
+            training feed gives a worker no full batch.
+        NonFiniteLossError: the loss became NaN/inf (step and last good checkpoint named).
+        CheckpointMismatchError: the checkpoint being resumed was written for another model config.
+        ConfigError: the scaling section leaves no CPU for the data feed (see ``fit``).
     """
     import torch
 
@@ -133,10 +177,9 @@ def train_zegclip(ctx: Any, clip_spec: Any, cfg: ZegCLIPTrainConfig, input_size:
 
     splits = ctx.inputs["build_splits"]
     vocab = json.loads(splits.file("classes.json").read_text())["train"]
-    seen = list(vocab["seen"])
+    seen = [int(c) for c in vocab.get("seen") or []]
     emb = np.load(ctx.inputs["embed_text"].file("embeddings/train.npy")).astype(np.float32)
-    if emb.shape[0] != len(vocab["names"]):
-        raise DataError(f"embeddings/train.npy has {emb.shape[0]} rows for {len(vocab['names'])} training classes")
+    seen_text = seen_text_embeddings(vocab, emb)  # before fit: a worker would retry the error
     model_cfg = dict(cfg.model)
     size = list(input_size or model_cfg.get("input_size") or cfg.augment.crop_size)
     model_cfg["input_size"] = size
@@ -144,7 +187,7 @@ def train_zegclip(ctx: Any, clip_spec: Any, cfg: ZegCLIPTrainConfig, input_size:
     ds = train_dataset(splits.file("manifests/train.parquet"), lut, cfg.augment, cfg.train.seed,
                        block_rows=cfg.block_rows)
     spec = clip_spec.model_dump(mode="json")
-    loop_config = {"clip": spec, "model": model_cfg, "seen_text": emb[seen].tolist(),
+    loop_config = {"clip": spec, "model": model_cfg, "seen_text": seen_text.tolist(),
                    "weight_decay": cfg.weight_decay, "head_lr_mult": cfg.head_lr_mult,
                    "warmup_steps": cfg.warmup_steps, "poly_power": cfg.poly_power}
     result = fit(zegclip_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train,
@@ -153,8 +196,9 @@ def train_zegclip(ctx: Any, clip_spec: Any, cfg: ZegCLIPTrainConfig, input_size:
     state = result.model_state()
     seg = build_model(spec, model_cfg)
     prefix = "model."
+    names = set(seg.trainable_names())
     seg.load_trainable_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                   if k.startswith(prefix) and k[len(prefix):] in set(seg.trainable_names())})
+                                   if k.startswith(prefix) and k[len(prefix):] in names})
     trainable = seg.trainable_state_dict()
     save_segmenter(Path(ctx.output_dir), "zegclip", clip_spec, seg.cfg,
                    {"size": size, "mean": list(seg.mean), "std": list(seg.std)}, trainable)

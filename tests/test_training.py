@@ -132,7 +132,30 @@ def test_strict_load_lists_missing_and_unexpected_keys():
     msg = str(e.value)
     assert "missing keys (1): conv.bias" in msg and "unexpected keys (2): extra.bias, extra.weight" in msg
     assert "head.weight (5, 8, 1, 1) vs model (11, 8, 1, 1)" in msg and "ckpt.pt" in msg
-    strict_load(TinyNet(), TinyNet().state_dict())  # a matching state dict loads
+    torch.manual_seed(1)
+    src = TinyNet()
+    torch.manual_seed(2)
+    dst = TinyNet()
+    assert not torch.equal(src.conv.weight, dst.conv.weight)
+    strict_load(dst, src.state_dict())  # a matching state dict loads
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_list_checkpoints_missing_run_is_empty_but_storage_errors_raise(tmp_path, monkeypatch):
+    import pipeline.training as training
+
+    assert list_checkpoints(str(tmp_path / "no-such-store"), "run") == []
+
+    class Unreachable:
+        def get_file_info(self, *_):
+            raise OSError("AWS Error ACCESS_DENIED during ListObjectsV2")
+
+    monkeypatch.setattr(training, "_fs", lambda uri: (Unreachable(), "bucket/store"))
+    with pytest.raises(OSError, match=r"cannot list the checkpoints under s3://bucket/store/run.*ACCESS_DENIED"):
+        list_checkpoints("s3://bucket/store", "run")
+    with pytest.raises(OSError, match="ACCESS_DENIED"):  # not "no checkpoint": a resume must not restart at 0
+        latest_checkpoint("s3://bucket/store", "run")
 
 
 # -- in-process fits (num_workers=0) --------------------------------------------------------------
@@ -211,6 +234,7 @@ def test_in_process_fit_logs_to_mlflow_and_prints_progress(tmp_path, ray_local, 
     hist = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
             for k in ("train/loss", "train/lr", "train/throughput_img_s", "train/step_time_s")}
     assert [s for s, _ in hist["train/loss"]] == [3, 6] and all(v > 0 for _, v in hist["train/throughput_img_s"])
+    assert [s for s, _ in hist["train/step_time_s"]] == [3, 6] and all(v > 0 for _, v in hist["train/step_time_s"])
     assert math.isclose(hist["train/lr"][0][1], 0.025 * (1 - 3 / 24))  # effective lr, then the schedule
     params = client.get_run(run_id).data.params
     assert params["train.global_batch_size"] == "4" and params["train.effective_lr"] == "0.025"
@@ -307,3 +331,11 @@ def test_workers_holding_every_cpu_is_a_clear_error():
         check_cpus_left_for_data(ScalingSection(num_workers=2), 2.0)
     with pytest.raises(ConfigError, match="hold 1 of the cluster's 1"):
         check_cpus_left_for_data(ScalingSection(num_workers=2, resources_per_worker={"CPU": 0.5}), 1.0)
+    # GPU workers: Ray reserves no CPU for them unless resources_per_worker names one
+    check_cpus_left_for_data(ScalingSection(num_workers=2, use_gpu=True), 1.0)
+    check_cpus_left_for_data(ScalingSection(num_workers=2, use_gpu=True, resources_per_worker={"GPU": 1}), 1.0)
+    with pytest.raises(ConfigError, match="2 training workers x 4 CPU hold 8 of the cluster's 8"):
+        check_cpus_left_for_data(ScalingSection(num_workers=2, use_gpu=True,
+                                                resources_per_worker={"CPU": 4, "GPU": 1}), 8.0)
+    with pytest.raises(ConfigError, match="rejected by Ray Train.*use_gpu"):
+        check_cpus_left_for_data(ScalingSection(num_workers=2, resources_per_worker={"GPU": 1}), 8.0)
