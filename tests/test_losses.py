@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zeroseg.data.classes import IGNORE_INDEX
 from zeroseg.losses import (
+    LOSS_KINDS,
+    ZEGCLIP_LOSS_WEIGHTS,
     cross_entropy_loss,
     dice_loss,
     one_hot_targets,
@@ -135,3 +138,122 @@ def test_terms_share_targets_and_match_the_component_losses():
         dice = dice_loss(logits, target, smooth=0.5)
         assert torch.equal(terms["focal"], focal) and torch.equal(terms["dice"], dice)
         assert torch.equal(terms["loss"], 2.0 * focal + 0.5 * dice)
+
+
+# ----------------------------------------------------------------------------- batch example
+# Pins each normalisation of zeroseg/losses.py with two images, an absent class per image and a
+# different number of valid pixels per image, so that every wrong axis / count gives another number.
+
+
+def batch_example():
+    """B = 2 images, C = 2 classes, 1 x 2 pixels each ([2, 2, 1, 2] logits).
+
+    image 0: target [0, 0]    -> class 0 present (2 px), class 1 absent
+    image 1: target [1, 255]  -> class 1 present (1 px), class 0 absent, pixel 2 ignored
+
+    logits (sigmoid in brackets)        binary targets y (valid pixels only)
+    img0 cls0: [ ln3, 0]   (.75, .5)    [1, 1]
+    img0 cls1: [-ln3, 0]   (.25, .5)    [0, 0]
+    img1 cls0: [ 0,   5]   (.5, ign.)   [0, -]
+    img1 cls1: [ ln3, 5]   (.75, ign.)  [1, -]
+
+    The ignored pixel has logit 5 (sigmoid .9933) in both classes: counted as a negative it would
+    add ~0.9866 * 5.0067 ~ 4.94 to a focal term and ~0.99 to a dice denominator.
+    Present (image, class) masks: (0, 0) and (1, 1) -> num_masks = 2 (B * C would be 4).
+    """
+    logits = torch.tensor([[[[L3, 0.0]], [[-L3, 0.0]]], [[[0.0, 5.0]], [[L3, 5.0]]]])
+    target = torch.tensor([[[0, 0]], [[1, 255]]])
+    return logits, target
+
+
+# Per-pixel focal terms (gamma = 2): p_t = p if y = 1 else 1 - p; term = -(1 - p_t)^2 ln p_t
+#   p_t = .75 -> A = (1/4)^2 ln(4/3) = 0.0625 * 0.2876821 = 0.0179801
+#   p_t = .5  -> Bv = (1/2)^2 ln 2   = 0.25 * 0.6931472   = 0.1732868
+A_ = 0.0625 * math.log(4 / 3)
+B_ = 0.25 * math.log(2)
+# Mean over each image's *valid* pixels, per (image, class):
+#   img0 cls0: (A + Bv) / 2   (y=1 p=.75; y=1 p=.5)
+#   img0 cls1: (A + Bv) / 2   (y=0 p=.25; y=0 p=.5)
+#   img1 cls0: Bv / 1         (y=0 p=.5; the ignored pixel is left out)
+#   img1 cls1: A / 1          (y=1 p=.75)
+# Summed over all (image, class) = 2A + 2Bv, divided by num_masks = 2  ->  A + Bv = 0.1912669
+FOCAL_B = A_ + B_
+# focal_alpha = a = 0.25 weighs positives by a and negatives by 1 - a:
+#   .25 (A + Bv)/2 + .75 (A + Bv)/2 + .75 Bv + .25 A = .75 A + 1.25 Bv; / 2 -> .375 A + .625 Bv = 0.1150468
+FOCAL_B_A025 = 0.375 * A_ + 0.625 * B_
+# Dice over the present masks only, s = 1, squared denominators (Eq. 5 + smoothing):
+#   (0,0): sum p y = .75 + .5 = 1.25, sum p^2 = .5625 + .25 = .8125, sum y^2 = 2 -> 1 - (2.5 + 1)/(2.8125 + 1) = 0.0819672
+#   (1,1): sum p y = .75, sum p^2 = .5625, sum y^2 = 1                        -> 1 - (1.5 + 1)/(1.5625 + 1) = 0.0243902
+#   mean over num_masks = 2: 0.0531787
+DICE_B = ((1 - 3.5 / 3.8125) + (1 - 2.5 / 2.5625)) / 2
+#   plain sums (squared=False, the released code): (0,0) 1 - 3.5/(1.25 + 2 + 1) = 0.1764706,
+#   (1,1) 1 - 2.5/(.75 + 1 + 1) = 0.0909091 -> 0.1336898
+DICE_B_PLAIN = ((1 - 3.5 / 4.25) + (1 - 2.5 / 2.75)) / 2
+#   no smoothing: (0,0) 1 - 2.5/2.8125 = 0.1111111, (1,1) 1 - 1.5/1.5625 = 0.04 -> 0.0755556
+DICE_B_S0 = ((1 - 2.5 / 2.8125) + (1 - 1.5 / 1.5625)) / 2
+# CE over the 3 valid pixels (softmax over the two classes):
+#   img0 px0 (ln3, -ln3) -> 0: p = 3 / (3 + 1/3) = .9 ; img0 px1 (0, 0) -> 0: p = .5 ;
+#   img1 px0 (0, ln3) -> 1: p = 3 / (1 + 3) = .75   -> (-ln .9 + ln 2 - ln .75) / 3 = 0.3620633
+CE_B = (-math.log(0.9) + math.log(2) - math.log(0.75)) / 3
+
+
+def test_batch_focal_normalisation_by_hand():
+    logits, target = batch_example()
+    assert FOCAL_B == pytest.approx(0.1912669, abs=1e-7)
+    assert sigmoid_focal_loss(logits, target).item() == pytest.approx(FOCAL_B, rel=1e-6)
+    assert sigmoid_focal_loss(logits, target, focal_alpha=0.25).item() == pytest.approx(FOCAL_B_A025, rel=1e-6)
+    # the wrong normalisations this pins, for the record:
+    assert FOCAL_B != pytest.approx((2 * A_ + 2 * B_) / 4, rel=1e-3)  # divided by B * C
+    assert FOCAL_B != pytest.approx((3 * A_ + 3 * B_) / 6, rel=1e-3)  # mean over all valid (image, class, pixel)
+    assert FOCAL_B != pytest.approx(((A_ + B_) / 2 + A_) / 2, rel=1e-3)  # absent classes left out
+
+
+def test_batch_focal_gamma_is_the_exponent():
+    """gamma = 1: terms (1 - p_t) ln(1/p_t): p_t=.75 -> .25 ln(4/3), p_t=.5 -> .5 ln 2; same
+    normalisation as above -> .25 ln(4/3) + .5 ln 2."""
+    logits, target = batch_example()
+    expect = 0.25 * math.log(4 / 3) + 0.5 * math.log(2)
+    assert sigmoid_focal_loss(logits, target, gamma=1.0).item() == pytest.approx(expect, rel=1e-6)
+
+
+def test_batch_dice_by_hand():
+    logits, target = batch_example()
+    assert DICE_B == pytest.approx(0.0531787, abs=1e-7)
+    assert dice_loss(logits, target).item() == pytest.approx(DICE_B, rel=1e-6)
+    assert dice_loss(logits, target, squared=False).item() == pytest.approx(DICE_B_PLAIN, rel=1e-6)
+    assert dice_loss(logits, target, smooth=0.0).item() == pytest.approx(DICE_B_S0, rel=1e-6)
+
+
+def test_batch_ce_by_hand():
+    logits, target = batch_example()
+    assert cross_entropy_loss(logits, target).item() == pytest.approx(CE_B, rel=1e-6)
+
+
+def test_batch_one_hot_targets_by_hand():
+    _, target = batch_example()
+    masks, valid = one_hot_targets(target, 2)
+    assert masks.tolist() == [[[[1.0, 1.0]], [[0.0, 0.0]]], [[[0.0, 0.0]], [[1.0, 0.0]]]]
+    assert valid.tolist() == [[[True, True]], [[True, False]]]
+
+
+def test_default_total_is_eq6_with_the_released_weights():
+    """Eq. 6 with ZEGCLIP_LOSS_WEIGHTS (alpha = 100 focal, beta = 1 dice, gamma = 2) and the
+    documented defaults (no focal alpha, squared dice, smoothing 1):
+    100 * 0.1912669 + 0.0531787 = 19.1798712."""
+    logits, target = batch_example()
+    terms = segmentation_loss_terms(logits, target)
+    assert terms["focal"].item() == pytest.approx(FOCAL_B, rel=1e-6)
+    assert terms["dice"].item() == pytest.approx(DICE_B, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(100 * FOCAL_B + DICE_B, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(19.1798712, abs=1e-5)
+    # the released code's focal alpha and plain dice are options, not defaults (module docstring)
+    rel = segmentation_loss_terms(logits, target, focal_alpha=0.25, dice_squared=False)
+    assert rel["loss"].item() == pytest.approx(100 * FOCAL_B_A025 + DICE_B_PLAIN, rel=1e-6)
+
+
+def test_released_loss_weights_and_defaults_are_pinned():
+    """Copied from /work/shared/papers/released-code.md section 4 (SegLossPlus: mask_weight 100.0,
+    dice_weight 1.0; focal gamma 2) and ZegCLIP Sec. 3.4 (gamma = 2)."""
+    assert ZEGCLIP_LOSS_WEIGHTS == {"alpha": 100.0, "beta": 1.0, "gamma": 2.0}
+    assert LOSS_KINDS == ("focal_dice", "ce")
+    assert IGNORE_INDEX == 255

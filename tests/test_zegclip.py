@@ -1,5 +1,6 @@
 """ZegCLIP model (zeroseg/models/zegclip.py, zeroseg/models/prompt.py) on a tiny random-weight CLIP."""
 
+import math
 from pathlib import Path
 
 import open_clip
@@ -11,6 +12,7 @@ from zeroseg.errors import ConfigError
 from zeroseg.models.prompt import PromptedVisionTransformer
 from zeroseg.models.zegclip import (
     RD_FORMS,
+    ZEGCLIP_DEFAULT_CONFIG,
     ZEGCLIP_PAPER_SETTINGS,
     MaskDecoder,
     MaskDecoderLayer,
@@ -313,3 +315,265 @@ def test_is_a_registered_segmenter():
     if not hasattr(models, "Segmenter"):
         pytest.skip("zeroseg.models.Segmenter not written yet")
     assert issubclass(ZegCLIP, models.Segmenter)
+
+
+# ====================================================================== equations pinned by hand
+# Each test below computes its expected values by hand (small tensors, terms in the comments) and
+# fails if the corresponding term of ZegCLIP is wrong.
+
+
+def test_rd_eq8_and_table4_forms_by_hand():
+    """t = (1, 2), g = (3, 4): t*g = (3, 8), t+g = (4, 6), t-g = (-2, -2), |t-g| = (2, 2)."""
+    t, g = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])
+    expect = {
+        "t": [1, 2],
+        "tg": [3, 8],
+        "abs_t_minus_g": [2, 2],
+        "t_plus_g": [4, 6],
+        "t_g": [1, 2, 3, 4],
+        "tg_t": [3, 8, 1, 2],  # Eq. 8: concat[t * g, t], ZegCLIP's choice (Table 4, red line)
+        "t_minus_g_t": [-2, -2, 1, 2],
+        "tg_t_plus_g": [3, 8, 4, 6],
+        "t_plus_g_t": [4, 6, 1, 2],
+        "tg_t_minus_g": [3, 8, -2, -2],
+        "tg_abs_t_minus_g_t": [3, 8, 2, 2, 1, 2],
+    }
+    assert set(expect) == set(RD_FORMS)
+    for form, vec in expect.items():
+        got = RelationshipDescriptor(2, 4, form).describe(t, g)
+        assert got.tolist() == [[[float(v) for v in vec]]], form
+
+
+def test_rd_projection_by_hand():
+    """The learnable projection k*D -> width (Sec. 3.5): W = [[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1]],
+    b = (0.5, 0, -1); t_hat = (3, 8, 1, 2) -> W t_hat + b = (3 + 2 + .5, 8 + 1, 14 - 1) = (5.5, 9, 13)."""
+    rd = RelationshipDescriptor(2, 3, "tg_t")
+    with torch.no_grad():
+        rd.proj.weight.copy_(torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1]]))
+        rd.proj.bias.copy_(torch.tensor([0.5, 0.0, -1.0]))
+        out = rd(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]]))
+    assert out.tolist() == [[[5.5, 9.0, 13.0]]]
+
+
+def _identity_layer(width, heads, ffn_bias=None):
+    layer = MaskDecoderLayer(width, heads, ffn_ratio=4.0, dropout=0.0).eval()
+    with torch.no_grad():
+        for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
+            lin.weight.copy_(torch.eye(width))
+            lin.bias.zero_()
+        for lin in (layer.ffn[0], layer.ffn[3]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        if ffn_bias is not None:
+            layer.ffn[3].bias.copy_(torch.tensor(ffn_bias))
+    return layer
+
+
+def test_decoder_mask_logits_eq2_by_hand():
+    """Eq. 2, Masks = Q K^T / sqrt(d_k), with identity phi_q / phi_k, q = (1, 2) and patch tokens
+    k1 = (3, 4), k2 = (-1, 1):
+      heads = 1 (d_k = 2): (1*3 + 2*4) / sqrt 2 = 11 / 1.41421 = 7.7782, (-1 + 2) / sqrt 2 = 0.7071
+      heads = 2 (d_k = 1 per head, averaged over heads as the released head does):
+        head 0: 1*3 = 3, 1*(-1) = -1; head 1: 2*4 = 8, 2*1 = 2 -> means (5.5, 0.5)."""
+    q = torch.tensor([[[1.0, 2.0]]])
+    mem = torch.tensor([[[3.0, 4.0], [-1.0, 1.0]]])
+    with torch.no_grad():
+        _, l1 = _identity_layer(2, 1)(q, mem)
+        _, l2 = _identity_layer(2, 2)(q, mem)
+    torch.testing.assert_close(l1, torch.tensor([[[11 / 2 ** 0.5, 1 / 2 ** 0.5]]]))
+    torch.testing.assert_close(l2, torch.tensor([[[5.5, 0.5]]]))
+
+
+def test_decoder_layer_updates_queries_post_norm_by_hand():
+    """Cross-attention + FFN with post-norm residuals (released TPN_DecoderLayer), width 3, 1 head,
+    identity projections, FFN = constant (0, 0, 1), LayerNorms at their init (eps 1e-5):
+
+    q = (1, 0, 0); patch tokens m1 = (1, 1, 0), m2 = (0, 0, 2)
+    logits = (q.m1, q.m2) / sqrt 3 = (0.5773503, 0)          <- the returned mask logits (Eq. 2)
+    softmax = (e^.57735 / (e^.57735 + 1), 1 / (...)) = (0.6404575, 0.3595425)
+    attention output = .6404575 m1 + .3595425 m2 = (0.6404575, 0.6404575, 0.7190850)
+    residual q + out = (1.6404575, 0.6404575, 0.7190850); mean 1, var 0.2061233
+    LN -> (x - 1) / sqrt(0.2061233 + 1e-5) = (1.4106402, -0.7919107, -0.6187295)
+    + FFN (0, 0, 1) = (1.4106402, -0.7919107, 0.3812705); mean 1/3, var 0.8096874
+    LN -> (1.1972313, -1.2505048, 0.0532735)  <- the updated query."""
+    layer = _identity_layer(3, 1, ffn_bias=[0.0, 0.0, 1.0])
+    q = torch.tensor([[[1.0, 0.0, 0.0]]])
+    mem = torch.tensor([[[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]]])
+    with torch.no_grad():
+        q2, logits = layer(q, mem)
+    torch.testing.assert_close(logits, torch.tensor([[[0.5773503, 0.0]]]))
+    torch.testing.assert_close(q2, torch.tensor([[[1.1972313, -1.2505048, 0.0532735]]]), rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_feeds_each_layer_the_updated_queries():
+    """Layer l + 1's mask logits come from layer l's *updated* queries (and the same memory), not
+    from the relationship-descriptor queries again."""
+    torch.manual_seed(0)
+    dec = MaskDecoder(D, width=8, layers=3, heads=2).eval()
+    t, g, patches = text(4), F.normalize(torch.randn(2, D), dim=-1), F.normalize(torch.randn(2, 6, D), dim=-1)
+    with torch.no_grad():
+        out = dec(t, g, patches, (2, 3))
+        q0 = dec.rd(t, g)
+        mem = dec.patch_proj(patches)
+        q1, l1 = dec.layers[0](q0, mem)
+        q2, l2 = dec.layers[1](q1, mem)
+        _, l3 = dec.layers[2](q2, mem)
+        _, l2_stale = dec.layers[1](q0, mem)
+    for got, expect in zip(out, (l1, l2, l3)):
+        torch.testing.assert_close(got, expect.reshape(2, 4, 2, 3))
+    assert not torch.allclose(out[1], l2_stale.reshape(2, 4, 2, 3), atol=1e-4)
+
+
+class _FixedEncoder(torch.nn.Module):
+    """Stands in for the image encoder: fixed (g, patches, hw) whatever the images."""
+
+    def __init__(self, g, patches, hw):
+        super().__init__()
+        self.g, self.patches, self.hw = g, patches, hw
+        self.visual = torch.nn.Identity()
+
+    def forward(self, images):
+        return self.g, self.patches, self.hw
+
+
+def _unit(i, scale=1.0):
+    v = torch.zeros(D)
+    v[i] = scale
+    return v
+
+
+def test_g_patches_and_t_are_l2_normalised_before_rd_and_decoder():
+    """ZegCLIP compares unit vectors (CLIP's cosine space; released backbone normalises g and the
+    patch tokens, text embeddings are normalised): the head must get
+      t: (3 e0 + 4 e1) -> (.6 e0 + .8 e1),  -2 e2 -> -e2
+      g: 5 e1 -> e1
+      patches: (1, 1, 1, 1, 0, ...) -> (.5, .5, .5, .5, 0, ...),  7 e3 -> e3
+    and Eq. 8's t * g is then (0, .8, 0, ...) for class 0."""
+    model = ZegCLIP(tiny_clip(), SMALL).eval()
+    g = _unit(1, 5.0)[None]
+    patches = torch.stack([torch.cat([torch.ones(4), torch.zeros(D - 4)]), _unit(3, 7.0)])[None]
+    model.encoder = _FixedEncoder(g, patches, (1, 2))
+    t_in = torch.stack([3 * _unit(0) + 4 * _unit(1), _unit(2, -2.0)])
+    seen = []
+    model.head.register_forward_pre_hook(lambda m, args: seen.append(args))
+    with torch.no_grad():
+        logits = model.mask_logits(images(1, 32), t_in)
+        t, gn, pn, hw = seen[0]
+        torch.testing.assert_close(t, torch.stack([0.6 * _unit(0) + 0.8 * _unit(1), _unit(2, -1.0)]))
+        torch.testing.assert_close(gn, _unit(1)[None])
+        torch.testing.assert_close(pn, torch.stack([torch.cat([torch.full((4,), 0.5), torch.zeros(D - 4)]), _unit(3)])[None])
+        assert hw == (1, 2)
+        torch.testing.assert_close(model.head.rd.describe(t, gn)[0, 0, :D], _unit(1, 0.8))
+        # so any positive rescaling of the inputs leaves the mask logits unchanged
+        model.encoder = _FixedEncoder(3 * g, patches * torch.tensor([0.1, 9.0])[None, :, None], (1, 2))
+        torch.testing.assert_close(model.mask_logits(images(1, 32), 0.2 * t_in), logits)
+
+
+def test_scores_are_the_sigmoid_of_the_last_layer_by_hand():
+    """Sec. 3.4: one independent sigmoid per class; logits (0, ln 3, -ln 3) -> (.5, .75, .25)."""
+    model = ZegCLIP(tiny_clip(), SMALL).eval()
+    last = torch.tensor([0.0, math.log(3), -math.log(3)]).reshape(1, 3, 1, 1)
+    model.head.forward = lambda t, g, p, hw: [torch.full_like(last, 7.0), last]
+    with torch.no_grad():
+        s = model(images(1, 64), text(3))
+    torch.testing.assert_close(s, torch.tensor([0.5, 0.75, 0.25]).reshape(1, 3, 1, 1))
+
+
+def test_zegclip_loss_is_eq6_with_the_documented_terms():
+    """ZegCLIP.loss = 100 * focal + 1 * dice (ZEGCLIP_LOSS_WEIGHTS, no focal alpha, squared dice,
+    ignored pixels left out; zeroseg/losses.py), on the two-image example of tests/test_losses.py:
+    focal = (1/16) ln(4/3) + (1/4) ln 2 = 0.1912669,
+    dice = ((1 - 3.5/3.8125) + (1 - 2.5/2.5625)) / 2 = 0.0531787  ->  19.1798712."""
+    model = ZegCLIP(tiny_clip(), SMALL).eval()
+    L3 = math.log(3)
+    logits = torch.tensor([[[[L3, 0.0]], [[-L3, 0.0]]], [[[0.0, 5.0]], [[L3, 5.0]]]])
+    target = torch.tensor([[[0, 0]], [[1, 255]]])
+    model.mask_logits = lambda images, t, all_layers=False: logits  # same size: the bilinear resize is the identity
+    out = model.loss(images(2, 64), target, text(2))
+    focal = 0.0625 * math.log(4 / 3) + 0.25 * math.log(2)
+    dice = ((1 - 3.5 / 3.8125) + (1 - 2.5 / 2.5625)) / 2
+    assert out["focal"].item() == pytest.approx(focal, rel=1e-6)
+    assert out["dice"].item() == pytest.approx(dice, rel=1e-6)
+    assert out["loss"].item() == pytest.approx(100 * focal + dice, rel=1e-6)
+
+
+def test_eq3_block_inputs_are_cls_own_prompts_patches():
+    """Eq. 3 seen from inside the encoder: block l's input is [g, P^l, H] with P^l exactly this
+    layer's prompts (eval: no dropout), i.e. block l-1's outputs at the prompt positions are
+    discarded; a block without prompts gets [g, H] (previous prompts removed)."""
+    for layers, expect_prompted in ((None, [True, True]), ([1], [True, False]), ([2], [False, True])):
+        clip = tiny_clip()
+        enc = PromptedVisionTransformer(clip.visual, prompt_tokens=3, prompt_layers=layers).eval()
+        seen = []
+        hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in clip.visual.transformer.resblocks]
+        with torch.no_grad():
+            enc(images(2, 64))
+        for h in hooks:
+            h.remove()
+        rows = iter(range(enc.prompts.shape[0]))
+        for block_input, prompted in zip(seen, expect_prompted):
+            if prompted:
+                assert block_input.shape == (2, 1 + 3 + 16, 64)
+                P = enc.prompts[next(rows)]
+                assert torch.equal(block_input[0, 1:4], P) and torch.equal(block_input[1, 1:4], P)
+            else:
+                assert block_input.shape == (2, 1 + 16, 64)
+
+
+# ====================================================================== released defaults, pinned
+
+
+def test_default_config_is_the_released_voc_setting():
+    """Expected values copied from the released VOC config as summarised in
+    /work/shared/papers/released-code.md section 4 (mask_weight 100, dice 1, gamma 2; prompts in all
+    12 layers, "_12_10" = 10 tokens) and the paper (Sec. 3.2: 3 decoder layers; Sec. 4.3: 512x512;
+    Eq. 8 / Table 4: [t * g, t])."""
+    assert ZEGCLIP_DEFAULT_CONFIG == {
+        "backbone": "dpt",
+        "prompt_tokens": 10,
+        "prompt_layers": None,
+        "prompt_dropout": 0.1,
+        "rd": "tg_t",
+        "decoder_layers": 3,
+        "decoder_width": 512,
+        "decoder_heads": 8,
+        "decoder_ffn_ratio": 4.0,
+        "decoder_dropout": 0.1,
+        "decoder_self_attn": False,
+        "input_size": [512, 512],
+        "loss": "focal_dice",
+        "loss_alpha": 100.0,
+        "loss_beta": 1.0,
+        "focal_gamma": 2.0,
+    }
+    assert resolve_zegclip_config() == ZEGCLIP_DEFAULT_CONFIG
+
+
+def test_paper_settings_are_pinned():
+    """released-code.md section 4 (optimizer "AdamW lr 2e-5, wd 0.01, lr_mult 10 for backbone
+    (prompts) and head, poly 0.9, min_lr 1e-6, linear warmup 1500 iters; 4 img/GPU"; slide inference
+    crop 512, stride 426; COCO 80k / VOC 20k inductive runs) and ZegCLIP Sec. 4.3 / Appendix A."""
+    s = ZEGCLIP_PAPER_SETTINGS
+    assert s["clip"] == {"model": "ViT-B-16", "pretrained": "openai"}
+    assert tuple(s["input_size"]) == (512, 512) and s["batch_size"] == 16
+    assert s["iterations"] == {"voc": 20_000, "context": 40_000, "coco": 80_000}
+    opt = s["optimizer"]
+    assert opt["name"] == "AdamW" and opt["lr"] == 2e-5 and opt["weight_decay"] == 0.01
+    assert opt["lr_mult"] == {"prompts": 10.0, "head": 10.0}
+    assert opt["schedule"] == {"policy": "poly", "power": 0.9, "min_lr": 1e-6}
+    assert opt["warmup"] == {"kind": "linear", "iters": 1500, "ratio": 1e-6}
+    assert set(opt["no_weight_decay"]) == {"norm", "ln"}
+    assert s["prompt_tokens"] == {"voc": 10, "coco": 100, "context": 35}
+    assert s["prompt_layers"] is None and s["backbone"] == "dpt" and s["rd"] == "tg_t"
+    assert s["decoder_layers"] == 3 and s["decoder_width"] == 512 and s["decoder_heads"] == 8
+    assert s["loss"] == {"kind": "focal_dice", "alpha": 100.0, "beta": 1.0, "gamma": 2.0}
+    assert s["test"] == {"mode": "slide", "crop": (512, 512), "stride": (426, 426)}
+    # Appendix E, Table 10 (spelling of the dataset's class names: "wall-concrete", "tvmonitor")
+    assert s["unseen"]["voc"] == ["pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+    assert s["unseen"]["coco"] == ["cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors",
+                                   "cardboard", "clouds", "grass", "playingfield", "river", "road", "tree",
+                                   "wall-concrete"]
+    assert s["unseen"]["context"] == ["cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tvmonitor",
+                                      "keyboard", "aeroplane"]
+    # Appendix C: 'a single template "A photo of a { }" on VOC and multiple templates [15] on ... COCO and Context'
+    assert s["text_templates"] == {"voc": "single ('A photo of a {}')", "coco": 15, "context": 15}

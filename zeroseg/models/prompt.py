@@ -16,6 +16,11 @@ three backbone variants of ZegCLIP's ablation (Table 5, Fig. 1):
 - ``"ft"``: Baseline-FT, the whole image encoder is fine-tuned, no prompts;
 - ``"fix"``: Baseline-Fix, frozen encoder, no prompts (the encoder runs under ``no_grad``).
 
+The ViT forward itself is the shared trunk (:mod:`zeroseg.models.trunk`); this module owns the
+prompt parameters and gives them to the trunk through its prompt hook
+(:meth:`PromptedVisionTransformer.layer_prompts`). ZegCLIP's ``prompt_layers`` are 1-based
+(Table 8), the trunk's block indices 0-based.
+
 Imports neither Ray nor the pipeline.
 """
 
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from zeroseg.models.clip import resize_pos_embed
+from zeroseg.models.trunk import TrunkOutput, forward_trunk, project, resize_pos_embed
 
 BACKBONE_VARIANTS = ("dpt", "ft", "fix")
 
@@ -151,47 +156,24 @@ class PromptedVisionTransformer(nn.Module):
         self.prompt_dropout = nn.Dropout(prompt_dropout) if prompt_dropout > 0 else nn.Identity()
 
     # ------------------------------------------------------------------ helpers
-    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        v = self.visual
+    def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
         H, W = images.shape[-2:]
         if H % self.patch_size[0] or W % self.patch_size[1]:
             raise ValueError(f"image size {(H, W)} is not a multiple of the patch size {self.patch_size}")
-        x = v.conv1(images.to(v.conv1.weight.dtype))  # [B, width, h, w]
-        B, C, h, w = x.shape
-        x = x.reshape(B, C, h * w).permute(0, 2, 1)  # [B, h*w, width]
-        cls = v.class_embedding.to(x.dtype).reshape(1, 1, C).expand(B, 1, C)
-        x = torch.cat([cls, x], dim=1)
-        pos = v.positional_embedding.to(x.dtype)
-        if (h, w) != self.grid_size:
-            pos = resize_pos_embed(pos, self.grid_size, (h, w))
-        x = x + pos
-        x = v.ln_pre(x)
-        return x, (h, w)
 
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the transformer layers with per-layer prompts; returns ``[B, 1 + N, width]`` (no prompts)."""
-        B = x.shape[0]
-        in_seq = 0  # prompt tokens currently in the sequence, right after [CLS]
-        for i, blk in enumerate(self.visual.transformer.resblocks):
-            row = self._prompt_row.get(i)
-            if row is not None or in_seq:
-                parts = [x[:, :1]]
-                if row is not None:
-                    # expand first: one dropout mask per image (ZegCLIP's released code)
-                    p = self.prompts[row].to(x.dtype).unsqueeze(0).expand(B, -1, -1)
-                    parts.append(self.prompt_dropout(p))
-                parts.append(x[:, 1 + in_seq:])  # Eq. 3: previous prompt outputs are discarded
-                x = torch.cat(parts, dim=1)
-                in_seq = self.num_prompts if row is not None else 0
-            if self.batch_first:
-                x = blk(x)
-            else:
-                x = blk(x.transpose(0, 1)).transpose(0, 1)
-        if in_seq:
-            x = torch.cat([x[:, :1], x[:, 1 + in_seq:]], dim=1)
-        return x
+    def layer_prompts(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The trunk's prompt hook (ZegCLIP Eq. 3): ``[B, M, width]`` tokens for 0-based block
+        ``layer`` (``x`` its input ``[B, L, width]``), or None for a block without prompts.
+
+        The prompts are expanded to the batch first and then dropped out, so every image gets its
+        own dropout mask (ZegCLIP's released code)."""
+        row = self._prompt_row.get(layer)
+        if row is None:
+            return None
+        p = self.prompts[row].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.prompt_dropout(p)
 
     # ------------------------------------------------------------------ API
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -206,11 +188,26 @@ class PromptedVisionTransformer(nn.Module):
         return self._forward(images)
 
     def _forward(self, images):
-        x, hw = self._embed(images)
-        x = self._blocks(x)
-        x = self.visual.ln_post(x)  # LayerNorm is per token: same as ln_post on the pooled token
-        x = x @ self.visual.proj
-        return x[:, 0], x[:, 1:], hw
+        out = self.trunk(images)
+        x = project(self.visual, out.tokens)  # ln_post is per token: same as on the pooled token
+        return x[:, 0], x[:, 1:], out.grid
+
+    def trunk(self, images: torch.Tensor, **hooks) -> TrunkOutput:
+        """The encoder's transformer tokens with this module's deep prompts, plus any other trunk
+        hooks (``attention``, ``additive``, ``return_layers`` of
+        :func:`zeroseg.models.trunk.forward_trunk`; e.g. DeOP's patch severance on a prompted tower).
+
+        images ``[B, 3, H, W]`` -> :class:`~zeroseg.models.trunk.TrunkOutput` (tokens ``[B, 1 + h*w,
+        width]`` before ``ln_post``, prompts removed). Runs with gradients as the caller's context
+        says (:meth:`forward` adds ``no_grad`` for ``"fix"``).
+
+        Raises:
+            ValueError: images not ``[B, 3, H, W]`` with ``H, W`` multiples of the patch size; see
+                :func:`~zeroseg.models.trunk.forward_trunk`.
+        """
+        self._check_images(images)
+        prompts = self.layer_prompts if self.prompts is not None else None
+        return forward_trunk(self.visual, images, prompts=prompts, **hooks)
 
     def extra_repr(self) -> str:
         return (

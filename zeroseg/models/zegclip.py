@@ -71,7 +71,9 @@ ZEGCLIP_PAPER_SETTINGS: dict[str, Any] = {
     "decoder_width": 512,  # code (embed_dims = in_channels = 512)
     "decoder_heads": 8,  # code
     "loss": {"kind": "focal_dice", **ZEGCLIP_LOSS_WEIGHTS},  # Eqs. 4-6, gamma Sec. 3.4; alpha/beta code
-    "text_templates": {"voc": "single ('A photo of a {}.')", "coco": 15, "context": 15},  # Appendix C
+    # Appendix C: VOC uses the single template "A photo of a { }" (no full stop; template set
+    # ``zegclip_single``), COCO and Context the 15 listed there (``ensemble15``)
+    "text_templates": {"voc": "single ('A photo of a {}')", "coco": 15, "context": 15},
     "unseen": {  # Appendix E, Table 10
         "voc": ["pottedplant", "sheep", "sofa", "train", "tvmonitor"],
         "coco": ["cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard",
