@@ -1,0 +1,215 @@
+"""Checkpoints: their files, and the records that say which ones exist.
+
+A checkpoint is a directory ``<storage>/<name>/checkpoint_<step:08d>/`` with
+
+* ``model.pt``: the model state the loop registered (``Loop.restore(model_state=...)``'s getter,
+  e.g. only a method's trainable weights; by default the unwrapped model's whole state dict);
+* ``train_state.pt``: optimiser, scheduler, gradient scaler and extra objects' state dicts and the
+  position (step, epoch, micro-batches consumed in it, world size, ...);
+* ``train_state.json``: the position and the other files' sizes, for people and tools.
+
+Two records say which checkpoints a run has; nothing else does (a directory neither lists is
+garbage, removed by :func:`sweep_unrecorded`):
+
+* **Ray Train's** checkpoint manager, for runs with workers (``num_workers >= 1``): every
+  checkpoint a worker reported and the controller registered, pruned to
+  ``CheckpointConfig(num_to_keep)``, persisted as Ray's run snapshot in the run directory and read
+  back through the public ``ray.train.Result.from_path`` (:func:`ray_checkpoints`). Ray 2.60 never
+  looks at directories its snapshot does not list: a checkpoint uploaded by a worker but not yet
+  registered when the driver died, or one Ray dropped from its list but had not deleted yet, stays
+  on disk for ever unless swept. On restart Ray reloads its snapshot, checks that every listed
+  checkpoint still exists (else ``CheckpointManagerInitializationError``: never delete a listed
+  one) and hands the latest to the workers (``ray.train.get_checkpoint()``).
+* **The in-process record** (``num_workers=0``, where Ray persists nothing):
+  :mod:`.in_process`, an index file written after each checkpoint's files.
+
+A run resumes from the newest checkpoint (by step) of the two; normally only one of them has any
+(both do when a run switches between in-process and workers, see ``fit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline import uri as uri_
+
+CHECKPOINT_PREFIX = "checkpoint_"
+MODEL_PT = "model.pt"
+STATE_PT = "train_state.pt"
+STATE_JSON = "train_state.json"
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    """A checkpoint a record lists.
+
+    Attributes:
+        uri: its directory (local absolute path or URI under the storage path).
+        step: optimisation steps done when it was written.
+        state: what was recorded with it: ``step``, ``epoch``, ``batch_in_epoch``,
+            ``world_size``, ``global_batch_size``, ``precision``, ``loss``, ... (Ray's reported
+            metrics for a worker run; the index entry for an in-process one).
+        source: ``"ray"`` (Ray Train's record) or ``"in_process"``.
+    """
+
+    uri: str
+    step: int
+    state: dict[str, Any]
+    source: str = "ray"
+
+    @property
+    def dir_name(self) -> str:
+        return self.uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def dir_name(step: int) -> str:
+    """``checkpoint_<step:08d>``."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def step_of(path: str) -> int:
+    """The step in a checkpoint directory's name (``.../checkpoint_00000012`` -> 12; -1: none)."""
+    leaf = str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    tail = leaf[len(CHECKPOINT_PREFIX) :] if leaf.startswith(CHECKPOINT_PREFIX) else ""
+    return int(tail) if tail.isdigit() else -1
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------------
+def write_checkpoint(
+    directory: str | Path, model_state: Mapping[str, Any], objects: Mapping[str, Any], info: Mapping[str, Any]
+) -> None:
+    """Write a checkpoint's three files into the local ``directory``.
+
+    Args:
+        model_state: name -> tensor (``model.pt``).
+        objects: name -> state dict of the optimiser, scheduler, scaler, ... (``train_state.pt``).
+        info: JSON-able position and bookkeeping (``train_state.pt`` and ``train_state.json``).
+    """
+    import torch
+
+    d = Path(directory)
+    torch.save(dict(model_state), d / MODEL_PT)
+    torch.save({**info, "objects": dict(objects)}, d / STATE_PT)
+    sizes = {f: (d / f).stat().st_size for f in (MODEL_PT, STATE_PT)}
+    (d / STATE_JSON).write_text(json.dumps({**info, "files": sizes}, indent=1, default=str))
+
+
+def load_model_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The model state saved in a local checkpoint directory (CPU tensors)."""
+    import torch
+
+    return torch.load(Path(checkpoint_dir) / MODEL_PT, map_location="cpu", weights_only=True)
+
+
+def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """``train_state.pt`` of a local checkpoint directory: the position and ``objects`` (state
+    dicts by name), CPU tensors."""
+    import torch
+
+    return torch.load(Path(checkpoint_dir) / STATE_PT, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# records
+# ------------------------------------------------------------------------------------------------
+def run_dir(storage_path: str, name: str) -> tuple[Any, str]:
+    """``(filesystem, path)`` of the run directory ``<storage_path>/<name>``."""
+    return uri_.filesystem(uri_.join(storage_path, name))
+
+
+def _cannot_list(storage_path: str, name: str, e: BaseException) -> OSError:
+    return OSError(
+        f"cannot list the checkpoints under {uri_.join(storage_path, name)} "
+        f"({type(e).__name__}: {e}); check the storage path, credentials and network"
+    )
+
+
+def ray_checkpoints(storage_path: str, name: str) -> list[CheckpointInfo]:
+    """The checkpoints Ray Train's record lists for run ``name`` (oldest first; [] when the run
+    has no Ray record yet), from ``ray.train.Result.from_path``.
+
+    Raises:
+        OSError: the storage cannot be read (credentials, network, permissions), naming the
+            path: resuming must not silently start over from step 0.
+        ray.train.v2 CheckpointManagerInitializationError: Ray's snapshot lists a checkpoint
+            that no longer exists, or was written by another Ray version.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = run_dir(storage_path, name)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+    except OSError as e:
+        raise _cannot_list(storage_path, name, e) from e
+    from ray.train.v2.api.result import Result
+
+    try:
+        result = Result.from_path(uri_.join(storage_path, name))
+    except RuntimeError:  # Result.from_path: no run directory or no snapshot (nothing registered yet)
+        return []
+    out = []
+    for ckpt, metrics in result.best_checkpoints or []:
+        leaf = str(ckpt.path).rstrip("/").rsplit("/", 1)[-1]
+        state = dict(metrics or {})
+        step = int(state.get("step", step_of(leaf)))
+        out.append(CheckpointInfo(uri=uri_.join(storage_path, name, leaf), step=step, state=state, source="ray"))
+    return sorted(out, key=lambda c: c.step)
+
+
+def list_checkpoints(storage_path: str, name: str) -> list[CheckpointInfo]:
+    """Every checkpoint of run ``name`` that a record lists (Ray Train's and the in-process
+    one), oldest first. ``storage_path``: a local path or a pyarrow URI (``s3://``, ``gs://``);
+    a run directory that does not exist has none.
+
+    Raises:
+        OSError: the storage cannot be listed, naming the path (see :func:`ray_checkpoints`).
+    """
+    from . import in_process
+
+    found = {c.dir_name: c for c in ray_checkpoints(storage_path, name)}
+    for c in in_process.record(storage_path, name):
+        found.setdefault(c.dir_name, c)
+    return sorted(found.values(), key=lambda c: (c.step, c.source == "ray"))
+
+
+def latest_checkpoint(storage_path: str, name: str) -> CheckpointInfo | None:
+    """The newest recorded checkpoint of run ``name`` (Ray's at equal steps), or None."""
+    cps = list_checkpoints(storage_path, name)
+    return cps[-1] if cps else None
+
+
+def sweep_unrecorded(storage_path: str, name: str) -> list[str]:
+    """Delete the ``checkpoint_*`` directories of run ``name`` that no record lists (uploaded by
+    a worker that died before Ray registered them, dropped by Ray but not yet deleted, or an
+    in-process copy cut short). Only call it while no fit of this run is active.
+
+    Returns:
+        The deleted directories' names.
+
+    Raises:
+        OSError: the storage cannot be listed or written.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = run_dir(storage_path, name)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise _cannot_list(storage_path, name, e) from e
+    dirs = [i for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
+    if not dirs:
+        return []
+    keep = {c.dir_name for c in list_checkpoints(storage_path, name)}
+    gone = []
+    for info in sorted(dirs, key=lambda i: i.base_name):
+        if info.base_name not in keep:
+            fs.delete_dir(info.path)
+            gone.append(info.base_name)
+    return gone

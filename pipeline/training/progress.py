@@ -1,0 +1,149 @@
+"""How rank 0's progress reaches the driver.
+
+Workers print nothing per step. Rank 0 hands each :class:`~.metrics.Progress` record and each
+note (resumed from ..., world size changed ...) to a channel:
+
+* in-process (``num_workers=0``): :class:`DirectChannel` calls the driver's callbacks directly;
+* with workers, which may run on other nodes: :class:`ActorChannel` puts them into a small Ray
+  actor (:class:`_Mailbox`, no CPU) that :func:`relay`'s thread on the driver drains every
+  ``poll_s`` seconds while ``TorchTrainer.fit()`` blocks the main thread (which keeps Ray's
+  Ctrl-C handler there), calling the callbacks from that thread, never two at a time; the rest
+  is drained on exit.
+
+A callback that raises is reported once (stderr) and then skipped: progress display never stops
+training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .metrics import Progress
+
+
+class DirectChannel:
+    """In-process channel: calls ``progress(record)`` / ``note(text)`` directly."""
+
+    def __init__(self, progress: Callable[[Progress], None], note: Callable[[str], None]):
+        self._progress, self._note = _guarded(progress), _guarded(note)
+
+    def progress(self, record: Progress) -> None:
+        self._progress(record)
+
+    def note(self, text: str) -> None:
+        self._note(text)
+
+
+class ActorChannel:
+    """Worker-side channel: a handle to the driver's mailbox actor (picklable)."""
+
+    def __init__(self, mailbox: Any):
+        self._mailbox = mailbox
+        self._broken = False
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        if self._broken:
+            return
+        import ray
+
+        try:  # waited for: a record sent just before the worker exits is not lost
+            ray.get(self._mailbox.put.remote(item), timeout=30)
+        except Exception as e:  # noqa: BLE001 - progress must not stop training
+            self._broken = True
+            print(
+                f"warning: progress reports to the driver stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True
+            )
+
+    def progress(self, record: Progress) -> None:
+        self._put(("progress", record))
+
+    def note(self, text: str) -> None:
+        self._put(("note", text))
+
+
+class _Mailbox:
+    """A list the workers append to and the driver empties."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, Any]] = []
+
+    def put(self, item: tuple[str, Any]) -> None:
+        self._items.append(item)
+
+    def drain(self) -> list[tuple[str, Any]]:
+        items, self._items = self._items, []
+        return items
+
+
+@contextlib.contextmanager
+def relay(
+    with_workers: bool, progress: Callable[[Progress], None], note: Callable[[str], None], poll_s: float = 0.5
+) -> Iterator[DirectChannel | ActorChannel]:
+    """The channel for a fit, and on the driver the thread that delivers what workers send.
+
+    Args:
+        with_workers: True for Ray Train workers (an actor and a polling thread), False for an
+            in-process fit (direct calls).
+        progress: called with each :class:`Progress` record.
+        note: called with each note (one line of text).
+        poll_s: seconds between drains of the mailbox.
+
+    Yields:
+        The channel to give the train loop (picklable with workers).
+    """
+    if not with_workers:
+        yield DirectChannel(progress, note)
+        return
+    import ray
+
+    mailbox = ray.remote(num_cpus=0)(_Mailbox).remote()
+    deliver_progress, deliver_note = _guarded(progress), _guarded(note)
+    stop = threading.Event()
+
+    def deliver(items: list[tuple[str, Any]]) -> None:
+        for kind, payload in items:
+            (deliver_progress if kind == "progress" else deliver_note)(payload)
+
+    def poll() -> None:
+        while not stop.wait(poll_s):
+            try:
+                deliver(ray.get(mailbox.drain.remote(), timeout=30))
+            except Exception:  # noqa: BLE001 - a slow or restarting cluster: try again
+                continue
+
+    thread = threading.Thread(target=poll, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield ActorChannel(mailbox)
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(Exception):
+            deliver(ray.get(mailbox.drain.remote(), timeout=30))
+        with contextlib.suppress(Exception):
+            ray.kill(mailbox)
+
+
+def _guarded(fn: Callable[[Any], None]) -> Callable[[Any], None]:
+    failed = False
+
+    def call(x: Any) -> None:
+        nonlocal failed
+        if failed:
+            return
+        try:
+            fn(x)
+        except Exception as e:  # noqa: BLE001 - a display error must not stop training
+            failed = True
+            print(
+                f"warning: training progress callback {getattr(fn, '__name__', fn)!r} failed and is no longer "
+                f"called: {type(e).__name__}: {e}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return call
