@@ -80,14 +80,17 @@ def main() -> None:
     mpix = sum(g.size for g in gts) / 1e6
 
     # batches prepared once (stacking is the data loader's job, not the evaluator's)
-    np_batches = [(np.stack(preds[i: i + bs]), np.stack(gts[i: i + bs])) for i in range(0, len(gts), bs)]
+    np_batches = [(np.stack(preds[i : i + bs]), np.stack(gts[i : i + bs])) for i in range(0, len(gts), bs)]
     t_batches = [(torch.from_numpy(p), torch.from_numpy(g)) for p, g in np_batches]
 
     impls = {
         "textbook (per-image np.bincount, masked)": lambda: textbook(preds, gts, c),
-        "zeroseg.metrics.confusion_matrix (numpy, batched)": lambda: sum(confusion_matrix(p, g, c) for p, g in np_batches),
-        "zeroseg.metrics.confusion_matrix_torch (cpu, batched)":
-            lambda: sum(confusion_matrix_torch(p, g, c) for p, g in t_batches).numpy(),
+        "zeroseg.metrics.confusion_matrix (numpy, batched)": lambda: sum(
+            confusion_matrix(p, g, c) for p, g in np_batches
+        ),
+        "zeroseg.metrics.confusion_matrix_torch (cpu, batched)": lambda: sum(
+            confusion_matrix_torch(p, g, c) for p, g in t_batches
+        ).numpy(),
     }
     if torch.cuda.is_available():
         cuda_batches = [(p.cuda(), g.cuda()) for p, g in t_batches]
@@ -116,24 +119,47 @@ def main() -> None:
     rows = []
     for name in impls:
         med = statistics.median(times[name])
-        rows.append({"impl": name, "median_s": med, "min_s": min(times[name]), "megapixels_per_s": mpix / med,
-                     "ratio_vs_textbook": base / med})
-    print(f"confusion matrix throughput: {len(gts)} CamVid label maps {gts[0].shape[1]}x{gts[0].shape[0]} "
-          f"({mpix:.2f} MP, {100 * np.mean([np.mean(g == IGNORE) for g in gts]):.1f}% ignore), C={c}, "
-          f"batch {bs}, {args.repeats} interleaved repeats, median")
+        rows.append(
+            {
+                "impl": name,
+                "median_s": med,
+                "min_s": min(times[name]),
+                "megapixels_per_s": mpix / med,
+                "ratio_vs_textbook": base / med,
+            }
+        )
+    print(
+        f"confusion matrix throughput: {len(gts)} CamVid label maps {gts[0].shape[1]}x{gts[0].shape[0]} "
+        f"({mpix:.2f} MP, {100 * np.mean([np.mean(g == IGNORE) for g in gts]):.1f}% ignore), C={c}, "
+        f"batch {bs}, {args.repeats} interleaved repeats, median"
+    )
     w = max(len(r["impl"]) for r in rows)
     print(f"{'implementation':<{w}}  {'MP/s':>9}  {'x textbook':>10}")
     for r in rows:
         print(f"{r['impl']:<{w}}  {r['megapixels_per_s']:>9.1f}  {r['ratio_vs_textbook']:>10.2f}")
-    print(json.dumps({
-        "benchmark": "confusion_matrix_throughput", "labels": str(args.labels), "images": len(gts),
-        "megapixels": mpix, "num_classes": c, "batch_size": bs, "repeats": args.repeats,
-        "results": rows,
-        "machine": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    print(
+        json.dumps(
+            {
+                "benchmark": "confusion_matrix_throughput",
+                "labels": str(args.labels),
+                "images": len(gts),
+                "megapixels": mpix,
+                "num_classes": c,
+                "batch_size": bs,
+                "repeats": args.repeats,
+                "results": rows,
+                "machine": {
+                    "python": platform.python_version(),
+                    "numpy": np.__version__,
+                    "torch": torch.__version__,
+                    "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
                     "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-    }))
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ memory of a 2-worker fit. In one run.
     .venv/bin/python benchmarks/bench_train_feed.py [--cpus N] [--steps 60] [--batch 8] [--crop 256]
 
 (a) ``ray``: ``pipeline.training.fit`` in-process (``num_workers=0``) reading
-    ``pipeline.datasets.train_dataset`` (read_parquet -> map_batches decode/remap/augment) through
+    ``stages.feeds.train_dataset`` (manifest -> from_arrow -> map_batches decode/remap/augment) through
     ``Loop.batches`` (``iter_torch_batches``), Ray started with ``--cpus`` CPUs;
 (b) ``dataloader``: the same model, optimiser and step over ``torch.utils.data.DataLoader`` with
     ``--cpus`` worker processes running the same ``zeroseg.data.transforms`` per sample.
@@ -40,11 +40,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 DATA = Path(os.environ.get("ZEROSEG_DATA", REPO.parent / "shared" / "data"))
 
 import numpy as np  # noqa: E402
-from stages.train_zegclip import ZegCLIPTrainConfig  # noqa: E402
-from _measure import run_measured, tree_cpu_seconds  # noqa: E402
 import torch  # noqa: E402
+from _measure import run_measured, tree_cpu_seconds  # noqa: E402
 
-from pipeline.datasets import decode_train_batch  # noqa: E402
+from pipeline.dag import Artifact  # noqa: E402
+from stages.feeds import decode_train_batch, manifest_table  # noqa: E402
+from stages.methods.zegclip import ZegCLIPMethod  # noqa: E402
 from zeroseg.data.splits import manifest_schema  # noqa: E402
 from zeroseg.data.transforms import AugmentConfig, make_lut  # noqa: E402
 
@@ -52,19 +53,40 @@ LUT = make_lut(list(range(11)))  # CamVid: 11 classes, 11 = void -> 255
 
 
 # -- shared pieces ---------------------------------------------------------------------------
-def write_manifest(path: Path, repeat: int) -> Path:
-    """A build_splits-style manifest listing every CamVid frame ``repeat`` times (ids ``stem#r``)."""
+def write_manifest(root: Path, repeat: int) -> Artifact:
+    """A build_splits-style artifact at ``root`` whose train manifest lists every CamVid frame
+    ``repeat`` times (ids ``stem#r``); its ``labels`` link to CamVid's label folder."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     imgs = sorted((DATA / "camvid-val" / "images").glob("*.png"))
     if not imgs:
         sys.exit(f"no CamVid images under {DATA}/camvid-val/images")
-    rows = [{"image_id": f"{p.stem}#{r}", "image_uri": str(p), "label_uri": str(p.parent.parent / "labels" / p.name),
-             "height": 360, "width": 480, "classes": list(range(11)), "dataset": "camvid"}
-            for r in range(repeat) for p in imgs]
-    pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), path)
-    return path
+    (root / "manifests").mkdir(parents=True, exist_ok=True)
+    if not (root / "labels").exists():
+        (root / "labels").symlink_to(DATA / "camvid-val" / "labels")
+    rows = [
+        {
+            "image_id": f"{p.stem}#{r}",
+            "image": p.name,
+            "label": f"labels/{p.name}",
+            "height": 360,
+            "width": 480,
+            "classes": list(range(11)),
+            "dataset": "camvid",
+        }
+        for r in range(repeat)
+        for p in imgs
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), root / "manifests" / "train.parquet")
+    return Artifact(
+        "build_splits",
+        "b" * 64,
+        root,
+        str(root),
+        {"files": []},
+        runtime={"image_roots": {"train": str(DATA / "camvid-val" / "images")}},
+    )
 
 
 def make_model() -> torch.nn.Module:
@@ -121,28 +143,39 @@ def ray_loop(loop) -> None:
     Path(cfg["out"]).write_text(json.dumps({"img_s": meter.rate(), "img_cpu_s": meter.per_cpu_s()}))
 
 
-def bench_ray(manifest: Path, args, work: Path, deterministic: bool, tag: str = "") -> tuple[float, float]:
-    from pipeline.datasets import train_dataset
+def bench_ray(manifest: Artifact, args, work: Path, deterministic: bool, tag: str = "") -> tuple[float, float]:
     from pipeline.training import ScalingSection, TrainSection, fit
+    from stages.feeds import train_dataset
 
     aug = AugmentConfig(crop_size=(args.crop, args.crop))
     ds = train_dataset(manifest, LUT, aug, seed=0, block_rows=args.block_rows)
     out = work / f"ray-{deterministic}-{tag}.json"
-    fit(ray_loop, {"torch_threads": args.torch_threads, "warmup": args.steps, "out": str(out)}, {"train": ds},
+    fit(
+        ray_loop,
+        {"torch_threads": args.torch_threads, "warmup": args.steps, "out": str(out)},
+        {"train": ds},
         ScalingSection(num_workers=0),
-        TrainSection(max_steps=2 * args.steps, batch_size=args.batch, lr=0.01, checkpoint_every=10**6,
-                     log_every=args.steps, deterministic_data=deterministic, prefetch_batches=args.prefetch),
-        str(work / "store"), f"feed-{deterministic}-{tag}", log=lambda m: None)
+        TrainSection(
+            max_steps=2 * args.steps,
+            batch_size=args.batch,
+            lr=0.01,
+            checkpoint_every=10**6,
+            log_every=args.steps,
+            deterministic_data=deterministic,
+            prefetch_batches=args.prefetch,
+        ),
+        str(work / "store"),
+        f"feed-{deterministic}-{tag}",
+        log=lambda m: None,
+    )
     r = json.loads(out.read_text())
     return r["img_s"], r["img_cpu_s"]
 
 
 # -- (b) PyTorch DataLoader over the same transforms --------------------------------------------
 class ManifestDataset(torch.utils.data.Dataset):
-    def __init__(self, manifest: Path, aug: AugmentConfig, seed: int):
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(manifest, columns=["image_id", "image_uri", "label_uri"]).to_pydict()
+    def __init__(self, manifest: Artifact, aug: AugmentConfig, seed: int):
+        t = manifest_table(manifest, "train").select(["image_id", "image_uri", "label_uri"]).to_pydict()
         self.rows = list(zip(t["image_id"], t["image_uri"], t["label_uri"]))
         self.aug, self.seed = aug, seed
 
@@ -158,12 +191,19 @@ class ManifestDataset(torch.utils.data.Dataset):
         return torch.from_numpy(out["image"][0]), torch.from_numpy(out["label"][0])
 
 
-def bench_dataloader(manifest: Path, args) -> tuple[float, float]:
+def bench_dataloader(manifest: Artifact, args) -> tuple[float, float]:
     torch.set_num_threads(args.torch_threads)
     ds = ManifestDataset(manifest, AugmentConfig(crop_size=(args.crop, args.crop)), seed=0)
-    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,
-                                     num_workers=args.cpus, persistent_workers=True, prefetch_factor=args.prefetch,
-                                     generator=torch.Generator().manual_seed(0))
+    dl = torch.utils.data.DataLoader(
+        ds,
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.cpus,
+        persistent_workers=True,
+        prefetch_factor=args.prefetch,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.manual_seed(0)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -187,16 +227,22 @@ def fit_child(work: Path, steps: int) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    from pipeline.datasets import train_dataset
     from pipeline.training import ScalingSection, TrainSection, fit
+    from stages.feeds import train_dataset
 
-    manifest = write_manifest(work / "child.parquet", repeat=1)
+    manifest = write_manifest(work / "child", repeat=1)
     ds = train_dataset(manifest, LUT, AugmentConfig(crop_size=(256, 256)), seed=0, block_rows=4)
     t0 = time.perf_counter()
-    res = fit(ray_loop, {"torch_threads": 1, "warmup": 2, "out": str(work / "child.json")}, {"train": ds},
-              ScalingSection(num_workers=2, resources_per_worker={"CPU": 0.5}),
-              TrainSection(max_steps=steps, batch_size=4, lr=0.01, checkpoint_every=steps // 2, log_every=5),
-              str(work / "child-store"), "mem", log=lambda m: None)
+    res = fit(
+        ray_loop,
+        {"torch_threads": 1, "warmup": 2, "out": str(work / "child.json")},
+        {"train": ds},
+        ScalingSection(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        TrainSection(max_steps=steps, batch_size=4, lr=0.01, checkpoint_every=steps // 2, log_every=5),
+        str(work / "child-store"),
+        "mem",
+        log=lambda m: None,
+    )
     print(json.dumps({"steps": res.steps, "fit_s": time.perf_counter() - t0}), flush=True)
 
 
@@ -216,8 +262,12 @@ def main() -> int:
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=10, help="list each CamVid frame this many times")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved DataLoader/Ray Data measurements")
-    ap.add_argument("--block-rows", type=int, default=ZegCLIPTrainConfig().block_rows,
-                    help="images per Ray Data decode task (default: the train stage's)")
+    ap.add_argument(
+        "--block-rows",
+        type=int,
+        default=ZegCLIPMethod.model_fields["block_rows"].default,
+        help="images per Ray Data decode task (default: the train stage's)",
+    )
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--fit-child", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -229,7 +279,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="zeroseg-feed-") as tmp:
         work = Path(tmp)
-        manifest = write_manifest(work / "train.parquet", args.repeat)
+        manifest = write_manifest(work / "feed", args.repeat)
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
         from ray.data import DataContext
 
@@ -238,8 +288,11 @@ def main() -> int:
         for r in range(args.rounds):  # interleaved, so that drifting machine load hits both alike
             dls.append(bench_dataloader(manifest, args))
             rds.append(bench_ray(manifest, args, work, deterministic=True, tag=str(r)))
-            print(f"round {r}: DataLoader {dls[-1][0]:.1f} img/s ({dls[-1][1]:.1f} img/CPU-s), "
-                  f"Ray Data {rds[-1][0]:.1f} img/s ({rds[-1][1]:.1f} img/CPU-s)", flush=True)
+            print(
+                f"round {r}: DataLoader {dls[-1][0]:.1f} img/s ({dls[-1][1]:.1f} img/CPU-s), "
+                f"Ray Data {rds[-1][0]:.1f} img/s ({rds[-1][1]:.1f} img/CPU-s)",
+                flush=True,
+            )
         rf, rf_cpu = bench_ray(manifest, args, work, deterministic=False, tag="nd")
         ray.shutdown()
         dl, rd = float(np.mean([x[0] for x in dls])), float(np.mean([x[0] for x in rds]))
@@ -252,23 +305,40 @@ def main() -> int:
     print(f"{'torch DataLoader (mean of rounds)':<34}{dl:>10.1f}{1.0:>8.3f}{dl_cpu:>11.2f}{1.0:>8.3f}")
     print(f"{'Ray Data (mean of rounds)':<34}{rd:>10.1f}{rd / dl:>8.3f}{rd_cpu:>11.2f}{rd_cpu / dl_cpu:>8.3f}")
     print(f"{'Ray Data (preserve_order off)':<34}{rf:>10.1f}{rf / dl:>8.3f}{rf_cpu:>11.2f}{rf_cpu / dl_cpu:>8.3f}")
-    print(f"(cpus {args.cpus}, torch threads {args.torch_threads}, batch {args.batch}, crop {args.crop}, "
-          f"{args.block_rows} rows per decode task, "
-          f"{args.steps} measured steps after {args.steps} warm-up; target ratio >= 0.9)")
+    print(
+        f"(cpus {args.cpus}, torch threads {args.torch_threads}, batch {args.batch}, crop {args.crop}, "
+        f"{args.block_rows} rows per decode task, "
+        f"{args.steps} measured steps after {args.steps} warm-up; target ratio >= 0.9)"
+    )
     if mem is not None:
-        print(f"2-worker fit: peak RSS of the process tree {mem['peak_rss_mib']:.0f} MiB, "
-              f"wall {mem['seconds']:.1f} s (fit {mem['child']['fit_s']:.1f} s, {mem['child']['steps']} steps)")
-    print(json.dumps({
-        "bench": "train_feed", "cpus": args.cpus, "torch_threads": args.torch_threads, "batch": args.batch,
-        "block_rows": args.block_rows, "crop": args.crop, "measured_steps": args.steps,
-        "dataloader_img_s": round(dl, 2), "ray_img_s": round(rd, 2), "ray_nondeterministic_img_s": round(rf, 2),
-        "rounds": [{"dataloader": round(a[0], 2), "ray": round(b[0], 2)} for a, b in zip(dls, rds)],
-        "ratio": round(rd / dl, 4), "ratio_nondeterministic": round(rf / dl, 4),
-        "dataloader_img_per_cpu_s": round(dl_cpu, 3), "ray_img_per_cpu_s": round(rd_cpu, 3),
-        "cpu_efficiency_ratio": round(rd_cpu / dl_cpu, 4),
-        "fit2_peak_rss_mib": round(mem["peak_rss_mib"]) if mem else None,
-        "fit2_wall_s": round(mem["seconds"], 1) if mem else None,
-    }))
+        print(
+            f"2-worker fit: peak RSS of the process tree {mem['peak_rss_mib']:.0f} MiB, "
+            f"wall {mem['seconds']:.1f} s (fit {mem['child']['fit_s']:.1f} s, {mem['child']['steps']} steps)"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "train_feed",
+                "cpus": args.cpus,
+                "torch_threads": args.torch_threads,
+                "batch": args.batch,
+                "block_rows": args.block_rows,
+                "crop": args.crop,
+                "measured_steps": args.steps,
+                "dataloader_img_s": round(dl, 2),
+                "ray_img_s": round(rd, 2),
+                "ray_nondeterministic_img_s": round(rf, 2),
+                "rounds": [{"dataloader": round(a[0], 2), "ray": round(b[0], 2)} for a, b in zip(dls, rds)],
+                "ratio": round(rd / dl, 4),
+                "ratio_nondeterministic": round(rf / dl, 4),
+                "dataloader_img_per_cpu_s": round(dl_cpu, 3),
+                "ray_img_per_cpu_s": round(rd_cpu, 3),
+                "cpu_efficiency_ratio": round(rd_cpu / dl_cpu, 4),
+                "fit2_peak_rss_mib": round(mem["peak_rss_mib"]) if mem else None,
+                "fit2_wall_s": round(mem["seconds"], 1) if mem else None,
+            }
+        )
+    )
     return 0
 
 

@@ -1,10 +1,17 @@
-"""YAML config loading, dotted overrides, validation and canonical hashing.
+"""YAML config loading, dotted overrides, validation, and the hashed/runtime split of keys.
 
-A config file has a ``run`` section (where things go; never part of an artifact key), an
-optional ``clip`` section (the CLIP model spec, injected into every stage section whose config
-model has a ``clip`` field and does not set one itself) and one section per stage. Each stage
-section is validated by that stage's pydantic ``Config``; unknown keys are errors that name the
-nearest valid key.
+A config file has a ``run`` section (where things go; never part of an artifact key), *shared*
+sections that stages take (``clip``: the CLIP model spec, injected into every stage that takes
+it and does not set its own), and one section per stage. A stage section is validated by the
+stage's ``Config`` (pydantic; unknown keys are errors naming the nearest valid key). Keys named
+like one of the stage's input roles bind that role to a stage (``evaluate.model: self_train``).
+
+What enters an artifact key is the *hashed view* of a validated config (:func:`hashed_view`):
+every field except those marked :class:`Runtime` (resources, retries, logging cadence,
+checkpoints kept, concurrency, device, inference batch size, data paths whose content a stage
+fingerprints instead). A nested model that knows better how it should count
+(``key_payload()``, e.g. the CLIP spec: architecture + weights identity) counts that way.
+Because the hashed view is the *validated* config, restating a default changes no key.
 
 Strings may reference environment variables as ``${NAME}`` or ``${NAME:-default}``, so one
 config serves a local run (defaults) and ``ray job submit`` (variables set through
@@ -13,23 +20,142 @@ config serves a local run (defaults) and ``ray job submit`` (variables set throu
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
 import os
 import re
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import to_jsonable_python
 
-from zeroseg.errors import ConfigError
+from pipeline.errors import ConfigError
 
-RESERVED_SECTIONS = ("run", "clip")
+RUN_SECTION = "run"
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+# =============================================================================================
+# the hashed / runtime split
+# =============================================================================================
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Field marker (``Annotated[T, Runtime()]``): the field does not determine the stage's
+    outputs (resources, retries, logging, concurrency, device, a batch size of inference, a data
+    path whose content the stage fingerprints), so it stays out of the artifact key.
+
+    Args:
+        when: for a field that is runtime for some values only: a predicate on the value (e.g. a
+            class list given as a file path is runtime, since the file is fingerprinted by
+            content; given inline as names it is hashed).
+        why: a few words for the docs and the plan (``"resources"``, ``"data path"``, ...).
+    """
+
+    when: Callable[[Any], bool] | None = None
+    why: str = ""
+
+    def applies(self, value: Any) -> bool:
+        return self.when is None or bool(self.when(value))
+
+
+def _runtime_marker(field: Any) -> Runtime | None:
+    """The :class:`Runtime` marker of a field: in its metadata (``Annotated[T, Runtime()]``) or
+    on a member of its union (``Annotated[str, Runtime()] | None``)."""
+    for m in getattr(field, "metadata", ()):
+        if isinstance(m, Runtime):
+            return m
+    for arg in typing.get_args(getattr(field, "annotation", None)):
+        for m in getattr(arg, "__metadata__", ()):
+            if isinstance(m, Runtime):
+                return m
+    return None
+
+
+def is_runtime(field: Any, value: Any) -> bool:
+    """Whether a pydantic ``FieldInfo`` holding ``value`` is runtime (see :class:`Runtime`)."""
+    m = _runtime_marker(field)
+    return m is not None and m.applies(value)
+
+
+def hashed_view(obj: Any) -> Any:
+    """The JSON-able part of a validated config that determines outputs (enters keys).
+
+    BaseModels: ``key_payload()`` when they define it, else their fields minus :class:`Runtime`
+    ones, recursively; containers map over their items; leaves as pydantic serialises them.
+    """
+    if isinstance(obj, BaseModel):
+        payload = getattr(obj, "key_payload", None)
+        if callable(payload):
+            return payload()
+        return {
+            name: hashed_view(getattr(obj, name))
+            for name, field in type(obj).model_fields.items()
+            if not is_runtime(field, getattr(obj, name))
+        }
+    if isinstance(obj, dict):
+        return {str(k): hashed_view(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [hashed_view(v) for v in obj]
+    return to_jsonable_python(obj)
+
+
+def runtime_view(obj: Any) -> dict[str, Any]:
+    """The runtime fields of a validated config as ``{dotted.key: value}`` (for the plan and the
+    MLflow params; never for keys)."""
+    out: dict[str, Any] = {}
+
+    def walk(o: Any, prefix: str) -> None:
+        if isinstance(o, (list, tuple)):
+            for i, x in enumerate(o):
+                walk(x, f"{prefix}{i}.")
+            return
+        if not isinstance(o, BaseModel):
+            return
+        for name, field in type(o).model_fields.items():
+            v = getattr(o, name)
+            if is_runtime(field, v):
+                out[prefix + name] = to_jsonable_python(v)
+            else:
+                walk(v, f"{prefix}{name}.")
+
+    walk(obj, "")
+    return out
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, non-JSON values via ``str``."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(obj: Any) -> str:
+    """sha256 hex of :func:`canonical_json` of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as JSON strings)."""
+    out: dict[str, Any] = {}
+    if isinstance(d, BaseModel):
+        d = d.model_dump(mode="json")
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    out[prefix[:-1]] = json.dumps(d) if isinstance(d, list) else d
+    return out
+
+
+# =============================================================================================
+# the run section
+# =============================================================================================
 class RaySection(BaseModel):
     """How to reach Ray. ``address: null`` starts an embedded local cluster unless
     ``RAY_ADDRESS`` is set (as it is under ``ray job submit``)."""
@@ -54,56 +180,73 @@ class RunSection(BaseModel):
     ray: RaySection = RaySection()
 
     def store_uri(self) -> str:
+        """The artifact store: ``store``, else ``<work_dir>/store``."""
         return self.store or str(Path(self.work_dir, "store"))
 
     def mlflow_uri(self) -> str:
+        """The tracking URI: ``tracking_uri``, else ``sqlite:///<work_dir>/mlflow.db`` (absolute)."""
         if self.tracking_uri:
             return self.tracking_uri
         return "sqlite:///" + str(Path(self.work_dir, "mlflow.db").resolve())
 
 
+# =============================================================================================
+# loading
+# =============================================================================================
+@dataclasses.dataclass
 class LoadedConfig:
-    """A parsed config: the run section plus the raw (not yet validated) stage sections.
+    """A parsed config: the run section plus the raw (not yet validated) other sections.
 
     Attributes:
         path: the YAML file.
+        raw: the full dict after ``extends``, overrides and env interpolation.
         run: the validated ``run`` section.
-        raw: the full dict after overrides and env interpolation.
-        sections: stage name -> raw dict (with ``clip`` injected where applicable later).
+        sections: every other top-level section name -> its raw mapping (stages and shared).
     """
 
-    def __init__(self, path: Path, raw: dict[str, Any]):
-        self.path = path
-        self.raw = raw
-        try:
-            self.run = RunSection.model_validate(raw.get("run") or {})
-        except ValidationError as e:
-            raise ConfigError(_explain(e, RunSection, "run", path)) from None
-        self.clip = raw.get("clip")
-        self.sections = {k: (v or {}) for k, v in raw.items() if k not in RESERVED_SECTIONS}
+    path: Path
+    raw: dict[str, Any]
+    run: RunSection
+    sections: dict[str, dict[str, Any]]
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> LoadedConfig:
-    """Read a YAML config, apply ``a.b=c`` overrides and ``${ENV:-default}`` interpolation.
+    """Read a YAML config, apply ``extends``, ``a.b=c`` overrides and ``${ENV:-default}``.
 
     Raises:
-        ConfigError: the file is missing or not a mapping, an override is malformed, or
-            a stage section names an unknown stage (with the nearest stage name).
+        ConfigError: the file is missing, not YAML or not a mapping, an override is malformed,
+            a section is not a mapping, or the ``run`` section is invalid.
     """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist (configs live in configs/*.yaml)")
+    raw = _read_yaml(p)
+    raw = _resolve_extends(p, raw, seen=(p.resolve(),))
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    raw = _interpolate(raw)
+    try:
+        run = RunSection.model_validate(raw.get(RUN_SECTION) or {})
+    except ValidationError as e:
+        raise ConfigError(explain(e, RunSection, RUN_SECTION, p)) from None
+    sections = {}
+    for k, v in raw.items():
+        if k == RUN_SECTION:
+            continue
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"{p}: section {k!r} must be a mapping of keys, got {type(v).__name__} {v!r}")
+        sections[k] = dict(v or {})
+    return LoadedConfig(p, raw, run, sections)
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(raw).__name__}")
-    raw = _resolve_extends(p, raw, seen=(p.resolve(),))
-    for ov in overrides or []:
-        apply_override(raw, ov)
-    raw = _interpolate(raw)
-    return LoadedConfig(p, raw)
+    return raw
 
 
 def _resolve_extends(path: Path, raw: dict[str, Any], seen: tuple[Path, ...]) -> dict[str, Any]:
@@ -119,9 +262,7 @@ def _resolve_extends(path: Path, raw: dict[str, Any], seen: tuple[Path, ...]) ->
         raise ConfigError(f"{path}: 'extends' cycle through {base_path}")
     if not base_path.is_file():
         raise ConfigError(f"{path}: extends {base_name!r}, but {base_path} does not exist")
-    base = yaml.safe_load(base_path.read_text()) or {}
-    if not isinstance(base, dict):
-        raise ConfigError(f"{base_path}: top level must be a mapping of sections")
+    base = _read_yaml(base_path)
     return _deep_merge(_resolve_extends(base_path, base, seen + (base_path,)), raw)
 
 
@@ -156,7 +297,10 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(nxt, (dict, list)):
             raise ConfigError(f"--set {override!r}: {here} is a {type(nxt).__name__}, not a section")
         node = nxt
-    parsed = yaml.safe_load(value) if value != "" else None
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({e})") from None
     if isinstance(node, list):
         node[_index(parts[-1], node, override, key)] = parsed
     else:
@@ -191,105 +335,139 @@ def _interpolate(obj: Any) -> Any:
     return obj
 
 
-def validate_section(stage: str, model: type[BaseModel], section: dict[str, Any], clip: Any, path: Path):
-    """Validate one stage section, injecting the top-level ``clip`` spec if the model has one.
-
-    Returns:
-        an instance of ``model``.
+# =============================================================================================
+# validation
+# =============================================================================================
+def validate_section(name: str, schema: Any, data: dict[str, Any], path: Path | str) -> Any:
+    """Validate one section against ``schema`` (a pydantic model or any type, e.g. a
+    discriminated union of models).
 
     Raises:
-        ConfigError: naming the offending key (``stage.a.b``) and, for an unknown key,
-            the nearest valid one.
+        ConfigError: naming each offending key (``section.a.b``); an unknown key with the
+            nearest valid one; an unknown union tag (e.g. a method) with the nearest valid tag.
     """
-    data = dict(section)
-    if "clip" in model.model_fields and "clip" not in data and clip is not None:
-        data["clip"] = clip
     try:
-        return model.model_validate(data)
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            return schema.model_validate(data)
+        return TypeAdapter(schema).validate_python(data)
     except ValidationError as e:
-        raise ConfigError(_explain(e, model, stage, path)) from None
+        raise ConfigError(explain(e, schema, name, path)) from None
+    except ConfigError as e:  # raised by a nested model's own constructor
+        raise ConfigError(f"{path}: invalid config in section {name!r}: {e}") from None
 
 
-def _explain(err: ValidationError, model: type[BaseModel], section: str, path: Path) -> str:
+def explain(err: ValidationError, schema: Any, section: str, path: Path | str) -> str:
+    """A pydantic ``ValidationError`` as lines naming ``section.key`` and the nearest valid key."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in (section, *e["loc"]))
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(x) for x in (section, *_user_loc(schema, loc)))
         if e["type"] == "extra_forbidden":
-            valid = _fields_at(model, e["loc"][:-1])
-            near = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {section + '.' + '.'.join(map(str, e['loc'][:-1] + (near[0],))) if near else ''}?" if near else ""
-            lines.append(f"unknown key {loc!r}{hint} (valid keys here: {', '.join(valid)})")
+            valid = fields_at(schema, loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            parent = dotted.rsplit(".", 1)[0]
+            hint = f"; did you mean {parent}.{near[0]}?" if near else ""
+            lines.append(f"unknown key {dotted!r}{hint} (valid keys here: {', '.join(valid)})")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            ctx = e.get("ctx") or {}
+            key = str(ctx.get("discriminator", "")).strip("'") or "method"
+            tags = re.findall(r"'([^']+)'", str(ctx.get("expected_tags", ""))) or _tags(schema, key)
+            got = str(ctx.get("tag", ""))
+            near = difflib.get_close_matches(got, tags, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            if e["type"] == "union_tag_not_found":
+                lines.append(f"{dotted}.{key} is required (one of: {', '.join(tags) or '?'})")
+            else:
+                lines.append(f"{dotted}.{key}: unknown value {got!r}{hint} (one of: {', '.join(tags)})")
         else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{dotted}: {e['msg']} (got {e.get('input')!r})")
     return f"{path}: invalid config:\n  " + "\n  ".join(lines)
 
 
-def _fields_at(model: Any, loc: tuple) -> list[str]:
-    """Field names of the (nested) pydantic model reached by ``loc``; [] if unknown."""
-    import typing
-
-    cur = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
-            return []
-        ann = cur.model_fields[part].annotation
-        cur = _first_model(ann, typing)
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
-    return []
-
-
-def _first_model(ann: Any, typing: Any) -> Any:
+def _union_members(ann: Any) -> list[type[BaseModel]]:
+    """The pydantic models in an annotation (itself, the members of a union, ``Annotated``'s type)."""
     if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
+        return [ann]
+    out: list[type[BaseModel]] = []
     for a in typing.get_args(ann):
-        m = _first_model(a, typing)
-        if m is not None:
-            return m
+        out += _union_members(a)
+    return out
+
+
+def _tags(schema: Any, discriminator: str) -> list[str]:
+    """The values of a discriminated union's tag field, member by member."""
+    out = []
+    for m in _union_members(schema):
+        f = m.model_fields.get(discriminator)
+        if f is not None and typing.get_origin(f.annotation) is typing.Literal:
+            out += [str(a) for a in typing.get_args(f.annotation)]
+    return out
+
+
+def _tag_member(schema: Any, tag: Any) -> type[BaseModel] | None:
+    """The member of a discriminated union whose ``method``-like literal equals ``tag``."""
+    for m in _union_members(schema):
+        for f in m.model_fields.values():
+            if typing.get_origin(f.annotation) is typing.Literal and tag in typing.get_args(f.annotation):
+                return m
     return None
 
 
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON: sorted keys, no whitespace, non-JSON values via ``str``."""
-    if isinstance(obj, BaseModel):
-        obj = obj.model_dump(mode="json")
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+def _user_loc(schema: Any, loc: tuple) -> tuple:
+    """``loc`` without the union tags pydantic inserts (``('zegclip', 'model', 'x')`` ->
+    ``('model', 'x')`` for a union discriminated on ``method``)."""
+    out, cur = [], schema
+    for part in loc:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            member = _tag_member(cur, part) if isinstance(part, str) else None
+            if member is not None:
+                cur = member
+                continue
+        out.append(part)
+        cur = _descend(cur, part)
+    return tuple(out)
 
 
-def artifact_key(
-    stage: str,
-    version: str,
-    config: Any,
-    input_keys: dict[str, str],
-    fingerprint: str | None = None,
-) -> str:
-    """The content address of a stage's output (DESIGN.md, "Artifact keys").
-
-    ``sha256(stage, version, canonical JSON of the resolved config, the input keys by stage,
-    fingerprint)``, as 64 hex characters.
-    """
-    payload = canonical_json(
-        {
-            "stage": stage,
-            "version": version,
-            "config": config,
-            "inputs": dict(sorted(input_keys.items())),
-            "fingerprint": fingerprint,
-        }
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+def _descend(cur: Any, part: Any) -> Any:
+    if isinstance(part, int) or not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+        return cur
+    f = cur.model_fields.get(part)
+    if f is None:
+        return None
+    members = _union_members(f.annotation)
+    return members[0] if len(members) == 1 else (f.annotation if members else None)
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as JSON strings)."""
-    out: dict[str, Any] = {}
-    if isinstance(d, BaseModel):
-        d = d.model_dump(mode="json")
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    out[prefix[:-1]] = json.dumps(d) if isinstance(d, list) else d
-    return out
+def fields_at(schema: Any, loc: tuple) -> list[str]:
+    """Field names of the (nested) model reached by ``loc`` (union tags resolved); [] if unknown."""
+    cur = schema
+    for part in loc:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            member = _tag_member(cur, part) if isinstance(part, str) else None
+            if member is not None:
+                cur = member
+                continue
+        cur = _descend(cur, part)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    members = _union_members(cur) if cur is not None else []
+    return list(members[0].model_fields) if len(members) == 1 else []
+
+
+__all__ = [
+    "LoadedConfig",
+    "RaySection",
+    "RunSection",
+    "Runtime",
+    "apply_override",
+    "canonical_json",
+    "digest",
+    "explain",
+    "fields_at",
+    "flatten",
+    "hashed_view",
+    "is_runtime",
+    "load_config",
+    "runtime_view",
+    "validate_section",
+]

@@ -1,33 +1,66 @@
-"""Stage registry, topological order and stage selection.
+"""The stage contract, and the graph of stages a config describes.
 
-A *stage* is a resumable unit of the pipeline. It declares
+A *stage* is a resumable unit whose output is an artifact addressed by a key. It declares
 
-* ``name``: the stage name used in configs, the CLI and the artifact store;
-* ``version``: bumped when the stage's code changes what it writes (part of the key);
-* ``needs``: the names of the upstream stages whose artifacts it reads;
-* ``Config``: a pydantic model of its config section (unknown keys are errors);
-* ``run(ctx)``: reads ``ctx.inputs[name]`` and writes files into ``ctx.output_dir``;
-  returns a flat ``{metric: float}`` dict.
+* ``name``: the section name in configs, the CLI and the artifact store;
+* ``Config``: the schema of its section (a pydantic model, or a discriminated union of models
+  such as train_classifier's methods); fields marked ``Runtime`` stay out of the key;
+* ``inputs(config)``: its input *roles*, each bound to one upstream stage (:class:`Input`);
+* ``shared``: the shared top-level sections it takes (``("clip",)``: injected into its section
+  unless the section sets its own);
+* ``code(config)``: the modules whose source (and what they import within the project) enters
+  the key; default: the stage's own module;
+* ``fingerprint(config)``: content the config does not show (a dataset's files, a checkpoint's
+  bytes), or None;
+* ``check(config)``: checks that need no cluster (missing files, unknown class names), run at plan
+  time for the stages that will run, before Ray starts;
+* ``run(ctx)``: reads ``ctx.inputs[role]`` and writes files into ``ctx.output_dir``; returns a
+  flat ``{metric: number}`` dict.
 
-A stage never reads another stage's config and never writes outside its output
-directory. This module knows nothing about segmentation.
+It may also say what the runner prints for it: ``notices(config)`` (said once, e.g. random CLIP
+weights), ``summary(metrics)`` (tables after the run); and what its downstream gets at run time
+besides the artifact: ``runtime_outputs(config)`` (e.g. where the dataset's images are mounted in
+this invocation, which never enters a key).
+
+A stage never reads another stage's config and never writes outside its output directory. The
+graph comes from the config: a node per stage section, an edge per bound input role
+(:func:`bind`). This module knows nothing about segmentation and imports no stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Iterable
+import graphlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.errors import ConfigError
+
 
 class StageConfig(BaseModel):
-    """Base class of every stage's config model: unknown keys are errors."""
+    """Base class of a stage's config model: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """An input role of a stage.
+
+    Attributes:
+        stages: the stages that can fill the role (e.g. evaluate's ``model``: train_classifier,
+            train_generator or self_train).
+        required: a config without any of them is an error (else the role stays unbound).
+        doc: what the role is, for messages.
+    """
+
+    stages: tuple[str, ...]
+    required: bool = True
+    doc: str = ""
 
 
 @dataclasses.dataclass
@@ -37,10 +70,13 @@ class Artifact:
     Attributes:
         stage: producing stage name.
         key: the artifact key (64 hex chars, sha256).
-        path: a local directory holding the artifact's files (for a remote store, a
-            verified local cache copy).
+        path: a local directory holding the artifact's files (for a remote store, the local
+            cache: files arrive there on first use, see :meth:`file`).
         uri: where the artifact lives in the store (local path or ``s3://``/``gs://`` URI).
         manifest: the parsed ``manifest.json``.
+        runtime: what the producing stage's ``runtime_outputs`` says for this invocation (never
+            part of the artifact; e.g. where a dataset's images are mounted here).
+        fetch: for a remote store, downloads one file into ``path`` and verifies it.
     """
 
     stage: str
@@ -48,20 +84,40 @@ class Artifact:
     path: Path
     uri: str
     manifest: dict[str, Any]
+    runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fetch: Callable[[str], Path] | None = dataclasses.field(default=None, repr=False)
 
     def file(self, name: str) -> Path:
-        """Path of one file of the artifact.
+        """Local path of one file of the artifact (downloaded on first use from a remote store,
+        and verified against the manifest).
 
         Raises:
             FileNotFoundError: naming the artifact and the files it does have.
         """
         p = self.path / name
+        if not p.exists() and self.fetch is not None and any(f["path"] == name for f in self.manifest.get("files", [])):
+            p = self.fetch(name)
         if not p.exists():
             have = sorted(f["path"] for f in self.manifest.get("files", []))
-            raise FileNotFoundError(
-                f"artifact {self.stage}/{self.key[:12]} has no file {name!r}; it has: {have[:20]}"
-            )
+            raise FileNotFoundError(f"artifact {self.stage}/{self.key[:12]} has no file {name!r}; it has: {have[:20]}")
         return p
+
+    def file_uri(self, name: str) -> str:
+        """Where one file lives in the store (a local path or a store URI)."""
+        return f"{self.uri.rstrip('/')}/{name}"
+
+
+class Progress:
+    """A progress display a running stage updates (one per running stage).
+
+    ``update(completed=None, advance=0, total=None, **fields)``; ``fields`` are shown after the
+    bar (e.g. ``loss``). The runner's console implements it; the default does nothing.
+    """
+
+    def update(
+        self, completed: float | None = None, advance: float = 0, total: float | None = None, **fields: Any
+    ) -> None:
+        return None
 
 
 @dataclasses.dataclass
@@ -71,21 +127,17 @@ class StageContext:
     Attributes:
         stage: the stage name.
         key: this run's artifact key.
-        config: the stage's validated config (an instance of ``Stage.Config``).
-        inputs: upstream artifacts by stage name.
+        config: the stage's validated config.
+        inputs: upstream artifacts by input role.
         output_dir: local directory to write the artifact's files into (empty at start).
         work_dir: the invocation's work directory (scratch space, caches).
         train_storage: ``RunConfig.storage_path`` for Ray Train, derived from the store.
-        train_name: ``RunConfig.name`` for Ray Train, derived from the artifact key so that
-            an interrupted stage resumes from its last checkpoint.
-        mlflow_run_id: the stage's nested MLflow run (active while ``run`` executes).
-        tracking_uri: the MLflow tracking URI.
-        log: print-like progress callable.
-        artifact_uri: where the artifact is published once ``run`` returns
-            (``<store>/<stage>/<key>``, a local path or a store URI); stages that write URIs of
-            their own files into their outputs (build_splits' label URIs) use it. ``None`` for a
-            hand-built context whose output_dir is the final location.
-        extra: free-form values for stage-specific plumbing.
+        train_name: ``RunConfig.name`` for Ray Train, derived from the artifact key so that an
+            interrupted stage resumes from its last checkpoint.
+        tracking: ``{"tracking_uri": ..., "run_id": ...}`` of the stage's MLflow run (the run
+            continues across invocations until the stage finishes), or None.
+        log: one line of output for the user (plain text; markup is not interpreted).
+        progress: ``progress(total, unit) -> Progress``: the stage's progress display.
     """
 
     stage: str
@@ -96,119 +148,185 @@ class StageContext:
     work_dir: Path
     train_storage: str
     train_name: str
-    mlflow_run_id: str | None = None
-    tracking_uri: str | None = None
+    tracking: dict[str, str] | None = None
     log: Callable[[str], None] = print
-    artifact_uri: str | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    progress: Callable[..., Progress] = lambda total=None, unit="items": Progress()
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return (self.tracking or {}).get("run_id")
+
+    @property
+    def tracking_uri(self) -> str | None:
+        return (self.tracking or {}).get("tracking_uri")
 
 
 class Stage:
     """Base class of a pipeline stage (see module docstring)."""
 
     name: ClassVar[str]
-    version: ClassVar[str] = "1"
-    needs: ClassVar[tuple[str, ...]] = ()
-    Config: ClassVar[type[StageConfig]] = StageConfig
+    Config: ClassVar[Any] = StageConfig
+    INPUTS: ClassVar[dict[str, Input]] = {}
+    shared: ClassVar[tuple[str, ...]] = ()
 
-    def fingerprint(self, config: StageConfig) -> str | None:
-        """Extra content that enters the key (e.g. the dataset fingerprint). Default none."""
+    def inputs(self, config: Any) -> dict[str, Input]:
+        """Input roles for this config (default: the class's ``INPUTS``)."""
+        return dict(self.INPUTS)
+
+    def all_roles(self) -> set[str]:
+        """Every role any config of this stage can have (their names are reserved section keys)."""
+        return set(self.INPUTS)
+
+    def code(self, config: Any) -> list[str]:
+        """Modules whose source determines the outputs (followed through their imports)."""
+        return [type(self).__module__]
+
+    def fingerprint(self, config: Any) -> str | None:
+        """Content that enters the key besides the config (e.g. the dataset's files)."""
         return None
+
+    def check(self, config: Any) -> None:
+        """Plan-time checks for a stage that will run (raise a user error naming the problem)."""
+        return None
+
+    def runtime_outputs(self, config: Any) -> dict[str, Any]:
+        """Values downstream stages read from this node in this invocation (not in the key)."""
+        return {}
+
+    def notices(self, config: Any) -> list[str]:
+        """Lines the plan prints once per invocation (deduplicated across stages)."""
+        return []
+
+    def summary(self, metrics: Mapping[str, Any]) -> list[Any]:
+        """Renderables (rich tables or strings) printed after the run from this stage's metrics."""
+        return []
+
+    def note(self, metrics: Mapping[str, Any]) -> str:
+        """A short note for the stage table (default: the first scalar metrics)."""
+        items = [
+            f"{k}={_note(v)}" for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        return ", ".join(items[:6])
 
     def run(self, ctx: StageContext) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Stage]] = {}
+def _note(v: Any) -> str:
+    """A stage note value: counts print as integers (MLflow hands them back as floats)."""
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else f"{v:.4g}"
+    return str(v)
 
 
-def register(cls: type[Stage]) -> type[Stage]:
-    """Class decorator adding a stage to the registry."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"stage {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def registry() -> dict[str, type[Stage]]:
-    """All registered stages by name (imports the ``stages`` package on first use)."""
-    import stages  # noqa: F401  (registers on import)
-
-    return dict(_REGISTRY)
-
-
-def topological_order(names: Iterable[str] | None = None) -> list[str]:
-    """Stage names in dependency order (Kahn's algorithm, ties by registration order).
+# =============================================================================================
+# the graph of one config
+# =============================================================================================
+def stage_index(stages: Sequence[type[Stage]]) -> dict[str, type[Stage]]:
+    """``{name: stage class}``.
 
     Raises:
-        ValueError: on an unknown stage name or a dependency cycle.
+        ValueError: two stages share a name.
     """
-    reg = registry()
-    wanted = list(reg) if names is None else list(names)
-    for n in wanted:
-        _check_name(n, reg)
-    order: list[str] = []
-    state: dict[str, int] = {}
-
-    def visit(n: str, path: tuple[str, ...]) -> None:
-        if state.get(n) == 2:
-            return
-        if state.get(n) == 1:
-            raise ValueError(f"dependency cycle: {' -> '.join(path + (n,))}")
-        state[n] = 1
-        for dep in reg[n].needs:
-            _check_name(dep, reg)
-            visit(dep, path + (n,))
-        state[n] = 2
-        order.append(n)
-
-    for n in wanted:
-        visit(n, ())
-    return order
+    out: dict[str, type[Stage]] = {}
+    for s in stages:
+        if s.name in out:
+            raise ValueError(f"stage {s.name!r} is listed twice")
+        out[s.name] = s
+    return out
 
 
-def descendants(name: str) -> set[str]:
-    """Stages that (transitively) need ``name``, excluding it."""
-    reg = registry()
+def nearest(name: str, choices: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` or ``""``."""
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def bind(name: str, roles: Mapping[str, Input], section: Mapping[str, Any], present: Sequence[str]) -> dict[str, str]:
+    """Bind each input role of stage ``name`` to a stage of this config.
+
+    A role is bound by the section key of the same name (``evaluate.model: self_train``); an
+    unset role takes its only candidate present in the config.
+
+    Returns:
+        ``{role: stage name}`` for every bound role.
+
+    Raises:
+        ConfigError: a binding to a stage that cannot fill the role or has no section; a required
+            role with no candidate present, or several (naming the key to set).
+    """
+    out: dict[str, str] = {}
+    for role, spec in roles.items():
+        given = section.get(role)
+        if given is not None:
+            if not isinstance(given, str) or given not in spec.stages:
+                raise ConfigError(
+                    f"{name}.{role}: {given!r} cannot be bound to input {role!r}; use one of: "
+                    f"{', '.join(spec.stages)}{nearest(str(given), spec.stages)}"
+                )
+            if given not in present:
+                raise ConfigError(f"{name}.{role} is {given!r}, but the config has no {given!r} section")
+            out[role] = given
+            continue
+        have = [s for s in spec.stages if s in present]
+        if len(have) == 1:
+            out[role] = have[0]
+        elif len(have) > 1:
+            raise ConfigError(
+                f"{name} can read its {role!r} input ({spec.doc or role}) from {', '.join(have)}; "
+                f"say which with {name}.{role}: <stage>"
+            )
+        elif spec.required:
+            raise ConfigError(
+                f"{name} needs its {role!r} input ({spec.doc or role}) from one of "
+                f"{', '.join(spec.stages)}, but the config has none of these sections; add one"
+                + (f" and set {name}.{role}" if len(spec.stages) > 1 else "")
+            )
+    return out
+
+
+def order(edges: Mapping[str, Sequence[str]], rank: Mapping[str, int]) -> list[str]:
+    """Topological order of ``{node: upstream nodes}`` (``graphlib``), ties broken by ``rank``
+    (the order the stages are listed in).
+
+    Raises:
+        ConfigError: a dependency cycle (naming it).
+    """
+    ts = graphlib.TopologicalSorter({n: set(ups) for n, ups in edges.items()})
+    try:
+        ts.prepare()
+    except graphlib.CycleError as e:
+        raise ConfigError(f"the stage bindings form a cycle: {' -> '.join(e.args[1])}") from None
+    out: list[str] = []
+    while ts.is_active():
+        ready = sorted(ts.get_ready(), key=lambda n: rank.get(n, 1 << 30))
+        for n in ready:
+            out.append(n)
+            ts.done(n)
+    return out
+
+
+def descendants(edges: Mapping[str, Sequence[str]], name: str) -> set[str]:
+    """Nodes that (transitively) read ``name``, excluding it."""
     out: set[str] = set()
     frontier = {name}
     while frontier:
-        nxt = {s for s, c in reg.items() if set(c.needs) & frontier} - out
+        nxt = {n for n, ups in edges.items() if set(ups) & frontier} - out
         out |= nxt
         frontier = nxt
     return out
 
 
-def select(
-    enabled: Iterable[str],
-    stages: Iterable[str] | None = None,
-    from_stage: str | None = None,
-) -> list[str]:
-    """The stages an invocation considers, in order.
-
-    Args:
-        enabled: stages present in the config (the DAG of this run).
-        stages: ``--stages``: only these (their upstream must already be cached).
-        from_stage: ``--from``: this stage and everything downstream of it.
-
-    Raises:
-        ValueError: naming an unknown stage, with the nearest valid name.
-    """
-    reg = registry()
-    enabled = topological_order(enabled)
-    chosen = set(enabled)
-    if stages:
-        for s in stages:
-            _check_name(s, reg)
-        chosen = set(stages)
-    if from_stage:
-        _check_name(from_stage, reg)
-        chosen &= {from_stage} | descendants(from_stage)
-    return [s for s in enabled if s in chosen]
-
-
-def _check_name(n: str, reg: dict[str, Any]) -> None:
-    if n not in reg:
-        near = difflib.get_close_matches(n, list(reg), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown stage {n!r}{hint} (stages: {', '.join(reg)})")
+__all__ = [
+    "Artifact",
+    "Input",
+    "Progress",
+    "Stage",
+    "StageConfig",
+    "StageContext",
+    "bind",
+    "descendants",
+    "nearest",
+    "order",
+    "stage_index",
+]

@@ -1,28 +1,57 @@
 """Content-addressed artifact store on a local path or an ``s3://`` / ``gs://`` URI.
 
-Layout: ``<root>/<stage>/<key>/`` holds a stage's files; ``manifest.json`` is written last and
-atomically (temp file + rename locally; a single object PUT on object stores). A stage is done
-exactly when its manifest exists and every file it lists has the recorded size (and sha256,
-with ``verify="sha256"``). Remote artifacts are downloaded to a local cache before use.
+Layout::
+
+    <root>/<stage>/<key>/...             a stage's files
+    <root>/<stage>/<key>/manifest.json   written last: the artifact exists exactly when it does
+    <root>/_train/<stage>-<key16>/       Ray Train checkpoints of a training stage
+    <root>/.leases/<stage>-<key>.json    who is computing an artifact right now
+    <root>/.staging/                     local stores: stage outputs being written
+
+A stage is done exactly when its manifest exists and every file it lists has the recorded size
+(and sha256, with ``verify="sha256"``). Publishing writes the files first and the manifest last
+(a local rename of the staging directory, then an atomic manifest rename; on an object store
+every file is uploaded before the single manifest PUT), so an interrupted publish leaves no
+manifest and the next attempt starts over. Remote artifacts are downloaded to a local cache
+before use.
+
+Concurrency: two invocations that need the same key (sweep trials, two users on one store) take
+a *lease* first (:meth:`ArtifactStore.lease`): one computes, the others wait and then read its
+artifact. A lease names its holder (host, pid) and is refreshed every few seconds; a lease whose
+holder process is gone (same host) or whose heartbeat is older than ``lease_ttl`` is broken, so a
+killed holder blocks no one for long. On a local (or NFS) store the lease is an exclusively
+created file; on an object store it is written and read back (best effort: object stores as
+reached through pyarrow offer no create-if-absent).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline import uri as uri_
 from pipeline.dag import Artifact
-from zeroseg.errors import ConfigError
+from pipeline.errors import PipelineError, StoreError
 
 MANIFEST = "manifest.json"
+LEASES = ".leases"
+STAGING = ".staging"
+TRAIN = "_train"
+#: Seconds a remote store may take to answer the first request before it is called unreachable.
+PROBE_TIMEOUT = 20.0
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -34,10 +63,133 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class CorruptArtifact(RuntimeError):
-    """A manifest exists but a listed file is missing or differs."""
+class CorruptArtifact(PipelineError, RuntimeError):
+    """A manifest exists but a listed file is missing or differs (re-run the stage with --force)."""
 
 
+# =============================================================================================
+# opening a store: fail fast and clearly
+# =============================================================================================
+def _probe(fs: pafs.FileSystem, base: str, local: bool, uri: str, timeout: float) -> None:
+    """Create ``base`` and write + delete a probe file, within ``timeout`` seconds.
+
+    Raises:
+        StoreError: the store cannot be written or does not answer in time, naming it and what
+            is missing.
+    """
+    result: dict[str, BaseException | None] = {}
+
+    def work() -> None:
+        probe = f"{base}/.write-test-{uuid.uuid4().hex[:8]}"
+        try:
+            fs.create_dir(base, recursive=True)
+            with fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            fs.delete_file(probe)
+            result["e"] = None
+        except BaseException as e:  # noqa: BLE001 - pyarrow raises OSError/PermissionError/ArrowException
+            result["e"] = e
+
+    t = threading.Thread(target=work, daemon=True, name="store-probe")
+    t.start()
+    t.join(timeout)
+    if "e" not in result:
+        raise StoreError(
+            f"artifact store {uri!r} did not answer within {timeout:.0f} s; {uri_.missing_credentials_hint(uri)}"
+        )
+    e = result["e"]
+    if e is not None:
+        if local:
+            raise StoreError(
+                f"artifact store {uri!r} is not writable ({type(e).__name__}: {e}); pass a writable "
+                "directory with --store or run.store"
+            )
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise StoreError(f"artifact store {uri!r} cannot be used ({first}); {uri_.missing_credentials_hint(uri)}")
+
+
+# =============================================================================================
+# leases
+# =============================================================================================
+@dataclasses.dataclass
+class LeaseInfo:
+    """Who holds a lease: ``owner`` (a random id per acquisition), ``host``, ``pid``,
+    ``pid_start`` (process start time, so a recycled pid is not mistaken for the holder),
+    ``started`` and ``heartbeat`` (epoch seconds)."""
+
+    owner: str
+    host: str
+    pid: int
+    pid_start: float
+    started: float
+    heartbeat: float
+
+    @staticmethod
+    def mine(owner: str) -> LeaseInfo:
+        import psutil
+
+        now = time.time()
+        return LeaseInfo(owner, socket.gethostname(), os.getpid(), psutil.Process().create_time(), now, now)
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}, since {time.strftime('%H:%M:%S', time.localtime(self.started))}"
+
+
+def holder_alive(info: LeaseInfo, ttl: float, now: float | None = None) -> bool:
+    """Whether a lease's holder may still be working: its heartbeat is younger than ``ttl``
+    seconds and, on this host, its process (same pid and start time) exists."""
+    now = time.time() if now is None else now
+    if now - info.heartbeat > ttl:
+        return False
+    if info.host == socket.gethostname():
+        import psutil
+
+        try:
+            return abs(psutil.Process(info.pid).create_time() - info.pid_start) < 1.0
+        except psutil.NoSuchProcess:
+            return False
+    return True
+
+
+class Lease:
+    """A held lease (context manager); refreshes its heartbeat until released."""
+
+    def __init__(self, store: ArtifactStore, path: str, info: LeaseInfo, heartbeat_s: float):
+        self.store, self.path, self.info = store, path, info
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True, name="lease-heartbeat")
+        self._thread.start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            cur = self.store._read_lease(self.path)
+            if cur is None or cur.owner != self.info.owner:
+                self.lost = True
+                return
+            self.info.heartbeat = time.time()
+            with contextlib.suppress(OSError):
+                self.store._write_lease(self.path, self.info, replace=True)
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lease if it is still ours."""
+        self._stop.set()
+        self._thread.join(5)
+        cur = self.store._read_lease(self.path)
+        if cur is not None and cur.owner == self.info.owner:
+            with contextlib.suppress(OSError):
+                self.store.fs.delete_file(self.path)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# =============================================================================================
+# the store
+# =============================================================================================
 class ArtifactStore:
     """Artifact store rooted at a local path or a pyarrow.fs URI.
 
@@ -45,22 +197,47 @@ class ArtifactStore:
         root: local directory or ``s3://bucket/prefix`` / ``gs://bucket/prefix``.
         cache_dir: local directory for verified copies of remote artifacts.
         verify: ``"sha256"`` (default) or ``"size"`` (for very large stores).
+        lease_ttl: seconds without a heartbeat after which a lease counts as abandoned.
+        probe_timeout: seconds a remote store may take to answer the first write.
+        filesystem: ``(pyarrow filesystem, base path)`` to use instead of opening ``root``; the
+            store then behaves as an object store (files uploaded, manifest last, a local cache).
+
+    ``file://<path>`` is a local path that every node of a cluster mounts (shared storage); a
+    plain path is this machine's.
 
     Raises:
-        ConfigError: the root cannot be created or written, naming it and how to fix it.
+        StoreError: the root cannot be created or written, or a remote store does not answer
+            within ``probe_timeout`` seconds (naming the store and the credentials that are
+            missing).
     """
 
-    def __init__(self, root: str, cache_dir: str | os.PathLike, verify: str = "sha256"):
+    def __init__(
+        self,
+        root: str,
+        cache_dir: str | os.PathLike,
+        verify: str = "sha256",
+        *,
+        lease_ttl: float = 60.0,
+        probe_timeout: float = PROBE_TIMEOUT,
+        filesystem: tuple[pafs.FileSystem, str] | None = None,
+    ):
         self.root_uri = root
         self.verify = verify
         self.cache_dir = Path(cache_dir)
-        if "://" in root:
-            self.fs, self.base = pafs.FileSystem.from_uri(root)
-            self.local = False
-        else:
-            self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).resolve())
-            self.local = True
-        self._check_writable()
+        self.lease_ttl = lease_ttl
+        self.local = filesystem is None and ("://" not in root or root.startswith("file://"))
+        try:
+            if filesystem is not None:
+                self.fs, self.base = filesystem[0], filesystem[1].rstrip("/")
+            elif self.local:
+                self.fs, self.base = pafs.LocalFileSystem(), str(Path(root.removeprefix("file://")).resolve())
+            else:
+                self.fs, self.base = uri_.filesystem(root)
+        except (OSError, ValueError) as e:
+            raise StoreError(
+                f"artifact store {root!r} cannot be opened ({e}); {uri_.missing_credentials_hint(root)}"
+            ) from None
+        _probe(self.fs, self.base, self.local, root, probe_timeout)
 
     # -- paths -----------------------------------------------------------------------------
     def _dir(self, stage: str, key: str) -> str:
@@ -74,36 +251,33 @@ class ArtifactStore:
 
     def train_storage(self) -> str:
         """``RunConfig.storage_path`` for Ray Train checkpoints (beside the artifacts)."""
-        return f"{self.base}/_train" if self.local else f"{self.root_uri.rstrip('/')}/_train"
-
-    def _check_writable(self) -> None:
-        probe = f"{self.base}/.write-test-{uuid.uuid4().hex[:8]}"
-        try:
-            self.fs.create_dir(self.base, recursive=True)
-            with self.fs.open_output_stream(probe) as f:
-                f.write(b"ok")
-            self.fs.delete_file(probe)
-        except Exception as e:  # pyarrow raises OSError/PermissionError/ArrowException
-            raise ConfigError(
-                f"artifact store {self.root_uri!r} is not writable ({type(e).__name__}: {e}); "
-                "pass a writable directory or bucket with --store or run.store"
-            ) from None
+        return f"{self.base}/{TRAIN}" if self.local else f"{self.root_uri.rstrip('/')}/{TRAIN}"
 
     # -- reading ---------------------------------------------------------------------------
     def exists(self, stage: str, key: str) -> bool:
         """Whether a manifest exists (cheap; does not verify)."""
-        info = self.fs.get_file_info(f"{self._dir(stage, key)}/{MANIFEST}")
-        return info.type == pafs.FileType.File
+        return self.fs.get_file_info(f"{self._dir(stage, key)}/{MANIFEST}").type == pafs.FileType.File
 
     def read_manifest(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The parsed manifest, or None when there is none (or it is unreadable)."""
         path = f"{self._dir(stage, key)}/{MANIFEST}"
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, ValueError):
             return None
-        with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+        except OSError:
+            if self.fs.get_file_info(path).type != pafs.FileType.File:
+                return None
+            raise
 
     def get(self, stage: str, key: str) -> Artifact | None:
         """The verified artifact, or None when not done.
+
+        A local artifact is verified whole (sizes, and sha256 with ``verify="sha256"``). A remote
+        one is verified by the sizes the store lists; each file is downloaded into the cache on
+        first use (:meth:`Artifact.file`) and its sha256 checked then, so a driver never copies
+        what only workers read (build_splits' label PNGs).
 
         Raises:
             CorruptArtifact: the manifest exists but a file is missing or its size/sha256
@@ -112,51 +286,127 @@ class ArtifactStore:
         manifest = self.read_manifest(stage, key)
         if manifest is None:
             return None
-        if self.local:
-            path = Path(self._dir(stage, key))
-        else:
-            path = self.cache_dir / stage / key
-            if not (path / MANIFEST).exists():
-                tmp = path.with_name(f".{key}.{uuid.uuid4().hex[:6]}")
-                tmp.mkdir(parents=True, exist_ok=True)
-                pafs.copy_files(self._dir(stage, key), str(tmp), source_filesystem=self.fs,
-                                destination_filesystem=pafs.LocalFileSystem())
-                if path.exists():
-                    shutil.rmtree(path)
-                tmp.rename(path)
-        self._verify(stage, key, path, manifest)
-        return Artifact(stage=stage, key=key, path=path, uri=self.uri(stage, key), manifest=manifest)
-
-    def _verify(self, stage: str, key: str, path: Path, manifest: dict[str, Any]) -> None:
         if manifest.get("key") != key:
             raise CorruptArtifact(f"{stage}/{key[:12]}: manifest key {manifest.get('key')!r} != directory")
-        for f in manifest.get("files", []):
-            p = path / f["path"]
-            if not p.is_file():
+        if self.local:
+            path = Path(self._dir(stage, key))
+            for f in manifest.get("files", []):
+                self._check_file(stage, key, path / f["path"], f)
+            return Artifact(stage=stage, key=key, path=path, uri=self.uri(stage, key), manifest=manifest)
+        files = manifest.get("files", [])
+        infos = self.fs.get_file_info([f"{self._dir(stage, key)}/{f['path']}" for f in files]) if files else []
+        for f, info in zip(files, infos):
+            if info.type != pafs.FileType.File:
                 raise CorruptArtifact(f"{stage}/{key[:12]}: listed file {f['path']} is missing")
-            if p.stat().st_size != f["size"]:
+            if info.size != f["size"]:
                 raise CorruptArtifact(
-                    f"{stage}/{key[:12]}: {f['path']} has {p.stat().st_size} bytes, manifest says {f['size']}"
+                    f"{stage}/{key[:12]}: {f['path']} has {info.size} bytes, manifest says {f['size']}"
                 )
-            if self.verify == "sha256" and sha256_file(p) != f["sha256"]:
-                raise CorruptArtifact(f"{stage}/{key[:12]}: {f['path']} sha256 differs from the manifest")
+        path = self.cache_dir / stage / key
+        cached = path / MANIFEST
+        if cached.exists() and json.loads(cached.read_text()).get("published_at") != manifest.get("published_at"):
+            shutil.rmtree(path)  # a re-published artifact: drop the stale copies
+        path.mkdir(parents=True, exist_ok=True)
+        if not cached.exists():
+            tmp = path / f".{MANIFEST}.{uuid.uuid4().hex[:6]}"
+            tmp.write_text(json.dumps(manifest))
+            os.replace(tmp, cached)
+        by_path = {f["path"]: f for f in files}
+        return Artifact(
+            stage=stage,
+            key=key,
+            path=path,
+            uri=self.uri(stage, key),
+            manifest=manifest,
+            fetch=lambda rel: self._fetch(stage, key, rel, by_path[rel], path),
+        )
+
+    def _fetch(self, stage: str, key: str, rel: str, entry: dict[str, Any], path: Path) -> Path:
+        """Download one file of a remote artifact into its cache directory, verified."""
+        dest = path / rel
+        if dest.is_file() and dest.stat().st_size == entry["size"]:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:6]}")
+        pafs.copy_files(
+            f"{self._dir(stage, key)}/{rel}",
+            str(tmp),
+            source_filesystem=self.fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+        try:
+            self._check_file(stage, key, tmp, entry)
+        except CorruptArtifact:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, dest)
+        return dest
+
+    def _check_file(self, stage: str, key: str, p: Path, entry: dict[str, Any]) -> None:
+        if not p.is_file():
+            raise CorruptArtifact(f"{stage}/{key[:12]}: listed file {entry['path']} is missing")
+        if p.stat().st_size != entry["size"]:
+            raise CorruptArtifact(
+                f"{stage}/{key[:12]}: {entry['path']} has {p.stat().st_size} bytes, manifest says {entry['size']}"
+            )
+        if self.verify == "sha256" and sha256_file(p) != entry["sha256"]:
+            raise CorruptArtifact(f"{stage}/{key[:12]}: {entry['path']} sha256 differs from the manifest")
+
+    def artifacts(self, stage: str | None = None) -> Iterator[tuple[str, str, pafs.FileInfo]]:
+        """``(stage, key, manifest file info)`` of every published artifact (of ``stage``)."""
+        sel = pafs.FileSelector(self.base, allow_not_found=True)
+        stages = (
+            [stage]
+            if stage
+            else [
+                i.base_name
+                for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.Directory and not i.base_name.startswith((".", "_"))
+            ]
+        )
+        for s in stages:
+            dirs = [
+                i
+                for i in self.fs.get_file_info(pafs.FileSelector(f"{self.base}/{s}", allow_not_found=True))
+                if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")
+            ]
+            infos = self.fs.get_file_info([f"{d.path}/{MANIFEST}" for d in dirs]) if dirs else []
+            for d, info in zip(dirs, infos):
+                if info.type == pafs.FileType.File:
+                    yield s, d.base_name, info
+
+    def latest(self, stage: str) -> dict[str, Any] | None:
+        """The manifest of the most recently published artifact of ``stage`` (None: none)."""
+        best = max(self.artifacts(stage), key=lambda t: t[2].mtime_ns or 0, default=None)
+        return self.read_manifest(stage, best[1]) if best else None
+
+    def size(self, stage: str, key: str) -> int:
+        """Bytes under an artifact's directory."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self._dir(stage, key), recursive=True, allow_not_found=True))
+        return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
 
     # -- writing ---------------------------------------------------------------------------
     def staging_dir(self, stage: str, key: str) -> Path:
-        """A fresh local directory for a stage to write into."""
-        if self.local:
-            d = Path(self.base) / ".staging" / f"{stage}-{key[:16]}-{uuid.uuid4().hex[:6]}"
-        else:
-            d = self.cache_dir / ".staging" / f"{stage}-{key[:16]}-{uuid.uuid4().hex[:6]}"
+        """A fresh local directory for a stage to write into (unique per attempt)."""
+        parent = Path(self.base) / STAGING if self.local else self.cache_dir / STAGING
+        d = parent / f"{stage}-{key[:16]}-{uuid.uuid4().hex[:8]}"
         d.mkdir(parents=True)
         return d
 
     def publish(self, stage: str, key: str, staging: Path, record: dict[str, Any]) -> Artifact:
         """Move a finished stage's files into place and write the manifest last.
 
+        An existing artifact of the key (a forced re-run) is replaced: its manifest goes first, so
+        no reader trusts a half-replaced directory.
+
         Args:
             staging: the directory the stage wrote into (consumed).
-            record: manifest fields besides ``key`` and ``files`` (inputs, config, metrics, ...).
+            record: manifest fields besides ``key``, ``stage``, ``files``, ``published_at``.
+
+        Raises:
+            RuntimeError: the stage wrote a file named ``manifest.json``.
+            OSError: the store failed mid-way (no manifest is written: the artifact stays
+                not-done and the next attempt starts over).
         """
         files = []
         for p in sorted(staging.rglob("*")):
@@ -166,13 +416,16 @@ class ArtifactStore:
                     raise RuntimeError(f"stage {stage} wrote {MANIFEST}, a reserved name")
                 files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
         manifest = {"key": key, "stage": stage, **record, "files": files, "published_at": time.time()}
-        data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        data = json.dumps(manifest, indent=2, default=str).encode()  # key order kept (metrics in run order)
         dest = self._dir(stage, key)
         if self.local:
             dpath = Path(dest)
-            if dpath.exists():  # an earlier, unfinished or forced attempt
-                shutil.rmtree(dpath)
             dpath.parent.mkdir(parents=True, exist_ok=True)
+            if dpath.exists():  # a forced re-run, or an earlier attempt cut short before its manifest
+                (dpath / MANIFEST).unlink(missing_ok=True)
+                trash = dpath.parent / f".replaced-{key[:16]}-{uuid.uuid4().hex[:6]}"
+                dpath.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
             staging.rename(dpath)
             tmp = dpath / f".{MANIFEST}.{uuid.uuid4().hex[:6]}"
             tmp.write_bytes(data)
@@ -180,12 +433,22 @@ class ArtifactStore:
             path = dpath
         else:
             if self.fs.get_file_info(dest).type != pafs.FileType.NotFound:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.delete_file(f"{dest}/{MANIFEST}")
                 self.fs.delete_dir(dest)
             self.fs.create_dir(dest, recursive=True)
-            pafs.copy_files(str(staging), dest, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.fs)
-            with self.fs.open_output_stream(f"{dest}/{MANIFEST}") as f:
-                f.write(data)
+            local = pafs.LocalFileSystem()
+            for parent in sorted({f["path"].rpartition("/")[0] for f in files} - {""}):
+                self.fs.create_dir(f"{dest}/{parent}", recursive=True)  # a no-op on object stores
+            for f in files:  # one object each; the manifest after all of them
+                pafs.copy_files(
+                    str(staging / f["path"]),
+                    f"{dest}/{f['path']}",
+                    source_filesystem=local,
+                    destination_filesystem=self.fs,
+                )
+            with self.fs.open_output_stream(f"{dest}/{MANIFEST}") as out:
+                out.write(data)
             (staging / MANIFEST).write_bytes(data)
             path = self.cache_dir / stage / key
             if path.exists():
@@ -195,4 +458,140 @@ class ArtifactStore:
         return Artifact(stage=stage, key=key, path=path, uri=self.uri(stage, key), manifest=manifest)
 
     def discard(self, staging: Path) -> None:
+        """Remove a staging directory (a failed attempt)."""
         shutil.rmtree(staging, ignore_errors=True)
+
+    def delete(self, stage: str, key: str) -> None:
+        """Remove an artifact (manifest first) and its training checkpoints."""
+        dest = self._dir(stage, key)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(f"{dest}/{MANIFEST}")
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(dest)
+        self.delete_checkpoints(stage, key)
+        if not self.local:
+            shutil.rmtree(self.cache_dir / stage / key, ignore_errors=True)
+
+    def checkpoint_dir(self, stage: str, key: str) -> str:
+        """Ray Train ``RunConfig.name`` of a training stage's artifact (under :meth:`train_storage`)."""
+        return f"{stage}-{key[:16]}"
+
+    def delete_checkpoints(self, stage: str, key: str) -> None:
+        """Remove a training stage's Ray Train checkpoints (no-op when there are none)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(f"{self.base}/{TRAIN}/{self.checkpoint_dir(stage, key)}")
+
+    # -- leases ----------------------------------------------------------------------------
+    def _lease_path(self, stage: str, key: str) -> str:
+        return f"{self.base}/{LEASES}/{stage}-{key}.json"
+
+    def _read_lease(self, path: str) -> LeaseInfo | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return LeaseInfo(**json.loads(f.read().decode()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+        except OSError:
+            return None
+
+    def _write_lease(self, path: str, info: LeaseInfo, replace: bool = False) -> bool:
+        """Write a lease; without ``replace`` only if none exists. Returns whether it did."""
+        data = json.dumps(dataclasses.asdict(info)).encode()
+        if self.local:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if replace:
+                tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:6]}")
+                tmp.write_bytes(data)
+                os.replace(tmp, p)
+                return True
+            try:
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if not replace and self.fs.get_file_info(path).type == pafs.FileType.File:
+            return False
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+        if not replace:  # object stores: last writer wins; read back after a moment to settle races
+            time.sleep(0.5)
+            cur = self._read_lease(path)
+            return cur is not None and cur.owner == info.owner
+        return True
+
+    def _break_lease(self, path: str, stale: LeaseInfo) -> None:
+        """Remove an abandoned lease (only if it is still the one judged stale)."""
+        if self.local:
+            p = Path(path)
+            grave = p.with_name(f".broken-{p.name}.{uuid.uuid4().hex[:6]}")
+            cur = self._read_lease(path)
+            if cur is None or cur.owner != stale.owner:
+                return
+            with contextlib.suppress(FileNotFoundError):
+                p.rename(grave)  # atomic: of several breakers one wins
+                grave.unlink(missing_ok=True)
+            return
+        cur = self._read_lease(path)
+        if cur is not None and cur.owner == stale.owner:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(path)
+
+    def lease(
+        self,
+        stage: str,
+        key: str,
+        *,
+        replace: bool = False,
+        on_wait: Callable[[LeaseInfo], None] | None = None,
+        poll: float = 1.0,
+        heartbeat: float = 5.0,
+    ) -> Lease | None:
+        """Acquire the right to compute ``stage/key``, waiting while a live holder computes it.
+
+        Args:
+            replace: the caller means to replace an existing artifact (``--force``, or one that
+                failed verification): acquire even if a manifest exists.
+            on_wait: called once with the holder when this call starts waiting for another one.
+
+        Returns:
+            a :class:`Lease` (release it when the artifact is published or the attempt failed),
+            or None when the artifact was published meanwhile (read it instead).
+        """
+        path = self._lease_path(stage, key)
+        owner = uuid.uuid4().hex
+        told = None
+        while True:
+            if not replace and self.exists(stage, key):
+                return None
+            info = LeaseInfo.mine(owner)
+            if self._write_lease(path, info):
+                if not replace and self.exists(stage, key):  # published between our check and the lease
+                    Lease(self, path, info, heartbeat).release()
+                    return None
+                return Lease(self, path, info, heartbeat)
+            cur = self._read_lease(path)
+            if cur is None:
+                continue  # released meanwhile
+            if not holder_alive(cur, self.lease_ttl):
+                self._break_lease(path, cur)
+                continue
+            if on_wait is not None and told != cur.owner:
+                on_wait(cur)
+                told = cur.owner
+            time.sleep(poll)
+
+    def leases(self) -> list[tuple[str, LeaseInfo]]:
+        """``(lease file, holder)`` of every lease present."""
+        out = []
+        for i in self.fs.get_file_info(pafs.FileSelector(f"{self.base}/{LEASES}", allow_not_found=True)):
+            if i.type == pafs.FileType.File and i.base_name.endswith(".json") and not i.base_name.startswith("."):
+                info = self._read_lease(i.path)
+                if info is not None:
+                    out.append((i.path, info))
+        return out
+
+
+__all__ = ["ArtifactStore", "CorruptArtifact", "Lease", "LeaseInfo", "MANIFEST", "holder_alive", "sha256_file"]

@@ -13,22 +13,35 @@ Wiring only: the readers, class splits and the per-image function live in ``zero
    access to it: the stage works on a multi-node cluster without a shared file system);
 5. write ``manifests/<split>.parquet``, ``classes.json``, ``stats.json``.
 
-Label URIs in the manifests point at the *published* artifact (``<store>/build_splits/<key>/
-labels/...``, a local path or an ``s3://`` / ``gs://`` URI), not at the staging directory the
-stage writes into (it is renamed or uploaded after ``run``). See :func:`artifact_uri`.
+The artifact holds no absolute path: a manifest row names its image relative to its dataset's
+image folder (``image``) and its label relative to the artifact (``label``). Where the images are
+is a runtime setting (``runtime_outputs``: ``image_roots``), so the same data mounted elsewhere,
+or spelled differently, gives the same key and reuses the artifact; its content enters the key
+through :meth:`BuildSplits.fingerprint`. ``stages.feeds.manifest_table`` turns a manifest back
+into absolute URIs for the current invocation.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.dag import Stage, StageConfig, StageContext, register
+from pipeline.config import Runtime
+from pipeline.dag import Stage, StageConfig, StageContext
+from pipeline.errors import carry_user_errors
 from zeroseg.data.classes import BUILTIN_SPLITS, Vocabulary, eval_vocabulary, resolve_split
-from zeroseg.data.readers import DatasetListing, dataset_fingerprint, read_coco, read_mask_folder
+from zeroseg.data.readers import (
+    DatasetListing,
+    dataset_fingerprint,
+    load_json,
+    read_class_file,
+    read_coco,
+    read_mask_folder,
+)
 from zeroseg.data.splits import (
     EVAL_POLICY,
     TRAIN_SPLIT,
@@ -42,7 +55,7 @@ from zeroseg.data.splits import (
     write_classes_json,
     write_manifest,
 )
-from zeroseg.errors import DataError
+from zeroseg.errors import ConfigError, DataError
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _COCO_KEYS = ("annotations", "coco_kind", "panoptic_masks")
@@ -50,6 +63,8 @@ _MASK_KEYS = ("labels", "classes", "ignore_index", "reduce_zero_label", "label_s
 
 #: Rows per Ray Data ``map_batches`` call (each row is one image).
 BATCH_SIZE = 8
+#: Data paths: runtime (their content enters the key through the stage's fingerprint).
+DataPath = Annotated[str, Runtime(why="data path (content fingerprinted)")]
 
 
 class DatasetConfig(BaseModel):
@@ -64,16 +79,20 @@ class DatasetConfig(BaseModel):
 
     name: str = Field(pattern=_NAME, description="dataset / eval set name (file names, metric keys)")
     format: Literal["coco", "mask_folder"]
-    images: str
-    annotations: str | list[str] | None = Field(None, description="COCO json file(s); several: categories united")
+    images: DataPath
+    annotations: Annotated[str | list[str] | None, Runtime(why="data path (content fingerprinted)")] = Field(
+        None, description="COCO json file(s); several: categories united"
+    )
     coco_kind: Literal["instances", "stuff", "panoptic"] = "instances"
-    panoptic_masks: str | None = Field(None, description="panoptic PNG folder (default: json path without .json)")
-    labels: str | None = None
-    classes: str | list[str] | None = Field(None, description='class names, or a json {"classes", "ignore_index"}')
+    panoptic_masks: DataPath | None = Field(None, description="panoptic PNG folder (default: json path without .json)")
+    labels: DataPath | None = None
+    classes: Annotated[str | list[str] | None, Runtime(when=lambda v: isinstance(v, str), why="data path")] = Field(
+        None, description='class names, or a json {"classes", "ignore_index"} (a file: fingerprinted)'
+    )
     ignore_index: int | None = Field(None, ge=0, le=255, description="overrides the class file's (default 255)")
     reduce_zero_label: bool = False
     label_suffix: str = ".png"
-    ids_file: str | None = None
+    ids_file: DataPath | None = None
     max_images: int | None = Field(None, ge=1, description="first N images by sorted image id")
     class_map: dict[str, str] = Field(default_factory=dict, description="eval only: {eval_name: train_vocab_name}")
 
@@ -108,8 +127,9 @@ class SplitConfig(BaseModel):
         if self.builtin is not None and (self.unseen is not None or self.seen is not None):
             raise ValueError("give either split.builtin or split.unseen/seen, not both")
         if self.builtin is None and self.unseen is None and self.seen is None:
-            raise ValueError(f"give split.builtin ({', '.join(BUILTIN_SPLITS)}) or split.unseen (a list of class "
-                             "names; [] for none)")
+            raise ValueError(
+                f"give split.builtin ({', '.join(BUILTIN_SPLITS)}) or split.unseen (a list of class names; [] for none)"
+            )
         return self
 
 
@@ -127,23 +147,19 @@ class BuildSplitsConfig(StageConfig):
     @model_validator(mode="after")
     def _names(self) -> BuildSplitsConfig:
         if self.train.class_map:
-            raise ValueError("train.class_map: class_map applies to eval datasets only (it maps an eval class "
-                             "to a training class name)")
+            raise ValueError(
+                "train.class_map: class_map applies to eval datasets only (it maps an eval class "
+                "to a training class name)"
+            )
         taken = {TRAIN_SPLIT} | ({VAL_SPLIT} if self.val_fraction > 0 else set())
         for e in self.eval:
             if e.name in taken:
-                raise ValueError(f"eval set name {e.name!r} is already used (train, val with val_fraction > 0, "
-                                 "or another eval entry); rename it")
+                raise ValueError(
+                    f"eval set name {e.name!r} is already used (train, val with val_fraction > 0, "
+                    "or another eval entry); rename it"
+                )
             taken.add(e.name)
         return self
-
-
-def artifact_uri(ctx: StageContext) -> str:
-    """Where this run's artifact will live once published (local path or store URI):
-    ``ctx.artifact_uri`` (the driver sets it), else the output directory itself."""
-    if ctx.artifact_uri:
-        return str(ctx.artifact_uri).rstrip("/")
-    return str(Path(ctx.output_dir).resolve())
 
 
 def _path(p: str) -> Path:
@@ -154,12 +170,61 @@ def list_dataset(d: DatasetConfig) -> DatasetListing:
     """List one configured dataset (``zeroseg.data.readers``)."""
     if d.format == "coco":
         ann = [_path(a) for a in d.annotations] if isinstance(d.annotations, list) else _path(d.annotations)
-        return read_coco(ann, _path(d.images), kind=d.coco_kind,
-                         panoptic_masks=_path(d.panoptic_masks) if d.panoptic_masks else None, dataset=d.name)
+        return read_coco(
+            ann,
+            _path(d.images),
+            kind=d.coco_kind,
+            panoptic_masks=_path(d.panoptic_masks) if d.panoptic_masks else None,
+            dataset=d.name,
+        )
     classes = d.classes if isinstance(d.classes, list) else _path(d.classes)
-    return read_mask_folder(_path(d.images), _path(d.labels), classes, ignore_index=d.ignore_index,
-                            reduce_zero_label=d.reduce_zero_label, label_suffix=d.label_suffix,
-                            ids_file=_path(d.ids_file) if d.ids_file else None, dataset=d.name)
+    return read_mask_folder(
+        _path(d.images),
+        _path(d.labels),
+        classes,
+        ignore_index=d.ignore_index,
+        reduce_zero_label=d.reduce_zero_label,
+        label_suffix=d.label_suffix,
+        ids_file=_path(d.ids_file) if d.ids_file else None,
+        dataset=d.name,
+    )
+
+
+def class_names(d: DatasetConfig) -> list[str]:
+    """The class names of a configured dataset, read without listing its images (plan time).
+
+    Raises:
+        DataError: an unreadable annotation or class file (named).
+    """
+    if d.format == "mask_folder":
+        return list(d.classes) if isinstance(d.classes, list) else read_class_file(_path(d.classes))[0]
+    anns = d.annotations if isinstance(d.annotations, list) else [d.annotations]
+    names: dict[int, str] = {}
+    for a in anns:
+        doc = load_json(_path(a), f"dataset {d.name!r} annotations")
+        try:
+            for c in doc["categories"]:
+                names.setdefault(int(c["id"]), str(c["name"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"dataset {d.name!r}: annotations {_path(a)} have no valid 'categories' ({e})") from None
+    return [names[i] for i in sorted(names)]
+
+
+def check_paths(d: DatasetConfig) -> None:
+    """The files and folders of a configured dataset exist, and its image folder is not empty.
+
+    Raises:
+        ConfigError: naming the dataset, the config key and the path.
+    """
+    files, dirs = _fingerprint_inputs(d)
+    for f in files:
+        if not f.is_file():
+            raise ConfigError(f"dataset {d.name!r}: {f} does not exist (check annotations / classes / ids_file)")
+    for k, p in (("images", _path(d.images)), *((("labels", _path(d.labels)),) if d.labels else ())):
+        if not p.is_dir():
+            raise ConfigError(f"dataset {d.name!r}: {k} folder {p} does not exist")
+        if not any(True for _ in os.scandir(p)):
+            raise ConfigError(f"dataset {d.name!r}: {k} folder {p} is empty")
 
 
 def _fingerprint_inputs(d: DatasetConfig) -> tuple[list[Path], list[Path]]:
@@ -179,14 +244,33 @@ def _fingerprint_inputs(d: DatasetConfig) -> tuple[list[Path], list[Path]]:
     return files, dirs
 
 
-@register
 class BuildSplits(Stage):
     """Class splits, label maps and manifests for one training dataset and its eval sets."""
 
     name = "build_splits"
-    version = "1"
-    needs = ()
     Config = BuildSplitsConfig
+
+    def check(self, config: BuildSplitsConfig) -> None:
+        """Every dataset's files exist and its image folder is not empty; the split's and every
+        ``class_map``'s class names exist (naming the nearest), before anything starts."""
+        for d in [config.train, *config.eval]:
+            check_paths(d)
+        names = class_names(config.train)
+        train = resolve_split(
+            names,
+            dataset=config.train.name,
+            builtin=config.split.builtin,
+            unseen=config.split.unseen,
+            seen=config.split.seen,
+        )
+        for e in config.eval:
+            eval_vocabulary(class_names(e), dataset=e.name, train=train, class_map=e.class_map)
+
+    def runtime_outputs(self, config: BuildSplitsConfig) -> dict[str, Any]:
+        """``{"image_roots": {split: absolute image folder}}`` in this invocation (``train`` and
+        ``val`` are the training dataset's; each eval set its own)."""
+        roots = {TRAIN_SPLIT: str(_path(config.train.images)), VAL_SPLIT: str(_path(config.train.images))}
+        return {"image_roots": {**roots, **{e.name: str(_path(e.images)) for e in config.eval}}}
 
     def fingerprint(self, config: BuildSplitsConfig) -> str:
         """sha256 of the dataset files: annotation / class / id files by content, image and label
@@ -203,12 +287,17 @@ class BuildSplits(Stage):
     def run(self, ctx: StageContext) -> dict[str, float]:
         cfg: BuildSplitsConfig = ctx.config
         out = Path(ctx.output_dir)
-        base_uri = artifact_uri(ctx)
+        roots = {split: Path(r) for split, r in self.runtime_outputs(cfg)["image_roots"].items()}
 
         # 1-2. listings and vocabularies
         train_list = list_dataset(cfg.train)
-        train_vocab = resolve_split(train_list.names, dataset=cfg.train.name, builtin=cfg.split.builtin,
-                                    unseen=cfg.split.unseen, seen=cfg.split.seen)
+        train_vocab = resolve_split(
+            train_list.names,
+            dataset=cfg.train.name,
+            builtin=cfg.split.builtin,
+            unseen=cfg.split.unseen,
+            seen=cfg.split.seen,
+        )
         evals: dict[str, Vocabulary] = {}
         split_records: dict[str, list[dict[str, Any]]] = {}
         policies: dict[str, str] = {TRAIN_SPLIT: cfg.unseen_policy}
@@ -217,21 +306,36 @@ class BuildSplits(Stage):
         recs = truncate(train_list.records, cfg.train.max_images)
         val_ids = assign_val([r["image_id"] for r in recs], cfg.val_fraction, cfg.seed) if cfg.val_fraction else set()
         n = len(train_vocab.names)
-        split_records[TRAIN_SPLIT] = make_records([r for r in recs if r["image_id"] not in val_ids],
-                                                  split=TRAIN_SPLIT, dataset=cfg.train.name, policy=cfg.unseen_policy,
-                                                  unseen=train_vocab.unseen, num_classes=n)
+        split_records[TRAIN_SPLIT] = make_records(
+            [r for r in recs if r["image_id"] not in val_ids],
+            split=TRAIN_SPLIT,
+            dataset=cfg.train.name,
+            policy=cfg.unseen_policy,
+            unseen=train_vocab.unseen,
+            num_classes=n,
+        )
         if cfg.val_fraction > 0:
             evals[VAL_SPLIT] = eval_vocabulary(train_list.names, dataset=cfg.train.name, train=train_vocab)
-            split_records[VAL_SPLIT] = make_records([r for r in recs if r["image_id"] in val_ids], split=VAL_SPLIT,
-                                                    dataset=cfg.train.name, policy=EVAL_POLICY,
-                                                    unseen=evals[VAL_SPLIT].unseen, num_classes=n)
+            split_records[VAL_SPLIT] = make_records(
+                [r for r in recs if r["image_id"] in val_ids],
+                split=VAL_SPLIT,
+                dataset=cfg.train.name,
+                policy=EVAL_POLICY,
+                unseen=evals[VAL_SPLIT].unseen,
+                num_classes=n,
+            )
             policies[VAL_SPLIT] = EVAL_POLICY
         for e in cfg.eval:
             lst = list_dataset(e)
             evals[e.name] = eval_vocabulary(lst.names, dataset=e.name, train=train_vocab, class_map=e.class_map)
-            split_records[e.name] = make_records(truncate(lst.records, e.max_images), split=e.name, dataset=e.name,
-                                                 policy=EVAL_POLICY, unseen=evals[e.name].unseen,
-                                                 num_classes=len(lst.names))
+            split_records[e.name] = make_records(
+                truncate(lst.records, e.max_images),
+                split=e.name,
+                dataset=e.name,
+                policy=EVAL_POLICY,
+                unseen=evals[e.name].unseen,
+                num_classes=len(lst.names),
+            )
             policies[e.name] = EVAL_POLICY
         vocabs = {TRAIN_SPLIT: train_vocab, **evals}
         total = sum(len(v) for v in split_records.values())
@@ -239,31 +343,35 @@ class BuildSplits(Stage):
 
         # 4. the per-image pass (Ray Data); the driver writes the returned PNGs
         results: dict[str, list[dict[str, Any]]] = {k: [] for k in split_records}
-        errors: list[dict[str, Any]] = []
+        progress = ctx.progress(total, "images")
         for res, png in _ray_pass([r for v in split_records.values() for r in v], cfg.on_bad_image):
-            if res["status"] == "error":
-                errors.append(res)
-                continue
+            res["image_uri"] = os.path.relpath(res["image_uri"], roots[res["split"]])
             if res["status"] == "kept":
                 p = label_path(out, res["split"], res["image_id"])
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_bytes(png)
             results[res["split"]].append(res)
-        if errors:
-            errors.sort(key=lambda r: (r["split"], r["image_id"]))
-            more = f" (and {len(errors) - 1} more image(s) with errors)" if len(errors) > 1 else ""
-            raise DataError(f"{errors[0]['reason']}{more}")
+            progress.update(advance=1)
 
         # 5. manifests, classes.json, stats.json
-        stats: dict[str, Any] = {"unseen_policy": cfg.unseen_policy, "val_fraction": cfg.val_fraction,
-                                 "seed": cfg.seed, "on_bad_image": cfg.on_bad_image, "splits": {}}
+        stats: dict[str, Any] = {
+            "unseen_policy": cfg.unseen_policy,
+            "val_fraction": cfg.val_fraction,
+            "seed": cfg.seed,
+            "on_bad_image": cfg.on_bad_image,
+            "splits": {},
+        }
         metrics: dict[str, float] = {}
         for split, res_list in results.items():
             res_list.sort(key=lambda r: r["image_id"])
-            rows = [{**r, "label_uri": f"{base_uri}/labels/{split}/{r['image_id']}.png"}
-                    for r in res_list if r["status"] == "kept"]
-            write_manifest(out / "manifests" / f"{split}.parquet", rows, vocabs[split],
-                           inductive_train=split == TRAIN_SPLIT)
+            rows = [
+                {**r, "image": r["image_uri"], "label": label_path(Path(), split, r["image_id"]).as_posix()}
+                for r in res_list
+                if r["status"] == "kept"
+            ]
+            write_manifest(
+                out / "manifests" / f"{split}.parquet", rows, vocabs[split], inductive_train=split == TRAIN_SPLIT
+            )
             stats["splits"][split] = summarize(res_list, vocabs[split], policy=policies[split])
             metrics[f"{split}_images"] = len(rows)
         write_classes_json(out / "classes.json", train_vocab, evals)
@@ -271,11 +379,15 @@ class BuildSplits(Stage):
         metrics["skipped_images"] = sum(s["skipped"] for s in stats["splits"].values())
         metrics["dropped_images"] = sum(s["dropped_total"] for s in stats["splits"].values())
         tr = stats["splits"][TRAIN_SPLIT]
-        ctx.log(f"train: kept {tr['kept']}, dropped {tr['dropped']}, skipped {tr['skipped']}; unseen classes "
-                f"{list(train_vocab.unseen_names)}")
+        ctx.log(
+            f"train: kept {tr['kept']}, dropped {tr['dropped']}, skipped {tr['skipped']}; unseen classes "
+            f"{list(train_vocab.unseen_names)}"
+        )
         if metrics[f"{TRAIN_SPLIT}_images"] == 0:
-            raise DataError(f"build_splits: no training image left (stats: dropped {tr['dropped']}, skipped "
-                            f"{tr['skipped']}); check the split and unseen_policy")
+            raise DataError(
+                f"build_splits: no training image left (stats: dropped {tr['dropped']}, skipped "
+                f"{tr['skipped']}); check the split and unseen_policy"
+            )
         return metrics
 
 
@@ -288,9 +400,12 @@ def _ray_pass(records: list[dict[str, Any]], on_bad_image: str):
     if not ray.is_initialized():  # the driver (pipeline/run.py) normally initialises Ray
         raise RuntimeError("build_splits needs an initialised Ray (ray.init) before run()")
     ds = ray.data.from_items([{"record": json.dumps(r)} for r in records])
-    ds = ds.map_batches(process_batch, fn_kwargs={"on_bad_image": on_bad_image}, batch_size=BATCH_SIZE,
-                        batch_format="numpy")
+    ds = ds.map_batches(
+        carry_user_errors(process_batch),
+        fn_kwargs={"on_bad_image": on_bad_image},
+        batch_size=BATCH_SIZE,
+        batch_format="numpy",
+    )
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
         for raw, png in zip(batch["result"], batch["png"]):
             yield json.loads(raw), bytes(png)
-

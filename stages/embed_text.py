@@ -22,25 +22,19 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.dag import Stage, StageConfig, StageContext, register
+from pipeline.config import Runtime
+from pipeline.dag import Input, Stage, StageConfig, StageContext
+from stages.common import random_weights_notice
+from zeroseg.config.clip import ClipSpec, clip_fingerprint, file_sha256, model_embed_dim, weights_id
 from zeroseg.data.readers import load_json
+from zeroseg.data.splits import read_classes_json
 from zeroseg.errors import ConfigError, DataError
-from zeroseg.models.clip import (
-    ClipSpec,
-    clip_fingerprint,
-    file_sha256,
-    get_tokenizer,
-    load_clip,
-    model_embed_dim,
-    weights_id,
-)
-from zeroseg.text import TEMPLATES, encode_class_names, get_templates
+from zeroseg.text import TEMPLATES, get_templates
 
 #: Largest allowed | ||row|| - 1 | of a precomputed embedding (float16 files are ~1e-3 off).
 NORM_TOLERANCE = 1e-2
@@ -58,8 +52,8 @@ class EmbeddingFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    embeddings: str
-    class_names: str
+    embeddings: Annotated[str, Runtime(why="data path (content fingerprinted)")]
+    class_names: Annotated[str, Runtime(why="data path (content fingerprinted)")]
     key: str | None = None
 
 
@@ -75,7 +69,9 @@ class EmbedTextConfig(StageConfig):
     source: Literal["model", "file"] = "model"
     templates: Literal[tuple(TEMPLATES)] = "single"  # type: ignore[valid-type]
     file: EmbeddingFile | None = None
-    batch_size: int = Field(256, ge=1, description="prompts per text-encoder call")
+    batch_size: Annotated[int, Runtime(why="inference batch size")] = Field(
+        256, ge=1, description="prompts per text-encoder call"
+    )
 
     @model_validator(mode="after")
     def _by_source(self) -> EmbedTextConfig:
@@ -94,28 +90,19 @@ def _path(p: str) -> Path:
 
 
 def read_vocabularies(classes_json: Path) -> dict[str, dict[str, Any]]:
-    """``{"train": vocab, <eval name>: vocab, ...}`` from build_splits' ``classes.json``.
+    """``{"train": vocab, <eval name>: vocab, ...}`` from build_splits' ``classes.json``
+    (``zeroseg.data.splits.read_classes_json``), each as ``{"names", "prompt_names"}``.
 
     Raises:
-        DataError: a missing or invalid JSON file, missing keys, an eval set named ``train``, or ``prompt_names`` of another
-            length than ``names``.
+        DataError: a missing or malformed file, or an eval set named ``train``.
     """
-    doc = load_json(Path(classes_json), "build_splits classes.json")
-    try:
-        vocabs = {"train": doc["train"]}
-        for name, v in (doc.get("eval") or {}).items():
-            if name in vocabs:
-                raise DataError(f"{classes_json}: eval set name {name!r} collides with the training vocabulary")
-            vocabs[name] = v
-        for name, v in vocabs.items():
-            names, prompts = list(v["names"]), list(v.get("prompt_names") or v["names"])
-            if len(names) != len(prompts) or not names:
-                raise DataError(f"{classes_json}: vocabulary {name!r} has {len(names)} names and "
-                                f"{len(prompts)} prompt_names (need the same, > 0)")
-            v["prompt_names"] = prompts
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{classes_json} is malformed ({type(e).__name__}: {e})") from None
-    return vocabs
+    train, evals = read_classes_json(classes_json)
+    if "train" in evals:
+        raise DataError(f"{classes_json}: eval set name 'train' collides with the training vocabulary")
+    return {
+        name: {"names": list(v.names), "prompt_names": list(v.prompt_names)}
+        for name, v in {"train": train, **evals}.items()
+    }
 
 
 def read_embedding_file(f: EmbeddingFile) -> tuple[np.ndarray, list[str], str]:
@@ -163,13 +150,16 @@ def read_embedding_file(f: EmbeddingFile) -> tuple[np.ndarray, list[str], str]:
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.floating):
         raise DataError(f"{emb_path}: expected a 2-D float array [N, D], got {rows.dtype} {rows.shape}")
     if rows.shape[0] != len(names):
-        raise DataError(f"{emb_path} has {rows.shape[0]} rows but {names_path}"
-                        f"{'[' + key + ']' if key else ''} lists {len(names)} class names")
+        raise DataError(
+            f"{emb_path} has {rows.shape[0]} rows but {names_path}"
+            f"{'[' + key + ']' if key else ''} lists {len(names)} class names"
+        )
     return rows.astype(np.float32), list(names), key
 
 
-def check_file_rows(rows: np.ndarray, names: list[str], source: str, expect_dim: int | None,
-                    clip_model: str | None = None) -> None:
+def check_file_rows(
+    rows: np.ndarray, names: list[str], source: str, expect_dim: int | None, clip_model: str | None = None
+) -> None:
     """Dimension and unit-norm checks of precomputed embeddings.
 
     Raises:
@@ -178,8 +168,10 @@ def check_file_rows(rows: np.ndarray, names: list[str], source: str, expect_dim:
             non-finite value.
     """
     if expect_dim is not None and rows.shape[1] != expect_dim:
-        raise DataError(f"{source}: embeddings have dimension {rows.shape[1]}, but CLIP model {clip_model!r} "
-                        f"embeds into {expect_dim} dimensions; use the matching clip model or source: model")
+        raise DataError(
+            f"{source}: embeddings have dimension {rows.shape[1]}, but CLIP model {clip_model!r} "
+            f"embeds into {expect_dim} dimensions; use the matching clip model or source: model"
+        )
     if not np.isfinite(rows).all():
         i = int(np.argwhere(~np.isfinite(rows))[0, 0])
         raise DataError(f"{source}: row {i} ({names[i]!r}) has a non-finite value")
@@ -187,8 +179,10 @@ def check_file_rows(rows: np.ndarray, names: list[str], source: str, expect_dim:
     bad = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
     if bad.size:
         i = int(bad[0])
-        raise DataError(f"{source}: row {i} ({names[i]!r}) has norm {norms[i]:.4f}; rows must be L2-normalised "
-                        f"(within {NORM_TOLERANCE}); {bad.size} row(s) are off")
+        raise DataError(
+            f"{source}: row {i} ({names[i]!r}) has norm {norms[i]:.4f}; rows must be L2-normalised "
+            f"(within {NORM_TOLERANCE}); {bad.size} row(s) are off"
+        )
 
 
 def lookup_rows(rows: np.ndarray, file_names: list[str], vocab: str, prompts: list[str], source: str) -> np.ndarray:
@@ -217,14 +211,16 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-@register
 class EmbedText(Stage):
     """CLIP text embeddings of every vocabulary of build_splits."""
 
     name = "embed_text"
-    version = "1"
-    needs = ("build_splits",)
     Config = EmbedTextConfig
+    INPUTS = {"splits": Input(("build_splits",), doc="classes.json of the vocabularies")}
+    shared = ("clip",)
+
+    def notices(self, config: EmbedTextConfig) -> list[str]:
+        return random_weights_notice(config.clip)
 
     def fingerprint(self, config: EmbedTextConfig) -> str | None:
         """Content the config does not show: the CLIP weights' identity (tag, checkpoint sha256,
@@ -244,7 +240,7 @@ class EmbedText(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         cfg: EmbedTextConfig = ctx.config
-        vocabs = read_vocabularies(ctx.inputs["build_splits"].file("classes.json"))
+        vocabs = read_vocabularies(ctx.inputs["splits"].file("classes.json"))
         out_dir = Path(ctx.output_dir) / EMBEDDINGS_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
         prov: dict[str, Any] = {"source": cfg.source, "prompt_names": {v: d["prompt_names"] for v, d in vocabs.items()}}
@@ -265,14 +261,25 @@ class EmbedText(Stage):
         prov["embed_dim"] = dim
         prov["files"] = {v: f"{EMBEDDINGS_DIR}/{v}.npy" for v in result}
         (Path(ctx.output_dir) / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
-        ctx.log(f"embed_text: {len(result)} vocabularies ({', '.join(f'{v}: {len(e)}' for v, e in result.items())}), "
-                f"D={dim}, source={cfg.source}")
-        return {"vocabularies": float(len(result)), "train_classes": float(len(result["train"])),
-                "embed_dim": float(dim)}
+        ctx.log(
+            f"{len(result)} vocabularies ({', '.join(f'{v}: {len(e)}' for v, e in result.items())}), "
+            f"D={dim}, source={cfg.source}"
+        )
+        return {
+            "vocabularies": float(len(result)),
+            "train_classes": float(len(result["train"])),
+            "embed_dim": float(dim),
+        }
 
     @staticmethod
-    def _from_model(cfg: EmbedTextConfig, vocabs: dict[str, dict[str, Any]],
-                    prov: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _from_model(
+        cfg: EmbedTextConfig, vocabs: dict[str, dict[str, Any]], prov: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
+        import torch
+
+        from zeroseg.models.clip import get_tokenizer, load_clip
+        from zeroseg.text import encode_class_names
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_clip(cfg.clip, device=device)
         tokenizer = get_tokenizer(cfg.clip)
@@ -284,15 +291,20 @@ class EmbedText(Stage):
         return {v: _normalise(emb[[row[p] for p in d["prompt_names"]]]) for v, d in vocabs.items()}
 
     @staticmethod
-    def _from_file(cfg: EmbedTextConfig, vocabs: dict[str, dict[str, Any]],
-                   prov: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _from_file(
+        cfg: EmbedTextConfig, vocabs: dict[str, dict[str, Any]], prov: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
         f = cfg.file
         rows, names, key = read_embedding_file(f)
         source = f"{_path(f.embeddings)}" + (f" [{key}]" if key else "")
         expect = model_embed_dim(cfg.clip) if cfg.clip is not None else None
         check_file_rows(rows, names, source, expect, cfg.clip.model if cfg.clip is not None else None)
-        prov["file"] = {"embeddings": str(_path(f.embeddings)), "class_names": str(_path(f.class_names)),
-                        "key": key or None, "embeddings_sha256": file_sha256(_path(f.embeddings)),
-                        "class_names_sha256": file_sha256(_path(f.class_names))}
+        prov["file"] = {
+            "embeddings": str(_path(f.embeddings)),
+            "class_names": str(_path(f.class_names)),
+            "key": key or None,
+            "embeddings_sha256": file_sha256(_path(f.embeddings)),
+            "class_names_sha256": file_sha256(_path(f.class_names)),
+        }
         prov["templates"] = "as computed by the file's producer"
         return {v: _normalise(lookup_rows(rows, names, v, d["prompt_names"], source)) for v, d in vocabs.items()}

@@ -15,7 +15,19 @@ from zeroseg.data.classes import (
 )
 from zeroseg.errors import ConfigError
 
-CAMVID = ["sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car", "pedestrian", "bicyclist"]
+CAMVID = [
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "pavement",
+    "tree",
+    "signsymbol",
+    "fence",
+    "car",
+    "pedestrian",
+    "bicyclist",
+]
 
 
 def test_builtin_lists_match_the_shared_class_names(shared_data):
@@ -32,9 +44,23 @@ def test_builtin_lists_match_the_shared_class_names(shared_data):
 def test_builtin_coco_stuff_split_ids():
     v = resolve_split(COCO_STUFF_171, dataset="cocostuff", builtin="coco_stuff171")
     assert len(v.seen) == 156 and len(v.unseen) == 15
-    assert set(v.unseen_names) == {"cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors",
-                                   "cardboard", "clouds", "grass", "playingfield", "river", "road", "tree",
-                                   "wall-concrete"}
+    assert set(v.unseen_names) == {
+        "cow",
+        "giraffe",
+        "suitcase",
+        "frisbee",
+        "skateboard",
+        "carrot",
+        "scissors",
+        "cardboard",
+        "clouds",
+        "grass",
+        "playingfield",
+        "river",
+        "road",
+        "tree",
+        "wall-concrete",
+    }
     assert v.unseen[0] == COCO_STUFF_171.index("cow") == 19
     assert set(v.seen) | set(v.unseen) == set(range(171))
 
@@ -50,7 +76,9 @@ def test_builtin_split_requires_the_full_vocabulary():
     with pytest.raises(ConfigError, match=r"lacks 91.*'banner'"):
         resolve_split(coco80, dataset="coco128", builtin="coco_stuff171")
     # extra classes are allowed and seen (e.g. VOC with background), with a warning naming them
-    with pytest.warns(UserWarning, match=r"1 class\(es\) outside the benchmark's 20, counted as seen: \['background'\]"):
+    with pytest.warns(
+        UserWarning, match=r"1 class\(es\) outside the benchmark's 20, counted as seen: \['background'\]"
+    ):
         v = resolve_split(("background", *VOC20), dataset="voc", builtin="voc20")
     assert 0 in v.seen and v.unseen_names == ("pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
@@ -84,8 +112,9 @@ def test_configured_split_forms():
 
 def test_class_map_resolves_seen_and_unseen_by_prompt_name():
     train = resolve_split(COCO_STUFF_171[:80], dataset="coco128", unseen=["bicycle", "giraffe"])
-    ev = eval_vocabulary(CAMVID, dataset="camvid", train=train,
-                         class_map={"pedestrian": "person", "bicyclist": "bicycle"})
+    ev = eval_vocabulary(
+        CAMVID, dataset="camvid", train=train, class_map={"pedestrian": "person", "bicyclist": "bicycle"}
+    )
     assert ev.prompt_names[9:] == ("person", "bicycle") and ev.prompt_names[:9] == tuple(CAMVID[:9])
     # car is a seen COCO class, pedestrian -> person is seen, bicyclist -> bicycle is unseen in training,
     # sky/road/... are not training classes at all -> unseen

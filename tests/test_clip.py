@@ -60,11 +60,12 @@ def test_spec_unknown_key_is_an_error():
 
 def test_spec_in_a_stage_section_is_a_config_error(tmp_path):
     from pipeline.config import validate_section
+    from pipeline.errors import ConfigError as PlanError
     from stages.embed_text import EmbedTextConfig
 
-    with pytest.raises(ConfigError, match="exactly one weight source"):
-        validate_section("embed_text", EmbedTextConfig, {}, {"model": TINY_MODEL}, tmp_path / "c.yaml")
-    conf = validate_section("embed_text", EmbedTextConfig, {}, TINY, tmp_path / "c.yaml")
+    with pytest.raises(PlanError, match="exactly one weight source"):
+        validate_section("embed_text", EmbedTextConfig, {"clip": {"model": TINY_MODEL}}, tmp_path / "c.yaml")
+    conf = validate_section("embed_text", EmbedTextConfig, {"clip": TINY}, tmp_path / "c.yaml")
     assert conf.clip == ClipSpec(**TINY)
 
 
@@ -269,7 +270,9 @@ def test_dense_patch_matches_manual_value_path(tiny):
         _, patches = dense_features(vis, x)
         tok = seen["x"][0, 1 + 3 * 14 + 5]  # patch (row 3, col 5)
         e = last.attn.embed_dim
-        val = torch.nn.functional.linear(last.ln_1(tok), last.attn.in_proj_weight[2 * e :], last.attn.in_proj_bias[2 * e :])
+        val = torch.nn.functional.linear(
+            last.ln_1(tok), last.attn.in_proj_weight[2 * e :], last.attn.in_proj_bias[2 * e :]
+        )
         u = tok + last.attn.out_proj(val)
         u = u + last.mlp(last.ln_2(u))
         ref = vis.ln_post(u) @ vis.proj

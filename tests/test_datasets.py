@@ -1,7 +1,10 @@
-"""The training data feed: transforms (NumPy/PIL) and the Ray Data pipeline on real CamVid frames."""
+"""The training data feed: transforms (NumPy/PIL) and the Ray Data pipeline of stages/feeds.py on
+real CamVid frames, read through a build_splits-layout artifact (path-free manifest + runtime
+image roots)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+import stages.catalog  # noqa: F401 - registers zeroseg's errors as user errors (what the CLI does)
+from pipeline.dag import Artifact
+from pipeline.errors import find_user_error
 from zeroseg.data.transforms import (
     AugmentConfig,
     decode_image,
@@ -25,6 +31,19 @@ from zeroseg.errors import DataError
 
 CAMVID_VOID = 11
 LUT = make_lut(list(range(11)))  # CamVid ids 0..10 are training ids 0..10; 11 (void) -> 255
+KEY = "b" * 64
+#: The build_splits manifest schema (docs/architecture.md), written out here.
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image", pa.string()),
+        ("label", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("classes", pa.list_(pa.int32())),
+        ("dataset", pa.string()),
+    ]
+)
 
 
 def camvid_pairs(shared_data: Path, n: int) -> list[tuple[str, Path, Path]]:
@@ -32,19 +51,33 @@ def camvid_pairs(shared_data: Path, n: int) -> list[tuple[str, Path, Path]]:
     return [(p.stem, p, p.parent.parent / "labels" / p.name) for p in imgs]
 
 
-def write_manifest(path: Path, pairs: list[tuple[str, Path, Path]]) -> Path:
-    """A build_splits-schema manifest (docs/architecture.md) over real images."""
-    table = pa.table({
-        "image_id": pa.array([p[0] for p in pairs], pa.string()),
-        "image_uri": pa.array([str(p[1]) for p in pairs], pa.string()),
-        "label_uri": pa.array([str(p[2]) for p in pairs], pa.string()),
-        "height": pa.array([360] * len(pairs), pa.int32()),
-        "width": pa.array([480] * len(pairs), pa.int32()),
-        "classes": pa.array([list(range(11))] * len(pairs), pa.list_(pa.int32())),
-        "dataset": pa.array(["camvid"] * len(pairs), pa.string()),
-    })
-    pq.write_table(table, path)
-    return path
+def build_splits_artifact(
+    root: Path, pairs: list[tuple[str, Path, Path]], split: str = "train", image_root: Path | None = None
+) -> Artifact:
+    """A build_splits-layout artifact over real images: ``manifests/<split>.parquet`` naming each
+    image relative to the split's image folder, label PNGs copied to ``labels/<split>/``, and the
+    image folder as the stage's runtime output."""
+    (root / "manifests").mkdir(parents=True, exist_ok=True)
+    (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+    image_root = image_root or pairs[0][1].parent
+    rows = []
+    for image_id, img_p, lbl_p in pairs:
+        shutil.copy(lbl_p, root / "labels" / split / f"{image_id}.png")
+        rows.append(
+            {
+                "image_id": image_id,
+                "image": img_p.relative_to(image_root).as_posix(),
+                "label": f"labels/{split}/{image_id}.png",
+                "height": 360,
+                "width": 480,
+                "classes": list(range(11)),
+                "dataset": "camvid",
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), root / "manifests" / f"{split}.parquet")
+    return Artifact(
+        "build_splits", KEY, root, str(root), {"files": []}, runtime={"image_roots": {split: str(image_root)}}
+    )
 
 
 # -- transforms (no Ray) -----------------------------------------------------------------------
@@ -132,8 +165,9 @@ def test_normalize_and_config_validation():
 
 def test_mismatched_image_and_label_sizes():
     with pytest.raises(DataError, match="label is"):
-        train_transform(np.zeros((10, 12, 3), np.uint8), np.zeros((10, 10), np.uint8), AugmentConfig(),
-                        np.random.default_rng(0))
+        train_transform(
+            np.zeros((10, 12, 3), np.uint8), np.zeros((10, 10), np.uint8), AugmentConfig(), np.random.default_rng(0)
+        )
 
 
 # -- the Ray Data pipeline ----------------------------------------------------------------------
@@ -141,13 +175,34 @@ def _epoch(ds) -> list[dict[str, np.ndarray]]:
     return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 
+def test_manifest_table_resolves_uris(shared_data, tmp_path):
+    from stages.feeds import URI_COLUMNS, manifest_table
+
+    pairs = camvid_pairs(shared_data, 3)
+    art = build_splits_artifact(tmp_path / "bs", pairs)
+    t = manifest_table(art, "train")
+    assert set(URI_COLUMNS) <= set(t.column_names)
+    rows = t.to_pylist()
+    assert [r["image_id"] for r in rows] == [p[0] for p in pairs]
+    for r, (image_id, img_p, _) in zip(rows, pairs):
+        assert r["image_uri"] == f"{img_p.parent}/{img_p.name}" and Path(r["image_uri"]).is_file()
+        assert r["label_uri"] == f"{tmp_path / 'bs'}/labels/train/{image_id}.png"
+    # the same artifact in a bucket: labels from the bucket, images from this invocation's roots
+    remote = Artifact(
+        "build_splits", KEY, art.path, "gs://b/store/build_splits/" + KEY, {"files": []}, runtime=art.runtime
+    )
+    r = manifest_table(remote, "train").to_pylist()[0]
+    assert r["label_uri"] == f"gs://b/store/build_splits/{KEY}/labels/train/{pairs[0][0]}.png"
+    assert r["image_uri"] == str(pairs[0][1])
+
+
 def test_train_dataset_decodes_remaps_and_normalises(shared_data, tmp_path, ray_local):
-    from pipeline.datasets import train_dataset
+    from stages.feeds import train_dataset
 
     pairs = camvid_pairs(shared_data, 4)
-    manifest = write_manifest(tmp_path / "train.parquet", pairs)
+    art = build_splits_artifact(tmp_path / "bs", pairs)
     cfg = AugmentConfig(crop_size=(360, 480), ratio_range=(1, 1), flip_prob=0.0)
-    ds = train_dataset(manifest, LUT, cfg, seed=0, block_rows=2, shuffle=False)
+    ds = train_dataset(art, LUT, cfg, seed=0, block_rows=2, shuffle=False)
     ds.context.execution_options.preserve_order = True
     batches = _epoch(ds)
     images = np.concatenate([b["image"] for b in batches])
@@ -162,13 +217,13 @@ def test_train_dataset_decodes_remaps_and_normalises(shared_data, tmp_path, ray_
 
 
 def test_train_dataset_is_seeded_per_epoch(shared_data, tmp_path, ray_local):
-    from pipeline.datasets import train_dataset
+    from stages.feeds import train_dataset
 
-    manifest = write_manifest(tmp_path / "train.parquet", camvid_pairs(shared_data, 6))
+    art = build_splits_artifact(tmp_path / "bs", camvid_pairs(shared_data, 6))
     cfg = AugmentConfig(crop_size=(64, 64))
 
     def build():
-        ds = train_dataset(manifest, LUT, cfg, seed=3, block_rows=2)
+        ds = train_dataset(art, LUT, cfg, seed=3, block_rows=2)
         ds.context.execution_options.preserve_order = True
         return ds
 
@@ -181,24 +236,63 @@ def test_train_dataset_is_seeded_per_epoch(shared_data, tmp_path, ray_local):
 
 
 def test_manifest_errors(shared_data, tmp_path, ray_local):
-    from pipeline.datasets import read_manifest, train_dataset
+    from stages.feeds import manifest_table, train_dataset
 
-    pq.write_table(pa.table({"image_id": ["a"], "image_uri": ["/x.png"]}), tmp_path / "bad.parquet")
-    with pytest.raises(DataError, match=r"lacks column\(s\) \['label_uri'"):
-        read_manifest(tmp_path / "bad.parquet")
+    bad = tmp_path / "bad"
+    (bad / "manifests").mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ["a"], "image": ["x.png"]}), bad / "manifests" / "train.parquet")
+    art = Artifact("build_splits", KEY, bad, str(bad), {"files": []}, runtime={"image_roots": {}})
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['label', 'height', 'width', 'classes', 'dataset'\]"):
+        manifest_table(art, "train")
+    (bad / "manifests" / "val.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(DataError, match=r"cannot read manifest .*val\.parquet"):
+        manifest_table(art, "val")
+    with pytest.raises(
+        FileNotFoundError, match=r"artifact build_splits/bbbbbbbbbbbb has no file 'manifests/test\.parquet'"
+    ):
+        manifest_table(art, "test")
+    # a manifest whose dataset has no image folder in this invocation
+    pairs = camvid_pairs(shared_data, 1)
+    good = build_splits_artifact(tmp_path / "good", pairs)
+    good.runtime = {"image_roots": {"val": "/data/coco"}}
+    with pytest.raises(DataError, match=r"no image folder known for split 'train'"):
+        train_dataset(good, LUT, AugmentConfig(crop_size=(32, 32)), seed=0)
+    # an empty manifest, a malformed lookup table
+    empty = tmp_path / "empty"
+    (empty / "manifests").mkdir(parents=True)
+    pq.write_table(SCHEMA.empty_table(), empty / "manifests" / "train.parquet")
+    with pytest.raises(DataError, match="has no rows"):
+        train_dataset(
+            Artifact("build_splits", KEY, empty, str(empty), {"files": []}, runtime={"image_roots": {"train": "/d"}}),
+            LUT,
+            AugmentConfig(crop_size=(32, 32)),
+            seed=0,
+        )
+    with pytest.raises(ValueError, match=r"lut must be uint8 \[256\]"):
+        train_dataset(build_splits_artifact(tmp_path / "g2", pairs), LUT.astype(np.int64), AugmentConfig(), seed=0)
+
+
+def test_a_bad_training_image_reaches_the_driver_as_a_data_error(shared_data, tmp_path, ray_local):
+    from stages.feeds import train_dataset
 
     _, img_p, lbl_p = camvid_pairs(shared_data, 1)[0]
-    broken = tmp_path / "broken.png"
+    images = tmp_path / "images"
+    images.mkdir()
+    good = images / img_p.name
+    shutil.copy(img_p, good)
+    broken = images / "broken.png"
     broken.write_bytes(b"\x89PNG garbage")
-    manifest = write_manifest(tmp_path / "m.parquet", [("good", img_p, lbl_p), ("rotten", broken, lbl_p)])
-    ds = train_dataset(manifest, LUT, AugmentConfig(crop_size=(32, 32)), seed=0, block_rows=1)
-    with pytest.raises(Exception) as e:  # Ray Data re-raises it as a UserCodeException with our traceback
+    art = build_splits_artifact(tmp_path / "bs", [("good", good, lbl_p), ("rotten", broken, lbl_p)], image_root=images)
+    ds = train_dataset(art, LUT, AugmentConfig(crop_size=(32, 32)), seed=0, block_rows=1)
+    with pytest.raises(Exception) as e:  # Ray Data wraps it; the driver recovers the typed error
         _epoch(ds)
-    assert "zeroseg.errors.DataError: training image 'rotten'" in str(e.value) and "broken.png" in str(e.value)
+    err = find_user_error(e.value)
+    assert isinstance(err, DataError), f"{type(e.value).__name__}: {e.value}"
+    assert str(err).startswith("training image 'rotten': ") and "broken.png" in str(err)
 
 
 def test_png_bytes_and_uris_decode_alike(shared_data):
-    from pipeline.datasets import read_bytes
+    from pipeline.uri import read_bytes
 
     _, img_p, _ = camvid_pairs(shared_data, 1)[0]
     raw = img_p.read_bytes()
@@ -216,11 +310,12 @@ def test_png_bytes_and_uris_decode_alike(shared_data):
 
 
 def test_decode_pair_names_the_bad_file(shared_data, tmp_path):
-    from pipeline.datasets import decode_pair
+    from stages.feeds import decode_pair
 
     _, img_p, lbl_p = camvid_pairs(shared_data, 1)[0]
     image, label = decode_pair(str(img_p), f"file://{lbl_p}")
     assert image.shape == (360, 480, 3) and label.shape == (360, 480) and label.dtype == np.uint8
+    assert np.array_equal(label, np.asarray(Image.open(lbl_p)))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG garbage")
     with pytest.raises(DataError, match=r"broken\.png"):

@@ -35,15 +35,86 @@ def voc(shared_data):
 # ------------------------------------------------------------------ templates
 
 
-def test_template_sets():
-    assert TEMPLATES["single"] == ("a photo of a {}.",)
-    ens = TEMPLATES["ensemble15"]
-    assert len(ens) == 15 and len(set(ens)) == 15 and all(t.count("{}") == 1 for t in ens)
-    assert ens[0] == "a photo of a {}." and ens[-1] == "This is one {} in the scene."
+#: ZegCLIP Appendix C (../shared/papers/zegclip.txt), "the 15 augmented templates we used on
+#: COCO-Stuff 164K and PASCAL Context", verbatim.
+ZEGCLIP_APPENDIX_C = [
+    "A photo of a { }.",
+    "A photo of a small { }.",
+    "A photo of a medium { }.",
+    "A photo of a large { }.",
+    "This is a photo of a { }.",
+    "This is a photo of a small { }.",
+    "This is a photo of a medium { }.",
+    "This is a photo of a large { }.",
+    "A { } in the scene.",
+    "A photo of a { } in the scene.",
+    "There is a { } in the scene.",
+    "There is the { } in the scene.",
+    "This is a { } in the scene.",
+    "This is the { } in the scene.",
+    "This is one { } in the scene.",
+]
+#: The same list in the authors' released notebook (ZiqinZhou66/ZegCLIP
+#: configs/_base_/datasets/text_embedding/get_embedding.ipynb, ``templates = [...]``): the paper's
+#: "A ..." is spelled "a ..."; "This ..." / "There ..." keep their capital.
+ZEGCLIP_NOTEBOOK = [
+    "a photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "a {} in the scene.",
+    "a photo of a {} in the scene.",
+    "There is a {} in the scene.",
+    "There is the {} in the scene.",
+    "This is a {} in the scene.",
+    "This is the {} in the scene.",
+    "This is one {} in the scene.",
+]
+#: ZegFormer's templates (../shared/papers/released-code.md section 1.2): COCO/ADE
+#: ``PROMPT_ENSEMBLE_TYPE: "imagenet_select"`` (8) and VOC ``"single"``.
+ZEGFORMER_IMAGENET_SELECT = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+    "A photo of a {} in the scene",
+]
+ZEGFORMER_SINGLE = ["A photo of a {} in the scene"]
+
+
+def test_template_sets_are_the_papers_templates():
+    # the two spellings agree up to the first letter of the "A ..." templates
+    assert [t.replace("{ }", "{}") for t in ZEGCLIP_APPENDIX_C] == [t[0].upper() + t[1:] for t in ZEGCLIP_NOTEBOOK]
+    assert TEMPLATES["ensemble15"] == tuple(ZEGCLIP_NOTEBOOK)
+    assert get_templates("ensemble15") == tuple(ZEGCLIP_NOTEBOOK)
+    assert TEMPLATES["single"] == ("a photo of a {}.",)  # CLIP's basic prompt
+    # the notebook's single_templete: f"a photo of a {c}" (no period): the released *_single.npy
+    assert TEMPLATES["zegclip_single"] == ("a photo of a {}",)
+    # explicit lists pass through unchanged (ZegFormer's sets, as a list)
+    assert get_templates(ZEGFORMER_IMAGENET_SELECT) == tuple(ZEGFORMER_IMAGENET_SELECT)
     with pytest.raises(ConfigError, match="did you mean 'ensemble15'"):
         get_templates("ensemble16")
     with pytest.raises(ConfigError, match="placeholder"):
         get_templates(["a photo"])
+    with pytest.raises(ConfigError, match="placeholder"):
+        get_templates(["a {} and a {}"])
+    with pytest.raises(ConfigError, match="empty"):
+        get_templates([])
+
+
+def test_zegformer_template_sets_if_present():
+    sets = {k: v for k, v in TEMPLATES.items() if "zegformer" in k.lower()}
+    if not sets:
+        pytest.skip("zeroseg.text has no ZegFormer template set (released-code.md section 1.2)")
+    for name, strings in sets.items():
+        assert list(strings) in (ZEGFORMER_IMAGENET_SELECT, ZEGFORMER_SINGLE), name
 
 
 def test_single_template_is_the_normalised_prompt_embedding(tiny):
@@ -79,14 +150,29 @@ def _ctx(tmp_path, classes, config):
     (bs / "classes.json").write_text(json.dumps(classes))
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    inputs = {"build_splits": Artifact("build_splits", "a" * 64, bs, str(bs), {"files": []})}
-    return StageContext("embed_text", "e" * 64, config, inputs, out, tmp_path, str(tmp_path / "_train"),
-                        "embed_text-eee", log=lambda *_: None)
+    inputs = {"splits": Artifact("build_splits", "a" * 64, bs, str(bs), {"files": []})}
+    return StageContext(
+        "embed_text",
+        "e" * 64,
+        config,
+        inputs,
+        out,
+        tmp_path,
+        str(tmp_path / "_train"),
+        "embed_text-eee",
+        log=lambda *_: None,
+    )
 
 
 def _vocab(names, prompts=None):
-    return {"dataset": "d", "names": names, "prompt_names": prompts or names, "seen": [0], "unseen": [],
-            "ignore_index": 255}
+    return {
+        "dataset": "d",
+        "names": names,
+        "prompt_names": prompts or names,
+        "seen": [0],
+        "unseen": [],
+        "ignore_index": 255,
+    }
 
 
 def _conf(**kw):
@@ -99,8 +185,10 @@ def test_stage_source_model(tiny, tmp_path):
     from stages.embed_text import EmbedText
 
     model, tok = tiny
-    classes = {"train": _vocab(["person", "bicycle", "giraffe"]),
-               "eval": {"camvid": _vocab(["sky", "pedestrian", "bicyclist"], ["sky", "person", "bicycle"])}}
+    classes = {
+        "train": _vocab(["person", "bicycle", "giraffe"]),
+        "eval": {"camvid": _vocab(["sky", "pedestrian", "bicyclist"], ["sky", "person", "bicycle"])},
+    }
     conf = _conf(clip=TINY, templates="ensemble15", batch_size=16)
     metrics = EmbedText().run(_ctx(tmp_path, classes, conf))
     assert metrics == {"vocabularies": 2.0, "train_classes": 3.0, "embed_dim": 64.0}
@@ -108,8 +196,9 @@ def test_stage_source_model(tiny, tmp_path):
     cam = np.load(tmp_path / "out/embeddings/camvid.npy")
     assert train.dtype == np.float32 and train.shape == (3, 64) and cam.shape == (3, 64)
     np.testing.assert_allclose(np.linalg.norm(cam, axis=1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(train, encode_class_names(model, tok, ["person", "bicycle", "giraffe"], "ensemble15"),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        train, encode_class_names(model, tok, ["person", "bicycle", "giraffe"], "ensemble15"), atol=1e-6
+    )
     np.testing.assert_allclose(cam[1:], train[:2], atol=1e-6)  # embedded from the mapped prompt names
     prov = json.loads((tmp_path / "out/provenance.json").read_text())
     assert prov["source"] == "model" and prov["model"] == TINY_MODEL and prov["weights"] == "random-init"
@@ -131,8 +220,10 @@ def test_fingerprint_follows_the_checkpoint_file(tiny, tmp_path, voc):
     torch.save(sd, ckpt)
     assert EmbedText().fingerprint(conf) != first
     d, _ = voc
-    fconf = _conf(source="file", file={"embeddings": str(d / "voc20_vit-b-16_single.npy"),
-                                       "class_names": str(d / "class_names.json")})
+    fconf = _conf(
+        source="file",
+        file={"embeddings": str(d / "voc20_vit-b-16_single.npy"), "class_names": str(d / "class_names.json")},
+    )
     fp = EmbedText().fingerprint(fconf)
     assert hashlib.sha256((d / "voc20_vit-b-16_single.npy").read_bytes()).hexdigest() in fp
 
@@ -147,8 +238,10 @@ def test_stage_source_file_real_voc_embeddings(tmp_path, voc):
     val = list(reversed(names))
     classes = {"train": _vocab(train), "eval": {"val": _vocab(val)}}
     # key omitted: picked from the file name prefix (voc20_...)
-    conf = _conf(source="file", file={"embeddings": str(d / "voc20_vit-b-16_single.npy"),
-                                      "class_names": str(d / "class_names.json")})
+    conf = _conf(
+        source="file",
+        file={"embeddings": str(d / "voc20_vit-b-16_single.npy"), "class_names": str(d / "class_names.json")},
+    )
     EmbedText().run(_ctx(tmp_path, classes, conf))
     got_train = np.load(tmp_path / "out/embeddings/train.npy")
     got_val = np.load(tmp_path / "out/embeddings/val.npy")
@@ -162,15 +255,20 @@ def test_stage_source_file_real_voc_embeddings(tmp_path, voc):
     assert max(sims, key=sims.get) in ("horse", "sheep")
     prov = json.loads((tmp_path / "out/provenance.json").read_text())
     assert prov["source"] == "file" and prov["file"]["key"] == "voc20"
-    assert prov["file"]["embeddings_sha256"] == hashlib.sha256((d / "voc20_vit-b-16_single.npy").read_bytes()).hexdigest()
+    assert (
+        prov["file"]["embeddings_sha256"] == hashlib.sha256((d / "voc20_vit-b-16_single.npy").read_bytes()).hexdigest()
+    )
 
 
 def test_source_file_errors(tmp_path, voc):
     from stages.embed_text import EmbedText
 
     d, names = voc
-    files = {"embeddings": str(d / "voc20_vit-b-16_single.npy"), "class_names": str(d / "class_names.json"),
-             "key": "voc20"}
+    files = {
+        "embeddings": str(d / "voc20_vit-b-16_single.npy"),
+        "class_names": str(d / "class_names.json"),
+        "key": "voc20",
+    }
     # count: a class the file does not have
     classes = {"train": _vocab(names[:4] + ["zebra"]), "eval": {}}
     (tmp_path / "a").mkdir()
@@ -189,7 +287,9 @@ def test_source_file_errors(tmp_path, voc):
     np.save(tmp_path / "bad.npy", raw)
     (tmp_path / "c").mkdir()
     with pytest.raises(DataError, match=r"row 3 \('boat'\) has norm 1\.(49|50)"):
-        EmbedText().run(_ctx(tmp_path / "c", classes, _conf(source="file", file={**files, "embeddings": str(tmp_path / "bad.npy")})))
+        EmbedText().run(
+            _ctx(tmp_path / "c", classes, _conf(source="file", file={**files, "embeddings": str(tmp_path / "bad.npy")}))
+        )
     # key: unknown -> names the keys
     (tmp_path / "d").mkdir()
     with pytest.raises(ConfigError, match="voc20"):
@@ -198,14 +298,79 @@ def test_source_file_errors(tmp_path, voc):
 
 def test_config_by_source(tmp_path):
     from pipeline.config import validate_section
+    from pipeline.errors import ConfigError as PipelineConfigError
     from stages.embed_text import EmbedTextConfig
 
-    with pytest.raises(ConfigError, match="source: file needs file"):
-        validate_section("embed_text", EmbedTextConfig, {"source": "file"}, None, tmp_path / "c.yaml")
-    with pytest.raises(ConfigError, match="needs a clip spec"):
-        validate_section("embed_text", EmbedTextConfig, {"source": "model"}, None, tmp_path / "c.yaml")
-    with pytest.raises(ConfigError, match="templates"):
-        validate_section("embed_text", EmbedTextConfig, {"templates": "ensemble"}, TINY.model_dump(), tmp_path / "c.yaml")
+    path = tmp_path / "c.yaml"
+    with pytest.raises(PipelineConfigError, match="source: file needs file"):
+        validate_section("embed_text", EmbedTextConfig, {"source": "file"}, path)
+    with pytest.raises(PipelineConfigError, match="needs a clip spec"):
+        validate_section("embed_text", EmbedTextConfig, {"source": "model"}, path)
+    # the shared clip section is injected by the planner; here it is given in the section
+    with pytest.raises(PipelineConfigError, match="templates"):
+        validate_section("embed_text", EmbedTextConfig, {"templates": "ensemble", "clip": TINY.model_dump()}, path)
+    with pytest.raises(PipelineConfigError, match=r"'file' applies to source: file only"):
+        validate_section(
+            "embed_text",
+            EmbedTextConfig,
+            {"clip": TINY.model_dump(), "file": {"embeddings": "e.npy", "class_names": "n.json"}},
+            path,
+        )
+    ok = validate_section("embed_text", EmbedTextConfig, {"clip": TINY.model_dump(), "templates": "ensemble15"}, path)
+    assert ok.clip == TINY and ok.templates == "ensemble15" and ok.batch_size == 256
+
+
+def test_stage_contract_and_key_split(tmp_path, monkeypatch, voc):
+    from pipeline.config import hashed_view, runtime_view
+    from stages.embed_text import EmbedText
+
+    assert {r: i.stages for r, i in EmbedText.INPUTS.items()} == {"splits": ("build_splits",)}
+    assert EmbedText.shared == ("clip",)
+    conf = _conf(clip=TINY, templates="ensemble15", batch_size=16)
+    assert hashed_view(conf) == {
+        "clip": {"model": TINY_MODEL, "weights": "random-init"},
+        "source": "model",
+        "templates": "ensemble15",
+        "file": None,
+    }
+    assert runtime_view(conf) == {"batch_size": 16}
+    assert any("RANDOM WEIGHTS" in line for line in EmbedText().notices(conf))
+    assert EmbedText().notices(_conf(clip=ClipSpec(model=TINY_MODEL, pretrained="x"))) == []
+    # file paths are runtime: relative and absolute spellings of the same files, same hashed view and fingerprint
+    d, _ = voc
+    monkeypatch.chdir(d.parent)
+    spelled = [
+        _conf(
+            source="file",
+            file={"embeddings": str(d / "voc20_vit-b-16_single.npy"), "class_names": str(d / "class_names.json")},
+        ),
+        _conf(
+            source="file",
+            file={"embeddings": f"{d.name}/voc20_vit-b-16_single.npy", "class_names": f"./{d.name}/class_names.json"},
+        ),
+    ]
+    assert (
+        hashed_view(spelled[0])
+        == hashed_view(spelled[1])
+        == {"clip": None, "source": "file", "templates": "single", "file": {"key": None}}
+    )
+    assert EmbedText().fingerprint(spelled[0]) == EmbedText().fingerprint(spelled[1])
+    assert set(runtime_view(spelled[1])) == {"batch_size", "file.embeddings", "file.class_names"}
+
+
+def test_classes_json_errors(tmp_path):
+    from stages.embed_text import EmbedText
+
+    conf = _conf(clip=TINY)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(DataError, match="collides with the training vocabulary"):
+        EmbedText().run(_ctx(tmp_path / "a", {"train": _vocab(["x"]), "eval": {"train": _vocab(["y"])}}, conf))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataError, match=r"classes\.json is malformed"):  # prompt_names of another length
+        EmbedText().run(_ctx(tmp_path / "b", {"train": _vocab(["x", "y"], ["x"]), "eval": {}}, conf))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(DataError, match=r"classes\.json is malformed.*KeyError"):
+        EmbedText().run(_ctx(tmp_path / "c", {"eval": {}}, conf))
 
 
 def test_unreadable_embedding_files_name_the_file(tmp_path):

@@ -10,12 +10,9 @@ import torch.nn.functional as F
 
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.models import (
-    SEGMENTERS,
     Segmenter,
-    build_segmenter,
-    get_builder,
+    WeightsMismatchError,
     load_segmenter,
-    register_segmenter,
     save_segmenter,
 )
 from zeroseg.models.clip import TINY_MODEL, ClipSpec, dense_features, load_clip
@@ -33,7 +30,7 @@ def clip_model():
 
 def test_forward_shapes_and_contract(clip_model):
     seg = MaskCLIP(clip_model)
-    assert isinstance(seg, Segmenter) and get_builder("maskclip") is MaskCLIP
+    assert isinstance(seg, Segmenter)
     assert seg.input_size == (224, 224) and seg.cfg == {"input_size": [224, 224], "logit_scale": 100.0}
     assert len(seg.mean) == 3 and len(seg.std) == 3
     assert seg.trainable_names() == [] and not any(p.requires_grad for p in seg.parameters())
@@ -68,15 +65,23 @@ def test_model_logit_scale_and_config_errors(clip_model):
         MaskCLIP(clip_model, {"logit_scale": 0})
     with pytest.raises(ConfigError, match="input_size"):
         MaskCLIP(clip_model, {"input_size": [224]})
-    with pytest.raises(ConfigError, match=r"input_size \[224, 200\] is not a multiple of the CLIP patch size \[16, 16\]"):
+    with pytest.raises(
+        ConfigError, match=r"input_size \[224, 200\] is not a multiple of the CLIP patch size \[16, 16\]"
+    ):
         MaskCLIP(clip_model, {"input_size": [224, 200]})
     with pytest.raises(ValueError, match=r"\[C >= 1, 64\]"):
         MaskCLIP(clip_model)(torch.randn(1, 3, 224, 224), torch.randn(3, 32))
 
 
 def test_unknown_method_names_the_nearest():
-    with pytest.raises(ConfigError, match="did you mean 'maskclip'"):
-        get_builder("maskclp")
+    from pipeline.config import validate_section
+    from pipeline.errors import ConfigError as PlanError
+    from stages.train_classifier import config_schema
+
+    with pytest.raises(PlanError, match=r"train_classifier.method: unknown value 'maskclp'; did you mean 'maskclip'"):
+        validate_section(
+            "train_classifier", config_schema(), {"method": "maskclp", "clip": TINY.model_dump()}, "c.yaml"
+        )
 
 
 # ------------------------------------------------------------------ segmenter artifact
@@ -85,9 +90,10 @@ def test_unknown_method_names_the_nearest():
 def test_save_load_round_trip_without_weights(clip_model, tmp_path):
     seg = MaskCLIP(clip_model, {"input_size": [192, 224]})
     inp = {"size": list(seg.input_size), "mean": list(seg.mean), "std": list(seg.std)}
-    save_segmenter(tmp_path, "maskclip", TINY, seg.cfg, inp, None)
+    save_segmenter(tmp_path, seg, TINY, "maskclip")
     doc = json.loads((tmp_path / "segmenter.json").read_text())
     assert doc["method"] == "maskclip" and doc["clip"]["random_init"] is True
+    assert doc["class"] == "zeroseg.models.maskclip:MaskCLIP"
     assert doc["model"] == {"input_size": [192, 224], "logit_scale": 100.0} and doc["input"] == inp
     assert not (tmp_path / "weights.pt").exists()
     loaded = load_segmenter(tmp_path)
@@ -102,6 +108,11 @@ def test_save_load_round_trip_without_weights(clip_model, tmp_path):
         load_segmenter(tmp_path)
     with pytest.raises(DataError, match="segmenter.json"):
         load_segmenter(tmp_path / "nothing")
+    # an artifact can only name a class of zeroseg.models
+    doc["input"]["size"], doc["class"] = [192, 224], "os:system"
+    (tmp_path / "segmenter.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"class 'os:system' must be 'zeroseg.models.<module>:<Class>'"):
+        load_segmenter(tmp_path)
 
 
 class _Head(Segmenter):
@@ -123,34 +134,26 @@ class _Head(Segmenter):
         return torch.einsum("bdhw,cd->bchw", F.normalize(p, dim=1), text_embeddings)
 
 
-def test_trained_weights_round_trip_and_strict_load(clip_model, tmp_path):
-    register_segmenter("_test_head")(_Head)
-    try:
-        seg = build_segmenter("_test_head", clip_model, {"k": 1})
-        torch.nn.init.normal_(seg.head.weight)
-        inp = {"size": [224, 224], "mean": [0.5] * 3, "std": [0.25] * 3}
-        save_segmenter(tmp_path, "_test_head", TINY, seg.cfg, inp, seg.trainable_state_dict())
-        assert set(torch.load(tmp_path / "weights.pt")) == {"head.weight", "head.bias"}
-        loaded = load_segmenter(tmp_path)
-        torch.testing.assert_close(loaded.head.weight, seg.head.weight)
-        # missing and unexpected keys are both named
-        sd = {"head.weight": seg.head.weight.detach(), "extra.w": torch.zeros(1)}
-        torch.save(sd, tmp_path / "weights.pt")
-        with pytest.raises(DataError) as e:
-            load_segmenter(tmp_path)
-        assert "head.bias" in str(e.value) and "extra.w" in str(e.value)
-        torch.save({"head.weight": torch.zeros(3, 3), "head.bias": torch.zeros(64)}, tmp_path / "weights.pt")
-        with pytest.raises(DataError, match="shape mismatch"):
-            load_segmenter(tmp_path)
-    finally:
-        SEGMENTERS.pop("_test_head", None)
+def test_trained_weights_round_trip_and_strict_load(clip_model, tmp_path, monkeypatch):
+    import zeroseg.models.maskclip as mc
 
-
-def test_save_segmenter_validates(tmp_path):
-    with pytest.raises(ConfigError, match="did you mean 'maskclip'"):
-        save_segmenter(tmp_path, "maskclipp", TINY, {}, {"size": [1, 1], "mean": [0] * 3, "std": [1] * 3})
-    with pytest.raises(ConfigError, match="size"):
-        save_segmenter(tmp_path, "maskclip", TINY, {}, {"size": [224], "mean": [0] * 3, "std": [1] * 3})
+    monkeypatch.setattr(mc, "_Head", _Head, raising=False)  # a class of zeroseg.models, as artifacts require
+    _Head.__module__, _Head.__qualname__ = "zeroseg.models.maskclip", "_Head"
+    seg = _Head(clip_model, {"k": 1})
+    torch.nn.init.normal_(seg.head.weight)
+    save_segmenter(tmp_path, seg, TINY, "test_head", seg.trainable_state_dict())
+    assert set(torch.load(tmp_path / "weights.pt")) == {"head.weight", "head.bias"}
+    loaded = load_segmenter(tmp_path)
+    torch.testing.assert_close(loaded.head.weight, seg.head.weight)
+    # missing and unexpected keys are both named, in the one error type of strict loads
+    sd = {"head.weight": seg.head.weight.detach(), "extra.w": torch.zeros(1)}
+    torch.save(sd, tmp_path / "weights.pt")
+    with pytest.raises(WeightsMismatchError) as e:
+        load_segmenter(tmp_path)
+    assert "head.bias" in str(e.value) and "extra.w" in str(e.value) and "weights.pt" in str(e.value)
+    torch.save({"head.weight": torch.zeros(3, 3), "head.bias": torch.zeros(64)}, tmp_path / "weights.pt")
+    with pytest.raises(WeightsMismatchError, match=r"shape mismatches \(1\): head.weight \(3, 3\) vs model \(64, 64\)"):
+        load_segmenter(tmp_path)
 
 
 # ------------------------------------------------------------------ train_classifier(maskclip)
@@ -168,38 +171,80 @@ def _ctx(tmp_path, classes, embeddings, config):
         np.save(et / "embeddings" / f"{v}.npy", e)
     out = tmp_path / "out"
     out.mkdir()
-    inputs = {"build_splits": Artifact("build_splits", "a" * 64, bs, str(bs), {"files": []}),
-              "embed_text": Artifact("embed_text", "b" * 64, et, str(et), {"files": []})}
-    return StageContext("train_classifier", "c" * 64, config, inputs, out, tmp_path, str(tmp_path / "_train"),
-                        "train_classifier-ccc", log=lambda *_: None)
+    inputs = {
+        "splits": Artifact("build_splits", "a" * 64, bs, str(bs), {"files": []}),
+        "text": Artifact("embed_text", "b" * 64, et, str(et), {"files": []}),
+    }
+    return StageContext(
+        "train_classifier",
+        "c" * 64,
+        config,
+        inputs,
+        out,
+        tmp_path,
+        str(tmp_path / "_train"),
+        "train_classifier-ccc",
+        log=lambda *_: None,
+    )
 
 
 def _vocab(names):
     return {"dataset": "d", "names": names, "prompt_names": names, "seen": [0], "unseen": [1], "ignore_index": 255}
 
 
+def _method_config(**kw):
+    from stages.methods.maskclip import MaskCLIPMethod
+
+    return MaskCLIPMethod(method="maskclip", clip=TINY, **kw)
+
+
 def test_train_classifier_maskclip_writes_a_loadable_segmenter(tmp_path):
-    from stages.train_classifier import TrainClassifier, TrainClassifierConfig
+    from stages.train_classifier import TrainClassifier
 
     classes = {"train": _vocab(["cat", "dog", "sky"]), "eval": {"val": _vocab(["cat", "dog"])}}
     emb = {"train": np.eye(3, 64, dtype=np.float32), "val": np.eye(2, 64, dtype=np.float32)}
-    conf = TrainClassifierConfig(clip=TINY, input_size=[160, 160])
+    conf = _method_config(model={"input_size": [160, 160]})
     ctx = _ctx(tmp_path, classes, emb, conf)
-    assert TrainClassifier().run(ctx) == {"trainable_params": 0.0}
+    assert TrainClassifier().run(ctx) == {"trainable_params": 0}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["segmenter.json"]
     seg = load_segmenter(tmp_path / "out")
     assert isinstance(seg, MaskCLIP) and seg.input_size == (160, 160)
-    assert TrainClassifier().fingerprint(conf) == "weights=random-init"
+    assert conf.clip.key_payload() == {"model": TINY_MODEL, "weights": "random-init"}
 
 
-def test_train_classifier_checks_embedding_dimension_and_method(tmp_path):
-    from pydantic import ValidationError
-
-    from stages.train_classifier import TrainClassifier, TrainClassifierConfig
+def test_train_classifier_checks_embedding_dimension(tmp_path):
+    from stages.train_classifier import TrainClassifier
 
     classes = {"train": _vocab(["cat", "dog"]), "eval": {}}
-    ctx = _ctx(tmp_path, classes, {"train": np.eye(2, 512, dtype=np.float32)}, TrainClassifierConfig(clip=TINY))
-    with pytest.raises(ConfigError, match="512.*64"):
+    ctx = _ctx(tmp_path, classes, {"train": np.eye(2, 512, dtype=np.float32)}, _method_config())
+    with pytest.raises(ConfigError, match="dimension 512.*embeds into 64"):
         TrainClassifier().run(ctx)
-    with pytest.raises(ValidationError, match="did you mean 'maskclip'"):
-        TrainClassifierConfig(clip=TINY, method="maskclp")
+
+
+# ------------------------------------------------------------------ the equation and the default, by hand
+
+
+def test_scores_are_100_times_the_cosine_by_hand(clip_model, monkeypatch):
+    """MaskCLIP scores = logit_scale * cos(patch, text), logit_scale 100 by default (the released
+    MaskClipHead's softmax(output * 100)). Patches p0 = 3 e0 + 4 e1 (unit: .6 e0 + .8 e1) and
+    p1 = -2 e1 (unit: -e1); texts t0 = e0, t1 = 2 e1 (unit: e1):
+    p0 -> (100 * .6, 100 * .8) = (60, 80); p1 -> (0, -100)."""
+    import zeroseg.models.maskclip as maskclip_module
+
+    patches = torch.zeros(1, 64, 1, 2)
+    patches[0, 0, 0, 0], patches[0, 1, 0, 0] = 3.0, 4.0
+    patches[0, 1, 0, 1] = -2.0
+    monkeypatch.setattr(maskclip_module, "dense_features", lambda visual, images: (None, patches))
+    t = torch.zeros(2, 64)
+    t[0, 0], t[1, 1] = 1.0, 2.0
+    seg = MaskCLIP(clip_model)
+    out = seg(torch.zeros(1, 3, 224, 224), t)
+    torch.testing.assert_close(out, torch.tensor([[[[60.0, 0.0]], [[80.0, -100.0]]]]))
+
+
+def test_maskclip_default_config_is_pinned():
+    """logit_scale 100 (MaskCLIP's released head: softmax(output * 100)); input size = the CLIP
+    model's native size."""
+    from zeroseg.models.maskclip import MASKCLIP_DEFAULT_CONFIG
+
+    assert MASKCLIP_DEFAULT_CONFIG == {"input_size": None, "logit_scale": 100.0}

@@ -74,7 +74,9 @@ def test_confusion_matrix_toy_numpy_and_torch(counting):
     np.testing.assert_array_equal(t.numpy(), CM)
     # int64 ground truth takes the non-LUT path; same answer
     np.testing.assert_array_equal(confusion_matrix(PRED, GT.astype(np.int64), 5), CM)
-    np.testing.assert_array_equal(confusion_matrix_torch(torch.from_numpy(PRED), torch.from_numpy(GT).long(), 5).numpy(), CM)
+    np.testing.assert_array_equal(
+        confusion_matrix_torch(torch.from_numpy(PRED), torch.from_numpy(GT).long(), 5).numpy(), CM
+    )
 
 
 def test_metrics_toy_exact():
@@ -92,7 +94,15 @@ def test_metrics_toy_exact():
     np.testing.assert_array_equal(m.gt_pixels, [3, 3, 4, 0, 0])
     np.testing.assert_array_equal(m.pred_pixels, [2, 5, 2, 1, 0])
     rows = m.per_class(NAMES)
-    assert rows[3] == {"id": 3, "name": "dog", "split": "unseen", "iou": 0.0, "acc": None, "gt_pixels": 0, "pred_pixels": 1}
+    assert rows[3] == {
+        "id": 3,
+        "name": "dog",
+        "split": "unseen",
+        "iou": 0.0,
+        "acc": None,
+        "gt_pixels": 0,
+        "pred_pixels": 1,
+    }
     assert rows[4]["iou"] is None and rows[0]["split"] == "seen"
     # the same from the free functions
     assert pixel_accuracy(CM) == pytest.approx(70.0)
@@ -122,7 +132,10 @@ def test_ignore_label_and_value_errors(counting):
     assert confusion_matrix(PRED, np.full_like(GT, 255), 5).sum() == 0
     bad_gt = GT.copy()
     bad_gt[0, 1] = 7
-    for fn, a, b in ((confusion_matrix, PRED, bad_gt), (confusion_matrix_torch, torch.from_numpy(PRED), torch.from_numpy(bad_gt))):
+    for fn, a, b in (
+        (confusion_matrix, PRED, bad_gt),
+        (confusion_matrix_torch, torch.from_numpy(PRED), torch.from_numpy(bad_gt)),
+    ):
         with pytest.raises(ValueError, match=r"ground-truth value 7 is outside \[0, 5\)"):
             fn(a, b, 5)
     with pytest.raises(ValueError, match="ground-truth value 300"):

@@ -32,8 +32,11 @@ def write_coco(tmp_path, anns, images=(1, 2), categories=None):
     for i in images:
         Image.new("RGB", (W, H), (i * 40, 0, 0)).save(img_dir / f"{i:04d}.png")
     cats = categories or [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
-    data = {"images": [{"id": i, "file_name": f"{i:04d}.png", "width": W, "height": H} for i in images],
-            "annotations": anns, "categories": cats}
+    data = {
+        "images": [{"id": i, "file_name": f"{i:04d}.png", "width": W, "height": H} for i in images],
+        "annotations": anns,
+        "categories": cats,
+    }
     p = tmp_path / "ann.json"
     p.write_text(json.dumps(data))
     return p, img_dir
@@ -56,12 +59,12 @@ def test_coco_ids_map_to_contiguous_vocabulary_in_category_order(tmp_path):
 
 def test_rasterise_smaller_wins_then_later_wins_and_crowd_is_ignore(tmp_path):
     anns = [
-        ann(10, 1, 1, rect(0, 0, 6, 4)),            # person, 24 px
-        ann(11, 1, 3, rect(2, 1, 4, 3)),            # car, 4 px, on top of the person (smaller wins)
-        ann(5, 1, 18, rect(6, 0, 8, 6), crowd=1),   # crowd dog, 12 px -> ignore
-        ann(7, 1, 1, rect(6, 4, 8, 5)),             # person, 2 px inside the crowd (smaller wins)
-        ann(20, 1, 18, rect(0, 4, 2, 6)),           # dog, 4 px
-        ann(21, 1, 3, rect(1, 4, 3, 6)),            # car, 4 px: same area, later id wins the overlap
+        ann(10, 1, 1, rect(0, 0, 6, 4)),  # person, 24 px
+        ann(11, 1, 3, rect(2, 1, 4, 3)),  # car, 4 px, on top of the person (smaller wins)
+        ann(5, 1, 18, rect(6, 0, 8, 6), crowd=1),  # crowd dog, 12 px -> ignore
+        ann(7, 1, 1, rect(6, 4, 8, 5)),  # person, 2 px inside the crowd (smaller wins)
+        ann(20, 1, 18, rect(0, 4, 2, 6)),  # dog, 4 px
+        ann(21, 1, 3, rect(1, 4, 3, 6)),  # car, 4 px: same area, later id wins the overlap
     ]
     p, img = write_coco(tmp_path, anns)
     rec = read_coco(p, img).records[0]
@@ -116,16 +119,26 @@ def test_panoptic_png(tmp_path):
     pdir = tmp_path / "pan"
     pdir.mkdir()
     rgb = np.zeros((H, W, 3), np.uint8)
-    rgb[0:3, :, 0] = 7                  # segment 7
-    rgb[3:6, 0:4, 1] = 1                # segment 256 (crowd)
+    rgb[0:3, :, 0] = 7  # segment 7
+    rgb[3:6, 0:4, 1] = 1  # segment 256 (crowd)
     Image.fromarray(rgb).save(pdir / "0001.png")
     img = tmp_path / "images"
     img.mkdir()
     Image.new("RGB", (W, H)).save(img / "0001.jpg")
-    data = {"images": [{"id": 1, "file_name": "0001.jpg", "width": W, "height": H}],
-            "annotations": [{"image_id": 1, "file_name": "0001.png", "segments_info": [
-                {"id": 7, "category_id": 5, "iscrowd": 0}, {"id": 256, "category_id": 2, "iscrowd": 1}]}],
-            "categories": [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}]}
+    data = {
+        "images": [{"id": 1, "file_name": "0001.jpg", "width": W, "height": H}],
+        "annotations": [
+            {
+                "image_id": 1,
+                "file_name": "0001.png",
+                "segments_info": [
+                    {"id": 7, "category_id": 5, "iscrowd": 0},
+                    {"id": 256, "category_id": 2, "iscrowd": 1},
+                ],
+            }
+        ],
+        "categories": [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}],
+    }
     (tmp_path / "pan.json").write_text(json.dumps(data))
     rec = read_coco(tmp_path / "pan.json", img, kind="panoptic").records[0]
     label, crowd = read_panoptic_label(rec["png"], rec["segments"], H, W)

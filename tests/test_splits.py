@@ -14,7 +14,9 @@ from zeroseg.data.classes import resolve_split
 from zeroseg.data.readers import read_coco, read_mask_folder
 from zeroseg.data.splits import (
     assign_val,
+    label_path,
     make_records,
+    manifest_schema,
     process_batch,
     process_record,
     split_unit,
@@ -48,14 +50,19 @@ def coco(tmp_path):
     for i in range(1, 6):
         Image.new("RGB", (W, H), (i, i, i)).save(img / f"{i:04d}.png")
     anns = [
-        ann(1, 1, 1, rect(0, 0, 4, 6)), ann(2, 1, 3, rect(4, 0, 8, 3)),
-        ann(3, 2, 1, rect(0, 0, 8, 6)), ann(4, 2, 18, rect(2, 2, 4, 4)),
+        ann(1, 1, 1, rect(0, 0, 4, 6)),
+        ann(2, 1, 3, rect(4, 0, 8, 3)),
+        ann(3, 2, 1, rect(0, 0, 8, 6)),
+        ann(4, 2, 18, rect(2, 2, 4, 4)),
         ann(5, 3, 18, rect(0, 0, 2, 2)),
-        ann(6, 4, 1, rect(0, 0, 2, 6)), ann(7, 4, 18, rect(4, 0, 8, 6), crowd=1),
+        ann(6, 4, 1, rect(0, 0, 2, 6)),
+        ann(7, 4, 18, rect(4, 0, 8, 6), crowd=1),
     ]
-    data = {"images": [{"id": i, "file_name": f"{i:04d}.png", "width": W, "height": H} for i in range(1, 6)],
-            "annotations": anns,
-            "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]}
+    data = {
+        "images": [{"id": i, "file_name": f"{i:04d}.png", "width": W, "height": H} for i in range(1, 6)],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(data))
     lst = read_coco(tmp_path / "ann.json", img)
     vocab = resolve_split(lst.names, dataset="toy", unseen=["dog"])
@@ -63,8 +70,9 @@ def coco(tmp_path):
 
 
 def run(lst, vocab, policy, split="train"):
-    recs = make_records(lst.records, split=split, dataset="toy", policy=policy, unseen=vocab.unseen,
-                        num_classes=len(vocab.names))
+    recs = make_records(
+        lst.records, split=split, dataset="toy", policy=policy, unseen=vocab.unseen, num_classes=len(vocab.names)
+    )
     out = {}
     for r in recs:
         res, png = process_record(r)
@@ -78,8 +86,13 @@ def test_ignore_policy_keeps_images_and_blanks_unseen_pixels(coco):
     assert vocab.unseen == (DOG,)
     out = run(lst, vocab, "ignore")
     status = {k: (r["status"], r["reason"]) for k, (r, _) in out.items()}
-    assert status == {"0001": ("kept", None), "0002": ("kept", None), "0003": ("dropped", "no_labelled_pixels"),
-                      "0004": ("kept", None), "0005": ("dropped", "no_labelled_pixels")}
+    assert status == {
+        "0001": ("kept", None),
+        "0002": ("kept", None),
+        "0003": ("dropped", "no_labelled_pixels"),
+        "0004": ("kept", None),
+        "0005": ("dropped", "no_labelled_pixels"),
+    }
     res, label = out["0002"]
     want = np.zeros((H, W), np.uint8)
     want[2:4, 2:4] = 255  # the dog on top of the person
@@ -99,9 +112,13 @@ def test_drop_policy_drops_every_image_with_an_unseen_pixel(coco):
     lst, vocab = coco
     out = run(lst, vocab, "drop")
     status = {k: (r["status"], r["reason"]) for k, (r, _) in out.items()}
-    assert status == {"0001": ("kept", None), "0002": ("dropped", "unseen_pixels"),
-                      "0003": ("dropped", "unseen_pixels"), "0004": ("dropped", "unseen_pixels"),
-                      "0005": ("dropped", "no_labelled_pixels")}
+    assert status == {
+        "0001": ("kept", None),
+        "0002": ("dropped", "unseen_pixels"),
+        "0003": ("dropped", "unseen_pixels"),
+        "0004": ("dropped", "unseen_pixels"),
+        "0005": ("dropped", "no_labelled_pixels"),
+    }
     assert out["0002"][1] is None  # no PNG for a dropped image
     stats = summarize([r for r, _ in out.values()], vocab, policy="drop")
     assert stats["kept"] == 1 and stats["dropped"] == {"no_labelled_pixels": 1, "unseen_pixels": 3}
@@ -171,25 +188,47 @@ def test_size_mismatch_is_a_bad_image(coco):
         process_record(recs[1])
 
 
-def test_process_batch_returns_label_errors_instead_of_raising(tmp_path):
+def test_process_batch_raises_label_errors_and_skips_only_bad_images(tmp_path):
+    """A label error always raises (a DataError, whatever ``on_bad_image``: the stage carries it
+    to the driver with ``pipeline.errors.carry_user_errors``); a bad image file is skipped and
+    reported as such with ``on_bad_image: skip``."""
     img, lbl = tmp_path / "img", tmp_path / "lbl"
     img.mkdir()
     lbl.mkdir()
-    for stem, v in (("ok", 1), ("bad", 9)):
+    for stem, v in (("bad", 9), ("ok", 1), ("trunc", 0)):
         Image.new("RGB", (4, 3)).save(img / f"{stem}.jpg")
         Image.fromarray(np.full((3, 4), v, np.uint8), mode="L").save(lbl / f"{stem}.png")
+    data = (img / "trunc.jpg").read_bytes()
+    (img / "trunc.jpg").write_bytes(data[: len(data) // 2])
     lst = read_mask_folder(img, lbl, ["a", "b"], dataset="m")
-    recs = make_records(lst.records, split="m", dataset="m", policy="eval", unseen=[], num_classes=2)
-    out = process_batch({"record": np.array([json.dumps(r) for r in recs], dtype=object)}, on_bad_image="skip")
+    recs = {
+        r["image_id"]: json.dumps(r)
+        for r in make_records(lst.records, split="m", dataset="m", policy="eval", unseen=[], num_classes=2)
+    }
+    assert set(recs) == {"bad", "ok", "trunc"}
+    for on_bad_image in ("skip", "error"):  # label errors are never skipped
+        with pytest.raises(DataError, match=r"value\(s\) \[9\] outside the class list: 2 classes") as e:
+            process_batch({"record": np.array([recs["ok"], recs["bad"]], dtype=object)}, on_bad_image=on_bad_image)
+        assert not isinstance(e.value, BadImageError)
+    with pytest.raises(BadImageError, match=r"trunc\.jpg is corrupt or truncated"):
+        process_batch({"record": np.array([recs["trunc"]], dtype=object)}, on_bad_image="error")
+    out = process_batch({"record": np.array([recs["trunc"], recs["ok"]], dtype=object)}, on_bad_image="skip")
     res = [json.loads(x) for x in out["result"]]
-    assert [r["status"] for r in res] == ["error", "kept"]  # label errors are never skipped
-    assert "value(s) [9] outside the class list: 2 classes" in res[0]["reason"]
-    assert out["png"][0] == b"" and np.asarray(Image.open(io.BytesIO(out["png"][1]))).max() == 1
+    assert [(r["image_id"], r["status"]) for r in res] == [("trunc", "skipped"), ("ok", "kept")]
+    assert "truncated" in res[0]["reason"] and res[1]["classes"] == [1] and res[1]["pixels"] == {"1": 12}
+    assert out["png"][0] == b"" and np.asarray(Image.open(io.BytesIO(out["png"][1]))).tolist() == [[1] * 4] * 3
 
 
 def _row(image_id, classes):
-    return {"image_id": image_id, "image_uri": f"/x/{image_id}.jpg", "label_uri": f"/l/{image_id}.png",
-            "height": 6, "width": 8, "classes": classes, "dataset": "toy"}
+    return {
+        "image_id": image_id,
+        "image": f"sub/{image_id}.jpg",
+        "label": f"labels/train/{image_id}.png",
+        "height": 6,
+        "width": 8,
+        "classes": classes,
+        "dataset": "toy",
+    }
 
 
 def test_write_manifest_schema_and_inductive_guard(tmp_path, coco):
@@ -199,10 +238,35 @@ def test_write_manifest_schema_and_inductive_guard(tmp_path, coco):
     t = pq.read_table(p)
     assert pa.types.is_list(t.schema.field("classes").type)
     assert t.schema.field("classes").type.value_type == pa.int32() == t.schema.field("height").type
-    assert t.column_names == ["image_id", "image_uri", "label_uri", "height", "width", "classes", "dataset"]
-    assert t.to_pylist()[0]["classes"] == [0, 1]
+    assert t.column_names == ["image_id", "image", "label", "height", "width", "classes", "dataset"]
+    assert t.schema.equals(manifest_schema())
+    assert t.to_pylist()[0] == {
+        "image_id": "a",
+        "image": "sub/a.jpg",
+        "label": "labels/train/a.png",
+        "height": 6,
+        "width": 8,
+        "classes": [0, 1],
+        "dataset": "toy",
+    }
+    assert [(f.name, str(f.type)) for f in manifest_schema()] == [
+        ("image_id", "string"),
+        ("image", "string"),
+        ("label", "string"),
+        ("height", "int32"),
+        ("width", "int32"),
+        ("classes", "list<item: int32>"),
+        ("dataset", "string"),
+    ]
     with pytest.raises(DataError, match=r"image 'leaky' carries unseen class\(es\) \['dog'\]"):
         write_manifest(p, [_row("a", [0]), _row("leaky", [0, DOG])], vocab, inductive_train=True)
     write_manifest(tmp_path / "val.parquet", [_row("leaky", [0, DOG])], vocab, inductive_train=False)
     with pytest.raises(DataError, match="outside the 3 classes"):
         write_manifest(tmp_path / "val.parquet", [_row("x", [7])], vocab, inductive_train=False)
+    with pytest.raises(DataError, match="appears twice"):
+        write_manifest(tmp_path / "val.parquet", [_row("x", [0]), _row("x", [1])], vocab, inductive_train=False)
+
+
+def test_label_path_is_relative_to_the_output_dir(tmp_path):
+    assert label_path(tmp_path, "val", "000000000025") == tmp_path / "labels" / "val" / "000000000025.png"
+    assert label_path("", "camvid", "0001TP_008550").as_posix() == "labels/camvid/0001TP_008550.png"

@@ -1,14 +1,80 @@
-"""Artifact store: manifest written last and atomically, verification on read."""
+"""Artifact store: manifest written last and atomically, verification on read, the object-store
+publish order and an interrupted upload, leases between concurrent invocations, gc."""
 
 import json
 import os
+import threading
+import time
 
+import pyarrow.fs as pafs
 import pytest
 
-from pipeline.store import ArtifactStore, CorruptArtifact
-from zeroseg.errors import ConfigError
+from pipeline.errors import StoreError
+from pipeline.store import ArtifactStore, CorruptArtifact, LeaseInfo
 
 KEY = "a" * 64
+
+
+class RecordingFS(pafs.FileSystemHandler):
+    """A local directory seen through pyarrow's ``PyFileSystem``, as an object store would be:
+    records every write (``open_output_stream`` path) in order and can fail the N-th write."""
+
+    def __init__(self, root, fail_at=None):
+        self.root = str(root)
+        self.fs = pafs.SubTreeFileSystem(self.root, pafs.LocalFileSystem())
+        self.writes: list[str] = []
+        self.fail_at = fail_at
+
+    def get_type_name(self):
+        return "recording"
+
+    def equals(self, other):
+        return other is self
+
+    def normalize_path(self, path):
+        return path
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        if self.fail_at is not None and len(self.writes) + 1 == self.fail_at:
+            raise OSError(f"connection reset while uploading {path}")
+        self.writes.append(path)
+        return self.fs.open_output_stream(path)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path)
 
 
 @pytest.fixture
@@ -86,20 +152,113 @@ def test_unwritable_store_is_a_clear_error(tmp_path):
             target = "/proc/zeroseg-store"
         else:
             target = str(ro / "store")
-        with pytest.raises(ConfigError, match="not writable.*--store"):
+        with pytest.raises(StoreError, match="not writable.*--store"):
             ArtifactStore(target, tmp_path / "cache")
     finally:
         ro.chmod(0o700)
 
 
-def test_pyarrow_uri_store_downloads_to_cache(tmp_path):
-    # file:// goes through pyarrow.fs exactly like s3:// or gs:// (remote code path + local cache)
-    root = tmp_path / "remote"
-    store = ArtifactStore(f"file://{root}", tmp_path / "cache")
+def _object_store(tmp_path, name="remote", cache="cache", **kw):
+    root = tmp_path / name
+    root.mkdir(exist_ok=True)
+    handler = RecordingFS(root, **kw)
+    store = ArtifactStore(f"rec://{name}", tmp_path / cache, filesystem=(pafs.PyFileSystem(handler), "root"))
+    return store, handler
+
+
+def test_object_store_downloads_to_cache(tmp_path):
+    store, _ = _object_store(tmp_path)
     assert not store.local
     store.publish("stage_x", KEY, _stage_output(store), {})
-    fresh = ArtifactStore(f"file://{root}", tmp_path / "cache2")
+    fresh, _ = _object_store(tmp_path, cache="cache2")
     art = fresh.get("stage_x", KEY)
     assert art.path.is_relative_to(tmp_path / "cache2")
     assert art.file("sub/f.txt").read_text() == "hello"
-    assert art.uri == f"file://{root}/stage_x/{KEY}"
+    assert art.uri == f"rec://remote/stage_x/{KEY}"
+
+
+def test_object_store_publishes_the_manifest_last(tmp_path):
+    store, rec = _object_store(tmp_path)
+    rec.writes.clear()
+    store.publish("stage_x", KEY, _stage_output(store), {})
+    prefix = f"root/stage_x/{KEY}/"
+    uploads = [w for w in rec.writes if w.startswith(prefix)]
+    assert uploads[-1] == prefix + "manifest.json"
+    assert sorted(uploads[:-1]) == [prefix + "g.bin", prefix + "sub/f.txt"]
+
+
+def test_interrupted_upload_leaves_no_artifact_and_the_next_attempt_publishes(tmp_path):
+    store, rec = _object_store(tmp_path)
+    rec.writes.clear()
+    rec.fail_at = 2  # the second file of the artifact: one file uploaded, no manifest
+    with pytest.raises(OSError, match="connection reset"):
+        store.publish("stage_x", KEY, _stage_output(store), {})
+    assert len(rec.writes) == 1 and not rec.writes[0].endswith("manifest.json")
+    assert not store.exists("stage_x", KEY) and store.get("stage_x", KEY) is None
+    rec.fail_at = None
+    store.publish("stage_x", KEY, _stage_output(store, "second"), {})
+    fresh, _ = _object_store(tmp_path, cache="cache3")
+    assert fresh.get("stage_x", KEY).file("sub/f.txt").read_text() == "second"
+
+
+def test_a_forced_replacement_drops_the_old_manifest_first(tmp_path):
+    store, rec = _object_store(tmp_path)
+    store.publish("stage_x", KEY, _stage_output(store, "one"), {})
+    rec.fail_at = len(rec.writes) + 1  # the first upload of the replacement fails
+    with pytest.raises(OSError):
+        store.publish("stage_x", KEY, _stage_output(store, "two"), {})
+    assert not store.exists("stage_x", KEY)  # never the old manifest over half-new files
+
+
+# -- leases ---------------------------------------------------------------------------------
+def test_lease_one_computes_the_other_waits_and_reads(store):
+    first = store.lease("stage_x", KEY)
+    assert first is not None
+    waited, got = [], {}
+
+    def second():
+        got["lease"] = store.lease("stage_x", KEY, on_wait=waited.append, poll=0.05)
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive() and len(waited) == 1 and waited[0].pid == os.getpid()
+    store.publish("stage_x", KEY, _stage_output(store), {})
+    first.release()
+    t.join(5)
+    assert got["lease"] is None  # published meanwhile: read it instead of computing
+    assert not store.leases()
+
+
+def test_a_lease_of_a_dead_holder_is_broken(store, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    info = LeaseInfo.mine("someone-else")
+    info.pid = int(dead.stdout)
+    assert store._write_lease(store._lease_path("stage_x", KEY), info)
+    lease = store.lease("stage_x", KEY, poll=0.05)  # does not wait for the dead process
+    assert lease is not None and lease.info.pid == os.getpid()
+    lease.release()
+
+
+def test_a_lease_whose_heartbeat_stopped_is_broken(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache", lease_ttl=0.5)
+    info = LeaseInfo.mine("other-host")
+    info.host, info.heartbeat = "another-machine", time.time() - 10
+    store._write_lease(store._lease_path("stage_x", KEY), info)
+    t0 = time.time()
+    lease = store.lease("stage_x", KEY, poll=0.05)
+    assert lease is not None and time.time() - t0 < 5
+    lease.release()
+
+
+def test_a_live_lease_is_kept_by_its_heartbeat(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache", lease_ttl=1.0)
+    lease = store.lease("stage_x", KEY, heartbeat=0.1)
+    time.sleep(1.5)  # longer than the ttl: the heartbeat keeps it fresh
+    other = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache", lease_ttl=1.0)
+    info = other._read_lease(other._lease_path("stage_x", KEY))
+    assert info is not None and time.time() - info.heartbeat < 1.0
+    lease.release()

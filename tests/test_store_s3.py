@@ -6,6 +6,7 @@ finds it through ``AWS_ENDPOINT_URL`` exactly as it would find MinIO or any S3-c
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,13 +31,19 @@ def s3_env():
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                          allow_bucket_creation=True).create_dir(BUCKET)
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True).create_dir(
+            BUCKET
+        )
         yield env
     server.stop()
 
@@ -63,19 +70,45 @@ def test_s3_publish_get_and_tamper_detection(s3_env, tmp_path):
 
     with fs.open_output_stream(f"{base}/stage_x/{KEY}/sub/f.txt") as f:
         f.write(b"HELLO")  # same size, other bytes, written behind the store's back
+    tampered = ArtifactStore(root, tmp_path / "cache3").get("stage_x", KEY)  # sizes agree: listed as done
     with pytest.raises(CorruptArtifact, match="sha256"):
-        ArtifactStore(root, tmp_path / "cache3").get("stage_x", KEY)
+        tampered.file("sub/f.txt")  # its bytes are checked when fetched
+    assert not (tmp_path / "cache3" / "stage_x" / KEY / "sub" / "f.txt").exists()  # and not kept
+    with fs.open_output_stream(f"{base}/stage_x/{KEY}/sub/f.txt") as f:
+        f.write(b"HELLO, longer")
+    with pytest.raises(CorruptArtifact, match="bytes"):  # a size the listing shows: caught at once
+        ArtifactStore(root, tmp_path / "cache4").get("stage_x", KEY)
 
 
 def test_sample_pipeline_with_an_s3_store(s3_env, shared_data, tmp_path):
     """`--store s3://...`: every stage publishes to S3, labels are read back from S3 by Ray Data
     workers, and a re-run finds everything cached there."""
     store = f"s3://{BUCKET}/pipeline"
-    cmd = [sys.executable, "pipeline/run.py", "--config", "configs/sample.yaml", "--work-dir", str(tmp_path),
-           "--store", store, "--set", "build_splits.train.max_images=8", "--set", "build_splits.eval.0.max_images=2",
-           "--set", "evaluate.batch_size=2"]
+    cmd = [
+        sys.executable,
+        "pipeline/run.py",
+        "--config",
+        "configs/sample.yaml",
+        "--work-dir",
+        str(tmp_path),
+        "--store",
+        store,
+        "--set",
+        "build_splits.train.max_images=8",
+        "--set",
+        "build_splits.eval.0.max_images=2",
+        "--set",
+        "evaluate.batch_size=2",
+    ]
     env = {**os.environ, **s3_env, "ZEROSEG_DATA": str(shared_data)}
     env.pop("RAY_ADDRESS", None)
+    # build_splits first; then, with an empty local cache, the rest: evaluate's workers must read
+    # the label PNGs from the bucket, and the driver fetches only what it reads itself
+    first = subprocess.run(
+        [*cmd, "--stages", "build_splits"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    shutil.rmtree(tmp_path / "cache")
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
 
@@ -87,8 +120,13 @@ def test_sample_pipeline_with_an_s3_store(s3_env, shared_data, tmp_path):
     train = fs.open_input_file(str(Path(bs).parent / "manifests" / "train.parquet"))
     import pyarrow.parquet as pq
 
-    label_uris = pq.read_table(train).column("label_uri").to_pylist()
-    assert label_uris and all(u.startswith(f"{store}/build_splits/") for u in label_uris)
+    labels = pq.read_table(train).column("label").to_pylist()
+    assert labels and all(u.startswith("labels/train/") for u in labels)  # relative: no store path inside
+    # the driver fetched what it reads (manifests, classes.json), not the label PNGs: the Ray Data
+    # workers read those from the bucket
+    cached = {p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert any(c.endswith("manifests/val.parquet") for c in cached)  # evaluate read it on the driver
+    assert not any("/labels/" in c for c in cached if c.startswith("build_splits/"))
     [ev] = [i.path for i in manifests if i.base_name == "manifest.json" and "/evaluate/" in i.path]
     with fs.open_input_stream(str(Path(ev).parent / "metrics.json")) as f:
         assert "val" in json.loads(f.read())
@@ -97,3 +135,4 @@ def test_sample_pipeline_with_an_s3_store(s3_env, shared_data, tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert again.stdout.count(" cached (") == 4 and "running" not in again.stdout
+    assert again.stderr == ""  # library output goes to the invocation's log file

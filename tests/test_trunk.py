@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference_vit as ref  # noqa: E402
+import reference_vit as ref
 
-from zeroseg.models.clip import TINY_MODEL, ClipSpec, dense_features, load_clip, resize_pos_embed  # noqa: E402
-from zeroseg.models.maskclip import MaskCLIP  # noqa: E402
-from zeroseg.models.prompt import PromptedVisionTransformer  # noqa: E402
-from zeroseg.models.trunk import (  # noqa: E402
+from zeroseg.models.clip import TINY_MODEL, ClipSpec, dense_features, load_clip, resize_pos_embed
+from zeroseg.models.maskclip import MaskCLIP
+from zeroseg.models.prompt import PromptedVisionTransformer
+from zeroseg.models.trunk import (
     INPUT,
     BlockContext,
     blended_attention,
@@ -137,7 +137,9 @@ def encoders(tiny, layout, input_size, dropout, **kw):
 
 
 @pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
-@pytest.mark.parametrize("case", PROMPT_CASES, ids=lambda c: f"{c['backbone']}-{c.get('prompt_tokens')}-{c.get('prompt_layers')}")
+@pytest.mark.parametrize(
+    "case", PROMPT_CASES, ids=lambda c: f"{c['backbone']}-{c.get('prompt_tokens')}-{c.get('prompt_layers')}"
+)
 @pytest.mark.parametrize(
     "input_size, image",
     [(None, (224, 224)), ((64, 96), (64, 96)), ((64, 64), (96, 160))],  # native; resized once; resized again per call
@@ -290,12 +292,12 @@ def _by_hand_attention(attn, y, A_mix):
     d = e // H
     W, bias = attn.in_proj_weight, attn.in_proj_bias
     q = y @ W[:e].T + bias[:e]
-    k = y @ W[e:2 * e].T + bias[e:2 * e]
-    val = y @ W[2 * e:].T + bias[2 * e:]
+    k = y @ W[e : 2 * e].T + bias[e : 2 * e]
+    val = y @ W[2 * e :].T + bias[2 * e :]
     outs = []
     for h in range(H):
         s = slice(h * d, (h + 1) * d)
-        A = torch.softmax(q[..., s] @ k[..., s].transpose(-1, -2) / d ** 0.5, dim=-1)
+        A = torch.softmax(q[..., s] @ k[..., s].transpose(-1, -2) / d**0.5, dim=-1)
         outs.append(A_mix(A) @ val[..., s])
     return torch.cat(outs, -1) @ attn.out_proj.weight.T + attn.out_proj.bias
 
@@ -340,8 +342,9 @@ def test_value_scaled_attention_is_deops_released_gps(tiny):
         Wv, bv = attn.in_proj_weight[128:], attn.in_proj_bias[128:]
         expect = (w[..., None] * (y @ Wv.T + bv)) @ attn.out_proj.weight.T + attn.out_proj.bias
         torch.testing.assert_close(got, expect, **TOL)
-        torch.testing.assert_close(value_scaled_attention(torch.ones(2, 10))(blk, y, ctx),
-                                   identity_attention(blk, y, ctx), **TOL)
+        torch.testing.assert_close(
+            value_scaled_attention(torch.ones(2, 10))(blk, y, ctx), identity_attention(blk, y, ctx), **TOL
+        )
         # with 2 prompt tokens in the sequence a [B, 1 + h*w] weight leaves them at 1
         yp = torch.randn(2, 12, 64)
         ctxp = BlockContext(1, 2, 2, (3, 3))

@@ -42,6 +42,7 @@ def text(c=3, seed=2):
 
 # ------------------------------------------------------------------ deep prompt tuning (Eq. 3)
 
+
 def test_zero_prompts_equals_plain_clip_at_native_size():
     clip = tiny_clip()
     x = images(2, 224)
@@ -69,7 +70,7 @@ def _reference_eq3(visual, prompts_by_layer, x):
         P = prompts_by_layer.get(i)
         if P is not None:
             h = blk(torch.cat([h[:, :1], P.unsqueeze(0).expand(h.shape[0], -1, -1), h[:, 1:]], 1))
-            h = torch.cat([h[:, :1], h[:, 1 + P.shape[0]:]], 1)
+            h = torch.cat([h[:, :1], h[:, 1 + P.shape[0] :]], 1)
         else:
             h = blk(h)
     h = visual.ln_post(h) @ visual.proj
@@ -79,7 +80,9 @@ def _reference_eq3(visual, prompts_by_layer, x):
 @pytest.mark.parametrize("layers", [None, [2], [1]])
 def test_deep_prompts_follow_eq3(layers):
     clip = tiny_clip()
-    enc = PromptedVisionTransformer(clip.visual, backbone="dpt", prompt_tokens=5, prompt_layers=layers, prompt_dropout=0.0)
+    enc = PromptedVisionTransformer(
+        clip.visual, backbone="dpt", prompt_tokens=5, prompt_layers=layers, prompt_dropout=0.0
+    )
     expect_layers = [1, 2] if layers is None else layers
     assert enc.prompts.shape == (len(expect_layers), 5, 64)
     bound = (6.0 / (3 * 16 * 16 + 64)) ** 0.5  # VPT xavier-uniform range
@@ -87,7 +90,7 @@ def test_deep_prompts_follow_eq3(layers):
     x = images(2, 224)
     with torch.no_grad():
         g, patches, _ = enc(x)
-        rg, rp = _reference_eq3(clip.visual, {l - 1: enc.prompts[r] for r, l in enumerate(expect_layers)}, x)
+        rg, rp = _reference_eq3(clip.visual, {layer - 1: enc.prompts[r] for r, layer in enumerate(expect_layers)}, x)
     torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(patches, rp, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="outside 1..2"):
@@ -133,6 +136,7 @@ def test_positional_embedding_resized_once_bicubic():
 
 # ------------------------------------------------------------------ RD (Eq. 8, Table 4) and decoder (Eq. 2)
 
+
 def test_relationship_descriptor_forms():
     t, g = text(3), F.normalize(torch.randn(2, D), dim=-1)
     for form, (k, _) in RD_FORMS.items():
@@ -160,7 +164,10 @@ def test_decoder_layer_masks_are_scaled_qk():
         Q, K = layer.q_proj(q), layer.k_proj(mem)
         dh = 8 // heads
         expect = torch.stack(
-            [Q[..., h * dh:(h + 1) * dh] @ K[..., h * dh:(h + 1) * dh].transpose(1, 2) / dh ** 0.5 for h in range(heads)]
+            [
+                Q[..., h * dh : (h + 1) * dh] @ K[..., h * dh : (h + 1) * dh].transpose(1, 2) / dh**0.5
+                for h in range(heads)
+            ]
         ).mean(0)
         torch.testing.assert_close(logits, expect)  # Eq. 2 (heads=1), head-averaged otherwise
 
@@ -174,6 +181,7 @@ def test_decoder_shapes_all_layers():
 
 
 # ------------------------------------------------------------------ the segmenter
+
 
 def test_forward_shapes_scores_and_class_count():
     model = ZegCLIP(tiny_clip(), SMALL).eval()
@@ -380,7 +388,7 @@ def test_decoder_mask_logits_eq2_by_hand():
     with torch.no_grad():
         _, l1 = _identity_layer(2, 1)(q, mem)
         _, l2 = _identity_layer(2, 2)(q, mem)
-    torch.testing.assert_close(l1, torch.tensor([[[11 / 2 ** 0.5, 1 / 2 ** 0.5]]]))
+    torch.testing.assert_close(l1, torch.tensor([[[11 / 2**0.5, 1 / 2**0.5]]]))
     torch.testing.assert_close(l2, torch.tensor([[[5.5, 0.5]]]))
 
 
@@ -461,7 +469,9 @@ def test_g_patches_and_t_are_l2_normalised_before_rd_and_decoder():
         t, gn, pn, hw = seen[0]
         torch.testing.assert_close(t, torch.stack([0.6 * _unit(0) + 0.8 * _unit(1), _unit(2, -1.0)]))
         torch.testing.assert_close(gn, _unit(1)[None])
-        torch.testing.assert_close(pn, torch.stack([torch.cat([torch.full((4,), 0.5), torch.zeros(D - 4)]), _unit(3)])[None])
+        torch.testing.assert_close(
+            pn, torch.stack([torch.cat([torch.full((4,), 0.5), torch.zeros(D - 4)]), _unit(3)])[None]
+        )
         assert hw == (1, 2)
         torch.testing.assert_close(model.head.rd.describe(t, gn)[0, 0, :D], _unit(1, 0.8))
         # so any positive rescaling of the inputs leaves the mask logits unchanged
@@ -505,7 +515,10 @@ def test_eq3_block_inputs_are_cls_own_prompts_patches():
         clip = tiny_clip()
         enc = PromptedVisionTransformer(clip.visual, prompt_tokens=3, prompt_layers=layers).eval()
         seen = []
-        hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in clip.visual.transformer.resblocks]
+        hooks = [
+            b.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0]))
+            for b in clip.visual.transformer.resblocks
+        ]
         with torch.no_grad():
             enc(images(2, 64))
         for h in hooks:
@@ -570,10 +583,34 @@ def test_paper_settings_are_pinned():
     assert s["test"] == {"mode": "slide", "crop": (512, 512), "stride": (426, 426)}
     # Appendix E, Table 10 (spelling of the dataset's class names: "wall-concrete", "tvmonitor")
     assert s["unseen"]["voc"] == ["pottedplant", "sheep", "sofa", "train", "tvmonitor"]
-    assert s["unseen"]["coco"] == ["cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors",
-                                   "cardboard", "clouds", "grass", "playingfield", "river", "road", "tree",
-                                   "wall-concrete"]
-    assert s["unseen"]["context"] == ["cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tvmonitor",
-                                      "keyboard", "aeroplane"]
+    assert s["unseen"]["coco"] == [
+        "cow",
+        "giraffe",
+        "suitcase",
+        "frisbee",
+        "skateboard",
+        "carrot",
+        "scissors",
+        "cardboard",
+        "clouds",
+        "grass",
+        "playingfield",
+        "river",
+        "road",
+        "tree",
+        "wall-concrete",
+    ]
+    assert s["unseen"]["context"] == [
+        "cow",
+        "motorbike",
+        "sofa",
+        "cat",
+        "boat",
+        "fence",
+        "bird",
+        "tvmonitor",
+        "keyboard",
+        "aeroplane",
+    ]
     # Appendix C: 'a single template "A photo of a { }" on VOC and multiple templates [15] on ... COCO and Context'
     assert s["text_templates"] == {"voc": "single ('A photo of a {}')", "coco": 15, "context": 15}

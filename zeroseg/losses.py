@@ -98,8 +98,9 @@ def _check_focal_alpha(focal_alpha: float | None) -> None:
         raise ValueError(f"focal_alpha must be None (no class balance) or in [0, 1], got {focal_alpha}")
 
 
-def _focal(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, gamma: float,
-           focal_alpha: float | None) -> torch.Tensor:
+def _focal(
+    logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, gamma: float, focal_alpha: float | None
+) -> torch.Tensor:
     """:func:`sigmoid_focal_loss` on checked inputs and their :func:`one_hot_targets`."""
     x = logits.float()
     ce = F.binary_cross_entropy_with_logits(x, masks, reduction="none")  # -log p_t
@@ -115,8 +116,7 @@ def _focal(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, gamma
     return per_mask.sum() / num_masks
 
 
-def _dice(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, smooth: float,
-          squared: bool) -> torch.Tensor:
+def _dice(logits: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, smooth: float, squared: bool) -> torch.Tensor:
     """:func:`dice_loss` on checked inputs and their :func:`one_hot_targets`."""
     p = torch.sigmoid(logits.float()) * valid.unsqueeze(1)
     inter = (p * masks).flatten(2).sum(-1)

@@ -95,17 +95,16 @@ def _to_rows_np(g: np.ndarray, c: int, ignore_index: int) -> np.ndarray:
     return np.where((g >= 0) & (g < c), g, np.where(g == ignore_index, c, c + 1))
 
 
-def _pair_counts_np(gt: np.ndarray, pred: np.ndarray, ncols: int, nrows: int,
-                    to_rows) -> np.ndarray:
+def _pair_counts_np(gt: np.ndarray, pred: np.ndarray, ncols: int, nrows: int, to_rows) -> np.ndarray:
     """``[nrows, ncols]`` int64 counts of ``(to_rows(gt), pred)`` pairs, in cache-sized chunks."""
     g, p = gt.reshape(-1), pred.reshape(-1)
     bins = nrows * ncols
     out = np.zeros(bins, np.int64)
     step = max(CHUNK_PIXELS, 2 * bins)
     for i in range(0, g.size, step):
-        idx = to_rows(g[i: i + step])
+        idx = to_rows(g[i : i + step])
         idx *= ncols
-        idx += p[i: i + step]
+        idx += p[i : i + step]
         out += np.bincount(idx, minlength=bins)
     return out.reshape(nrows, ncols)
 
@@ -129,13 +128,16 @@ def _confusion_np(pred: np.ndarray, gt: np.ndarray, c: int, ignore_index: int, c
     counts = _pair_counts_np(gt, pred, c, nrows, lambda g: _to_rows_np(g, c, ignore_index))
     bad = int(counts[c:].sum()) - (int(counts[ignore_row].sum()) if ignore_row >= c else 0)
     if bad:
-        raise ValueError(f"ground-truth value {_first_bad(gt, c, ignore_index)} is outside [0, {c}) and is not the "
-                         f"ignore index {ignore_index}")
+        raise ValueError(
+            f"ground-truth value {_first_bad(gt, c, ignore_index)} is outside [0, {c}) and is not the "
+            f"ignore index {ignore_index}"
+        )
     return counts[:c]
 
 
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+def confusion_matrix(
+    pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> np.ndarray:
     """Confusion matrix of predicted against ground-truth label maps (NumPy).
 
     One ``np.bincount(C * gt + pred)`` over all pixels of the batch; ignored pixels fall into an
@@ -182,20 +184,24 @@ def _confusion_t(pred: torch.Tensor, gt: torch.Tensor, c: int, ignore_index: int
         valid = rows < c
         pv = pred[valid]
         if pv.numel() and (int(pv.min()) < 0 or int(pv.max()) >= c):
-            raise ValueError(f"prediction value {_first_bad(pv.cpu().numpy(), c, None)} is outside [0, {c}) "
-                             "at a valid pixel")
+            raise ValueError(
+                f"prediction value {_first_bad(pv.cpu().numpy(), c, None)} is outside [0, {c}) at a valid pixel"
+            )
         pred = torch.where(valid, pred, torch.zeros_like(pred))
     idx = rows.mul_(c).add_(pred)
     counts = torch.bincount(idx.reshape(-1), minlength=nrows * c).view(nrows, c)
     bad = counts[c:].sum() - (counts[ignore_row].sum() if ignore_row >= c else 0)
     if int(bad):  # one host sync per call
-        raise ValueError(f"ground-truth value {_first_bad(gt.cpu().numpy(), c, ignore_index)} is outside [0, {c}) "
-                         f"and is not the ignore index {ignore_index}")
+        raise ValueError(
+            f"ground-truth value {_first_bad(gt.cpu().numpy(), c, ignore_index)} is outside [0, {c}) "
+            f"and is not the ignore index {ignore_index}"
+        )
     return counts[:c]
 
 
-def confusion_matrix_torch(pred: torch.Tensor, gt: torch.Tensor, num_classes: int,
-                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def confusion_matrix_torch(
+    pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Confusion matrix of torch label maps, computed on their device (CPU or CUDA).
 
     Same algorithm and conventions as :func:`confusion_matrix` (``torch.bincount`` on CUDA;
@@ -218,8 +224,10 @@ def confusion_matrix_torch(pred: torch.Tensor, gt: torch.Tensor, num_classes: in
     """
     c = _check_args(num_classes, ignore_index)
     if pred.shape != gt.shape or pred.device != gt.device:
-        raise ValueError(f"pred {tuple(pred.shape)} on {pred.device} and gt {tuple(gt.shape)} on {gt.device} must "
-                         "have the same shape and device")
+        raise ValueError(
+            f"pred {tuple(pred.shape)} on {pred.device} and gt {tuple(gt.shape)} on {gt.device} must "
+            "have the same shape and device"
+        )
     if pred.is_floating_point() or gt.is_floating_point():
         raise ValueError(f"pred and gt must be integer tensors, got {pred.dtype} and {gt.dtype}")
     return _confusion_t(pred.detach(), gt.detach(), c, ignore_index, check_pred=True)
@@ -256,8 +264,9 @@ def check_split(seen_ids: Sequence[int], unseen_ids: Sequence[int], num_classes:
     return s, u
 
 
-def calibrated_argmax(scores: torch.Tensor, seen_ids: Sequence[int], gamma: float = 0.0,
-                      probabilities: bool = False) -> torch.Tensor:
+def calibrated_argmax(
+    scores: torch.Tensor, seen_ids: Sequence[int], gamma: float = 0.0, probabilities: bool = False
+) -> torch.Tensor:
     """GZS3 prediction with seen-class calibration (ZegFormer Eq. 2).
 
     ``argmax_c p_c - gamma * [c in S]`` over all classes, where ``p`` are class probabilities:
@@ -325,14 +334,22 @@ def gzs3_zs3_confusion(
         ValueError: shape mismatch, bad ids, or a label value outside ``[0, C)`` other than
             ``ignore_index`` (naming the value).
     """
-    if scores.ndim != 4 or labels.ndim != 3 or scores.shape[0] != labels.shape[0] \
-            or scores.shape[2:] != labels.shape[1:]:
-        raise ValueError(f"scores must be [B, C, H, W] and labels [B, H, W] with the same B, H, W; got "
-                         f"{tuple(scores.shape)} and {tuple(labels.shape)}")
+    if (
+        scores.ndim != 4
+        or labels.ndim != 3
+        or scores.shape[0] != labels.shape[0]
+        or scores.shape[2:] != labels.shape[1:]
+    ):
+        raise ValueError(
+            f"scores must be [B, C, H, W] and labels [B, H, W] with the same B, H, W; got "
+            f"{tuple(scores.shape)} and {tuple(labels.shape)}"
+        )
     c = _check_args(scores.shape[1], ignore_index)
     seen, unseen = check_split(seen_ids, unseen_ids, c)
     labels = labels.detach().to(scores.device)
-    gzs3 = _confusion_t(calibrated_argmax(scores.detach(), seen, gamma, probabilities), labels, c, ignore_index, check_pred=False)
+    gzs3 = _confusion_t(
+        calibrated_argmax(scores.detach(), seen, gamma, probabilities), labels, c, ignore_index, check_pred=False
+    )
     u = len(unseen)
     if u == 0:
         return gzs3, torch.zeros((0, 0), dtype=torch.int64, device=scores.device)
@@ -473,10 +490,18 @@ class SegMetrics:
         """One dict per class: id, name, split (seen/unseen/-), iou, acc (percent or None),
         gt_pixels, pred_pixels."""
         split = _split_names(len(self.iou), self.seen_ids, self.unseen_ids)
-        return [{"id": i, "name": names[i] if names is not None else str(i), "split": split[i],
-                 "iou": _finite_or_none(self.iou[i]), "acc": _finite_or_none(self.acc[i]),
-                 "gt_pixels": int(self.gt_pixels[i]), "pred_pixels": int(self.pred_pixels[i])}
-                for i in range(len(self.iou))]
+        return [
+            {
+                "id": i,
+                "name": names[i] if names is not None else str(i),
+                "split": split[i],
+                "iou": _finite_or_none(self.iou[i]),
+                "acc": _finite_or_none(self.acc[i]),
+                "gt_pixels": int(self.gt_pixels[i]),
+                "pred_pixels": int(self.pred_pixels[i]),
+            }
+            for i in range(len(self.iou))
+        ]
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -506,8 +531,9 @@ def _split_names(c: int, seen_ids: Sequence[int], unseen_ids: Sequence[int]) -> 
     return out
 
 
-def segmentation_metrics(cm: np.ndarray | torch.Tensor, seen_ids: Sequence[int],
-                         unseen_ids: Sequence[int]) -> SegMetrics:
+def segmentation_metrics(
+    cm: np.ndarray | torch.Tensor, seen_ids: Sequence[int], unseen_ids: Sequence[int]
+) -> SegMetrics:
     """pAcc, mAcc, mIoU, mIoU(S), mIoU(U), hIoU and per-class IoU / accuracy, in percent.
 
     Args:
@@ -526,9 +552,20 @@ def segmentation_metrics(cm: np.ndarray | torch.Tensor, seen_ids: Sequence[int],
     iou, acc = per_class_iou(m), per_class_accuracy(m)
     s = nanmean(iou[seen]) if seen else float("nan")
     u = nanmean(iou[unseen]) if unseen else float("nan")
-    return SegMetrics(pAcc=pixel_accuracy(m), mAcc=nanmean(acc), mIoU=nanmean(iou), mIoU_seen=s, mIoU_unseen=u,
-                      hIoU=harmonic_iou(s, u), iou=iou, acc=acc, gt_pixels=m.sum(1).astype(np.int64),
-                      pred_pixels=m.sum(0).astype(np.int64), seen_ids=seen, unseen_ids=unseen)
+    return SegMetrics(
+        pAcc=pixel_accuracy(m),
+        mAcc=nanmean(acc),
+        mIoU=nanmean(iou),
+        mIoU_seen=s,
+        mIoU_unseen=u,
+        hIoU=harmonic_iou(s, u),
+        iou=iou,
+        acc=acc,
+        gt_pixels=m.sum(1).astype(np.int64),
+        pred_pixels=m.sum(0).astype(np.int64),
+        seen_ids=seen,
+        unseen_ids=unseen,
+    )
 
 
 def zs3_metrics(cm_unseen: np.ndarray | torch.Tensor) -> dict[str, Any]:
@@ -552,8 +589,12 @@ def zs3_metrics(cm_unseen: np.ndarray | torch.Tensor) -> dict[str, Any]:
     if m.shape[0] == 0:
         return {"mIoU": float("nan"), "pAcc": float("nan"), "mAcc": float("nan"), "iou": []}
     iou = per_class_iou(m)
-    return {"mIoU": nanmean(iou), "pAcc": pixel_accuracy(m), "mAcc": nanmean(per_class_accuracy(m)),
-            "iou": [_finite_or_none(x) for x in iou]}
+    return {
+        "mIoU": nanmean(iou),
+        "pAcc": pixel_accuracy(m),
+        "mAcc": nanmean(per_class_accuracy(m)),
+        "iou": [_finite_or_none(x) for x in iou],
+    }
 
 
 def per_class_table(metrics: SegMetrics, names: Sequence[str]) -> str:
@@ -571,12 +612,16 @@ def per_class_table(metrics: SegMetrics, names: Sequence[str]) -> str:
     def f(x: float) -> str:
         return f"{x:.2f}" if math.isfinite(x) else "n/a"
 
-    lines = ["| id | class | split | IoU (%) | Acc (%) | GT pixels | predicted pixels |",
-             "|---:|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| id | class | split | IoU (%) | Acc (%) | GT pixels | predicted pixels |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
     split = _split_names(len(names), metrics.seen_ids, metrics.unseen_ids)
     for i, n in enumerate(names):
-        lines.append(f"| {i} | {str(n).replace('|', '/')} | {split[i]} | {f(metrics.iou[i])} | {f(metrics.acc[i])} "
-                     f"| {int(metrics.gt_pixels[i])} | {int(metrics.pred_pixels[i])} |")
+        lines.append(
+            f"| {i} | {str(n).replace('|', '/')} | {split[i]} | {f(metrics.iou[i])} | {f(metrics.acc[i])} "
+            f"| {int(metrics.gt_pixels[i])} | {int(metrics.pred_pixels[i])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -66,8 +66,10 @@ def plot_per_class_iou(
     ax.set_xlim(-0.6, c - 0.4)
     ax.set_ylim(0, 100)
     ax.set_ylabel("IoU (%)")
-    handles = [Patch(color=SEEN_COLOUR, label=f"seen ({len(seen)})"),
-               Patch(color=UNSEEN_COLOUR, label=f"unseen ({len(unseen)})")]
+    handles = [
+        Patch(color=SEEN_COLOUR, label=f"seen ({len(seen)})"),
+        Patch(color=UNSEEN_COLOUR, label=f"unseen ({len(unseen)})"),
+    ]
     if len(seen | unseen) < c:
         handles.append(Patch(color=OTHER_COLOUR, label="other"))
     full_title = title
@@ -76,8 +78,11 @@ def plot_per_class_iou(
             v = summary.get(key)
             if v is not None and math.isfinite(v):
                 ax.axhline(v, color=colour, linestyle="--", linewidth=1)
-        parts = [f"{k} {summary[k]:.1f}" for k in ("mIoU_seen", "mIoU_unseen", "hIoU")
-                 if summary.get(k) is not None and math.isfinite(summary[k])]
+        parts = [
+            f"{k} {summary[k]:.1f}"
+            for k in ("mIoU_seen", "mIoU_unseen", "hIoU")
+            if summary.get(k) is not None and math.isfinite(summary[k])
+        ]
         if parts:
             full_title = f"{title}  ({', '.join(parts)})" if title else ", ".join(parts)
     if full_title:

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from zeroseg.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where text is encoded: the template sets are plan-time data
+    import torch
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "single": ("a photo of a {}.",),
@@ -74,10 +76,9 @@ def get_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     return out
 
 
-@torch.no_grad()
 def encode_class_names(
     model: torch.nn.Module,
-    tokenizer: Callable[[list[str]], torch.Tensor],
+    tokenizer: Callable[[list[str]], Any],
     names: Sequence[str],
     templates: str | Sequence[str] = "single",
     batch_size: int = 256,
@@ -111,17 +112,21 @@ def encode_class_names(
         raise ValueError(f"class names must be non-empty strings, got {bad[:5]}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    import torch
+    import torch.nn.functional as F
+
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
-        prompts = [t.format(n) for n in names for t in temps]  # class-major: [C * T]
-        chunks = []
-        for i in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[i : i + batch_size]).to(device)
-            chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-        emb = torch.cat(chunks).reshape(len(names), len(temps), -1)
-        emb = F.normalize(emb.mean(dim=1), dim=-1)
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            prompts = [t.format(n) for n in names for t in temps]  # class-major: [C * T]
+            chunks = []
+            for i in range(0, len(prompts), batch_size):
+                tokens = tokenizer(prompts[i : i + batch_size]).to(device)
+                chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+            emb = torch.cat(chunks).reshape(len(names), len(temps), -1)
+            emb = F.normalize(emb.mean(dim=1), dim=-1)
     finally:
         model.train(was_training)
     return emb.cpu().numpy().astype(np.float32)

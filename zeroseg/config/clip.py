@@ -78,9 +78,7 @@ class ClipSpec(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            msgs = "; ".join(
-                f"clip.{'.'.join(map(str, err['loc'])) or '(spec)'}: {err['msg']}" for err in e.errors()
-            )
+            msgs = "; ".join(f"clip.{'.'.join(map(str, err['loc'])) or '(spec)'}: {err['msg']}" for err in e.errors())
             raise ConfigError(f"invalid CLIP spec: {msgs}") from None
 
     @model_validator(mode="after")
@@ -108,7 +106,9 @@ class ClipSpec(BaseModel):
             ConfigError: a checkpoint or model config file that does not exist.
         """
         name, _ = resolve_model(self)
-        model = f"{name};config-sha256:{file_sha256(self.model.strip())}" if looks_like_path(self.model.strip()) else name
+        model = (
+            f"{name};config-sha256:{file_sha256(self.model.strip())}" if looks_like_path(self.model.strip()) else name
+        )
         return {"model": model, "weights": weights_id(self)}
 
 
@@ -158,8 +158,9 @@ def _read_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"clip.model config {p} is not readable JSON: {e}") from None
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg] if isinstance(cfg, dict) else ["all"]
     if missing:
-        raise ConfigError(f"clip.model config {p} lacks {missing}: an open_clip model config needs embed_dim, "
-                          "vision_cfg and text_cfg")
+        raise ConfigError(
+            f"clip.model config {p} lacks {missing}: an open_clip model config needs embed_dim, vision_cfg and text_cfg"
+        )
     return cfg
 
 
@@ -292,7 +293,19 @@ def clip_fingerprint(spec: ClipSpec | Mapping[str, Any]) -> str:
 
 
 __all__ = [
-    "CONFIG_DIR", "RANDOM_WEIGHTS_ID", "TINY_MODEL", "TINY_MODEL_CONFIG", "ClipSpec", "as_spec",
-    "builtin_model_configs", "checkpoint_path", "clip_fingerprint", "file_sha256", "looks_like_path",
-    "model_config", "model_embed_dim", "resolve_model", "weights_id",
+    "CONFIG_DIR",
+    "RANDOM_WEIGHTS_ID",
+    "TINY_MODEL",
+    "TINY_MODEL_CONFIG",
+    "ClipSpec",
+    "as_spec",
+    "builtin_model_configs",
+    "checkpoint_path",
+    "clip_fingerprint",
+    "file_sha256",
+    "looks_like_path",
+    "model_config",
+    "model_embed_dim",
+    "resolve_model",
+    "weights_id",
 ]

@@ -35,39 +35,219 @@ IGNORE_INDEX = 255
 
 #: COCO-Stuff-171 in label-id order (== class_names.json "coco_stuff171").
 COCO_STUFF_171: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge",
-    "building-other", "bush", "cabinet", "cage", "cardboard", "carpet", "ceiling-other",
-    "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
-    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile",
-    "floor-wood", "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel",
-    "ground-other", "hill", "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss",
-    "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow", "plant-other", "plastic",
-    "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
-    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs",
-    "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree",
-    "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone",
-    "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+    "banner",
+    "blanket",
+    "branch",
+    "bridge",
+    "building-other",
+    "bush",
+    "cabinet",
+    "cage",
+    "cardboard",
+    "carpet",
+    "ceiling-other",
+    "ceiling-tile",
+    "cloth",
+    "clothes",
+    "clouds",
+    "counter",
+    "cupboard",
+    "curtain",
+    "desk-stuff",
+    "dirt",
+    "door-stuff",
+    "fence",
+    "floor-marble",
+    "floor-other",
+    "floor-stone",
+    "floor-tile",
+    "floor-wood",
+    "flower",
+    "fog",
+    "food-other",
+    "fruit",
+    "furniture-other",
+    "grass",
+    "gravel",
+    "ground-other",
+    "hill",
+    "house",
+    "leaves",
+    "light",
+    "mat",
+    "metal",
+    "mirror-stuff",
+    "moss",
+    "mountain",
+    "mud",
+    "napkin",
+    "net",
+    "paper",
+    "pavement",
+    "pillow",
+    "plant-other",
+    "plastic",
+    "platform",
+    "playingfield",
+    "railing",
+    "railroad",
+    "river",
+    "road",
+    "rock",
+    "roof",
+    "rug",
+    "salad",
+    "sand",
+    "sea",
+    "shelf",
+    "sky-other",
+    "skyscraper",
+    "snow",
+    "solid-other",
+    "stairs",
+    "stone",
+    "straw",
+    "structural-other",
+    "table",
+    "tent",
+    "textile-other",
+    "towel",
+    "tree",
+    "vegetable",
+    "wall-brick",
+    "wall-concrete",
+    "wall-other",
+    "wall-panel",
+    "wall-stone",
+    "wall-tile",
+    "wall-wood",
+    "water-other",
+    "waterdrops",
+    "window-blind",
+    "window-other",
+    "wood",
 )
 
 #: ZegCLIP Table 10, COCO row (SPNet's 15 unseen COCO-Stuff classes).
 COCO_STUFF_UNSEEN: tuple[str, ...] = (
-    "cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard",
-    "clouds", "grass", "playingfield", "river", "road", "tree", "wall-concrete",
+    "cow",
+    "giraffe",
+    "suitcase",
+    "frisbee",
+    "skateboard",
+    "carrot",
+    "scissors",
+    "cardboard",
+    "clouds",
+    "grass",
+    "playingfield",
+    "river",
+    "road",
+    "tree",
+    "wall-concrete",
 )
 
 #: PASCAL VOC 2012 object classes in label-id order, background excluded (== class_names.json "voc20").
 VOC20: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
 )
 
@@ -76,17 +256,79 @@ VOC_UNSEEN: tuple[str, ...] = ("pottedplant", "sheep", "sofa", "train", "tvmonit
 
 #: PASCAL Context 59 (background excluded), mmseg ``PascalContextDataset59`` order and spellings.
 PASCAL_CONTEXT_59: tuple[str, ...] = (
-    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
-    "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow",
-    "cup", "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse",
-    "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform",
-    "pottedplant", "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa",
-    "table", "track", "train", "tree", "truck", "tvmonitor", "wall", "water", "window", "wood",
+    "aeroplane",
+    "bag",
+    "bed",
+    "bedclothes",
+    "bench",
+    "bicycle",
+    "bird",
+    "boat",
+    "book",
+    "bottle",
+    "building",
+    "bus",
+    "cabinet",
+    "car",
+    "cat",
+    "ceiling",
+    "chair",
+    "cloth",
+    "computer",
+    "cow",
+    "cup",
+    "curtain",
+    "dog",
+    "door",
+    "fence",
+    "floor",
+    "flower",
+    "food",
+    "grass",
+    "ground",
+    "horse",
+    "keyboard",
+    "light",
+    "motorbike",
+    "mountain",
+    "mouse",
+    "person",
+    "plate",
+    "platform",
+    "pottedplant",
+    "road",
+    "rock",
+    "sheep",
+    "shelves",
+    "sidewalk",
+    "sign",
+    "sky",
+    "snow",
+    "sofa",
+    "table",
+    "track",
+    "train",
+    "tree",
+    "truck",
+    "tvmonitor",
+    "wall",
+    "water",
+    "window",
+    "wood",
 )
 
 #: ZegCLIP Table 10, Context row ("tv monitor" spelled as the dataset does).
 PASCAL_CONTEXT_UNSEEN: tuple[str, ...] = (
-    "cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tvmonitor", "keyboard", "aeroplane",
+    "cow",
+    "motorbike",
+    "sofa",
+    "cat",
+    "boat",
+    "fence",
+    "bird",
+    "tvmonitor",
+    "keyboard",
+    "aeroplane",
 )
 
 
@@ -108,11 +350,16 @@ class BuiltinSplit:
 
 
 BUILTIN_SPLITS: dict[str, BuiltinSplit] = {
-    "coco_stuff171": BuiltinSplit("coco_stuff171", COCO_STUFF_171, COCO_STUFF_UNSEEN,
-                                  "ZegCLIP Table 10 (COCO-Stuff 164K, 156 seen / 15 unseen)"),
+    "coco_stuff171": BuiltinSplit(
+        "coco_stuff171", COCO_STUFF_171, COCO_STUFF_UNSEEN, "ZegCLIP Table 10 (COCO-Stuff 164K, 156 seen / 15 unseen)"
+    ),
     "voc20": BuiltinSplit("voc20", VOC20, VOC_UNSEEN, "ZegCLIP Table 10 (PASCAL VOC 2012, 15 seen / 5 unseen)"),
-    "pascal_context59": BuiltinSplit("pascal_context59", PASCAL_CONTEXT_59, PASCAL_CONTEXT_UNSEEN,
-                                     "ZegCLIP Table 10 (PASCAL Context 59, 49 seen / 10 unseen)"),
+    "pascal_context59": BuiltinSplit(
+        "pascal_context59",
+        PASCAL_CONTEXT_59,
+        PASCAL_CONTEXT_UNSEEN,
+        "ZegCLIP Table 10 (PASCAL Context 59, 49 seen / 10 unseen)",
+    ),
 }
 
 
@@ -142,7 +389,9 @@ class Vocabulary:
         if len(self.prompt_names) != n:
             raise ValueError(f"{self.dataset}: {len(self.prompt_names)} prompt names for {n} classes")
         if set(self.seen) & set(self.unseen):
-            raise ValueError(f"{self.dataset}: classes both seen and unseen: {sorted(set(self.seen) & set(self.unseen))}")
+            raise ValueError(
+                f"{self.dataset}: classes both seen and unseen: {sorted(set(self.seen) & set(self.unseen))}"
+            )
         bad = [i for i in (*self.seen, *self.unseen) if not 0 <= i < n]
         if bad:
             raise ValueError(f"{self.dataset}: class ids {bad} outside [0, {n})")
@@ -157,15 +406,26 @@ class Vocabulary:
 
     def to_json(self) -> dict[str, Any]:
         """The ``classes.json`` form (docs/architecture.md)."""
-        return {"dataset": self.dataset, "names": list(self.names), "prompt_names": list(self.prompt_names),
-                "seen": list(self.seen), "unseen": list(self.unseen), "ignore_index": self.ignore_index}
+        return {
+            "dataset": self.dataset,
+            "names": list(self.names),
+            "prompt_names": list(self.prompt_names),
+            "seen": list(self.seen),
+            "unseen": list(self.unseen),
+            "ignore_index": self.ignore_index,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Vocabulary:
         """Inverse of :meth:`to_json`."""
-        return cls(dataset=d["dataset"], names=tuple(d["names"]), prompt_names=tuple(d["prompt_names"]),
-                   seen=tuple(int(i) for i in d["seen"]), unseen=tuple(int(i) for i in d["unseen"]),
-                   ignore_index=int(d.get("ignore_index", IGNORE_INDEX)))
+        return cls(
+            dataset=d["dataset"],
+            names=tuple(d["names"]),
+            prompt_names=tuple(d["prompt_names"]),
+            seen=tuple(int(i) for i in d["seen"]),
+            unseen=tuple(int(i) for i in d["unseen"]),
+            ignore_index=int(d.get("ignore_index", IGNORE_INDEX)),
+        )
 
 
 def nearest_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
@@ -187,8 +447,10 @@ def nearest_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]
 def _unknown(kind: str, name: str, dataset: str, names: Sequence[str]) -> ConfigError:
     near = nearest_names(name, names)
     hint = f"; nearest: {', '.join(repr(x) for x in near)}" if near else ""
-    return ConfigError(f"{kind} {name!r} is not a class of dataset {dataset!r}{hint} "
-                       f"({len(names)} classes: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
+    return ConfigError(
+        f"{kind} {name!r} is not a class of dataset {dataset!r}{hint} "
+        f"({len(names)} classes: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})"
+    )
 
 
 def _ids(kind: str, wanted: Sequence[str], dataset: str, names: Sequence[str]) -> list[int]:
@@ -242,8 +504,10 @@ def resolve_split(
     """
     names = tuple(names)
     if len(names) > 255:
-        raise ConfigError(f"dataset {dataset!r} has {len(names)} classes; label PNGs are uint8 with 255 = "
-                          "ignore, so at most 255 classes are supported")
+        raise ConfigError(
+            f"dataset {dataset!r} has {len(names)} classes; label PNGs are uint8 with 255 = "
+            "ignore, so at most 255 classes are supported"
+        )
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"dataset {dataset!r} lists class name(s) {dup} more than once; names must be unique")
@@ -253,7 +517,9 @@ def resolve_split(
         if builtin not in BUILTIN_SPLITS:
             near = difflib.get_close_matches(builtin, list(BUILTIN_SPLITS), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"split.builtin {builtin!r} is unknown{hint} (builtin splits: {', '.join(BUILTIN_SPLITS)})")
+            raise ConfigError(
+                f"split.builtin {builtin!r} is unknown{hint} (builtin splits: {', '.join(BUILTIN_SPLITS)})"
+            )
         b = BUILTIN_SPLITS[builtin]
         missing = [n for n in b.names if n not in names]
         if missing:
@@ -261,18 +527,25 @@ def resolve_split(
             raise ConfigError(
                 f"split.builtin {builtin!r} needs all {len(b.names)} classes of its benchmark, but dataset "
                 f"{dataset!r} lacks {len(missing)}: {hints}{' ...' if len(missing) > 5 else ''}. Use a dataset with "
-                f"that vocabulary, or give split.unseen explicitly")
+                f"that vocabulary, or give split.unseen explicitly"
+            )
         unseen_ids = _ids("unseen class", b.unseen, dataset, names)
         seen_ids = [i for i in range(len(names)) if i not in unseen_ids]
         extra = [n for n in names if n not in b.names]
         if extra:  # allowed (e.g. VOC with background), but the run is no longer the benchmark's
-            warnings.warn(f"split.builtin {builtin!r}: dataset {dataset!r} has {len(extra)} class(es) outside the "
-                          f"benchmark's {len(b.names)}, counted as seen: {extra[:10]}{' ...' if len(extra) > 10 else ''}. "
-                          "Metrics are then not comparable with the benchmark's; drop them (ignore, "
-                          "reduce_zero_label) or give split.unseen explicitly", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"split.builtin {builtin!r}: dataset {dataset!r} has {len(extra)} class(es) outside the "
+                f"benchmark's {len(b.names)}, counted as seen: {extra[:10]}{' ...' if len(extra) > 10 else ''}. "
+                "Metrics are then not comparable with the benchmark's; drop them (ignore, "
+                "reduce_zero_label) or give split.unseen explicitly",
+                UserWarning,
+                stacklevel=2,
+            )
     elif unseen is None and seen is None:
-        raise ConfigError(f"split: give builtin ({', '.join(BUILTIN_SPLITS)}) or a list of unseen class names "
-                          "(unseen: [] for a fully supervised run)")
+        raise ConfigError(
+            f"split: give builtin ({', '.join(BUILTIN_SPLITS)}) or a list of unseen class names "
+            "(unseen: [] for a fully supervised run)"
+        )
     else:
         unseen_ids = _ids("unseen class", unseen, dataset, names) if unseen is not None else None
         seen_ids = _ids("seen class", seen, dataset, names) if seen is not None else None
@@ -285,10 +558,13 @@ def resolve_split(
             raise ConfigError(f"split: class(es) {[names[i] for i in both]} are both seen and unseen")
         neither = [i for i in range(len(names)) if i not in seen_ids and i not in unseen_ids]
         if neither:
-            raise ConfigError(f"split: class(es) {[names[i] for i in neither]} of dataset {dataset!r} are neither "
-                              "seen nor unseen; list them in one of split.seen / split.unseen (or omit split.seen)")
-    return Vocabulary(dataset=dataset, names=names, prompt_names=names,
-                      seen=tuple(sorted(seen_ids)), unseen=tuple(sorted(unseen_ids)))
+            raise ConfigError(
+                f"split: class(es) {[names[i] for i in neither]} of dataset {dataset!r} are neither "
+                "seen nor unseen; list them in one of split.seen / split.unseen (or omit split.seen)"
+            )
+    return Vocabulary(
+        dataset=dataset, names=names, prompt_names=names, seen=tuple(sorted(seen_ids)), unseen=tuple(sorted(unseen_ids))
+    )
 
 
 def eval_vocabulary(

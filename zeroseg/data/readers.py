@@ -87,8 +87,10 @@ def read_class_file(path: str | os.PathLike) -> tuple[list[str], int | None]:
     if isinstance(data, list):
         data = {"classes": data}
     if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
-        raise DataError(f"class list {p}: expected a JSON object with a 'classes' list of names "
-                        '(e.g. {"classes": ["sky", "road"], "ignore_index": 255})')
+        raise DataError(
+            f"class list {p}: expected a JSON object with a 'classes' list of names "
+            '(e.g. {"classes": ["sky", "road"], "ignore_index": 255})'
+        )
     names = data["classes"]
     if not names or not all(isinstance(n, str) and n for n in names):
         raise DataError(f"class list {p}: 'classes' must be a non-empty list of non-empty strings")
@@ -159,25 +161,33 @@ def read_coco(
             raise DataError(f"annotation file {p}: top level must be a JSON object (COCO format)")
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
-                raise DataError(f"annotation file {p} has no {key!r} list; expected COCO {kind} format "
-                                "with 'images', 'annotations' and 'categories'")
+                raise DataError(
+                    f"annotation file {p} has no {key!r} list; expected COCO {kind} format "
+                    "with 'images', 'annotations' and 'categories'"
+                )
         for c in data["categories"]:
             if not isinstance(c, dict) or "id" not in c or "name" not in c:
                 raise DataError(f"annotation file {p}: category {c!r} lacks 'id' or 'name'")
             cid, name = int(c["id"]), str(c["name"])
             if cats.get(cid, name) != name:
-                raise DataError(f"annotation file {p}: category id {cid} is {name!r} here but {cats[cid]!r} "
-                                "in an earlier annotation file")
+                raise DataError(
+                    f"annotation file {p}: category id {cid} is {name!r} here but {cats[cid]!r} "
+                    "in an earlier annotation file"
+                )
             cats[cid] = name
         for im in data["images"]:
             try:
                 iid, fn, h, w = im["id"], str(im["file_name"]), int(im["height"]), int(im["width"])
             except (KeyError, TypeError, ValueError):
-                raise DataError(f"annotation file {p}: image entry {str(im)[:200]} lacks id/file_name/height/width") from None
+                raise DataError(
+                    f"annotation file {p}: image entry {str(im)[:200]} lacks id/file_name/height/width"
+                ) from None
             prev = imgs.get(iid)
             if prev is not None and (prev["file_name"], prev["height"], prev["width"]) != (fn, h, w):
-                raise DataError(f"annotation file {p}: image id {iid} is {fn} {w}x{h} here but "
-                                f"{prev['file_name']} {prev['width']}x{prev['height']} in an earlier file")
+                raise DataError(
+                    f"annotation file {p}: image id {iid} is {fn} {w}x{h} here but "
+                    f"{prev['file_name']} {prev['width']}x{prev['height']} in an earlier file"
+                )
             imgs[iid] = {"file_name": fn, "height": h, "width": w}
         for a in data["annotations"]:
             if not isinstance(a, dict) or "image_id" not in a:
@@ -187,8 +197,10 @@ def read_coco(
             anns_by_img.setdefault(a["image_id"], []).append(a)
     for iid, anns in anns_by_img.items():
         if iid not in imgs:
-            raise DataError(f"annotation file {anns[0]['_file']}: annotation id {anns[0].get('id')} refers to "
-                            f"image id {iid!r}, which is not in 'images'")
+            raise DataError(
+                f"annotation file {anns[0]['_file']}: annotation id {anns[0].get('id')} refers to "
+                f"image id {iid!r}, which is not in 'images'"
+            )
 
     ignored_cats = set()
     if kind == "stuff" and cats.get(COCO_STUFF_OTHER[0]) == COCO_STUFF_OTHER[1]:
@@ -203,16 +215,20 @@ def read_coco(
     if kind == "panoptic":
         masks_dir = Path(panoptic_masks) if panoptic_masks else paths[0].with_suffix("")
         if not masks_dir.is_dir():
-            raise DataError(f"panoptic PNG directory {masks_dir} does not exist; set panoptic_masks to the "
-                            "folder of the panoptic segment PNGs")
+            raise DataError(
+                f"panoptic PNG directory {masks_dir} does not exist; set panoptic_masks to the "
+                "folder of the panoptic segment PNGs"
+            )
 
     records: list[dict[str, Any]] = []
     seen_ids: dict[str, Any] = {}
     for iid, im in imgs.items():
         image_id = _stem(im["file_name"])
         if image_id in seen_ids:
-            raise DataError(f"dataset {dataset!r}: images {seen_ids[image_id]!r} and {iid!r} have the same file stem "
-                            f"{image_id!r}; image ids (file stems) must be unique")
+            raise DataError(
+                f"dataset {dataset!r}: images {seen_ids[image_id]!r} and {iid!r} have the same file stem "
+                f"{image_id!r}; image ids (file stems) must be unique"
+            )
         seen_ids[image_id] = iid
         rec: dict[str, Any] = {
             "image_id": image_id,
@@ -230,19 +246,34 @@ def read_coco(
                 png = str((masks_dir / a.get("file_name", image_id + ".png")).resolve())
                 for s in a.get("segments_info", []):
                     if "id" not in s:
-                        raise DataError(f"annotation file {a['_file']}: a segments_info entry of image {iid} "
-                                        f"lacks 'id' ({s}); every panoptic segment needs its PNG id")
-                    segs.append({"id": int(s["id"]), "label": _map_cat(s, to_vocab, a["_file"]),
-                                 "category_id": int(s["category_id"]), "iscrowd": int(s.get("iscrowd", 0))})
+                        raise DataError(
+                            f"annotation file {a['_file']}: a segments_info entry of image {iid} "
+                            f"lacks 'id' ({s}); every panoptic segment needs its PNG id"
+                        )
+                    segs.append(
+                        {
+                            "id": int(s["id"]),
+                            "label": _map_cat(s, to_vocab, a["_file"]),
+                            "category_id": int(s["category_id"]),
+                            "iscrowd": int(s.get("iscrowd", 0)),
+                        }
+                    )
             rec.update(kind="panoptic", png=png, segments=segs, no_annotations=not segs)
         else:
             out = []
             for a in anns:
                 if "segmentation" not in a:
                     raise DataError(f"annotation file {a['_file']}: annotation id {a.get('id')} lacks 'segmentation'")
-                out.append({"id": a.get("id", len(out)), "label": _map_cat(a, to_vocab, a["_file"]),
-                            "category_id": int(a["category_id"]), "iscrowd": int(a.get("iscrowd", 0)),
-                            "segmentation": a["segmentation"], "file": a["_file"]})
+                out.append(
+                    {
+                        "id": a.get("id", len(out)),
+                        "label": _map_cat(a, to_vocab, a["_file"]),
+                        "category_id": int(a["category_id"]),
+                        "iscrowd": int(a.get("iscrowd", 0)),
+                        "segmentation": a["segmentation"],
+                        "file": a["_file"],
+                    }
+                )
             rec.update(kind="coco", anns=out, no_annotations=not out)
         records.append(rec)
     records.sort(key=lambda r: r["image_id"])
@@ -255,8 +286,10 @@ def _map_cat(a: dict[str, Any], to_vocab: dict[int, int], file: str) -> int:
     except (KeyError, TypeError, ValueError):
         raise DataError(f"annotation file {file}: annotation id {a.get('id')} lacks a valid 'category_id'") from None
     if cid not in to_vocab:
-        raise DataError(f"annotation file {file}: annotation id {a.get('id')} has category_id {cid}, which is not in "
-                        f"'categories' (known ids: {sorted(to_vocab)[:20]}...)")
+        raise DataError(
+            f"annotation file {file}: annotation id {a.get('id')} has category_id {cid}, which is not in "
+            f"'categories' (known ids: {sorted(to_vocab)[:20]}...)"
+        )
     return to_vocab[cid]
 
 
@@ -272,8 +305,10 @@ def _rle(seg: Any, height: int, width: int, ann_id: Any, file: str) -> Any:
         polys = []
         for poly in seg:
             if not isinstance(poly, list) or len(poly) % 2:
-                raise DataError(f"annotation file {file}: annotation id {ann_id} has a malformed polygon "
-                                "(expected a flat list [x1, y1, x2, y2, ...])")
+                raise DataError(
+                    f"annotation file {file}: annotation id {ann_id} has a malformed polygon "
+                    "(expected a flat list [x1, y1, x2, y2, ...])"
+                )
             if len(poly) >= 6:
                 polys.append([float(v) for v in poly])
         if not polys:
@@ -281,18 +316,24 @@ def _rle(seg: Any, height: int, width: int, ann_id: Any, file: str) -> Any:
         return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         if list(seg["size"]) != [height, width]:
-            raise DataError(f"annotation file {file}: annotation id {ann_id} has an RLE of size {seg['size']} "
-                            f"for an image of size [{height}, {width}] (height, width)")
+            raise DataError(
+                f"annotation file {file}: annotation id {ann_id} has an RLE of size {seg['size']} "
+                f"for an image of size [{height}, {width}] (height, width)"
+            )
         if isinstance(seg["counts"], list):  # uncompressed RLE
             return mask_utils.frPyObjects(seg, height, width)
         counts = seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]
         return {"size": list(seg["size"]), "counts": counts}
-    raise DataError(f"annotation file {file}: annotation id {ann_id} has a segmentation that is neither "
-                    "polygons nor RLE")
+    raise DataError(
+        f"annotation file {file}: annotation id {ann_id} has a segmentation that is neither polygons nor RLE"
+    )
 
 
-def rasterize_coco(anns: Sequence[dict[str, Any]], height: int, width: int,
-                   ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def rasterize_coco(
+    anns: Sequence[dict[str, Any]],
+    height: int,
+    width: int,
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Rasterise one image's COCO annotations (pycocotools ``frPyObjects`` / ``decode``).
 
     Args:
@@ -337,8 +378,12 @@ def _sort_id(i: Any) -> tuple[int, Any]:
     return (0, i) if isinstance(i, (int, float)) else (1, str(i))
 
 
-def read_panoptic_label(png: str | None, segments: Sequence[dict[str, Any]], height: int, width: int,
-                        ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def read_panoptic_label(
+    png: str | None,
+    segments: Sequence[dict[str, Any]],
+    height: int,
+    width: int,
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Label map from a COCO panoptic PNG (segment id = R + 256 G + 256^2 B).
 
     Args:
@@ -359,8 +404,10 @@ def read_panoptic_label(png: str | None, segments: Sequence[dict[str, Any]], hei
     try:
         with Image.open(png) as im:
             if im.mode != "RGB":
-                raise DataError(f"panoptic PNG {png} is mode {im.mode}, not RGB: segment ids are encoded as "
-                                "R + 256 G + 65536 B, so the file must be the RGB PNG of the COCO panoptic release")
+                raise DataError(
+                    f"panoptic PNG {png} is mode {im.mode}, not RGB: segment ids are encoded as "
+                    "R + 256 G + 65536 B, so the file must be the RGB PNG of the COCO panoptic release"
+                )
             rgb = np.asarray(im, dtype=np.uint32)
     except FileNotFoundError:
         raise DataError(f"panoptic PNG {png} does not exist (listed in the panoptic json)") from None
@@ -424,11 +471,15 @@ def read_mask_folder(
         names, file_ignore = list(classes), None
     ign = ignore_index if ignore_index is not None else (file_ignore if file_ignore is not None else IGNORE_INDEX)
     if not reduce_zero_label and 0 <= ign < len(names):
-        raise ConfigError(f"dataset {dataset!r}: ignore_index {ign} is also the label value of class "
-                          f"{names[ign]!r}; fix ignore_index or the class list")
+        raise ConfigError(
+            f"dataset {dataset!r}: ignore_index {ign} is also the label value of class "
+            f"{names[ign]!r}; fix ignore_index or the class list"
+        )
     if reduce_zero_label and 1 <= ign <= len(names):
-        raise ConfigError(f"dataset {dataset!r}: ignore_index {ign} is also the label value of class "
-                          f"{names[ign - 1]!r} (reduce_zero_label); fix ignore_index or the class list")
+        raise ConfigError(
+            f"dataset {dataset!r}: ignore_index {ign} is also the label value of class "
+            f"{names[ign - 1]!r} (reduce_zero_label); fix ignore_index or the class list"
+        )
     for d, what in ((images_dir, "image"), (labels_dir, "label")):
         if not d.is_dir():
             raise DataError(f"dataset {dataset!r}: {what} directory {d} does not exist")
@@ -436,8 +487,10 @@ def read_mask_folder(
     for p in sorted(images_dir.iterdir()):
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
             if p.stem in by_stem:
-                raise DataError(f"dataset {dataset!r}: images {by_stem[p.stem].name} and {p.name} share the stem "
-                                f"{p.stem!r}; labels are matched by stem, so stems must be unique")
+                raise DataError(
+                    f"dataset {dataset!r}: images {by_stem[p.stem].name} and {p.name} share the stem "
+                    f"{p.stem!r}; labels are matched by stem, so stems must be unique"
+                )
             by_stem[p.stem] = p
     if ids_file is not None:
         idf = Path(ids_file)
@@ -451,22 +504,34 @@ def read_mask_folder(
     for s in stems:
         img = by_stem.get(s)
         if img is None:
-            raise DataError(f"dataset {dataset!r}: ids_file {ids_file} lists {s!r} but {images_dir} has no image "
-                            f"with that stem (suffixes {', '.join(sorted(IMAGE_SUFFIXES))}); fix the id or add the image")
+            raise DataError(
+                f"dataset {dataset!r}: ids_file {ids_file} lists {s!r} but {images_dir} has no image "
+                f"with that stem (suffixes {', '.join(sorted(IMAGE_SUFFIXES))}); fix the id or add the image"
+            )
         lbl = labels_dir / (s + label_suffix)
         if not lbl.is_file():
-            raise DataError(f"dataset {dataset!r}: missing label file {lbl} for image {img}; every image needs a "
-                            f"label with the same stem in {labels_dir} (or list the images to use in ids_file)")
-        records.append({
-            "image_id": s, "image_path": str(img.resolve()), "kind": "mask", "label_path": str(lbl.resolve()),
-            "num_classes": len(names), "ignore_index": int(ign), "reduce_zero_label": bool(reduce_zero_label),
-            "no_annotations": False,
-        })
+            raise DataError(
+                f"dataset {dataset!r}: missing label file {lbl} for image {img}; every image needs a "
+                f"label with the same stem in {labels_dir} (or list the images to use in ids_file)"
+            )
+        records.append(
+            {
+                "image_id": s,
+                "image_path": str(img.resolve()),
+                "kind": "mask",
+                "label_path": str(lbl.resolve()),
+                "num_classes": len(names),
+                "ignore_index": int(ign),
+                "reduce_zero_label": bool(reduce_zero_label),
+                "no_annotations": False,
+            }
+        )
     return DatasetListing(names=names, records=records, ignore_index=int(ign), files=files)
 
 
-def read_mask_label(path: str | os.PathLike, num_classes: int, ignore_index: int = IGNORE_INDEX,
-                    reduce_zero_label: bool = False) -> np.ndarray:
+def read_mask_label(
+    path: str | os.PathLike, num_classes: int, ignore_index: int = IGNORE_INDEX, reduce_zero_label: bool = False
+) -> np.ndarray:
     """Read a class-index label PNG and remap it to vocabulary ids.
 
     Args:
@@ -493,11 +558,13 @@ def read_mask_label(path: str | os.PathLike, num_classes: int, ignore_index: int
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"label file {p} cannot be decoded ({type(e).__name__}: {e}); replace it") from None
     if mode not in ("L", "P"):
-        raise DataError(f"label file {p} has PIL mode {mode!r}; expected a single-channel 8-bit PNG (mode L or P) "
-                        "with one class index per pixel (colour-coded labels must be converted first)")
+        raise DataError(
+            f"label file {p} has PIL mode {mode!r}; expected a single-channel 8-bit PNG (mode L or P) "
+            "with one class index per pixel (colour-coded labels must be converted first)"
+        )
     lut = np.full(256, 256, dtype=np.int32)  # 256 = invalid
     if reduce_zero_label:
-        lut[1:num_classes + 1] = np.arange(num_classes)
+        lut[1 : num_classes + 1] = np.arange(num_classes)
         lut[0] = IGNORE_INDEX
     else:
         lut[:num_classes] = np.arange(num_classes)
@@ -507,8 +574,10 @@ def read_mask_label(path: str | os.PathLike, num_classes: int, ignore_index: int
     if bad.any():
         vals = sorted(int(v) for v in np.unique(arr[bad]))
         valid = f"1..{num_classes}" if reduce_zero_label else f"0..{num_classes - 1}"
-        raise DataError(f"label file {p} has value(s) {vals[:10]} outside the class list: {num_classes} classes "
-                        f"(valid values {valid}) and ignore_index {ignore_index}; fix the class list or ignore_index")
+        raise DataError(
+            f"label file {p} has value(s) {vals[:10]} outside the class list: {num_classes} classes "
+            f"(valid values {valid}) and ignore_index {ignore_index}; fix the class list or ignore_index"
+        )
     return out.astype(np.uint8)
 
 
@@ -533,8 +602,10 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
     except FileNotFoundError:
         raise BadImageError(f"image file {p} does not exist") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"image {p} is corrupt or truncated ({type(e).__name__}: {e}); replace it, or set "
-                            "build_splits.on_bad_image: skip to leave it out") from None
+        raise BadImageError(
+            f"image {p} is corrupt or truncated ({type(e).__name__}: {e}); replace it, or set "
+            "build_splits.on_bad_image: skip to leave it out"
+        ) from None
     return h, w
 
 
@@ -556,12 +627,13 @@ def dataset_fingerprint(files: Iterable[str | os.PathLike], dirs: Iterable[str |
     in bytes)``: reading every image of COCO (~19 GB) on every plan would take minutes, while the
     listing takes about a second and catches added, removed, renamed and re-encoded files. An
     in-place edit that keeps a file's size is not detected (re-run with ``--force``).
-    Missing paths enter as "missing" (the stage then fails with a clear error).
+    Missing paths enter as "missing" (the stage then fails with a clear error). No path or folder
+    name enters: the same data under another mount point or name has the same fingerprint.
     """
     h = hashlib.sha256()
     for f in files:
         p = Path(f)
-        h.update(f"file\0{p.name}\0".encode())
+        h.update(b"file\0")  # by position and content: the name or mount point of a copy does not count
         if p.is_file():
             with open(p, "rb") as fh:
                 while chunk := fh.read(1 << 20):
@@ -570,7 +642,7 @@ def dataset_fingerprint(files: Iterable[str | os.PathLike], dirs: Iterable[str |
             h.update(b"missing")
     for d in dirs:
         root = Path(d)
-        h.update(f"dir\0{root.name}\0".encode())
+        h.update(b"dir\0")
         if not root.is_dir():
             h.update(b"missing")
             continue

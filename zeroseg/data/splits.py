@@ -59,18 +59,22 @@ DROP_EMPTY = "no_labelled_pixels"
 
 
 def manifest_schema():
-    """The pyarrow schema of a manifest (docs/architecture.md, build_splits)."""
+    """The pyarrow schema of a manifest (docs/architecture.md, build_splits): ``image`` is the
+    image's path relative to its dataset's image folder, ``label`` the label PNG's path relative
+    to the build_splits artifact (a manifest holds no absolute path)."""
     import pyarrow as pa
 
-    return pa.schema([
-        ("image_id", pa.string()),
-        ("image_uri", pa.string()),
-        ("label_uri", pa.string()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("classes", pa.list_(pa.int32())),
-        ("dataset", pa.string()),
-    ])
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("image", pa.string()),
+            ("label", pa.string()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("classes", pa.list_(pa.int32())),
+            ("dataset", pa.string()),
+        ]
+    )
 
 
 # -- deterministic splitting -----------------------------------------------------------------
@@ -101,8 +105,9 @@ def truncate(records: Sequence[dict[str, Any]], max_images: int | None) -> list[
     return recs if max_images is None else recs[: int(max_images)]
 
 
-def make_records(records: Iterable[dict[str, Any]], *, split: str, dataset: str, policy: str,
-                 unseen: Iterable[int], num_classes: int) -> list[dict[str, Any]]:
+def make_records(
+    records: Iterable[dict[str, Any]], *, split: str, dataset: str, policy: str, unseen: Iterable[int], num_classes: int
+) -> list[dict[str, Any]]:
     """Tag listed records (``readers.read_*``) with what :func:`process_record` needs.
 
     Args:
@@ -115,13 +120,16 @@ def make_records(records: Iterable[dict[str, Any]], *, split: str, dataset: str,
     if policy not in (*POLICIES, EVAL_POLICY):
         raise ConfigError(f"unseen_policy {policy!r} is unknown; use one of {', '.join(POLICIES)}")
     u = sorted(int(i) for i in unseen)
-    return [{**r, "split": split, "dataset": dataset, "policy": policy, "unseen": u, "num_classes": int(num_classes)}
-            for r in records]
+    return [
+        {**r, "split": split, "dataset": dataset, "policy": policy, "unseen": u, "num_classes": int(num_classes)}
+        for r in records
+    ]
 
 
 # -- the per-image pass ----------------------------------------------------------------------
-def apply_unseen_policy(label: np.ndarray, unseen: Sequence[int], policy: str,
-                        crowd: Sequence[tuple[int, int]] = ()) -> tuple[np.ndarray | None, int]:
+def apply_unseen_policy(
+    label: np.ndarray, unseen: Sequence[int], policy: str, crowd: Sequence[tuple[int, int]] = ()
+) -> tuple[np.ndarray | None, int]:
     """Apply a training policy to one label map.
 
     Args:
@@ -173,28 +181,42 @@ def process_record(record: Mapping[str, Any], on_bad_image: str = "error") -> tu
     if on_bad_image not in ON_BAD_IMAGE:
         raise ConfigError(f"on_bad_image {on_bad_image!r} is unknown; use one of {', '.join(ON_BAD_IMAGE)}")
     res: dict[str, Any] = {
-        "image_id": record["image_id"], "split": record["split"], "dataset": record["dataset"],
-        "image_uri": record["image_path"], "status": "kept", "reason": None, "height": None, "width": None,
-        "classes": [], "pixels": {}, "unseen_pixels": 0, "no_annotations": bool(record.get("no_annotations")),
+        "image_id": record["image_id"],
+        "split": record["split"],
+        "dataset": record["dataset"],
+        "image_uri": record["image_path"],
+        "status": "kept",
+        "reason": None,
+        "height": None,
+        "width": None,
+        "classes": [],
+        "pixels": {},
+        "unseen_pixels": 0,
+        "no_annotations": bool(record.get("no_annotations")),
         "empty": False,
     }
     kind = record["kind"]
     try:
         h, w = check_image(record["image_path"])
         if kind in ("coco", "panoptic") and (h, w) != (record["height"], record["width"]):
-            raise BadImageError(f"image {record['image_path']} is {w}x{h} but its annotation says "
-                                f"{record['width']}x{record['height']} (width x height)")
+            raise BadImageError(
+                f"image {record['image_path']} is {w}x{h} but its annotation says "
+                f"{record['width']}x{record['height']} (width x height)"
+            )
         if kind == "coco":
             label, crowd = rasterize_coco(record["anns"], h, w)
         elif kind == "panoptic":
             label, crowd = read_panoptic_label(record.get("png"), record["segments"], h, w)
         elif kind == "mask":
-            label = read_mask_label(record["label_path"], record["num_classes"], record["ignore_index"],
-                                    record["reduce_zero_label"])
+            label = read_mask_label(
+                record["label_path"], record["num_classes"], record["ignore_index"], record["reduce_zero_label"]
+            )
             crowd = []
             if label.shape != (h, w):
-                raise BadImageError(f"image {record['image_path']} is {w}x{h} but its label {record['label_path']} "
-                                    f"is {label.shape[1]}x{label.shape[0]}")
+                raise BadImageError(
+                    f"image {record['image_path']} is {w}x{h} but its label {record['label_path']} "
+                    f"is {label.shape[1]}x{label.shape[0]}"
+                )
         else:
             raise ValueError(f"unknown record kind {kind!r}")
     except BadImageError as e:
@@ -227,19 +249,14 @@ def process_batch(batch: Mapping[str, Any], on_bad_image: str = "error") -> dict
 
     Returns:
         ``{"result": [json of process_record's result], "png": [label PNG bytes, b"" if none]}``.
-        A :class:`DataError` that must fail the stage comes back as a result with ``status``
-        ``"error"`` and its message in ``reason`` (the driver raises it: Ray would otherwise wrap
-        it in its own exception types).
+
+    Raises:
+        DataError: as :func:`process_record` (the stage runs this wrapped in
+            ``pipeline.errors.carry_user_errors``, so the driver gets the same error).
     """
     results, pngs = [], []
     for raw in batch["record"]:
-        rec = json.loads(raw)
-        try:
-            res, png = process_record(rec, on_bad_image)
-        except DataError as e:
-            res = {"image_id": rec["image_id"], "split": rec["split"], "dataset": rec["dataset"],
-                   "image_uri": rec["image_path"], "status": "error", "reason": str(e)}
-            png = None
+        res, png = process_record(json.loads(raw), on_bad_image)
         results.append(json.dumps(res))
         pngs.append(png or b"")
     return {"result": np.array(results, dtype=object), "png": np.array(pngs, dtype=object)}
@@ -273,8 +290,10 @@ def summarize(results: Iterable[Mapping[str, Any]], vocab: Vocabulary, *, policy
         if r["status"] == "kept":
             for k, v in r["pixels"].items():
                 pixels[int(k)] += v
-    skipped = sorted(({"file": r["image_uri"], "error": r["reason"]} for r in results if r["status"] == "skipped"),
-                     key=lambda d: d["file"])
+    skipped = sorted(
+        ({"file": r["image_uri"], "error": r["reason"]} for r in results if r["status"] == "skipped"),
+        key=lambda d: d["file"],
+    )
     return {
         "dataset": vocab.dataset,
         "policy": policy,
@@ -293,14 +312,16 @@ def summarize(results: Iterable[Mapping[str, Any]], vocab: Vocabulary, *, policy
     }
 
 
-def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], vocab: Vocabulary,
-                   inductive_train: bool) -> None:
+def write_manifest(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], vocab: Vocabulary, inductive_train: bool
+) -> None:
     """Write one manifest as Parquet (:func:`manifest_schema`), rows in the given order.
 
     Args:
         path: the ``.parquet`` file to write (parent directories are created).
-        rows: dicts with ``image_id``, ``image_uri``, ``label_uri``, ``height``, ``width``,
-            ``classes`` (vocabulary ids present in the label), ``dataset``.
+        rows: dicts with ``image_id``, ``image`` (relative to the dataset's image folder),
+            ``label`` (relative to the artifact), ``height``, ``width``, ``classes`` (vocabulary ids
+            present in the label), ``dataset``.
         vocab: the manifest's vocabulary.
         inductive_train: the manifest is an inductive training manifest: no row may carry an
             unseen class.
@@ -319,22 +340,36 @@ def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], v
         cls = [int(c) for c in r["classes"]]
         bad = [c for c in cls if not 0 <= c < len(vocab.names)]
         if bad:
-            raise DataError(f"manifest {path}: image {r['image_id']!r} has class ids {bad} outside the "
-                            f"{len(vocab.names)} classes of {vocab.dataset!r}")
+            raise DataError(
+                f"manifest {path}: image {r['image_id']!r} has class ids {bad} outside the "
+                f"{len(vocab.names)} classes of {vocab.dataset!r}"
+            )
         if inductive_train:
             leak = sorted(set(cls) & unseen)
             if leak:
-                raise DataError(f"inductive training manifest {path}: image {r['image_id']!r} carries unseen "
-                                f"class(es) {[vocab.names[c] for c in leak]} (ids {leak}); unseen pixels must be "
-                                "ignored (policy ignore) or the image dropped (policy drop)")
+                raise DataError(
+                    f"inductive training manifest {path}: image {r['image_id']!r} carries unseen "
+                    f"class(es) {[vocab.names[c] for c in leak]} (ids {leak}); unseen pixels must be "
+                    "ignored (policy ignore) or the image dropped (policy drop)"
+                )
         if r["image_id"] in ids:
             raise DataError(f"manifest {path}: image id {r['image_id']!r} appears twice")
         ids.add(r["image_id"])
-    table = pa.Table.from_pylist([{
-        "image_id": str(r["image_id"]), "image_uri": str(r["image_uri"]), "label_uri": str(r["label_uri"]),
-        "height": int(r["height"]), "width": int(r["width"]), "classes": [int(c) for c in r["classes"]],
-        "dataset": str(r["dataset"]),
-    } for r in rows], schema=manifest_schema())
+    table = pa.Table.from_pylist(
+        [
+            {
+                "image_id": str(r["image_id"]),
+                "image": str(r["image"]),
+                "label": str(r["label"]),
+                "height": int(r["height"]),
+                "width": int(r["width"]),
+                "classes": [int(c) for c in r["classes"]],
+                "dataset": str(r["dataset"]),
+            }
+            for r in rows
+        ],
+        schema=manifest_schema(),
+    )
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, p)

@@ -73,8 +73,9 @@ class AugmentConfig(BaseModel):
     @model_validator(mode="after")
     def _scale_order(self) -> AugmentConfig:
         if self.scale is not None and self.scale[0] < self.scale[1]:
-            raise ValueError(f"scale is (long_edge, short_edge): got {self.scale}; did you mean "
-                             f"{(self.scale[1], self.scale[0])}?")
+            raise ValueError(
+                f"scale is (long_edge, short_edge): got {self.scale}; did you mean {(self.scale[1], self.scale[0])}?"
+            )
         return self
 
 
@@ -179,8 +180,7 @@ def rescale_size(hw: tuple[int, int], ratio: float, scale: tuple[int, int] | Non
     return max(1, int(h * f + 0.5)), max(1, int(w * f + 0.5))
 
 
-def resize(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]
-           ) -> tuple[np.ndarray, np.ndarray | None]:
+def resize(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Resize to ``size = (h, w)``: bilinear for the image, nearest for the label."""
     h, w = size
     if image.shape[:2] == (h, w):
@@ -190,19 +190,20 @@ def resize(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]
     return img, lbl
 
 
-def random_crop(image: np.ndarray, label: np.ndarray, crop_size: tuple[int, int], rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray]:
+def random_crop(
+    image: np.ndarray, label: np.ndarray, crop_size: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """A uniformly placed crop of at most ``crop_size`` (smaller images are not padded here)."""
     ch, cw = crop_size
     h, w = image.shape[:2]
     y0 = int(rng.integers(0, h - ch + 1)) if h > ch else 0
     x0 = int(rng.integers(0, w - cw + 1)) if w > cw else 0
-    return image[y0:y0 + ch, x0:x0 + cw], label[y0:y0 + ch, x0:x0 + cw]
+    return image[y0 : y0 + ch, x0 : x0 + cw], label[y0 : y0 + ch, x0 : x0 + cw]
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """``uint8 [H, W, 3]`` -> ``float32 [3, H, W]`` = ``(image / 255 - mean) / std``."""
-    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32)))
+    scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))
     shift = np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
     out = image.astype(np.float32) * scale - shift
     return np.ascontiguousarray(out.transpose(2, 0, 1))
@@ -221,8 +222,9 @@ def pad_to(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple
     return img, lbl
 
 
-def train_transform(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def train_transform(
+    image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Random rescale -> random crop -> flip -> normalise -> pad (see module docstring).
 
     Args:
@@ -239,8 +241,9 @@ def train_transform(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rn
         DataError: image and label sizes differ.
     """
     if image.shape[:2] != label.shape:
-        raise DataError(f"image is {image.shape[1]}x{image.shape[0]} but its label is "
-                        f"{label.shape[1]}x{label.shape[0]} (W x H)")
+        raise DataError(
+            f"image is {image.shape[1]}x{image.shape[0]} but its label is {label.shape[1]}x{label.shape[0]} (W x H)"
+        )
     lo, hi = cfg.ratio_range
     ratio = float(rng.uniform(lo, hi)) if hi > lo else lo
     image, label = resize(image, label, rescale_size(image.shape[:2], ratio, cfg.scale))

@@ -1,39 +1,87 @@
-"""Segmentation models: the :class:`Segmenter` contract, the method registry and the
-*segmenter artifact* (``segmenter.json`` + optional ``weights.pt``, docs/architecture.md).
+"""Segmentation models: the :class:`Segmenter` contract, the *segmenter artifact* and the one
+strict check of weights against a model.
 
-A method registers a builder ``builder(clip_model, model_cfg) -> Segmenter`` under its name with
-:func:`register_segmenter` (a class whose constructor has that signature is a builder). Method
-modules are imported on demand (:data:`METHOD_MODULES`), so importing this package stays cheap
-and free of import cycles.
+A segmenter artifact (docs/architecture.md) is a directory with ``segmenter.json`` (method name,
+the model class as ``module:Class`` under ``zeroseg.models``, the CLIP spec, the model config,
+input size and normalisation) and, when something was trained, ``weights.pt`` (the trained
+parameters only). :func:`save_segmenter` writes one from a built model; :func:`load_segmenter`
+rebuilds it (``Class(load_clip(spec), model_cfg)``, then a strict load of the weights). Which
+class a method uses is said by the method (``stages.methods``), so there is no registry here.
 
 Imports neither Ray nor the pipeline.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from zeroseg.errors import ConfigError, DataError
+from zeroseg.errors import DataError
 
 SEGMENTER_JSON = "segmenter.json"
 WEIGHTS_PT = "weights.pt"
+#: Modules a ``segmenter.json`` may name its class in (an artifact never imports other code).
+CLASS_PREFIX = "zeroseg.models."
 
-#: Where each known method registers itself (imported by :func:`get_builder` on first use).
-METHOD_MODULES: dict[str, str] = {
-    "maskclip": "zeroseg.models.maskclip",
-    "zegclip": "zeroseg.models.zegclip",
-}
 
-#: method name -> ``builder(clip_model, model_cfg) -> Segmenter``.
-SEGMENTERS: dict[str, Callable[..., "Segmenter"]] = {}
+class WeightsMismatchError(DataError):
+    """A state dict does not fit a model: lists missing, unexpected and mis-shaped keys and
+    names the file (the one error type of every strict load: segmenter weights, training
+    checkpoints, warm starts, CLIP checkpoints)."""
+
+    def __init__(
+        self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str], model: str = "the model"
+    ):
+        self.source, self.missing, self.unexpected, self.mismatched, self.model = (
+            source,
+            missing,
+            unexpected,
+            mismatched,
+            model,
+        )
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "") if keys else "none"
+
+        super().__init__(
+            f"{source} does not match {model}: missing keys ({len(missing)}): {show(missing)}; "
+            f"unexpected keys ({len(unexpected)}): {show(unexpected)}"
+            + (f"; shape mismatches ({len(mismatched)}): {show(mismatched)}" if mismatched else "")
+            + ". Was it written for another model config?"
+        )
+
+    def __reduce__(self):
+        return (self.__class__, (self.source, self.missing, self.unexpected, self.mismatched, self.model))
+
+
+def check_state_dict(
+    expected: Mapping[str, Any], got: Mapping[str, Any], source: str, model: str = "the model"
+) -> None:
+    """Compare a state dict with the tensors a model expects (names and shapes).
+
+    Args:
+        expected: ``{name: tensor}`` of the model (or of the part being loaded).
+        got: the state dict being loaded.
+        source: what ``got`` is (a file, a checkpoint URI), for the message.
+
+    Raises:
+        WeightsMismatchError: any missing or unexpected key, or a shape mismatch (all listed).
+    """
+    missing = sorted(k for k in expected if k not in got)
+    unexpected = sorted(k for k in got if k not in expected)
+    mismatched = sorted(
+        f"{k} {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in got and hasattr(got[k], "shape") and tuple(got[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        raise WeightsMismatchError(source, missing, unexpected, mismatched, model)
 
 
 class Segmenter(nn.Module):
@@ -72,89 +120,78 @@ class Segmenter(nn.Module):
         names = set(self.trainable_names())
         return {k: v for k, v in self.state_dict().items() if k in names}
 
+    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        """Strict load of a :meth:`trainable_state_dict` (:func:`load_trainable`).
 
-def register_segmenter(method: str) -> Callable[[Callable[..., Segmenter]], Callable[..., Segmenter]]:
-    """Decorator registering ``builder(clip_model, model_cfg) -> Segmenter`` as ``method``.
-
-    Raises:
-        ValueError: ``method`` already registered with a different builder.
-    """
-
-    def deco(builder: Callable[..., Segmenter]) -> Callable[..., Segmenter]:
-        old = SEGMENTERS.get(method)
-        if old is not None and old is not builder and getattr(old, "__qualname__", None) != getattr(
-            builder, "__qualname__", None
-        ):
-            raise ValueError(f"segmenter method {method!r} registered twice ({old} and {builder})")
-        SEGMENTERS[method] = builder
-        return builder
-
-    return deco
+        Raises:
+            WeightsMismatchError: missing or unexpected keys or a shape mismatch (listed).
+        """
+        load_trainable(self, state_dict, where=source)
 
 
-def known_methods() -> list[str]:
-    """Every method name that is registered or can be imported."""
-    return sorted(set(SEGMENTERS) | set(METHOD_MODULES))
+def class_path(obj: Any) -> str:
+    """``module:Class`` of a segmenter class or instance."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def get_builder(method: str) -> Callable[..., Segmenter]:
-    """The builder of ``method``, importing its module if needed.
+def import_class(path: str, where: str = "segmenter.json") -> type:
+    """The class named ``module:Class`` (only under :data:`CLASS_PREFIX`).
 
     Raises:
-        ConfigError: unknown method (naming the nearest known one).
+        DataError: a malformed name, a module outside ``zeroseg.models``, or no such class.
     """
-    if method not in SEGMENTERS and method in METHOD_MODULES:
-        importlib.import_module(METHOD_MODULES[method])
-    if method not in SEGMENTERS:
-        near = difflib.get_close_matches(str(method), known_methods(), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"unknown segmentation method {method!r}{hint} (methods: {', '.join(known_methods())})")
-    return SEGMENTERS[method]
-
-
-def build_segmenter(method: str, clip_model: nn.Module, model_cfg: Mapping[str, Any] | None = None) -> Segmenter:
-    """``get_builder(method)(clip_model, dict(model_cfg or {}))``.
-
-    Raises:
-        ConfigError: unknown method, or a bad ``model_cfg`` (raised by the method's builder).
-        ValueError: a CLIP model the method cannot use (e.g. a non-ViT image tower).
-    """
-    return get_builder(method)(clip_model, dict(model_cfg or {}))
+    mod, _, name = str(path).partition(":")
+    if not mod.startswith(CLASS_PREFIX) or not name:
+        raise DataError(f"{where}: class {path!r} must be 'zeroseg.models.<module>:<Class>'")
+    try:
+        cls = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise DataError(
+            f"{where}: class {path!r} cannot be imported ({e}); was the artifact written by another version of zeroseg?"
+        ) from None
+    return cls
 
 
 def save_segmenter(
     segmenter_dir: str | Path,
-    method: str,
+    seg: Segmenter,
     clip_spec: Any,
-    model_cfg: Mapping[str, Any],
-    input: Mapping[str, Any],
+    method: str,
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a segmenter artifact.
+    """Write a segmenter artifact for a built model.
 
     Args:
         segmenter_dir: directory to write into (created).
-        method: registered method name.
+        seg: the built model (its class, ``cfg``, ``input_size``, ``mean``, ``std`` are stored).
         clip_spec: a ``ClipSpec`` (or its dict form): the CLIP weights the model starts from.
-        model_cfg: the method's resolved model config (JSON-serialisable).
-        input: ``{"size": [H, W], "mean": [3 floats], "std": [3 floats]}``.
+        method: the method's name (``train_classifier.method``).
         state_dict: trained parameters only (``weights.pt``), or None for a training-free method.
 
     Returns:
         the path of ``segmenter.json``.
 
     Raises:
-        ConfigError: unknown method, a bad ``input`` block, or a spec that does not validate.
-        TypeError: ``model_cfg`` is not JSON-serialisable.
+        ConfigError: a spec that does not validate.
+        TypeError: ``seg.cfg`` is not JSON-serialisable.
     """
-    from zeroseg.models.clip import as_spec
+    from zeroseg.config.clip import as_spec
 
-    get_builder(method)  # validates the name
     spec = as_spec(clip_spec)
-    inp = _check_input(dict(input), where="save_segmenter input")
     out = Path(segmenter_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"method": method, "clip": spec.model_dump(mode="json"), "model": dict(model_cfg), "input": inp}
+    doc = {
+        "method": method,
+        "class": class_path(seg),
+        "clip": spec.model_dump(mode="json"),
+        "model": dict(seg.cfg),
+        "input": {
+            "size": [int(s) for s in seg.input_size],
+            "mean": [float(m) for m in seg.mean],
+            "std": [float(s) for s in seg.std],
+        },
+    }
     text = json.dumps(doc, indent=2, sort_keys=True)
     if state_dict is not None:
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, out / WEIGHTS_PT)
@@ -165,33 +202,12 @@ def save_segmenter(
     return path
 
 
-def _check_input(inp: dict[str, Any], where: str) -> dict[str, Any]:
-    try:
-        size = [int(s) for s in inp["size"]]
-        mean = [float(m) for m in inp["mean"]]
-        std = [float(s) for s in inp["std"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{where} must be {{'size': [H, W], 'mean': [3], 'std': [3]}}, got {inp!r} ({e})") from None
-    if len(size) != 2 or min(size) < 1 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ConfigError(f"{where} must be {{'size': [H, W] > 0, 'mean': [3], 'std': [3] > 0}}, got {inp!r}")
-    return {"size": size, "mean": mean, "std": std}
-
-
-def load_segmenter(segmenter_dir: str | Path, device: str | torch.device = "cpu") -> Segmenter:
-    """Rebuild a segmenter from its artifact directory, in eval mode on ``device``.
-
-    Reads ``segmenter.json``, loads the CLIP model of its ``clip`` spec
-    (``zeroseg.models.clip.load_clip``), builds the method, and if ``weights.pt`` exists loads it
-    strictly against the segmenter's :meth:`Segmenter.trainable_names`.
+def read_segmenter_json(segmenter_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``segmenter.json`` of an artifact directory.
 
     Raises:
-        DataError: ``segmenter.json`` missing or malformed; ``weights.pt`` with missing or
-            unexpected keys (listed) or mis-shaped tensors; the built model's input size / mean /
-            std disagree with the ``input`` block.
-        ConfigError: unknown method or bad CLIP spec (see ``load_clip``).
+        DataError: missing or malformed (naming the file and the keys it needs).
     """
-    from zeroseg.models.clip import as_spec, load_clip
-
     d = Path(segmenter_dir)
     jpath = d / SEGMENTER_JSON
     if not jpath.is_file():
@@ -199,28 +215,56 @@ def load_segmenter(segmenter_dir: str | Path, device: str | torch.device = "cpu"
         raise DataError(f"{jpath} not found: not a segmenter artifact (directory has {have[:20]})")
     try:
         doc = json.loads(jpath.read_text())
-        method, clip_doc, model_cfg, inp = doc["method"], doc["clip"], doc.get("model", {}), doc["input"]
+        for k in ("method", "class", "clip", "input"):
+            doc[k]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{jpath} is malformed ({type(e).__name__}: {e}); expected keys method, clip, model, input") from None
-    inp = _check_input(inp, where=f"{jpath} input")
-    builder = get_builder(method)
-    seg = builder(load_clip(as_spec(clip_doc), device="cpu"), dict(model_cfg or {}))
+        raise DataError(
+            f"{jpath} is malformed ({type(e).__name__}: {e}); expected keys method, class, clip, model, input"
+        ) from None
+    return doc
 
+
+def load_segmenter(segmenter_dir: str | Path, device: str | torch.device = "cpu") -> Segmenter:
+    """Rebuild a segmenter from its artifact directory, in eval mode on ``device``.
+
+    Reads ``segmenter.json``, loads the CLIP model of its ``clip`` spec
+    (``zeroseg.models.clip.load_clip``), builds its class with the stored model config, and if
+    ``weights.pt`` exists loads it strictly against :meth:`Segmenter.trainable_names`.
+
+    Raises:
+        DataError: ``segmenter.json`` missing or malformed; an unknown class; ``weights.pt``
+            unreadable or not matching (:class:`WeightsMismatchError`); the rebuilt model's input
+            size / mean / std disagree with the ``input`` block.
+        ConfigError: a bad CLIP spec or model config (see ``load_clip`` and the model).
+    """
+    from zeroseg.models.clip import as_spec, load_clip
+
+    d = Path(segmenter_dir)
+    jpath = d / SEGMENTER_JSON
+    doc = read_segmenter_json(d)
+    cls = import_class(doc["class"], where=str(jpath))
+    seg = cls(load_clip(as_spec(doc["clip"]), device="cpu"), dict(doc.get("model") or {}))
     wpath = d / WEIGHTS_PT
     if wpath.exists():
         try:
             sd = torch.load(wpath, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for an unreadable file
             raise DataError(f"cannot read {wpath}: {type(e).__name__}: {e}") from None
         if not isinstance(sd, Mapping):
             raise DataError(f"{wpath} must hold a state dict, got {type(sd).__name__}")
         load_trainable(seg, sd, where=str(wpath))
-
-    got = {"size": [int(s) for s in seg.input_size], "mean": [float(m) for m in seg.mean],
-           "std": [float(s) for s in seg.std]}
+    inp = doc["input"]
+    got = {
+        "size": [int(s) for s in seg.input_size],
+        "mean": [float(m) for m in seg.mean],
+        "std": [float(s) for s in seg.std],
+    }
     for k in ("size", "mean", "std"):
-        if any(abs(a - b) > 1e-6 for a, b in zip(got[k], inp[k])) or len(got[k]) != len(inp[k]):
-            raise DataError(f"{jpath}: input.{k} {inp[k]} disagrees with the rebuilt {method} model's {got[k]}")
+        want = [float(x) for x in inp.get(k, [])]
+        if len(got[k]) != len(want) or any(abs(a - b) > 1e-6 for a, b in zip(got[k], want)):
+            raise DataError(
+                f"{jpath}: input.{k} {inp.get(k)} disagrees with the rebuilt {doc['method']} model's {got[k]}"
+            )
     return seg.to(device).eval()
 
 
@@ -230,36 +274,25 @@ def load_trainable(seg: nn.Module, state_dict: Mapping[str, torch.Tensor], where
     Expected keys: ``seg.trainable_names()`` (all state-dict keys for a module without it).
 
     Raises:
-        DataError: missing or unexpected keys (listed) or a shape mismatch.
+        WeightsMismatchError: missing or unexpected keys or a shape mismatch (all listed).
     """
     names = getattr(seg, "trainable_names", None)
-    expected = set(names()) if callable(names) else set(seg.state_dict().keys())
-    got = set(state_dict)
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        raise DataError(
-            f"{where} does not match the {type(seg).__name__} model: missing keys {missing[:20]}"
-            f"{' ...' if len(missing) > 20 else ''} ({len(missing)}), unexpected keys {unexpected[:20]}"
-            f"{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})"
-        )
     own = seg.state_dict()
-    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise DataError(f"{where}: shape mismatch for {bad[:10]}")
+    expected = {k: own[k] for k in (names() if callable(names) else own)}
+    check_state_dict(expected, state_dict, where, f"the {type(seg).__name__} model")
     seg.load_state_dict(dict(state_dict), strict=False)
 
 
 __all__ = [
-    "METHOD_MODULES",
-    "SEGMENTERS",
     "SEGMENTER_JSON",
     "WEIGHTS_PT",
     "Segmenter",
-    "build_segmenter",
-    "get_builder",
-    "known_methods",
+    "WeightsMismatchError",
+    "check_state_dict",
+    "class_path",
+    "import_class",
     "load_segmenter",
     "load_trainable",
-    "register_segmenter",
+    "read_segmenter_json",
     "save_segmenter",
 ]

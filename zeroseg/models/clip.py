@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from zeroseg.config.clip import (  # noqa: F401  (re-exported: the CLIP spec lives in zeroseg.config)
     CONFIG_DIR,
     RANDOM_WEIGHTS_ID,
@@ -105,7 +106,7 @@ def resolve_model_name(spec: ClipSpec | Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load_clip(spec: ClipSpec | Mapping[str, Any], device: str | torch.device = "cpu") -> "open_clip.model.CLIP":
+def load_clip(spec: ClipSpec | Mapping[str, Any], device: str | torch.device = "cpu") -> open_clip.model.CLIP:
     """Build the open_clip CLIP model of ``spec`` with its weights, in eval mode, float32.
 
     - ``pretrained``: ``open_clip.create_model(name, pretrained=tag)`` (downloads into the
@@ -157,8 +158,10 @@ def load_clip(spec: ClipSpec | Mapping[str, Any], device: str | torch.device = "
         model = oc.create_model(name, pretrained=None, device="cpu")
         _load_checkpoint_strict(model, path, name)
     else:
-        msg = (f"RANDOM WEIGHTS: CLIP {name!r} is randomly initialised (clip.random_init: true); "
-               "results are not meaningful")
+        msg = (
+            f"RANDOM WEIGHTS: CLIP {name!r} is randomly initialised (clip.random_init: true); "
+            "results are not meaningful"
+        )
         warnings.warn(msg, UserWarning, stacklevel=2)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
@@ -174,7 +177,7 @@ def _load_checkpoint_strict(model: torch.nn.Module, path: Path, name: str) -> No
         incompatible = oc.load_checkpoint(model, str(path), strict=False)
     except RuntimeError as e:  # size mismatches are raised even with strict=False
         raise ConfigError(f"checkpoint {path} does not fit CLIP model {name!r}: {e}") from None
-    except Exception as e:  # unreadable / not a state dict
+    except Exception as e:  # noqa: BLE001 - unreadable / not a state dict: open_clip raises many kinds
         raise ConfigError(f"cannot read CLIP checkpoint {path}: {type(e).__name__}: {e}") from None
     missing = list(getattr(incompatible, "missing_keys", []) or [])
     unexpected = list(getattr(incompatible, "unexpected_keys", []) or [])
@@ -253,9 +256,7 @@ def check_input_size(model: torch.nn.Module, size: tuple[int, int] | list[int], 
     ph, pw = patch_size(model)
     if int(size[0]) % ph or int(size[1]) % pw:
         near = [max(ph, round(int(size[0]) / ph) * ph), max(pw, round(int(size[1]) / pw) * pw)]
-        raise ConfigError(
-            f"{key} {list(size)} is not a multiple of the CLIP patch size {[ph, pw]}; use e.g. {near}"
-        )
+        raise ConfigError(f"{key} {list(size)} is not a multiple of the CLIP patch size {[ph, pw]}; use e.g. {near}")
 
 
 # --------------------------------------------------------------------------- dense features
@@ -275,11 +276,15 @@ def check_dense_visual(visual: torch.nn.Module) -> None:
             "(ResNet / timm towers are not supported)"
         )
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
-        raise ValueError("dense_features supports ViTs pooled by their [CLS] token (pool_type 'tok', "
-                         f"no attentional pooler); got pool_type={visual.pool_type!r}")
+        raise ValueError(
+            "dense_features supports ViTs pooled by their [CLS] token (pool_type 'tok', "
+            f"no attentional pooler); got pool_type={visual.pool_type!r}"
+        )
     if not isinstance(visual.transformer.resblocks[-1], ResidualAttentionBlock):
-        raise ValueError("dense_features supports the standard ResidualAttentionBlock (nn.MultiheadAttention); "
-                         f"the last block is a {type(visual.transformer.resblocks[-1]).__name__}")
+        raise ValueError(
+            "dense_features supports the standard ResidualAttentionBlock (nn.MultiheadAttention); "
+            f"the last block is a {type(visual.transformer.resblocks[-1]).__name__}"
+        )
     if visual.positional_embedding.ndim != 2:
         raise ValueError("dense_features expects a [1 + gh*gw, width] positional embedding")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zeroseg.errors import ConfigError
-from zeroseg.models import Segmenter, register_segmenter
+from zeroseg.models import Segmenter
 from zeroseg.models.clip import check_dense_visual, check_input_size, dense_features, image_norm, native_input_size
 
 #: Model config keys of :class:`MaskCLIP` and their defaults.
@@ -68,7 +68,6 @@ def resolve_maskclip_config(clip_model: nn.Module, cfg: Mapping[str, Any] | None
     return out
 
 
-@register_segmenter("maskclip")
 class MaskCLIP(Segmenter):
     """Training-free dense CLIP segmenter (MaskCLIP).
 
@@ -103,7 +102,7 @@ class MaskCLIP(Segmenter):
         self.mean, self.std = image_norm(visual)
         self.logit_scale = self.cfg["logit_scale"]
 
-    def train(self, mode: bool = True) -> "MaskCLIP":
+    def train(self, mode: bool = True) -> MaskCLIP:
         """The frozen tower always stays in eval mode (no dropout / patch dropout)."""
         super().train(mode)
         self.visual.eval()

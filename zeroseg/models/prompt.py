@@ -137,7 +137,9 @@ class PromptedVisionTransformer(nn.Module):
             layers = list(range(1, self.num_layers + 1)) if prompt_layers is None else [int(i) for i in prompt_layers]
             bad = [i for i in layers if not 1 <= i <= self.num_layers]
             if bad:
-                raise ValueError(f"prompt_layers {bad} outside 1..{self.num_layers} (1 = bottom layer, ZegCLIP Table 8)")
+                raise ValueError(
+                    f"prompt_layers {bad} outside 1..{self.num_layers} (1 = bottom layer, ZegCLIP Table 8)"
+                )
             if len(set(layers)) != len(layers):
                 raise ValueError(f"prompt_layers has duplicates: {layers}")
             self.prompt_layers = tuple(sorted(layers))
@@ -152,7 +154,9 @@ class PromptedVisionTransformer(nn.Module):
         else:
             self.prompts = None
         # layer index (0-based) -> row of self.prompts
-        self._prompt_row = {layer - 1: row for row, layer in enumerate(self.prompt_layers)} if self.prompts is not None else {}
+        self._prompt_row = (
+            {layer - 1: row for row, layer in enumerate(self.prompt_layers)} if self.prompts is not None else {}
+        )
         self.prompt_dropout = nn.Dropout(prompt_dropout) if prompt_dropout > 0 else nn.Identity()
 
     # ------------------------------------------------------------------ helpers

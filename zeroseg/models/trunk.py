@@ -174,8 +174,17 @@ def check_trunk_visual(visual: nn.Module) -> None:
     """Raise ``ValueError`` (naming what is wrong) unless ``visual`` looks like an open_clip
     ``VisionTransformer`` the trunk can run: the attributes it uses, [CLS]-token pooling, no
     attentional pooler, a 2-D ``[1 + gh*gw, width]`` positional embedding."""
-    for attr in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post",
-                 "proj", "grid_size", "patch_size"):
+    for attr in (
+        "conv1",
+        "class_embedding",
+        "positional_embedding",
+        "ln_pre",
+        "transformer",
+        "ln_post",
+        "proj",
+        "grid_size",
+        "patch_size",
+    ):
         if not hasattr(visual, attr):
             raise ValueError(
                 f"the image tower {type(visual).__name__} is not an open_clip VisionTransformer "
@@ -184,8 +193,10 @@ def check_trunk_visual(visual: nn.Module) -> None:
     if not hasattr(visual.transformer, "resblocks"):
         raise ValueError("the image tower's transformer has no resblocks")
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
-        raise ValueError("the ViT trunk supports towers pooled by their [CLS] token (pool_type 'tok', no "
-                         f"attentional pooler); got pool_type={getattr(visual, 'pool_type', None)!r}")
+        raise ValueError(
+            "the ViT trunk supports towers pooled by their [CLS] token (pool_type 'tok', no "
+            f"attentional pooler); got pool_type={getattr(visual, 'pool_type', None)!r}"
+        )
     if visual.positional_embedding.ndim != 2:
         raise ValueError("the ViT trunk expects a [1 + gh*gw, width] positional embedding")
 
@@ -215,14 +226,15 @@ def _additive_tensor(a: Additive, grid: tuple[int, int], x: torch.Tensor, where:
 def _drop_prompts(x: torch.Tensor, num_prompts: int) -> torch.Tensor:
     if not num_prompts:
         return x
-    return torch.cat([x[:, :1], x[:, 1 + num_prompts:]], dim=1)
+    return torch.cat([x[:, :1], x[:, 1 + num_prompts :]], dim=1)
 
 
 # --------------------------------------------------------------------------- the trunk
 
 
-def embed(visual: nn.Module, images: torch.Tensor, *, additive_input: Additive | None = None
-          ) -> tuple[torch.Tensor, tuple[int, int]]:
+def embed(
+    visual: nn.Module, images: torch.Tensor, *, additive_input: Additive | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Token embedding of the image tower: patchify (``conv1``), prepend [CLS], add the positional
     embedding (resized bicubically when the patch grid differs from ``visual.grid_size``), add
     ``additive_input`` if given (DeOP's input-level learned position), ``ln_pre``.
@@ -256,8 +268,14 @@ def embed(visual: nn.Module, images: torch.Tensor, *, additive_input: Additive |
     return x, (h, w)
 
 
-def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, attention: AttentionHook | None = None,
-              *, batch_first: bool = True) -> torch.Tensor:
+def run_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    ctx: BlockContext,
+    attention: AttentionHook | None = None,
+    *,
+    batch_first: bool = True,
+) -> torch.Tensor:
     """One residual attention block on batch-first tokens ``x [B, L, width]``.
 
     Without ``attention`` the block module itself runs (``block(x)``, transposed to sequence-first
@@ -277,8 +295,10 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: BlockContext, attention: A
         return block(x.transpose(0, 1)).transpose(0, 1)
     missing = [p for p in BLOCK_PARTS if not hasattr(block, p)]
     if missing:
-        raise ValueError(f"block {ctx.layer} ({type(block).__name__}) lacks {missing}: attention hooks need "
-                         "open_clip's ResidualAttentionBlock")
+        raise ValueError(
+            f"block {ctx.layer} ({type(block).__name__}) lacks {missing}: attention hooks need "
+            "open_clip's ResidualAttentionBlock"
+        )
     a = attention(block, block.ln_1(x), ctx)
     if a.shape != x.shape:
         raise ValueError(f"attention hook of block {ctx.layer} returned {tuple(a.shape)}, expected {tuple(x.shape)}")
@@ -339,10 +359,12 @@ def run_blocks(
             if p.ndim == 2:
                 p = p.unsqueeze(0).expand(batch, -1, -1)
             if p.ndim != 3 or p.shape[0] != batch or p.shape[2] != x.shape[-1]:
-                raise ValueError(f"prompts of block {i} must be [M, width] or [B, M, width] = [{batch}, M, "
-                                 f"{x.shape[-1]}], got {tuple(p.shape)}")
+                raise ValueError(
+                    f"prompts of block {i} must be [M, width] or [B, M, width] = [{batch}, M, "
+                    f"{x.shape[-1]}], got {tuple(p.shape)}"
+                )
             # Eq. 3: the previous block's prompt outputs are discarded, this block's inserted
-            x = torch.cat([x[:, :1], p.to(x.dtype), x[:, 1 + in_seq:]], dim=1)
+            x = torch.cat([x[:, :1], p.to(x.dtype), x[:, 1 + in_seq :]], dim=1)
             in_seq = p.shape[1]
         elif in_seq:
             x = _drop_prompts(x, in_seq)
@@ -350,7 +372,7 @@ def run_blocks(
         if i in additive:
             a = _additive_tensor(additive[i], grid, x, f"block {i}")
             if in_seq:
-                x = torch.cat([x[:, :1] + a[:, :1], x[:, 1:1 + in_seq], x[:, 1 + in_seq:] + a[:, 1:]], dim=1)
+                x = torch.cat([x[:, :1] + a[:, :1], x[:, 1 : 1 + in_seq], x[:, 1 + in_seq :] + a[:, 1:]], dim=1)
             else:
                 x = x + a
         ctx = BlockContext(i, n, in_seq, grid)
@@ -385,8 +407,9 @@ def forward_trunk(
     check_trunk_visual(visual)
     additive = dict(additive or {})
     x, grid = embed(visual, images, additive_input=additive.pop(INPUT, None))
-    return run_blocks(visual, x, grid, prompts=prompts, attention=attention, additive=additive,
-                      return_layers=return_layers)
+    return run_blocks(
+        visual, x, grid, prompts=prompts, attention=attention, additive=additive, return_layers=return_layers
+    )
 
 
 def project(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -426,8 +449,8 @@ def value_projection(attn: nn.MultiheadAttention, y: torch.Tensor, scale: torch.
         ``[B, L, width]``.
     """
     e = attn.embed_dim
-    w_v = attn.in_proj_weight[2 * e:] if attn.in_proj_weight is not None else attn.v_proj_weight
-    b_v = attn.in_proj_bias[2 * e:] if attn.in_proj_bias is not None else None
+    w_v = attn.in_proj_weight[2 * e :] if attn.in_proj_weight is not None else attn.v_proj_weight
+    b_v = attn.in_proj_bias[2 * e :] if attn.in_proj_bias is not None else None
     v = F.linear(y, w_v, b_v)
     if scale is not None:
         v = v * scale.to(v.dtype)
@@ -481,7 +504,9 @@ def blended_attention(alpha: float | torch.Tensor) -> AttentionHook:
             a = alpha
         else:
             if alpha.shape[-1] != y.shape[1] or alpha.ndim not in (1, 2):
-                raise ValueError(f"per-token alpha must be [L] or [B, L] with L = {y.shape[1]}, got {tuple(alpha.shape)}")
+                raise ValueError(
+                    f"per-token alpha must be [L] or [B, L] with L = {y.shape[1]}, got {tuple(alpha.shape)}"
+                )
             a = alpha.to(y.dtype).unsqueeze(-1)
         return a * identity_attention(block, y) + (1 - a) * standard_attention(block, y)
 
@@ -515,7 +540,9 @@ def value_scaled_attention(weights: torch.Tensor | Callable[[BlockContext], torc
             ones = torch.ones(B, ctx.num_prompts, dtype=w.dtype, device=w.device)
             w = torch.cat([w[:, :1], ones, w[:, 1:]], dim=1)
         if w.ndim != 2 or w.shape != (B, L):
-            raise ValueError(f"value weights must be [B, 1 + h*w] = [{B}, {n_img}] or [B, L] = [{B}, {L}], got {tuple(w.shape)}")
+            raise ValueError(
+                f"value weights must be [B, 1 + h*w] = [{B}, {n_img}] or [B, L] = [{B}, {L}], got {tuple(w.shape)}"
+            )
         return value_projection(block.attn, y, w.unsqueeze(-1))
 
     return hook

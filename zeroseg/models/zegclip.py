@@ -37,10 +37,9 @@ from torch import nn
 
 from zeroseg.errors import ConfigError
 from zeroseg.losses import LOSS_KINDS, ZEGCLIP_LOSS_WEIGHTS, segmentation_loss_terms
-from zeroseg.models import Segmenter, register_segmenter
+from zeroseg.models import Segmenter
 from zeroseg.models.clip import check_input_size, image_norm
 from zeroseg.models.prompt import BACKBONE_VARIANTS, PromptedVisionTransformer
-
 
 # --------------------------------------------------------------------------- paper settings
 
@@ -76,8 +75,23 @@ ZEGCLIP_PAPER_SETTINGS: dict[str, Any] = {
     "text_templates": {"voc": "single ('A photo of a {}')", "coco": 15, "context": 15},
     "unseen": {  # Appendix E, Table 10
         "voc": ["pottedplant", "sheep", "sofa", "train", "tvmonitor"],
-        "coco": ["cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard",
-                 "clouds", "grass", "playingfield", "river", "road", "tree", "wall-concrete"],
+        "coco": [
+            "cow",
+            "giraffe",
+            "suitcase",
+            "frisbee",
+            "skateboard",
+            "carrot",
+            "scissors",
+            "cardboard",
+            "clouds",
+            "grass",
+            "playingfield",
+            "river",
+            "road",
+            "tree",
+            "wall-concrete",
+        ],
         "context": ["cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tvmonitor", "keyboard", "aeroplane"],
     },
     "test": {"mode": "slide", "crop": (512, 512), "stride": (426, 426)},  # code
@@ -86,6 +100,7 @@ ZEGCLIP_PAPER_SETTINGS: dict[str, Any] = {
 
 
 # --------------------------------------------------------------------------- relationship descriptor
+
 
 def _absdiff(t, g):
     return (t - g).abs()
@@ -148,6 +163,7 @@ class RelationshipDescriptor(nn.Module):
 
 # --------------------------------------------------------------------------- decoder
 
+
 class MaskDecoderLayer(nn.Module):
     """One decoder layer: [self-attention among the class queries,] cross-attention from the queries
     to the patch tokens, FFN; post-norm residuals (``nn.TransformerDecoderLayer`` style).
@@ -192,7 +208,7 @@ class MaskDecoderLayer(nn.Module):
         Q = self.q_proj(q).reshape(B, C, self.heads, self.head_dim).transpose(1, 2)  # [B, h, C, dh]
         K = self.k_proj(mem).reshape(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, h, N, dh]
         V = self.v_proj(mem).reshape(B, N, self.heads, self.head_dim).transpose(1, 2)
-        logits = (Q @ K.transpose(-1, -2)) * (self.head_dim ** -0.5)  # [B, h, C, N]
+        logits = (Q @ K.transpose(-1, -2)) * (self.head_dim**-0.5)  # [B, h, C, N]
         attn = self.attn_drop(logits.softmax(dim=-1))
         out = (attn @ V).transpose(1, 2).reshape(B, C, W)
         q = self.norm_cross(q + self.drop(self.out_proj(out)))
@@ -232,7 +248,10 @@ class MaskDecoder(nn.Module):
         self.rd = RelationshipDescriptor(embed_dim, width, rd)
         self.patch_proj = nn.Linear(embed_dim, width)
         self.layers = nn.ModuleList(
-            [MaskDecoderLayer(width, heads, ffn_ratio=ffn_ratio, dropout=dropout, self_attn=self_attn) for _ in range(layers)]
+            [
+                MaskDecoderLayer(width, heads, ffn_ratio=ffn_ratio, dropout=dropout, self_attn=self_attn)
+                for _ in range(layers)
+            ]
         )
         self.reset_parameters()
 
@@ -307,7 +326,10 @@ def resolve_zegclip_config(cfg: Mapping[str, Any] | None = None, **overrides: An
         raise ConfigError(f"model.backbone must be one of {BACKBONE_VARIANTS}, got {out['backbone']!r}")
     if out["rd"] not in RD_FORMS:
         near = difflib.get_close_matches(str(out["rd"]), list(RD_FORMS), n=1)
-        raise ConfigError(f"model.rd must be one of {sorted(RD_FORMS)}, got {out['rd']!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+        raise ConfigError(
+            f"model.rd must be one of {sorted(RD_FORMS)}, got {out['rd']!r}"
+            + (f"; did you mean {near[0]!r}?" if near else "")
+        )
     if out["loss"] not in LOSS_KINDS:
         raise ConfigError(f"model.loss must be one of {LOSS_KINDS}, got {out['loss']!r}")
     size = out["input_size"]
@@ -322,7 +344,9 @@ def resolve_zegclip_config(cfg: Mapping[str, Any] | None = None, **overrides: An
             fix = " (e.g. 10 as for VOC; backbone fix/ft ignores it)" if key == "prompt_tokens" else ""
             raise ConfigError(f"model.{key} must be a positive int{fix}, got {v!r}")
     if out["decoder_width"] % out["decoder_heads"]:
-        raise ConfigError(f"model.decoder_width {out['decoder_width']} must be divisible by model.decoder_heads {out['decoder_heads']}")
+        raise ConfigError(
+            f"model.decoder_width {out['decoder_width']} must be divisible by model.decoder_heads {out['decoder_heads']}"
+        )
     layers = out["prompt_layers"]
     if layers is not None:
         if (
@@ -338,7 +362,6 @@ def resolve_zegclip_config(cfg: Mapping[str, Any] | None = None, **overrides: An
     return out
 
 
-@register_segmenter("zegclip")
 class ZegCLIP(Segmenter):
     """ZegCLIP segmenter (ZegCLIP, CVPR 2023): DPT image encoder + RD queries + mask decoder.
 
@@ -472,16 +495,6 @@ class ZegCLIP(Segmenter):
         names = set(self.trainable_names())
         return [p for n, p in self.named_parameters() if n in names]
 
-    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Strict load of a :meth:`trainable_state_dict` (``zeroseg.models.load_trainable``).
-
-        Raises:
-            DataError (a ValueError): missing or unexpected keys (naming them) or a shape mismatch.
-        """
-        from zeroseg.models import load_trainable
-
-        load_trainable(self, state_dict, where=f"ZegCLIP weights (backbone={self.cfg['backbone']!r})")
-
     def optimizer_param_groups(self, weight_decay: float = 0.01) -> list[dict[str, Any]]:
         """Two AdamW groups over :meth:`trainable_parameters`: norm layers (names with ``norm`` or
         ``ln``) without weight decay, the rest with ``weight_decay`` (released config's
@@ -516,4 +529,3 @@ __all__ = [
     "ZegCLIP",
     "resolve_zegclip_config",
 ]
-

@@ -1,0 +1,345 @@
+"""The command line: ``zeroseg run`` (the DAG of a config) and ``zeroseg gc`` (store housekeeping).
+
+``python pipeline/run.py --config ...`` is ``zeroseg run --config ...`` (what ``ray job submit``
+runs). The stages come from the project's stage catalogue, named by :data:`STAGES_ENTRY`
+(``module:attribute``), so ``pipeline`` imports no stage and knows no science.
+
+Exit status: 0 done, 1 a stage failed (the table says which and why), 2 bad config, selection or
+store, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.config import LoadedConfig, load_config
+from pipeline.console import Console, library_output_to, setup_logging
+from pipeline.errors import find_user_error, is_user_error
+from pipeline.plan import Plan, Selection, plan
+
+#: Where the stage list lives: ``module:attribute`` (a list of ``pipeline.dag.Stage`` classes).
+#: The module may also define ``CODE_PACKAGES`` (packages followed for code dependencies).
+STAGES_ENTRY = "stages.catalog:STAGES"
+
+
+@dataclasses.dataclass
+class Catalog:
+    """The project's stages and the packages followed for their code dependencies."""
+
+    stages: list[Any]
+    code_packages: tuple[str, ...]
+
+
+def load_catalog(entry: str = STAGES_ENTRY) -> Catalog:
+    """Import the stage catalogue named by ``entry`` (``module:attribute``)."""
+    mod_name, _, attr = entry.partition(":")
+    mod = importlib.import_module(mod_name)
+    from pipeline.plan import DEFAULT_CODE_PACKAGES
+
+    return Catalog(list(getattr(mod, attr)), tuple(getattr(mod, "CODE_PACKAGES", DEFAULT_CODE_PACKAGES)))
+
+
+# =============================================================================================
+# arguments
+# =============================================================================================
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/sample.yaml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set evaluate.gamma=0.1",
+    )
+    p.add_argument("--store", help="artifact store: local path or s3://, gs:// URI (overrides run.store)")
+    p.add_argument("--work-dir", help="work directory (overrides run.work_dir)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's own logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zeroseg`` argument parser (subcommands ``run`` and ``gc``)."""
+    ap = argparse.ArgumentParser(prog="zeroseg", description="zero-shot semantic segmentation pipeline")
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "run",
+        help="run the stage DAG of a config",
+        description="Run the stage DAG of a config: cached stages are reported, the others run.",
+    )
+    _common(r)
+    r.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages (their upstream must be cached)")
+    r.add_argument("--from", dest="from_stage", metavar="STAGE", help="run this stage and everything downstream of it")
+    r.add_argument(
+        "--force",
+        nargs="*",
+        metavar="STAGE",
+        default=None,
+        help="re-run even if cached: the named stages, or every selected stage when none is named",
+    )
+    r.add_argument("--dry-run", action="store_true", help="print the plan (stages, keys, what would run, why) and exit")
+    g = sub.add_parser(
+        "gc",
+        help="list (and with --delete remove) artifacts no kept run references",
+        description="List the store's artifacts and checkpoints that no MLflow run of the tracking "
+        "store and no --keep config references; --delete removes them.",
+    )
+    _common(g)
+    g.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="CONFIG",
+        help="also keep every artifact this config's plan references (repeatable)",
+    )
+    g.add_argument("--delete", action="store_true", help="remove what is listed (default: only list)")
+    return ap
+
+
+# =============================================================================================
+# run
+# =============================================================================================
+def init_ray(cfg: LoadedConfig, console: Console, verbose: bool) -> bool:
+    """Connect to ``run.ray.address`` / ``RAY_ADDRESS`` (set by ``ray job submit``), or start an
+    embedded local cluster; a no-op when Ray is already initialised (returns False then, True
+    when this call initialised it). Ray's own logs go to its session log files (and the
+    invocation's log), not the terminal, unless ``verbose``."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    rs = cfg.run.ray
+    address = rs.address or os.environ.get("RAY_ADDRESS")
+    quiet = dict(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=verbose)
+    if address:
+        console.line(f"ray: connecting to {address}")
+        ray.init(address=address, **quiet)
+    else:
+        console.line("ray: starting an embedded local cluster")
+        ray.init(
+            address="local", num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, include_dashboard=rs.include_dashboard, **quiet
+        )
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # one progress display per stage is ours
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = verbose
+    res = ray.cluster_resources()
+    console.line(f"ray: {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs")
+    return True
+
+
+def print_plan(console: Console, p: Plan, store_uri: str) -> None:
+    """The plan table (stage, what it reads, key, action), then one line per stage that runs
+    saying why it is not cached."""
+    t = Table(title=Text(f"plan (store: {store_uri})"), title_justify="left")
+    for col in ("stage", "reads", "key", "action"):
+        t.add_column(col)
+    for n in p:
+        t.add_row(Text(n.name), Text(", ".join(n.upstream) or "-"), Text(n.key[:12]), Text(n.action))
+    console.print(t)
+    reasons: dict[str, list[str]] = {}
+    for n in p:
+        if n.action == "run":
+            reasons.setdefault(n.reason, []).append(n.name)
+    for reason, names in reasons.items():
+        console.line(f"  {', '.join(names)} {'runs' if len(names) == 1 else 'run'}: {reason}")
+
+
+def print_summary(console: Console, p: Plan) -> None:
+    t = Table(title="stages", title_justify="left")
+    for col in ("stage", "key", "status", "wall s", "notes"):
+        t.add_column(col)
+    for n in p:
+        note = n.error or (n.stage.note(n.metrics) if n.metrics else "")
+        t.add_row(
+            Text(n.name),
+            Text(n.key[:12]),
+            Text(n.status),
+            f"{n.seconds:.1f}" if n.status in ("ran", "failed") else "-",
+            Text(note),
+        )
+    console.print(t)
+    for n in p:
+        if n.metrics:
+            for r in n.stage.summary(n.metrics):
+                console.print(r)
+
+
+def _open_store(cfg: LoadedConfig, dry_run: bool) -> Any:
+    from pipeline.store import ArtifactStore
+
+    uri = cfg.run.store_uri()
+    if dry_run and "://" not in uri and not Path(uri).exists():
+        return None  # a dry run creates nothing
+    return ArtifactStore(uri, Path(cfg.run.work_dir) / "cache", cfg.run.verify)
+
+
+def _start_time() -> float:
+    """Epoch seconds this process started (the wall time printed covers imports too)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001
+        return time.time()
+
+
+def cmd_run(args: argparse.Namespace, console: Console, catalog: Catalog | None = None) -> tuple[int, Plan | None]:
+    """``zeroseg run``: plan, print the plan, execute, print results. Returns (status, plan).
+
+    Library output (Ray, MLflow) goes to ``<work_dir>/logs/run-<time>-<pid>.log``, not the
+    terminal (``--verbose`` shows it)."""
+    t_start = _start_time()
+    cfg = _load(args)
+    log_file = Path(cfg.run.work_dir) / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    setup_logging(log_file, args.verbose)
+    with library_output_to(log_file, not args.verbose):
+        return _run(args, cfg, console, catalog or load_catalog(), t_start, log_file)
+
+
+def _run(
+    args: argparse.Namespace, cfg: LoadedConfig, console: Console, catalog: Catalog, t_start: float, log_file: Path
+) -> tuple[int, Plan | None]:
+    from pipeline import tracking
+    from pipeline.execute import execute
+
+    work_dir = Path(cfg.run.work_dir)
+    store = _open_store(cfg, args.dry_run)
+    sel = Selection(stages=args.stages, from_stage=args.from_stage, force=args.force)
+    p = plan(cfg, catalog.stages, sel, store, code_packages=catalog.code_packages)
+    for line in p.notices:
+        console.line(f"NOTE: {line}", "note")
+    print_plan(console, p, cfg.run.store_uri())
+    if args.dry_run:
+        return 0, p
+    if store is None:
+        store = _open_store(cfg, False)
+
+    tracking_uri = cfg.run.mlflow_uri()
+    exp_id = tracking.setup(tracking_uri, cfg.run.experiment or cfg.run.name)
+    reaped = tracking.reap_dead_runs(exp_id)
+    if reaped:
+        console.line(f"mlflow: marked {reaped} run(s) of killed invocations KILLED", "dim")
+    with tracking.parent_run(cfg.run.name, {"config": str(cfg.path), "argv": " ".join(sys.argv[1:])}):
+        for n in p:
+            tracking.log_params(n.components.get("config", {}), prefix=f"{n.name}.")
+        started: list[bool] = []
+        try:
+            out = execute(
+                [p],
+                store,
+                console,
+                work_dir=work_dir.resolve(),
+                start_cluster=lambda: started.append(init_ray(cfg, console, args.verbose)),
+            )
+        finally:
+            tracking.set_tags({"stages." + n.name: f"{n.status} {n.key[:12]}" for n in p})
+        tracking.log_metrics({f"{n.name}/{k}": v for n in p for k, v in n.metrics.items()})
+        tracking.log_metrics({"wall_seconds": time.time() - t_start})
+        if not out.ok:
+            tracking.set_tags({"status": "failed"})
+    if any(started):  # a cluster this invocation started: stop it here, so the wall time printed includes it
+        sys.modules["ray"].shutdown()
+    print_summary(console, p)
+    console.line(f"MLflow runs: {tracking.ui_command(tracking_uri)}")
+    if not out.ok:
+        console.line(f"library logs of this run: {log_file}")
+    console.line(f"total wall time {time.time() - t_start:.1f} s")
+    return (0 if out.ok else 1), p
+
+
+def _load(args: argparse.Namespace) -> LoadedConfig:
+    cfg = load_config(args.config, args.overrides)
+    if args.work_dir:
+        cfg.run.work_dir = args.work_dir
+    if args.store:
+        cfg.run.store = args.store
+    return cfg
+
+
+# =============================================================================================
+# gc
+# =============================================================================================
+def cmd_gc(args: argparse.Namespace, console: Console, catalog: Catalog | None = None) -> int:
+    """``zeroseg gc`` (see :mod:`pipeline.gc`)."""
+    cfg = _load(args)
+    log_file = Path(cfg.run.work_dir) / "logs" / f"gc-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    setup_logging(log_file, args.verbose)
+    with library_output_to(log_file, not args.verbose):
+        return _gc(args, cfg, console, catalog or load_catalog())
+
+
+def _gc(args: argparse.Namespace, cfg: LoadedConfig, console: Console, catalog: Catalog) -> int:
+    from pipeline.gc import collect, referenced_keys
+
+    store = _open_store(cfg, False)
+    keep_cfgs = [cfg] + [load_config(k) for k in args.keep]
+    plans = [plan(c, catalog.stages, None, None, code_packages=catalog.code_packages) for c in keep_cfgs]
+    refs, sources = referenced_keys(plans, cfg.run.mlflow_uri())
+    report = collect(store, refs, delete=args.delete)
+    t = Table(title=Text(f"unreferenced in {cfg.run.store_uri()} (kept: {sources})"), title_justify="left")
+    for col in ("kind", "stage", "key", "MiB", "what"):
+        t.add_column(col)
+    for item in report.items:
+        t.add_row(item.kind, Text(item.stage), Text(item.key[:12]), f"{item.bytes / 2**20:.1f}", Text(item.note))
+    console.print(t)
+    verb = "removed" if args.delete else "would remove (pass --delete)"
+    console.line(f"{len(report.items)} item(s), {report.bytes / 2**20:.1f} MiB: {verb}; {report.kept} artifact(s) kept")
+    return 0
+
+
+# =============================================================================================
+# entry points
+# =============================================================================================
+def main(argv: Sequence[str] | None = None, catalog: Catalog | None = None) -> int:
+    """``zeroseg ...``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    console = Console(verbose=getattr(args, "verbose", False))
+    try:
+        if args.command == "run":
+            return cmd_run(args, console, catalog)[0]
+        return cmd_gc(args, console, catalog)
+    except KeyboardInterrupt:
+        console.line("interrupted", "error")
+        return 130
+    except Exception as e:
+        user = find_user_error(e)
+        if user is None and not is_user_error(e):
+            raise
+        console.error(str(user or e))
+        return 2
+
+
+def run_main(argv: Sequence[str] | None = None) -> int:
+    """``python pipeline/run.py ARGS`` = ``zeroseg run ARGS`` (the ``ray job submit`` entry)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "gc", "-h", "--help"):
+        argv = ["run", *argv]
+    return main(argv)
+
+
+__all__ = [
+    "Catalog",
+    "STAGES_ENTRY",
+    "build_parser",
+    "cmd_gc",
+    "cmd_run",
+    "init_ray",
+    "load_catalog",
+    "main",
+    "run_main",
+]

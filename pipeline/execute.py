@@ -1,0 +1,238 @@
+"""Execution: run or read each node of one or more plans, once per distinct key.
+
+For each node, in order: a ``cached`` node's artifact is read and verified; a ``run`` node takes
+the store's lease on its key (waiting while another invocation computes it, then reading that
+artifact), runs the stage into a fresh staging directory inside its MLflow run (continuing the
+run of an interrupted earlier attempt at the same key), and publishes the artifact with its
+manifest last. A node whose upstream failed is ``not run``. The cluster is started (or joined)
+just before the first node that runs: a fully cached invocation never starts Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline import codehash, tracking
+from pipeline.console import Console
+from pipeline.dag import Artifact, StageContext
+from pipeline.errors import find_user_error
+from pipeline.plan import Node, Plan
+from pipeline.store import ArtifactStore, CorruptArtifact
+
+#: Library versions recorded in every manifest (code of third parties is not hashed into keys).
+RECORDED_PACKAGES = ("torch", "torchvision", "ray", "open_clip_torch", "mlflow", "pyarrow", "numpy", "zeroseg")
+
+
+def package_versions() -> dict[str, str | None]:
+    """``{distribution: version or None}`` of :data:`RECORDED_PACKAGES`."""
+    out: dict[str, str | None] = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What executing a set of plans did: ``ok`` (no node failed) and ``nodes`` (the distinct
+    nodes in execution order, with their status, seconds, metrics and error)."""
+
+    ok: bool
+    nodes: list[Node]
+
+
+def execute(
+    plans: Sequence[Plan],
+    store: ArtifactStore,
+    console: Console,
+    *,
+    work_dir: Path,
+    start_cluster: Callable[[], None] = lambda: None,
+    track: bool = True,
+) -> Outcome:
+    """Run the nodes of ``plans`` (see module docstring).
+
+    Args:
+        plans: one plan, or several (a sweep): a key shared by several runs once.
+        store: the artifact store.
+        console: where progress and results go.
+        work_dir: the invocation's work directory (scratch, caches).
+        start_cluster: called once, before the first node that runs (starts or joins Ray).
+        track: log to the active MLflow run (a parent run must be active).
+
+    Returns:
+        the :class:`Outcome`. Every node of every plan gets its status (a plan's node that shares
+        a key with an earlier one gets that one's status and metrics).
+
+    Raises:
+        KeyboardInterrupt: re-raised after the running node is marked failed.
+    """
+    artifacts: dict[tuple[str, str], Artifact] = {}
+    done: dict[tuple[str, str], Node] = {}
+    ok, started = True, False
+    commit = codehash.git_commit()
+    for p in plans:
+        for node in p:
+            ident = (node.name, node.key)
+            if ident in done:
+                first = done[ident]
+                node.status, node.metrics, node.seconds, node.error = first.status, first.metrics, 0.0, first.error
+                continue
+            done[ident] = node
+            if node.action == "skip":
+                node.status = "skipped"
+                continue
+            ups = [p.nodes[u] for u in node.upstream]
+            if not ok or any((u.name, u.key) not in artifacts for u in ups):
+                node.status = "not run"
+                continue
+            inputs = {role: artifacts[(up, p.nodes[up].key)] for role, up in node.bindings.items()}
+            art = _cached(node, store, console, track) if node.action == "cached" else None
+            if art is None:
+                if not started:
+                    start_cluster()
+                    started = True
+                art = _run(node, inputs, store, console, work_dir, commit, track)
+            if art is None:
+                ok = False
+                continue
+            art.runtime = node.stage.runtime_outputs(node.config)
+            artifacts[ident] = art
+    return Outcome(ok, list(done.values()))
+
+
+def _cached(node: Node, store: ArtifactStore, console: Console, track: bool) -> Artifact | None:
+    try:
+        art = store.get(node.name, node.key)
+    except CorruptArtifact as e:
+        console.line(f"{node.name}: cached artifact failed verification ({e}); re-running", "warn")
+        node.reason, node.cached = "the cached artifact failed verification", True
+        return None
+    if art is None:  # removed since planning
+        node.reason, node.cached = "the artifact disappeared from the store", False
+        return None
+    node.status, node.metrics = "cached", dict(art.manifest.get("metrics", {}))
+    if track:
+        with tracking.stage_run(node.name, node.key, node.components["config"], node.runtime):
+            tracking.set_tags(
+                {"status": "cached", "produced_by_run": art.manifest.get("mlflow_run_id"), "artifact_uri": art.uri}
+            )
+            tracking.log_metrics(node.metrics)
+    console.line(f"✓ {node.name} cached ({node.key[:12]})", "ok")
+    return art
+
+
+def _run(
+    node: Node,
+    inputs: dict[str, Artifact],
+    store: ArtifactStore,
+    console: Console,
+    work_dir: Path,
+    commit: str | None,
+    track: bool,
+) -> Artifact | None:
+    def waiting(holder: Any) -> None:
+        console.line(f"  {node.name}: {node.key[:12]} is being computed by {holder.describe()}; waiting for it")
+
+    replace = node.cached  # forced, or the cached artifact failed verification
+    while (lease := store.lease(node.name, node.key, replace=replace, on_wait=waiting)) is None:
+        try:  # another invocation published it while we waited
+            art = store.get(node.name, node.key)
+        except CorruptArtifact:
+            art = None
+        if art is not None:
+            node.status, node.metrics = "cached", dict(art.manifest.get("metrics", {}))
+            console.line(f"✓ {node.name} computed by another invocation ({node.key[:12]})", "ok")
+            return art
+    console.line(f"▶ {node.name} running ({node.key[:12]})", "run")
+    t0 = time.perf_counter()
+    staging = store.staging_dir(node.name, node.key)
+    try:
+        with (
+            lease,
+            (
+                tracking.stage_run(node.name, node.key, node.components["config"], node.runtime, resume=True)
+                if track
+                else contextlib.nullcontext()
+            ) as run_id,
+            console.stage_progress(node.name) as progress,
+        ):
+            ctx = StageContext(
+                stage=node.name,
+                key=node.key,
+                config=node.config,
+                inputs=inputs,
+                output_dir=staging,
+                work_dir=work_dir,
+                train_storage=store.train_storage(),
+                train_name=store.checkpoint_dir(node.name, node.key),
+                tracking={"tracking_uri": _tracking_uri(), "run_id": run_id} if track else None,
+                log=lambda msg, _n=node.name: console.line(f"  [{_n}] {msg}"),
+                progress=progress,
+            )
+            try:
+                metrics = node.stage.run(ctx) or {}
+                node.seconds = time.perf_counter() - t0
+                art = store.publish(
+                    node.name,
+                    node.key,
+                    staging,
+                    {
+                        "inputs": {role: {"stage": a.stage, "key": a.key} for role, a in inputs.items()},
+                        "components": node.components,
+                        "config": node.config.model_dump(mode="json")
+                        if hasattr(node.config, "model_dump")
+                        else node.config,
+                        "runtime": node.runtime,
+                        "metrics": metrics,
+                        "timings": {"seconds": node.seconds},
+                        "mlflow_run_id": run_id,
+                        "git_commit": commit,
+                        "packages": package_versions(),
+                    },
+                )
+            except BaseException as e:
+                if track:
+                    tracking.set_tags({"status": "failed", "error": f"{type(e).__name__}: {e}"[:5000]})
+                raise  # the nested run ends FAILED
+            if track:
+                tracking.set_tags({"status": "ran", "artifact_uri": art.uri})
+                tracking.log_metrics({**metrics, "wall_seconds": node.seconds})
+                tracking.log_artifact(art.path / "manifest.json")
+    except BaseException as e:
+        node.seconds = time.perf_counter() - t0
+        node.status = "failed"
+        store.discard(staging)
+        user = find_user_error(e)
+        if isinstance(e, KeyboardInterrupt):
+            node.error = "interrupted"
+            raise
+        if user is not None:
+            node.error = f"{type(user).__name__}: {user}"
+            console.line(f"✗ {node.name} failed: {user}", "error")
+        else:
+            node.error = f"{type(e).__name__}: {e}"
+            console.line(f"✗ {node.name} failed:", "error")
+            console.line(traceback.format_exc().rstrip())
+        return None
+    node.status, node.metrics = "ran", dict(metrics)
+    console.line(f"✓ {node.name} ran in {node.seconds:.1f} s", "ok")
+    return art
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+__all__ = ["Outcome", "execute", "package_versions"]

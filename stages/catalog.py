@@ -1,0 +1,14 @@
+"""The stages of zeroseg, in their natural order, and what the pipeline needs to know of them.
+
+``pipeline.cli`` loads ``STAGES`` from here (``pipeline.cli.STAGES_ENTRY``); the order breaks
+ties of the topological order. ``CODE_PACKAGES``: the packages whose imports count as a stage's
+code dependencies (``pipeline.codehash``).
+"""
+
+from stages.build_splits import BuildSplits
+from stages.embed_text import EmbedText
+from stages.evaluate import Evaluate
+from stages.train_classifier import TrainClassifier
+
+STAGES = [BuildSplits, EmbedText, TrainClassifier, Evaluate]
+CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training")

@@ -1,0 +1,72 @@
+"""The method registry: one module per segmentation method, found by listing this package.
+
+A method module defines ``METHOD = Method(...)``: its name, its config (a pydantic model with
+``method: Literal[<name>]``: train_classifier's section is the discriminated union of all
+methods' configs, so an unknown method or key fails at plan time naming the nearest), the
+function that builds or trains it (``build(ctx, config) -> metrics``, writing a segmenter
+artifact), the input roles it adds (a decoupled method's proposals) and the modules whose code
+determines its outputs. Adding a method adds a module here (plus its model in ``zeroseg.models``
+and its hyperparameters in ``zeroseg.config``); nothing is edited.
+
+Method modules import neither torch nor Ray at module level (planning must not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.dag import Input
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A segmentation method.
+
+    Attributes:
+        name: the ``train_classifier.method`` value.
+        Config: the section's schema (with ``method: Literal[name]``).
+        build: ``build(ctx, config) -> metrics``: writes a segmenter artifact into
+            ``ctx.output_dir`` (``zeroseg.models.save_segmenter``).
+        inputs: input roles beyond build_splits and embed_text (e.g. ``proposals``).
+        code: modules whose code determines the outputs besides the method's own module (e.g.
+            modules it imports by name).
+        summary: a line for the plan (what trains, the paper).
+    """
+
+    name: str
+    Config: type[Any]
+    build: Callable[[Any, Any], dict[str, float]]
+    inputs: dict[str, Input] = dataclasses.field(default_factory=dict)
+    code: tuple[str, ...] = ()
+    summary: str = ""
+
+    @property
+    def module(self) -> str:
+        return self.build.__module__
+
+
+@functools.lru_cache(maxsize=1)
+def methods() -> dict[str, Method]:
+    """``{name: Method}`` of every module in this package that defines ``METHOD``.
+
+    Raises:
+        ValueError: two modules register the same name.
+    """
+    out: dict[str, Method] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        m = getattr(mod, "METHOD", None)
+        if m is None:
+            continue
+        if m.name in out:
+            raise ValueError(f"method {m.name!r} is defined twice ({out[m.name].module} and {mod.__name__})")
+        out[m.name] = m
+    return out
+
+
+__all__ = ["Method", "methods"]

@@ -1,0 +1,207 @@
+"""``train_classifier.method: zegclip``: inductive ZegCLIP (Zhou et al., CVPR 2023) trained as a
+Ray Train job.
+
+Wires the build_splits manifest (the Ray Data feed, ``stages.feeds``), the seen-class text
+embeddings (embed_text) and the ZegCLIP model (``zeroseg.models.zegclip``) into the training
+package (``pipeline.training``). Training sees seen classes only: labels are remapped to seen
+training ids (every other id, unseen included, becomes 255) and the decoder's class queries are
+the seen-class text embeddings (ZegCLIP Sec. 3.1); evaluate scores seen + unseen classes with the
+same weights.
+
+Optimiser and schedule as released (ZiqinZhou66/ZegCLIP ``configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py``;
+released-code.md section 4): AdamW lr 2e-5 with ``lr_mult`` 10 for the prompts and the head (so
+every trained parameter gets 2e-4), weight decay 0.01 (none on norm layers), poly decay (power
+0.9) after a linear warm-up of 1500 iterations; 20k (VOC) / 80k (COCO-Stuff) iterations at a
+global batch of 16.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.config import Runtime
+from pipeline.dag import StageConfig, StageContext
+from pipeline.training import ScalingSection, TrainSection
+from stages.common import seen_rows, text_embeddings, vocabularies, warm_start
+from stages.methods import Method
+from zeroseg.config.clip import ClipSpec, model_embed_dim
+from zeroseg.config.zegclip import ZegCLIPConfig
+from zeroseg.data.transforms import AugmentConfig
+
+
+class ZegCLIPMethod(StageConfig):
+    """``train_classifier`` with ``method: zegclip``.
+
+    ``model``: ZegCLIP's hyperparameters (:class:`zeroseg.config.zegclip.ZegCLIPConfig`);
+    ``train`` / ``scaling``: the training package's sections (steps, per-worker batch, lr and its
+    reference global batch, checkpoints, precision, accumulation, clipping / workers and
+    resources); ``augment``: the training crops. ``warmup_steps``: optimizer steps of linear
+    warm-up (lr factor ``(s + 1) / warmup_steps``; 0: none). ``poly_power``: exponent ``p`` of the
+    poly decay ``(1 - s / max_steps) ** p``. ``head_lr_mult``: lr multiplier of every trained
+    parameter (the released ``lr_mult`` 10). ``block_rows``: images per Ray Data decode task
+    (32 keeps the feed level with a PyTorch DataLoader on 2 CPUs: ``benchmarks/bench_train_feed.py``).
+    """
+
+    method: Literal["zegclip"]
+    clip: ClipSpec
+    model: ZegCLIPConfig = ZegCLIPConfig()
+    train: TrainSection = TrainSection(max_steps=20000, batch_size=4, lr=2e-5, reference_batch_size=16)
+    scaling: ScalingSection = ScalingSection()
+    augment: AugmentConfig = AugmentConfig()
+    weight_decay: float = Field(0.01, ge=0)
+    head_lr_mult: float = Field(10.0, gt=0)
+    warmup_steps: int = Field(1500, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    block_rows: Annotated[int, Runtime(why="decode task size")] = Field(32, gt=0)
+
+
+class _LossModule:
+    """Factory for a DDP-friendly module whose ``forward`` returns ZegCLIP's training loss
+    (DDP synchronises gradients only through ``forward``)."""
+
+    @staticmethod
+    def build(segmenter: Any, text: Any) -> Any:
+        import torch
+
+        class ZegCLIPLoss(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = segmenter
+                self.register_buffer("text", text, persistent=False)
+
+            def forward(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+                return self.model.loss(images, target, self.text)
+
+        return ZegCLIPLoss()
+
+
+def build_model(clip_spec: dict[str, Any], model_cfg: dict[str, Any]) -> Any:
+    """ZegCLIP on a freshly loaded CLIP (``zeroseg.models.clip.load_clip``)."""
+    from zeroseg.models.clip import as_spec, load_clip
+    from zeroseg.models.zegclip import ZegCLIP
+
+    return ZegCLIP(load_clip(as_spec(clip_spec)), model_cfg)
+
+
+def zegclip_train_loop(loop: Any) -> None:
+    """Per-worker loop (``pipeline.training``): AdamW, poly LR with linear warm-up.
+
+    ``loop.config``: ``clip`` (ClipSpec dict), ``model`` (ZegCLIP cfg), ``seen_text``
+    (``[S, D]`` seen-class text embeddings, L2-normalised), ``weight_decay``, ``head_lr_mult``,
+    ``warmup_steps``, ``poly_power``; optionally ``init_from`` (a segmenter artifact URI whose
+    weights start a fresh run: ``stages.common.warm_start``, strict). Batches: ``image`` float32 ``[B, 3, H, W]``, ``label``
+    uint8 ``[B, H, W]`` in seen training ids with 255 ignore. Checkpoints hold the trainable
+    weights only (prompts + head), loaded back strictly.
+    """
+    import torch
+
+    cfg = loop.config
+    seg = build_model(cfg["clip"], cfg["model"])
+    text = torch.tensor(np.asarray(cfg["seen_text"], dtype=np.float32))
+    # the last decoder layer's FFN feeds no mask (masks are its attention logits, Eq. 2)
+    model = loop.prepare(_LossModule.build(seg, text), find_unused_parameters=True)
+    groups = seg.optimizer_param_groups(cfg["weight_decay"])
+    for g in groups:  # ZegCLIP's released config: lr_mult 10 for the prompts and the head
+        g["lr"] = loop.lr * cfg["head_lr_mult"]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])  # every group sets its lr
+    max_steps, warm, power = loop.train.max_steps, cfg["warmup_steps"], cfg["poly_power"]
+
+    def factor(step: int) -> float:
+        poly = max(0.0, 1.0 - step / max_steps) ** power
+        return poly * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)  # stepped once per optimizer step by loop.step
+    loop.restore(model, opt, sched, model_state=(seg.trainable_state_dict, seg.load_trainable_state_dict))
+    if loop.global_step == 0 and cfg.get("init_from"):  # warm start: a fresh run (a resumed one has its checkpoint)
+        warm_start(seg, cfg["init_from"])
+    model.train()
+    for batch in loop.batches("train"):  # micro-batches, tensors already on loop.device
+        images = batch["image"]
+        target = batch["label"].long()
+        with loop.autocast():
+            out = model(images, target)
+        loop.step(out["loss"], images=len(images), **{k: float(v.detach()) for k, v in out.items() if k != "loss"})
+
+
+def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
+    """Train ZegCLIP for ``ctx`` and save the segmenter artifact into ``ctx.output_dir``.
+
+    Returns:
+        metrics: steps, global batch, base and effective (x ``head_lr_mult``) learning rate, final
+        loss terms, trainable parameter count.
+
+    Raises:
+        DataError: no seen class (``stages.common.seen_rows``) or a vocabulary without embeddings.
+        TrainingDataError: the training feed gives a worker no full batch.
+        ConfigError: text embeddings of another dimension than the CLIP model's; a scaling
+            section that leaves no CPU for the data feed.
+        NonFiniteLossError: the loss became NaN/inf (step and last good checkpoint named).
+        CheckpointMismatchError: the checkpoint being resumed does not fit the model.
+    """
+    import torch
+
+    from pipeline.training import fit
+    from stages.feeds import train_dataset
+    from zeroseg.data.transforms import make_lut
+    from zeroseg.models import save_segmenter
+
+    splits = ctx.inputs["splits"]
+    vocabs = vocabularies(splits)
+    train_vocab = vocabs["train"]
+    emb = text_embeddings(
+        ctx.inputs["text"], vocabs, ["train"], dim=model_embed_dim(cfg.clip), clip_model=cfg.clip.model
+    )["train"]
+    seen_text = seen_rows(train_vocab, emb)  # before fit: a worker would retry the error
+    model_cfg = cfg.model.model_dump(mode="json")
+    lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)})
+    ds = train_dataset(splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows)
+    spec = cfg.clip.model_dump(mode="json")
+    loop_config = {
+        "clip": spec,
+        "model": model_cfg,
+        "seen_text": seen_text.tolist(),
+        "weight_decay": cfg.weight_decay,
+        "head_lr_mult": cfg.head_lr_mult,
+        "warmup_steps": cfg.warmup_steps,
+        "poly_power": cfg.poly_power,
+        "init_from": ctx.inputs["init_from"].uri if "init_from" in ctx.inputs else None,
+    }
+    bar = ctx.progress(cfg.train.max_steps, "steps")
+    result = fit(
+        zegclip_train_loop,
+        loop_config,
+        {"train": ds},
+        cfg.scaling,
+        cfg.train,
+        ctx.train_storage,
+        ctx.train_name,
+        ctx.tracking,
+        log=ctx.log,
+        progress=lambda p: bar.update(completed=p.step, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}"),
+    )
+    seg = build_model(spec, model_cfg)
+    seg.load_trainable_state_dict(result.model_state(), source=result.checkpoint_uri)
+    trainable = seg.trainable_state_dict()
+    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegclip", trainable)
+    return {
+        "steps": result.steps,
+        "global_batch_size": result.global_batch_size,
+        "lr": result.effective_lr,
+        "effective_lr": result.effective_lr * cfg.head_lr_mult,
+        "resumed_from_step": result.resumed_from_step,
+        "precision": result.precision,
+        "trainable_params": int(sum(v.numel() for v in trainable.values() if torch.is_tensor(v))),
+        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+    }
+
+
+METHOD = Method(
+    "zegclip",
+    ZegCLIPMethod,
+    train_zegclip,
+    summary="deep prompt tuning + relationship descriptor + mask decoder (ZegCLIP, CVPR 2023)",
+)

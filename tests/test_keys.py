@@ -1,0 +1,349 @@
+"""What enters an artifact key, as a property over the config schemas and at the plan level.
+
+* every hashed field of every stage schema (every train_classifier method included) changes the
+  hashed view, no runtime field does;
+* the key changes with the hashed config, each input key, the code and the data fingerprint;
+* the sample's keys do not depend on the data path's spelling, on runtime settings, or on
+  restating a default; a typo in a model config fails the dry run with exit 2;
+* editing a stage's source changes its key and its descendants' only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from pipeline.cli import load_catalog
+from pipeline.config import hashed_view, is_runtime, load_config, runtime_view
+from pipeline.plan import plan
+from stages.methods import methods
+
+REPO = Path(__file__).resolve().parent.parent
+CATALOG = load_catalog()
+
+
+def _plan(config="configs/sample.yaml", overrides=(), env=None):
+    old = dict(os.environ)
+    try:
+        os.environ.update(env or {})
+        return plan(load_config(REPO / config, list(overrides)), CATALOG.stages, code_packages=CATALOG.code_packages)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+# -- the property over the schemas ------------------------------------------------------------
+def _changed(value, ann):
+    """A different value of the same shape (validation is not needed: ``model_copy``)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 2 + 0.5
+    if isinstance(value, str):
+        lits = (
+            [a for a in typing.get_args(ann) if isinstance(a, str)] if typing.get_origin(ann) is typing.Literal else []
+        )
+        others = [a for a in lits if a != value]
+        return others[0] if others else value + "-x"
+    if isinstance(value, (list, tuple)):
+        return type(value)([_changed(value[0], None), *value[1:]]) if value else type(value)(["x"])
+    if isinstance(value, dict):
+        return {**value, "zz": "x"}
+    if value is None:
+        return 7
+    raise AssertionError(f"no perturbation for {value!r}")
+
+
+def _replace(obj, path: tuple, value):
+    head, *rest = path
+    if isinstance(obj, list):
+        out = list(obj)
+        out[head] = value if not rest else _replace(obj[head], tuple(rest), value)
+        return out
+    cur = getattr(obj, head)
+    new = value if not rest else _replace(cur, tuple(rest), value)
+    return obj.model_copy(update={head: new})
+
+
+def _nested(v) -> bool:
+    return isinstance(v, BaseModel) and not hasattr(v, "key_payload")
+
+
+def _leaves(model: BaseModel, prefix=()):
+    """``(path, field, value)`` of every field, descending into nested models and lists of
+    models (not into models that count by ``key_payload``: they are tested apart)."""
+    for name, field in type(model).model_fields.items():
+        v = getattr(model, name)
+        if is_runtime(field, v):
+            yield prefix + (name,), field, v
+        elif _nested(v):
+            yield from _leaves(v, prefix + (name,))
+        elif isinstance(v, list) and v and all(_nested(x) for x in v):
+            for i, x in enumerate(v):
+                yield from _leaves(x, prefix + (name, i))
+        else:
+            yield prefix + (name,), field, v
+
+
+def _stage_configs():
+    """A validated config of every stage schema: the sample's, one per train_classifier method."""
+    out = {}
+    for cfg_file in ("configs/sample.yaml", "configs/sample_zegclip.yaml"):
+        for n in _plan(cfg_file):
+            name = n.name if n.name != "train_classifier" else f"train_classifier[{n.config.method}]"
+            out[name] = n.config
+    assert {f"train_classifier[{m}]" for m in methods()} <= set(out), "a method without a sample config"
+    return out
+
+
+CONFIGS = _stage_configs()
+
+
+@pytest.mark.parametrize("stage", sorted(CONFIGS))
+def test_every_hashed_field_changes_the_hashed_view_and_no_runtime_field_does(stage):
+    cfg = CONFIGS[stage]
+    base = hashed_view(cfg)
+    runtime = runtime_view(cfg)
+    n_hashed = n_runtime = 0
+    for path, field, value in _leaves(cfg):
+        if isinstance(value, BaseModel) and hasattr(value, "key_payload"):
+            continue  # ClipSpec: test_clip_spec_counts_by_architecture_and_weights
+        new = _replace(cfg, path, _changed(value, field.annotation))
+        dotted = ".".join(map(str, path))
+        if is_runtime(field, value):
+            n_runtime += 1
+            assert hashed_view(new) == base, f"{stage}.{dotted} is runtime but changes the key"
+            assert dotted in runtime
+        else:
+            n_hashed += 1
+            assert hashed_view(new) != base, f"{stage}.{dotted} determines outputs but does not change the key"
+    assert n_hashed > 0
+
+
+def test_the_runtime_fields_are_the_ones_the_issue_names():
+    """The settings a user changes between attempts: resources, retries, logging cadence,
+    checkpoints kept, concurrency, device, inference batch size, data paths."""
+    rt = {s: set(runtime_view(c)) for s, c in CONFIGS.items()}
+    assert {
+        "train.max_failures",
+        "train.log_every",
+        "train.keep_checkpoints",
+        "train.checkpoint_every",
+        "scaling.resources_per_worker",
+        "scaling.use_gpu",
+        "block_rows",
+    } <= rt["train_classifier[zegclip]"]
+    assert {"batch_size", "device", "num_gpus_per_worker", "concurrency", "warmup_batches"} <= rt["evaluate"]
+    assert {"train.images", "train.annotations", "eval.0.images", "eval.0.labels", "eval.0.classes"} <= rt[
+        "build_splits"
+    ]
+    assert {"batch_size"} <= rt["embed_text"]
+    # and what must stay hashed: the data's meaning, the optimisation, the model
+    hashed = {s: set(hashed_view(c)) for s, c in CONFIGS.items()}
+    assert {"train", "split", "unseen_policy", "seed"} <= hashed["build_splits"]
+    assert {"model", "train", "augment", "weight_decay"} <= hashed["train_classifier[zegclip]"]
+    assert {"max_steps", "batch_size", "lr", "seed"} <= set(hashed_view(CONFIGS["train_classifier[zegclip]"].train))
+
+
+def test_clip_spec_counts_by_architecture_and_weights(tmp_path):
+    from zeroseg.config.clip import TINY_MODEL_CONFIG, ClipSpec
+
+    tiny = ClipSpec(model="zeroseg-tiny-vit", random_init=True)
+    assert tiny.key_payload() == {"model": "zeroseg-tiny-vit", "weights": "random-init"}
+    assert ClipSpec(model="ViT-B-16", pretrained="openai").key_payload()["weights"] == "openai"
+    # a checkpoint counts by its bytes, whatever the path's spelling
+    ck = tmp_path / "w.pt"
+    ck.write_bytes(b"weights v1")
+    link = tmp_path / "link.pt"
+    link.symlink_to(ck)
+    a = ClipSpec(model="zeroseg-tiny-vit", checkpoint=str(ck)).key_payload()
+    assert a == ClipSpec(model="zeroseg-tiny-vit", checkpoint=str(link)).key_payload()
+    ck.write_bytes(b"weights v2")
+    assert ClipSpec(model="zeroseg-tiny-vit", checkpoint=str(ck)).key_payload() != a
+    # a model config file counts by its content
+    cfg_copy = tmp_path / "zeroseg-tiny-vit.json"
+    shutil.copy(TINY_MODEL_CONFIG, cfg_copy)
+    p1 = ClipSpec(model=str(cfg_copy), random_init=True).key_payload()
+    cfg_copy.write_text(cfg_copy.read_text().replace('"width": 64', '"width": 32'))
+    assert ClipSpec(model=str(cfg_copy), random_init=True).key_payload() != p1
+
+
+# -- the key at the plan level ----------------------------------------------------------------
+def test_key_follows_config_inputs_code_and_data(monkeypatch):
+    base = _plan().keys()
+    # an upstream change changes the downstream keys (input keys), not the upstream ones
+    k = _plan(overrides=["embed_text.templates=ensemble15"]).keys()
+    assert k["build_splits"] == base["build_splits"]
+    assert all(k[s] != base[s] for s in ("embed_text", "train_classifier", "evaluate"))
+    # the data fingerprint
+    from stages.build_splits import BuildSplits
+
+    monkeypatch.setattr(BuildSplits, "fingerprint", lambda self, c: "other data")
+    k = _plan().keys()
+    assert all(k[s] != base[s] for s in base)
+    monkeypatch.undo()
+    # the code
+    import pipeline.codehash as ch
+
+    real = ch.code_fingerprint
+
+    def edited(modules, packages):
+        out = real(modules, packages)
+        return {f: ("edited" if f == "stages/evaluate.py" else h) for f, h in out.items()}
+
+    monkeypatch.setattr(ch, "code_fingerprint", edited)
+    k = _plan().keys()
+    assert {s for s in base if k[s] != base[s]} == {"evaluate"}
+
+
+def test_runtime_only_changes_keep_every_key():
+    runtime = [
+        "train_classifier.train.max_failures=7",
+        "train_classifier.train.log_every=1",
+        "train_classifier.train.keep_checkpoints=5",
+        "train_classifier.train.checkpoint_every=2",
+        "train_classifier.scaling.resources_per_worker.CPU=1",
+        "train_classifier.block_rows=8",
+        "evaluate.concurrency=2",
+        "evaluate.batch_size=1",
+        "evaluate.device=cpu",
+        "embed_text.batch_size=3",
+    ]
+    base = _plan("configs/sample_zegclip.yaml").keys()
+    assert _plan("configs/sample_zegclip.yaml", runtime).keys() == base
+    # and a hashed change next to them still counts
+    assert _plan("configs/sample_zegclip.yaml", [*runtime, "train_classifier.train.lr=1e-4"]).keys() != base
+
+
+def test_data_path_spelling_does_not_change_keys(tmp_path, shared_data):
+    link = tmp_path / "data-link"
+    link.symlink_to(shared_data)
+    spellings = {"relative": os.path.relpath(shared_data, REPO), "absolute": str(shared_data), "symlink": str(link)}
+    keys = {name: _plan(env={"ZEROSEG_DATA": p}).keys() for name, p in spellings.items()}
+    assert keys["relative"] == keys["absolute"] == keys["symlink"]
+
+
+def test_restating_a_default_keeps_the_key():
+    base = _plan("configs/sample_zegclip.yaml").keys()
+    restated = [
+        "train_classifier.model.decoder_dropout=0.1",
+        "train_classifier.model.prompt_dropout=0.1",
+        "train_classifier.model.rd=tg_t",
+        "train_classifier.weight_decay=0.01",
+        "evaluate.gamma=0",
+        "train_classifier.model.decoder_ffn_ratio=4",
+    ]
+    assert _plan("configs/sample_zegclip.yaml", restated).keys() == base
+
+
+def test_a_model_config_typo_fails_the_dry_run_with_exit_2(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "pipeline/run.py",
+            "--config",
+            "configs/sample_zegclip.yaml",
+            "--dry-run",
+            "--work-dir",
+            str(tmp_path),
+            "--set",
+            "train_classifier.model.prompt_tokenz=4",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert (
+        "unknown key 'train_classifier.model.prompt_tokenz'; did you mean train_classifier.model.prompt_tokens?"
+        in out.stdout
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "pipeline/run.py",
+            "--config",
+            "configs/sample.yaml",
+            "--dry-run",
+            "--work-dir",
+            str(tmp_path),
+            "--set",
+            "train_classifier.method=zegclipp",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "unknown value 'zegclipp'; did you mean 'zegclip'?" in out.stdout, out.stdout
+
+
+def test_a_binding_names_the_key_to_set(tmp_path):
+    import yaml
+
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"evaluate.model: 'embed_text' cannot be bound to input 'model'"):
+        _plan(overrides=["evaluate.model=embed_text"])
+    raw = yaml.safe_load((REPO / "configs/sample.yaml").read_text())
+    del raw["train_classifier"]
+    (tmp_path / "no_model.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ConfigError,
+        match=r"evaluate needs its 'model' input \(the segmenter to evaluate\) from one of "
+        r"train_classifier, train_generator, self_train, but the config has none",
+    ):
+        plan(load_config(tmp_path / "no_model.yaml"), CATALOG.stages, code_packages=CATALOG.code_packages)
+
+
+def _copy_repo(dst: Path) -> Path:
+    for d in ("pipeline", "stages", "zeroseg", "configs"):
+        shutil.copytree(REPO / d, dst / d, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def _dry_keys(root: Path, work: Path, data: Path) -> dict[str, str]:
+    code = (
+        "import sys; sys.path.insert(0, '.'); from pipeline.cli import load_catalog; "
+        "from pipeline.config import load_config; from pipeline.plan import plan; c = load_catalog(); "
+        "p = plan(load_config('configs/sample.yaml'), c.stages, code_packages=c.code_packages); "
+        "print('KEYS', ' '.join(f'{n.name}={n.key}' for n in p))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ZEROSEG_DATA": str(data)},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("KEYS "))
+    return dict(kv.split("=") for kv in line.split()[1:])
+
+
+def test_editing_a_stage_changes_its_key_and_its_descendants_only(tmp_path, shared_data):
+    root = _copy_repo(tmp_path / "repo")
+    base = _dry_keys(root, tmp_path, shared_data)
+    with open(root / "stages" / "evaluate.py", "a") as f:
+        f.write("\n# an edit\n")
+    k = _dry_keys(root, tmp_path, shared_data)
+    assert {s for s in base if k[s] != base[s]} == {"evaluate"}
+    with open(root / "stages" / "embed_text.py", "a") as f:
+        f.write("\n# an edit\n")
+    k2 = _dry_keys(root, tmp_path, shared_data)
+    assert {s for s in base if k2[s] != k[s]} == {"embed_text", "train_classifier", "evaluate"}
+    with open(root / "zeroseg" / "data" / "splits.py", "a") as f:  # science under build_splits: all
+        f.write("\n# an edit\n")
+    k3 = _dry_keys(root, tmp_path, shared_data)
+    assert all(k3[s] != k2[s] for s in base)

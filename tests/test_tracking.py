@@ -1,0 +1,82 @@
+"""MLflow tracking: runs of killed invocations are marked KILLED, a re-run stage continues its own
+run, artifacts live with the tracking store."""
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from pipeline import tracking
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.setup(uri, "t")
+    yield uri, exp
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def _dead_pid() -> int:
+    return int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
+
+
+def test_experiment_artifacts_live_beside_the_tracking_store(store, tmp_path):
+    uri, exp = store
+    assert mlflow.get_experiment(exp).artifact_location == (tmp_path / "mlartifacts").resolve().as_uri()
+
+
+def test_runs_of_killed_invocations_are_marked_killed(store):
+    uri, exp = store
+    client = mlflow.tracking.MlflowClient()
+    killed = client.create_run(
+        exp,
+        tags={
+            tracking.HOST_TAG: __import__("socket").gethostname(),
+            tracking.PID_TAG: str(_dead_pid()),
+            tracking.PID_START_TAG: "1.0",
+        },
+    )
+    alive_tags = tracking._process_tags()  # this process: alive
+    alive = client.create_run(exp, tags=alive_tags)
+    elsewhere = client.create_run(exp, tags={tracking.HOST_TAG: "another-host", tracking.PID_TAG: "1"})
+    assert tracking.reap_dead_runs(exp) == 1
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # cannot tell: left alone
+
+
+def test_a_rerun_stage_continues_its_unfinished_run(store):
+    key = "k" * 64
+    with tracking.parent_run("first", {}):
+        with pytest.raises(RuntimeError):
+            with tracking.stage_run("train_classifier", key, {"lr": 0.1}, {"train.log_every": 5}, resume=True) as rid:
+                tracking.log_metrics({"train/loss": 1.0})
+                raise RuntimeError("killed")
+    assert mlflow.get_run(rid).info.status == "FAILED"
+    with tracking.parent_run("second", {}) as parent2:
+        with tracking.stage_run("train_classifier", key, {"lr": 0.1}, {"train.log_every": 1}, resume=True) as rid2:
+            tracking.log_metrics({"train/loss": 0.5})
+    assert rid2 == rid
+    run = mlflow.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent2
+    assert run.data.tags["runtime.train.log_every"] == "1"  # runtime settings may change: tags, not params
+    history = mlflow.tracking.MlflowClient().get_metric_history(rid, "train/loss")
+    assert [m.value for m in history] == [1.0, 0.5]
+    # a finished run is not reopened: a later attempt at another key gets a new run
+    with tracking.parent_run("third", {}):
+        with tracking.stage_run("train_classifier", key, {"lr": 0.1}, resume=True) as rid3:
+            pass
+    assert rid3 != rid
+
+
+def test_ui_command_names_the_interpreter(store):
+    uri, _ = store
+    cmd = tracking.ui_command(uri)
+    assert cmd.split()[0] in (sys.executable, os.path.relpath(sys.executable))
+    assert cmd.endswith(f"-m mlflow ui --backend-store-uri {uri}")
