@@ -1,26 +1,31 @@
 # Two commands on a fresh machine (see README):
 #   make sample   installs everything, then runs the main job on the sample data
-#   make test     installs everything, then runs the test suite (.ci/run calls it)
+#   make test     installs everything, then runs the lint and the test suite (.ci/run calls it)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 
-.PHONY: install sample test bench clean
+.PHONY: install sample test lint bench clean
 
 install: $(VENV)/.installed
 
-# uv installs the registry's torch/torchvision builds (the same stack as the GPU clusters);
-# plain pip here would take a local CPU-only torch that the registry torchvision cannot load.
-$(VENV)/.installed: pyproject.toml
+# uv installs exactly what uv.lock pins: the registry's torch/torchvision builds (the same stack as
+# the GPU clusters); plain pip here would take a local CPU-only torch that the registry torchvision
+# cannot load. --compile-bytecode: these machines set PYTHONDONTWRITEBYTECODE=1, so every process
+# (Ray workers included) would otherwise compile torch, Ray and MLflow at each start.
+$(VENV)/.installed: pyproject.toml uv.lock
 	command -v uv >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
-	uv venv -q --allow-existing --python 3.11 $(VENV)
-	uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
+	UV_PROJECT_ENVIRONMENT=$(VENV) uv sync -q --frozen --extra dev --compile-bytecode --python 3.11
 	touch $@
 
 sample: install
 	$(PY) pipeline/run.py --config configs/sample.yaml
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: install
