@@ -230,28 +230,36 @@ def _run(
         store = _open_store(cfg, False)
 
     tracking_uri = cfg.run.mlflow_uri()
-    exp_id = tracking.setup(tracking_uri, cfg.run.experiment or cfg.run.name)
-    reaped = tracking.reap_dead_runs(exp_id)
-    if reaped:
-        console.line(f"mlflow: marked {reaped} run(s) of killed invocations KILLED", "dim")
-    with tracking.parent_run(cfg.run.name, {"config": str(cfg.path), "argv": " ".join(sys.argv[1:])}):
-        for n in p:
-            tracking.log_params(n.components.get("config", {}), prefix=f"{n.name}.")
-        started: list[bool] = []
-        try:
-            out = execute(
-                [p],
-                store,
-                console,
-                work_dir=work_dir.resolve(),
-                start_cluster=lambda: started.append(init_ray(cfg, console, args.verbose)),
-            )
-        finally:
-            tracking.set_tags({"stages." + n.name: f"{n.status} {n.key[:12]}" for n in p})
-        tracking.log_metrics({f"{n.name}/{k}": v for n in p for k, v in n.metrics.items()})
-        tracking.log_metrics({"wall_seconds": time.time() - t_start})
-        if not out.ok:
-            tracking.set_tags({"status": "failed"})
+    tracker = tracking.Invocation(
+        tracking_uri,
+        cfg.run.experiment or cfg.run.name,
+        cfg.run.name,
+        {"config": str(cfg.path), "argv": " ".join(sys.argv[1:])},
+        {f"{n.name}.": n.components.get("config", {}) for n in p},
+        work_dir / "tracking-journal",
+        t_start,
+    )
+    if any(n.action == "run" for n in p):
+        tracker.open()  # MLflow now: not after a stage has already started
+    started: list[bool] = []
+    out = None
+    try:
+        out = execute(
+            [p],
+            store,
+            console,
+            work_dir=work_dir.resolve(),
+            tracker=tracker,
+            start_cluster=lambda: started.append(init_ray(cfg, console, args.verbose)),
+        )
+    finally:
+        tracker.finish(
+            {"stages." + n.name: f"{n.status} {n.key[:12]}" for n in p},
+            {**{f"{n.name}/{k}": v for n in p for k, v in n.metrics.items()}, "wall_seconds": time.time() - t_start},
+            failed=out is None or not out.ok,
+        )
+    if tracker.reaped:
+        console.line(f"mlflow: marked {tracker.reaped} run(s) of killed invocations KILLED", "dim")
     if any(started):  # a cluster this invocation started: stop it here, so the wall time printed includes it
         sys.modules["ray"].shutdown()
     print_summary(console, p)
@@ -289,6 +297,9 @@ def _gc(args: argparse.Namespace, cfg: LoadedConfig, console: Console, catalog: 
     store = _open_store(cfg, False)
     keep_cfgs = [cfg] + [load_config(k) for k in args.keep]
     plans = [plan(c, catalog.stages, None, None, code_packages=catalog.code_packages) for c in keep_cfgs]
+    from pipeline.tracking import flush_journal
+
+    flush_journal(Path(cfg.run.work_dir) / "tracking-journal", cfg.run.mlflow_uri())  # runs not yet logged count
     refs, sources = referenced_keys(plans, cfg.run.mlflow_uri())
     report = collect(store, refs, delete=args.delete)
     t = Table(title=Text(f"unreferenced in {cfg.run.store_uri()} (kept: {sources})"), title_justify="left")

@@ -57,7 +57,7 @@ def execute(
     *,
     work_dir: Path,
     start_cluster: Callable[[], None] = lambda: None,
-    track: bool = True,
+    tracker: tracking.Invocation | None = None,
 ) -> Outcome:
     """Run the nodes of ``plans`` (see module docstring).
 
@@ -67,7 +67,7 @@ def execute(
         console: where progress and results go.
         work_dir: the invocation's work directory (scratch, caches).
         start_cluster: called once, before the first node that runs (starts or joins Ray).
-        track: log to the active MLflow run (a parent run must be active).
+        tracker: the invocation's MLflow records (None: nothing is tracked).
 
     Returns:
         the :class:`Outcome`. Every node of every plan gets its status (a plan's node that shares
@@ -96,12 +96,12 @@ def execute(
                 node.status = "not run"
                 continue
             inputs = {role: artifacts[(up, p.nodes[up].key)] for role, up in node.bindings.items()}
-            art = _cached(node, store, console, track) if node.action == "cached" else None
+            art = _cached(node, store, console, tracker) if node.action == "cached" else None
             if art is None:
                 if not started:
                     start_cluster()
                     started = True
-                art = _run(node, inputs, store, console, work_dir, commit, track)
+                art = _run(node, inputs, store, console, work_dir, commit, tracker)
             if art is None:
                 ok = False
                 continue
@@ -110,7 +110,7 @@ def execute(
     return Outcome(ok, list(done.values()))
 
 
-def _cached(node: Node, store: ArtifactStore, console: Console, track: bool) -> Artifact | None:
+def _cached(node: Node, store: ArtifactStore, console: Console, tracker: tracking.Invocation | None) -> Artifact | None:
     try:
         art = store.get(node.name, node.key)
     except CorruptArtifact as e:
@@ -121,12 +121,15 @@ def _cached(node: Node, store: ArtifactStore, console: Console, track: bool) -> 
         node.reason, node.cached = "the artifact disappeared from the store", False
         return None
     node.status, node.metrics = "cached", dict(art.manifest.get("metrics", {}))
-    if track:
-        with tracking.stage_run(node.name, node.key, node.components["config"], node.runtime):
-            tracking.set_tags(
-                {"status": "cached", "produced_by_run": art.manifest.get("mlflow_run_id"), "artifact_uri": art.uri}
-            )
-            tracking.log_metrics(node.metrics)
+    if tracker is not None:
+        tracker.cached(
+            node.name,
+            node.key,
+            node.components["config"],
+            node.runtime,
+            {"produced_by_run": art.manifest.get("mlflow_run_id"), "artifact_uri": art.uri},
+            node.metrics,
+        )
     console.line(f"✓ {node.name} cached ({node.key[:12]})", "ok")
     return art
 
@@ -138,7 +141,7 @@ def _run(
     console: Console,
     work_dir: Path,
     commit: str | None,
-    track: bool,
+    tracker: tracking.Invocation | None,
 ) -> Artifact | None:
     def waiting(holder: Any) -> None:
         console.line(f"  {node.name}: {node.key[:12]} is being computed by {holder.describe()}; waiting for it")
@@ -160,8 +163,8 @@ def _run(
         with (
             lease,
             (
-                tracking.stage_run(node.name, node.key, node.components["config"], node.runtime, resume=True)
-                if track
+                tracker.stage(node.name, node.key, node.components["config"], node.runtime)
+                if tracker is not None
                 else contextlib.nullcontext()
             ) as run_id,
             console.stage_progress(node.name) as progress,
@@ -175,7 +178,7 @@ def _run(
                 work_dir=work_dir,
                 train_storage=store.train_storage(),
                 train_name=store.checkpoint_dir(node.name, node.key),
-                tracking={"tracking_uri": _tracking_uri(), "run_id": run_id} if track else None,
+                tracking={"tracking_uri": tracker.tracking_uri, "run_id": run_id} if tracker is not None else None,
                 log=lambda msg, _n=node.name: console.line(f"  [{_n}] {msg}"),
                 progress=progress,
             )
@@ -201,10 +204,10 @@ def _run(
                     },
                 )
             except BaseException as e:
-                if track:
+                if tracker is not None:
                     tracking.set_tags({"status": "failed", "error": f"{type(e).__name__}: {e}"[:5000]})
                 raise  # the nested run ends FAILED
-            if track:
+            if tracker is not None:
                 tracking.set_tags({"status": "ran", "artifact_uri": art.uri})
                 tracking.log_metrics({**metrics, "wall_seconds": node.seconds})
                 tracking.log_artifact(art.path / "manifest.json")
@@ -227,12 +230,6 @@ def _run(
     node.status, node.metrics = "ran", dict(metrics)
     console.line(f"✓ {node.name} ran in {node.seconds:.1f} s", "ok")
     return art
-
-
-def _tracking_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
 
 
 __all__ = ["Outcome", "execute", "package_versions"]

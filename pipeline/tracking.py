@@ -16,6 +16,13 @@ Nothing is lost:
 * runs left ``RUNNING`` by a process that was killed (SIGKILL, a lost node) are marked ``KILLED``
   by the next invocation on the same host (:func:`reap_dead_runs`).
 
+MLflow is opened lazily (:class:`Invocation`): importing it and its sqlite store costs about 3 s,
+more than everything else a fully cached invocation does. An invocation in which no stage runs
+writes its records (the parent run, a ``cached`` run per stage, with their times) to a journal in
+the work directory and a detached process logs them (``python -m pipeline.tracking flush``); the
+next invocation that opens MLflow logs any journal left first. As soon as a stage has to run, the
+invocation opens MLflow and logs what it recorded so far.
+
 The default tracking URI is a sqlite file in the work directory, so nothing has to be started;
 ``mlflow ui --backend-store-uri <uri>`` shows the runs.
 """
@@ -23,6 +30,7 @@ The default tracking URI is a sqlite file in the work directory, so nothing has 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -138,11 +146,26 @@ def reap_dead_runs(experiment_id: str) -> int:
 
 
 @contextlib.contextmanager
-def parent_run(name: str, tags: dict[str, str]) -> Iterator[str]:
-    """The invocation's parent run; yields its run id. Marked FAILED if the body raises."""
+def parent_run(name: str, tags: dict[str, str], start_time: float | None = None) -> Iterator[str]:
+    """The invocation's parent run (started at ``start_time``, epoch seconds, when given); yields
+    its run id. Marked FAILED if the body raises."""
     mlflow = _mlflow()
-    with mlflow.start_run(run_name=name, tags={**tags, **_process_tags()}) as run:
+    tags = {**tags, **_process_tags()}
+    if start_time is None:
+        ctx = mlflow.start_run(run_name=name, tags=tags)
+    else:
+        run = mlflow.tracking.MlflowClient().create_run(
+            _active_experiment(), start_time=int(start_time * 1000), tags=tags, run_name=name
+        )
+        ctx = mlflow.start_run(run_id=run.info.run_id)
+    with ctx as run:
         yield run.info.run_id
+
+
+def _active_experiment() -> str:
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    return _get_experiment_id()
 
 
 def _resumable_run(stage: str, key: str) -> str | None:
@@ -299,6 +322,193 @@ def log_artifacts(directory: str | Path, run_id: str | None = None) -> None:
         mlflow.tracking.MlflowClient().log_artifacts(run_id, str(directory))
 
 
+class Invocation:
+    """The MLflow records of one invocation, opened lazily (see the module docstring).
+
+    Args:
+        tracking_uri, experiment: where runs go.
+        name, tags: the parent run's name and tags.
+        params: ``{prefix: config}`` logged flattened as the parent's params (``<stage>.<key>``).
+        journal_dir: where an invocation that never opens MLflow leaves its records.
+        start_time: epoch seconds the invocation started (the parent run's start).
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        name: str,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        journal_dir: Path,
+        start_time: float,
+    ):
+        self.tracking_uri, self.experiment, self.name, self.tags = tracking_uri, experiment, name, tags
+        self.params, self.journal_dir, self.start_time = params, Path(journal_dir), start_time
+        self.cached_runs: list[dict[str, Any]] = []
+        self.reaped = 0
+        self._parent: contextlib.ExitStack | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._parent is not None
+
+    def open(self) -> None:
+        """Open MLflow: log any journal left, mark killed runs, start the parent run, log what
+        was recorded so far (idempotent)."""
+        if self._parent is not None:
+            return
+        flush_journal(self.journal_dir, self.tracking_uri)
+        exp = setup(self.tracking_uri, self.experiment)
+        self.reaped = reap_dead_runs(exp)
+        self._parent = contextlib.ExitStack()
+        self._parent.enter_context(parent_run(self.name, self.tags, self.start_time))
+        for prefix, cfg in self.params.items():
+            log_params(cfg, prefix=prefix)
+        for rec in self.cached_runs:
+            self._log_cached(rec)
+
+    def cached(
+        self,
+        stage: str,
+        key: str,
+        hashed: Any,
+        runtime: Mapping[str, Any],
+        tags: dict[str, Any],
+        metrics: dict[str, Any],
+    ) -> None:
+        """A stage whose artifact was reused: a nested ``cached`` run (now, or when MLflow opens)."""
+        rec = {
+            "stage": stage,
+            "key": key,
+            "hashed": hashed,
+            "runtime": dict(runtime),
+            "tags": tags,
+            "metrics": metrics,
+            "time": time.time(),
+        }
+        self.cached_runs.append(rec)
+        if self.opened:
+            self._log_cached(rec)
+
+    @staticmethod
+    def _log_cached(rec: dict[str, Any]) -> None:
+        with stage_run(rec["stage"], rec["key"], rec["hashed"], rec["runtime"]):
+            set_tags({"status": "cached", **rec["tags"]})
+            log_metrics(rec["metrics"])
+
+    @contextlib.contextmanager
+    def stage(self, stage: str, key: str, hashed: Any, runtime: Mapping[str, Any]) -> Iterator[str]:
+        """The nested run of a stage that runs (continuing an interrupted attempt's run)."""
+        self.open()
+        with stage_run(stage, key, hashed, runtime, resume=True) as run_id:
+            yield run_id
+
+    def finish(self, stage_tags: dict[str, str], metrics: dict[str, Any], failed: bool) -> None:
+        """End the parent run, or, if MLflow was never opened, journal the records and start a
+        detached process that logs them."""
+        if self.opened:
+            set_tags(stage_tags)
+            log_metrics(metrics)
+            if failed:
+                set_tags({"status": "failed"})
+            self._parent.close()
+            return
+        rec = {
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "name": self.name,
+            "tags": {**self.tags, **stage_tags, **({"status": "failed"} if failed else {})},
+            "params": self.params,
+            "metrics": metrics,
+            "start_time": self.start_time,
+            "end_time": time.time(),
+            "cached": self.cached_runs,
+        }
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        path = self.journal_dir / f"{time.time():.6f}-{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, default=str))
+        os.replace(tmp, path)
+        import subprocess
+
+        log = open(self.journal_dir / "flush.log", "a")  # handed to the child (closed there)
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.tracking", "flush", str(self.journal_dir), self.tracking_uri],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+
+
+def flush_journal(journal_dir: Path, tracking_uri: str) -> int:
+    """Log the records of invocations that never opened MLflow (:class:`Invocation`), oldest
+    first, and delete them; safe to run from several processes at once. Returns how many."""
+    journal_dir = Path(journal_dir)
+    files = sorted(journal_dir.glob("*.json")) if journal_dir.is_dir() else []
+    if not files:
+        return 0
+    n = 0
+    with _file_lock(journal_dir / ".lock"):
+        for f in sorted(journal_dir.glob("*.json")):
+            rec = json.loads(f.read_text())
+            _log_journal(rec, tracking_uri)
+            f.unlink()
+            n += 1
+    return n
+
+
+def _log_journal(rec: dict[str, Any], tracking_uri: str) -> None:
+    mlflow = _mlflow()
+    exp = setup(tracking_uri, rec["experiment"])
+    client = mlflow.tracking.MlflowClient()
+    parent = client.create_run(
+        exp,
+        start_time=int(rec["start_time"] * 1000),
+        run_name=rec["name"],
+        tags={k: _clip(v) for k, v in rec["tags"].items()},
+    )
+    pid = parent.info.run_id
+    params = {f"{prefix}{k}": _clip(v) for prefix, cfg in rec["params"].items() for k, v in flatten(cfg).items()}
+    _batch(client, pid, params=params, metrics=rec["metrics"], ts=rec["end_time"])
+    for c in rec["cached"]:
+        tags = {
+            "stage": c["stage"],
+            "artifact_key": c["key"],
+            "status": "cached",
+            "mlflow.parentRunId": pid,
+            **{k: _clip(v) for k, v in c["tags"].items()},
+            **{f"runtime.{k}": _clip(v) for k, v in c["runtime"].items()},
+        }
+        run = client.create_run(exp, start_time=int(c["time"] * 1000), run_name=c["stage"], tags=tags)
+        _batch(
+            client,
+            run.info.run_id,
+            params={k: _clip(v) for k, v in flatten(c["hashed"]).items()},
+            metrics=c["metrics"],
+            ts=c["time"],
+        )
+        client.set_terminated(run.info.run_id, "FINISHED", end_time=int(c["time"] * 1000))
+    client.set_terminated(
+        pid, "FAILED" if rec["tags"].get("status") == "failed" else "FINISHED", end_time=int(rec["end_time"] * 1000)
+    )
+
+
+def _batch(client: Any, run_id: str, params: dict[str, str], metrics: dict[str, Any], ts: float) -> None:
+    from mlflow.entities import Metric, Param
+
+    ms = [
+        Metric(_metric_key(k), float(v), int(ts * 1000), 0)
+        for k, v in metrics.items()
+        if not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    ]
+    ps = [Param(k, v) for k, v in params.items()]
+    for i in range(0, max(len(ms), len(ps)), _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, metrics=ms[i : i + _MAX_PARAMS_PER_BATCH], params=ps[i : i + _MAX_PARAMS_PER_BATCH])
+
+
 def ui_command(tracking_uri: str) -> str:
     """The command that shows the runs, runnable without an activated virtualenv (it names
     the interpreter this command runs under)."""
@@ -310,7 +520,17 @@ def ui_command(tracking_uri: str) -> str:
     return f"{exe} -m mlflow ui --backend-store-uri {tracking_uri}"
 
 
+if __name__ == "__main__":  # python -m pipeline.tracking flush <journal dir> <tracking uri>
+    if len(sys.argv) == 4 and sys.argv[1] == "flush":
+        logging.basicConfig(level=logging.WARNING)
+        flush_journal(Path(sys.argv[2]), sys.argv[3])
+    else:
+        sys.exit("usage: python -m pipeline.tracking flush <journal dir> <tracking uri>")
+
+
 __all__ = [
+    "Invocation",
+    "flush_journal",
     "artifact_root_for",
     "log_artifact",
     "log_artifacts",

@@ -101,7 +101,7 @@ def test_cached_run_imports_neither_torch_nor_ray(first_run):
         f"rc = main(['run', '--config', 'configs/sample.yaml', '--work-dir', {str(work)!r}, "
         + ", ".join(f"'--set', {o!r}" for o in SMALL)
         + "]); "
-        "heavy = [m for m in ('torch', 'ray', 'open_clip') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'ray', 'open_clip', 'mlflow') if m in sys.modules]; "
         "print('HEAVY', heavy); sys.exit(rc)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -161,18 +161,25 @@ def test_mlflow_parent_and_nested_runs(first_run):
     """A fully cached invocation (run here, so the test stands alone) logs one parent run with one
     nested ``cached`` run per stage, each pointing at the MLflow run that produced its artifact;
     the parent carries every stage's hashed config as params and the evaluation metrics."""
+    from pipeline.tracking import flush_journal
+
     work, _, _ = first_run
-    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    flush_journal(work / "tracking-journal", uri)  # earlier fully cached invocations of this module
+    mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name("zeroseg-sample")
     assert exp.artifact_location == (work / "mlartifacts").resolve().as_uri()  # beside the tracking store
     before = {r.info.run_id for r in mlflow.search_runs([exp.experiment_id], output_format="list")}
+    t0 = __import__("time").time()
     code, plan = _run(work)
     assert code == 0 and set(_status(plan).values()) == {"cached"}
+    flush_journal(work / "tracking-journal", uri)  # no stage ran: journaled, logged by the detached flusher or here
     runs = {r.info.run_id: r for r in mlflow.search_runs([exp.experiment_id], output_format="list")}
     new = [r for i, r in runs.items() if i not in before]
     parents = [r for r in new if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and len(new) == 1 + len(plan.nodes)
     parent = parents[0]
+    assert parent.info.start_time / 1000 <= t0 + 1 and parent.info.status == "FINISHED"  # when it ran, not when logged
     assert {k: v for k, v in parent.data.tags.items() if k.startswith("stages.")} == {
         f"stages.{p.name}": f"cached {p.key[:12]}" for p in plan
     }

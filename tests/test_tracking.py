@@ -80,3 +80,32 @@ def test_ui_command_names_the_interpreter(store):
     cmd = tracking.ui_command(uri)
     assert cmd.split()[0] in (sys.executable, os.path.relpath(sys.executable))
     assert cmd.endswith(f"-m mlflow ui --backend-store-uri {uri}")
+
+
+def test_an_invocation_that_runs_nothing_journals_its_records_and_a_flush_logs_them(tmp_path, monkeypatch):
+    """A fully cached invocation does not import MLflow: its parent and cached stage runs go to a
+    journal, logged later with their own times (by a detached process, or the next invocation)."""
+    import subprocess as sp
+
+    spawned = []
+    monkeypatch.setattr(sp, "Popen", lambda cmd, **kw: spawned.append(cmd))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    inv = tracking.Invocation(uri, "j", "sample", {"config": "c.yaml"}, {"evaluate.": {"gamma": 0.5}},
+                              tmp_path / "journal", start_time=1000.0)
+    inv.cached("evaluate", "e" * 64, {"gamma": 0.5}, {"batch_size": 2}, {"produced_by_run": "abc"}, {"val/hIoU": 12.5})
+    inv.finish({"stages.evaluate": "cached eeeeeeeeeeee"}, {"evaluate/val/hIoU": 12.5}, failed=False)
+    assert not inv.opened and len(list((tmp_path / "journal").glob("*.json"))) == 1
+    assert spawned and spawned[0][1:4] == ["-m", "pipeline.tracking", "flush"]
+    assert tracking.flush_journal(tmp_path / "journal", uri) == 1
+    assert not list((tmp_path / "journal").glob("*.json"))
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["j"], output_format="list")
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    child = next(r for r in runs if r is not parent)
+    assert parent.info.start_time == 1_000_000 and parent.info.status == "FINISHED"
+    assert parent.data.params == {"evaluate.gamma": "0.5"} and parent.data.metrics == {"evaluate/val/hIoU": 12.5}
+    assert parent.data.tags["stages.evaluate"] == "cached eeeeeeeeeeee"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.data.tags["status"] == "cached"
+    assert child.data.tags["produced_by_run"] == "abc" and child.data.tags["runtime.batch_size"] == "2"
+    assert child.data.params == {"gamma": "0.5"} and child.data.metrics == {"val/hIoU": 12.5}
+    assert tracking.flush_journal(tmp_path / "journal", uri) == 0  # nothing logged twice
