@@ -90,8 +90,9 @@ def test_an_invocation_that_runs_nothing_journals_its_records_and_a_flush_logs_t
     spawned = []
     monkeypatch.setattr(sp, "Popen", lambda cmd, **kw: spawned.append(cmd))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    inv = tracking.Invocation(uri, "j", "sample", {"config": "c.yaml"}, {"evaluate.": {"gamma": 0.5}},
-                              tmp_path / "journal", start_time=1000.0)
+    inv = tracking.Invocation(
+        uri, "j", "sample", {"config": "c.yaml"}, {"evaluate.": {"gamma": 0.5}}, tmp_path / "journal", start_time=1000.0
+    )
     inv.cached("evaluate", "e" * 64, {"gamma": 0.5}, {"batch_size": 2}, {"produced_by_run": "abc"}, {"val/hIoU": 12.5})
     inv.finish({"stages.evaluate": "cached eeeeeeeeeeee"}, {"evaluate/val/hIoU": 12.5}, failed=False)
     assert not inv.opened and len(list((tmp_path / "journal").glob("*.json"))) == 1
