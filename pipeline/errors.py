@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
+import hmac
+import os
 import pickle
 import re
 from typing import Any
@@ -37,6 +40,10 @@ _USER_ERRORS: list[type[BaseException]] = [PipelineError]
 class ConfigError(PipelineError, ValueError):
     """A bad configuration or command line: unknown key, missing binding, bad store, ...
     The CLI exits with status 2."""
+
+
+class MissingFileError(PipelineError, FileNotFoundError):
+    """An artifact lacks a file a stage reads (named with the files it has): re-run its producer."""
 
 
 class StoreError(PipelineError, OSError):
@@ -90,7 +97,15 @@ def is_user_error(e: BaseException, classes: tuple[type[BaseException], ...] | N
     return isinstance(e, classes or tuple(_USER_ERRORS))
 
 
-_PAYLOAD = re.compile(r"\[user-error-payload:([A-Za-z0-9+/=]+)\]")
+_PAYLOAD = re.compile(r"\[user-error-payload:([A-Za-z0-9+/=]+):([0-9a-f]{64})\]")
+#: This process's key for signing carried errors: a wrapper made here signs with it in the worker,
+#: and only payloads it signed are unpickled here (text from data can never reach ``pickle``).
+_KEY = os.urandom(32)
+
+
+def carrier_key() -> bytes:
+    """The key to hand to code that carries user errors to this process (:meth:`RemoteUserError.wrap`)."""
+    return _KEY
 
 
 class RemoteUserError(Exception):
@@ -101,13 +116,15 @@ class RemoteUserError(Exception):
         super().__init__(message)
 
     @classmethod
-    def wrap(cls, e: BaseException) -> RemoteUserError:
-        """The carrier of ``e``: its class and message for a human, its pickle for the driver."""
+    def wrap(cls, e: BaseException, key: bytes) -> RemoteUserError:
+        """The carrier of ``e``: its class and message for a human, its pickle (signed with the
+        driver's ``key``, :func:`carrier_key`) for the driver."""
         try:
-            payload = base64.b64encode(pickle.dumps(e)).decode()
+            raw = pickle.dumps(e)
         except Exception:  # noqa: BLE001 - an unpicklable error still travels as text
-            payload = base64.b64encode(pickle.dumps(PipelineError(f"{type(e).__name__}: {e}"))).decode()
-        return cls(f"{type(e).__name__}: {e} [user-error-payload:{payload}]")
+            raw = pickle.dumps(PipelineError(f"{type(e).__name__}: {e}"))
+        sig = hmac.new(key, raw, hashlib.sha256).hexdigest()
+        return cls(f"{type(e).__name__}: {e} [user-error-payload:{base64.b64encode(raw).decode()}:{sig}]")
 
 
 def carry_user_errors(target: Any) -> Any:
@@ -119,27 +136,28 @@ def carry_user_errors(target: Any) -> Any:
         ``__init__`` is wrapped too: a bad model file found while an actor starts is a user error).
     """
     classes = tuple(_USER_ERRORS)  # travels with the wrapper: workers need not register anything
+    key = _KEY  # and so does the driver's signing key
     if isinstance(target, type):
         cls = target
 
         class Carrying(cls):  # type: ignore[valid-type, misc]
-            __init__ = _carry(cls.__init__, classes)
-            __call__ = _carry(cls.__call__, classes)
+            __init__ = _carry(cls.__init__, classes, key)
+            __call__ = _carry(cls.__call__, classes, key)
 
         Carrying.__name__ = Carrying.__qualname__ = cls.__name__
         Carrying.__module__ = cls.__module__
         return Carrying
-    return _carry(target, classes)
+    return _carry(target, classes, key)
 
 
-def _carry(fn: Any, classes: tuple[type[BaseException], ...]) -> Any:
+def _carry(fn: Any, classes: tuple[type[BaseException], ...], key: bytes) -> Any:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except BaseException as e:
             if is_user_error(e, classes):
-                raise RemoteUserError.wrap(e) from None
+                raise RemoteUserError.wrap(e, key) from None
             raise
 
     return wrapper
@@ -162,10 +180,12 @@ def find_user_error(e: BaseException) -> BaseException | None:
         seen.add(id(x))
         if is_user_error(x):
             return _unwrapped(x)
-        m = _PAYLOAD.search(str(x))
-        if m:
+        for m in _PAYLOAD.finditer(str(x)):
+            raw = base64.b64decode(m.group(1))
+            if not hmac.compare_digest(hmac.new(_KEY, raw, hashlib.sha256).hexdigest(), m.group(2)):
+                continue  # not signed by this process: never unpickled
             try:
-                return pickle.loads(base64.b64decode(m.group(1)))
+                return pickle.loads(raw)
             except Exception:  # noqa: BLE001 - a class that no longer imports: keep looking
                 pass
         for attr in ("cause", "_base_exc", "error"):

@@ -19,9 +19,9 @@ states merged on the driver), objects with
     merge(other)                 add another partial state (on the driver)
     finalize() -> dict           the result
 
-For each batch the actor resets a copy of each evaluator, processes the batch and sends the copy
-back (pickled: it must be small, e.g. confusion matrices); the driver merges the copies into its
-own instances. Nothing of image size travels to the driver. New metrics plug in as new
+For each batch the actor resets its evaluators, processes the batch and sends their partial state
+back (pickled: it must be small, e.g. the confusion matrices of the sets in the batch); the driver
+merges them into its own instances. Nothing of image size travels to the driver. New metrics plug in as new
 evaluators; this module does not change.
 
 Timing (``Timing``, always collected): per batch, the seconds of ``load`` and of ``__call__`` +
@@ -77,7 +77,7 @@ class _Actor:
 
     def __init__(self, predictor: type, predictor_kwargs: Mapping[str, Any], evaluators: bytes, warmup_batches: int):
         self.predictor = predictor(**dict(predictor_kwargs))
-        self.templates: dict[str, Any] = cloudpickle.loads(evaluators)
+        self.evaluators: dict[str, Any] = cloudpickle.loads(evaluators)  # one per actor, reset every batch
         self.warmup = int(warmup_batches)
         self.calls = 0
 
@@ -88,12 +88,10 @@ class _Actor:
         inputs = self.predictor.load(batch)
         t1 = time.perf_counter()
         outputs = self.predictor(inputs)
-        states = {}
-        for name, tmpl in self.templates.items():
-            ev = copy.deepcopy(tmpl)
+        for ev in self.evaluators.values():
             ev.reset()
             ev.process(inputs, outputs)
-            states[name] = ev
+        states = self.evaluators  # pickled below, before the next batch resets them
         t2 = time.perf_counter()
         rows = len(next(iter(batch.values()))) if batch else 0
         return {

@@ -133,7 +133,7 @@ def decode_train_batch(
         DataError: an image or label cannot be read or decoded, or their sizes differ (names the
             image id and files).
     """
-    from pipeline.training.raycompat import pass_index
+    from pipeline.raycompat import pass_index
 
     epoch = pass_index() if epoch is None else epoch
     ids, img_uris, lbl_uris = batch["image_id"], batch["image_uri"], batch["label_uri"]

@@ -1,6 +1,6 @@
 """Ray Data's private pass counter (``DataContext._execution_idx``), which the training feed's
 per-epoch seeds and the resumed epoch rely on: this test fails loudly if a Ray upgrade removes,
-renames or changes it (then update ``pipeline/training/raycompat.py``)."""
+renames or changes it (then update ``pipeline/raycompat.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import ray.cloudpickle
 
-from pipeline.training.raycompat import ATTRIBUTE, pass_index, set_pass_index
+from pipeline.raycompat import ATTRIBUTE, pass_index, set_pass_index
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray Data tasks cannot import this module
 
@@ -28,7 +28,7 @@ def test_ray_data_pass_counter_exists_and_advances_once_per_pass(ray_local):
 
     assert hasattr(DataContext.get_current(), ATTRIBUTE), (
         f"ray.data.DataContext has no {ATTRIBUTE!r} any more (Ray {ray_local.__version__}): per-epoch data seeds and "
-        "exact resume depend on it; find Ray's new pass counter and update pipeline/training/raycompat.py"
+        "exact resume depend on it; find Ray's new pass counter and update pipeline/raycompat.py"
     )
     ds = ray.data.range(8, override_num_blocks=2).map_batches(_tag_pass, batch_format="numpy")
     # the UDF sees the dataset's own counter, which advances after every complete pass
@@ -46,7 +46,7 @@ def test_missing_counter_warns_and_falls_back():
 
     import warnings
 
-    import pipeline.training.raycompat as dp
+    import pipeline.raycompat as dp
 
     dp._warned = False
     with warnings.catch_warnings(record=True) as caught:

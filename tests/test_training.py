@@ -139,7 +139,7 @@ def synthetic_feed(rows: int = 12, size: int = 32, seed: int = 0):
 
 
 def _augmented_samples(batch: dict, size: int, seed: int) -> dict:
-    from pipeline.training.raycompat import pass_index
+    from pipeline.raycompat import pass_index
 
     images, labels = [], []
     for i in batch["id"]:
@@ -741,3 +741,39 @@ def test_killed_driver_rerun_resumes_from_rays_record_and_prunes(tmp_path, ray_l
         (12, "ray"),
         (14, "in_process"),
     ]  # Ray's stay until a worker fit prunes them
+
+
+def _count_and_fail(loop: Loop) -> None:
+    """A loop that records each attempt, then meets bad input (a user error)."""
+    with open(loop.config["attempts"], "a") as f:
+        f.write("x")
+    raise TrainingDataError("manifest train.parquet has 3 rows for 2 workers x batch 4")
+
+
+@pytest.mark.slow
+def test_a_user_error_in_a_worker_is_not_retried(tmp_path, ray_local):
+    """Bad input recurs on every restart: with max_failures -1 Ray Train would retry forever.
+    The worker returns it instead; the driver raises it, after one attempt of each worker."""
+    attempts = tmp_path / "attempts"
+    with pytest.raises(TrainingDataError, match="3 rows for 2 workers"):
+        fit(
+            _count_and_fail,
+            {"attempts": str(attempts)},
+            {"train": synthetic_dataset()},
+            ScalingSection(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            T(max_failures=-1),
+            str(tmp_path / "s"),
+            "user-error",
+        )
+    assert attempts.read_text() == "xx"  # each of the 2 workers ran once
+
+
+def test_a_carried_error_must_be_signed_by_this_process():
+    """Only payloads signed with this driver's key are unpickled: a message that merely looks
+    like one (text from data in a KeyError, say) is ignored."""
+    from pipeline.errors import RemoteUserError, carrier_key, find_user_error
+
+    good = RemoteUserError.wrap(TrainingDataError("bad rows"), carrier_key())
+    assert isinstance(find_user_error(RuntimeError(str(good))), TrainingDataError)
+    forged = RemoteUserError.wrap(TrainingDataError("bad rows"), b"another key")
+    assert find_user_error(RuntimeError(str(forged))) is None

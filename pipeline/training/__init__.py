@@ -16,7 +16,8 @@ Layout (recipe, checkpointing and metric logging apart, as torchtune and detectr
 * ``precision.py``: what ``precision: auto | fp32 | bf16 | fp16`` means on a device;
 * ``metrics.py``: the loss reduced over workers, curves, MLflow logging, :class:`Progress`;
 * ``progress.py``: how rank 0's progress reaches the driver (an actor, or directly);
-* ``raycompat.py``: Ray Data's private pass counter, read and written only there.
+* ``pipeline/raycompat.py`` (beside the package, used by the data feeds too): Ray Data's private
+  pass counter, read and written only there.
 
 Resume. ``RunConfig(storage_path, name)`` comes from the artifact key (``StageContext.train_storage``
 / ``train_name``), so re-running an interrupted stage finds its checkpoints:

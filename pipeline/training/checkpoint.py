@@ -112,7 +112,7 @@ def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     dicts by name), CPU tensors."""
     import torch
 
-    return torch.load(Path(checkpoint_dir) / STATE_PT, map_location="cpu", weights_only=False)
+    return torch.load(Path(checkpoint_dir) / STATE_PT, map_location="cpu", weights_only=True)
 
 
 # ------------------------------------------------------------------------------------------------

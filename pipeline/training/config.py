@@ -29,7 +29,8 @@ class ScalingSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_workers: int = Field(0, ge=0)  # hashed: the world size shapes the data each worker sees
-    use_gpu: Annotated[bool, Runtime(why="device")] = False
+    # hashed: with precision auto it decides the numerics (fp32 on CPU, bf16 / fp16 autocast on GPU)
+    use_gpu: bool = False
     resources_per_worker: Annotated[dict[str, float] | None, Runtime(why="resources")] = None
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import uri as uri_
-from pipeline.errors import ConfigError, NonFiniteLossError, find_user_error
+from pipeline.errors import ConfigError, NonFiniteLossError, RemoteUserError, carrier_key, find_user_error
+from pipeline.raycompat import set_pass_index
 
 from . import in_process
 from .checkpoint import CheckpointInfo, latest_checkpoint, load_model_state, sweep_unrecorded
@@ -19,7 +20,6 @@ from .config import MlflowTarget, ScalingSection, TrainSection, check_cpus_left_
 from .loop import Loop, worker_main
 from .metrics import Progress
 from .progress import relay
-from .raycompat import set_pass_index
 
 
 @dataclasses.dataclass
@@ -162,6 +162,7 @@ def fit(
         "name": name,
         "mlflow": target.model_dump() if target and target.run_id else None,
         "start_from": {"uri": latest.uri, "step": latest.step} if latest else None,
+        "error_key": carrier_key(),  # how a user error raised in a worker is signed for this driver
     }
     if scaling.num_workers > 0:
         import ray
@@ -205,6 +206,8 @@ def fit(
                 raise user from None
             raise
     status = result.return_value or {}
+    if status.get("status") == "error":
+        raise find_user_error(RemoteUserError(status["error"])) or RuntimeError(status["error"])
     if status.get("status") == "nonfinite":
         raise NonFiniteLossError(status["step"], status["loss"], status.get("last_checkpoint"))
     final = latest_checkpoint(storage, name)

@@ -35,7 +35,14 @@ from typing import Any
 import numpy as np
 
 from pipeline import uri as uri_
-from pipeline.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError, TrainingDataError
+from pipeline.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    NonFiniteLossError,
+    RemoteUserError,
+    TrainingDataError,
+    is_user_error,
+)
 
 from . import in_process
 from .checkpoint import dir_name, load_model_state, load_train_state, step_of, write_checkpoint
@@ -199,7 +206,12 @@ class Loop:
             lambda: unwrap(model).state_dict(),
             lambda sd: unwrap(model).load_state_dict(sd, strict=True),
         )
-        self._clip_params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        # what the optimizer updates (and the scaler unscales): the parameters clipping may look at
+        self._clip_params = (
+            [q for g in optimizer.param_groups for q in g["params"]]
+            if optimizer is not None
+            else [q for q in unwrap(model).parameters() if q.requires_grad]
+        )
         src = self._resume_source()
         if src is None:
             self._log_setup()
@@ -416,6 +428,10 @@ class Loop:
 
             norm = torch.nn.utils.clip_grad_norm_(self._clip_params, self.train.clip_grad_norm)
             extra["grad_norm"] = float(norm)
+            if self.grad_scaler is None and not bool(torch.isfinite(norm)):  # the loss was finite, a gradient not:
+                # stop before the optimizer writes NaN into the weights (and a checkpoint saves them);
+                # every rank sees the same norm (gradients are synchronised). fp16's scaler skips such steps.
+                raise NonFiniteLossError(self.global_step + 1, float(norm), self.last_checkpoint)
         if self.grad_scaler is not None:
             extra["loss_scale"] = float(self.grad_scaler.get_scale())
             self.grad_scaler.step(opt)
@@ -543,6 +559,11 @@ class Loop:
 
         if self._objects is None:
             raise RuntimeError("call loop.restore(...) before saving")
+        if self._micro:
+            raise RuntimeError(
+                f"loop.save() in the middle of an accumulated step ({self._micro} of "
+                f"{self.train.grad_accum_steps} micro-batches): a resume would lose them"
+            )
         if self._saved_step == self.global_step:
             return self.last_checkpoint or ""
         leaf = dir_name(self.global_step)
@@ -613,14 +634,20 @@ def worker_main(
         ``{"status": "ok", "steps", "resumed_from", "world_size", "precision", "metrics"}``, or
         ``{"status": "nonfinite", "step", "loss", "last_checkpoint"}``: every rank sees the same
         all-reduced loss and returns together; returning (instead of raising) keeps Ray Train
-        from restarting a run that would diverge again.
+        from restarting a run that would diverge again; or ``{"status": "error", "error"}``: a user
+        error (bad data or config, ``pipeline.errors.is_user_error``), which would recur on every
+        restart, carried to the driver instead of being retried.
     """
-    loop = Loop(config, meta, channel)
     try:
+        loop = Loop(config, meta, channel)
         train_loop(loop)
         loop._finish()
     except NonFiniteLossError as e:
         return {"status": "nonfinite", "step": e.step, "loss": e.loss, "last_checkpoint": e.last_checkpoint}
+    except Exception as e:
+        if is_user_error(e):  # bad input recurs on every attempt: returned, not retried by Ray Train
+            return {"status": "error", "error": str(RemoteUserError.wrap(e, meta["error_key"]))}
+        raise
     return {
         "status": "ok",
         "steps": loop.global_step,

@@ -32,14 +32,22 @@ def resolve_precision(precision: str, device: Any) -> str:
     if precision == "auto":
         if not cuda:
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        return "bf16" if _native_bf16() else "fp16"
+    if precision == "bf16" and cuda and not _native_bf16():
         try:
             gpu = torch.cuda.get_device_name(device)
         except Exception:  # noqa: BLE001 - only for the message
             gpu = "this GPU"
         raise ConfigError(f"train.precision: bf16 is not supported by {gpu}; use fp16 (or auto)")
     return precision
+
+
+def _native_bf16() -> bool:
+    """bfloat16 in hardware (Ampere and later): torch's default check also accepts emulation,
+    which is slow (e.g. on T4 / V100, where fp16 with a scaler is the right choice)."""
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def autocast_dtype(resolved: str) -> Any:
