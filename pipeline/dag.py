@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, MissingFileError
 
 
 class StageConfig(BaseModel):
@@ -56,11 +56,15 @@ class Input:
             train_generator or self_train).
         required: a config without any of them is an error (else the role stays unbound).
         doc: what the role is, for messages.
+        auto: an unset role takes its only candidate present in the config; False for a role
+            that changes what a stage computes and so is bound only when the section names it
+            (a warm start's ``init_from``).
     """
 
     stages: tuple[str, ...]
     required: bool = True
     doc: str = ""
+    auto: bool = True
 
 
 @dataclasses.dataclass
@@ -92,19 +96,27 @@ class Artifact:
         and verified against the manifest).
 
         Raises:
-            FileNotFoundError: naming the artifact and the files it does have.
+            MissingFileError (a FileNotFoundError and a user error): naming the artifact and the
+                files it does have.
+            CorruptArtifact: a downloaded file differs from the manifest (remote stores).
+            OSError: the store cannot be read.
         """
         p = self.path / name
         if not p.exists() and self.fetch is not None and any(f["path"] == name for f in self.manifest.get("files", [])):
             p = self.fetch(name)
         if not p.exists():
             have = sorted(f["path"] for f in self.manifest.get("files", []))
-            raise FileNotFoundError(f"artifact {self.stage}/{self.key[:12]} has no file {name!r}; it has: {have[:20]}")
+            raise MissingFileError(
+                f"artifact {self.stage}/{self.key[:12]} has no file {name!r}; it has: {have[:20]} (re-run {self.stage} "
+                "with --force)"
+            )
         return p
 
     def file_uri(self, name: str) -> str:
-        """Where one file lives in the store (a local path or a store URI)."""
-        return f"{self.uri.rstrip('/')}/{name}"
+        """Where one file lives in the store (a local path or a store URI, ``?query`` kept last)."""
+        from pipeline.uri import join
+
+        return join(self.uri, name)
 
 
 class Progress:
@@ -246,7 +258,8 @@ def bind(name: str, roles: Mapping[str, Input], section: Mapping[str, Any], pres
     """Bind each input role of stage ``name`` to a stage of this config.
 
     A role is bound by the section key of the same name (``evaluate.model: self_train``); an
-    unset role takes its only candidate present in the config.
+    unset role takes its only candidate present in the config (unless the role says
+    ``auto=False``: then it stays unbound).
 
     Returns:
         ``{role: stage name}`` for every bound role.
@@ -267,6 +280,10 @@ def bind(name: str, roles: Mapping[str, Input], section: Mapping[str, Any], pres
             if given not in present:
                 raise ConfigError(f"{name}.{role} is {given!r}, but the config has no {given!r} section")
             out[role] = given
+            continue
+        if not spec.auto:
+            if spec.required:
+                raise ConfigError(f"{name}.{role} is not set; name the stage ({', '.join(spec.stages)})")
             continue
         have = [s for s in spec.stages if s in present]
         if len(have) == 1:

@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import codehash, tracking
 from pipeline.console import Console
 from pipeline.dag import Artifact, StageContext
-from pipeline.errors import find_user_error
+from pipeline.errors import StoreError, find_user_error
 from pipeline.plan import Node, Plan
 from pipeline.store import ArtifactStore, CorruptArtifact
 
@@ -92,7 +92,7 @@ def execute(
                 node.status = "skipped"
                 continue
             ups = [p.nodes[u] for u in node.upstream]
-            if not ok or any((u.name, u.key) not in artifacts for u in ups):
+            if any((u.name, u.key) not in artifacts for u in ups):  # an upstream failed (or was not run)
                 node.status = "not run"
                 continue
             inputs = {role: artifacts[(up, p.nodes[up].key)] for role, up in node.bindings.items()}
@@ -117,9 +117,16 @@ def _cached(node: Node, store: ArtifactStore, console: Console, tracker: trackin
         console.line(f"{node.name}: cached artifact failed verification ({e}); re-running", "warn")
         node.reason, node.cached = "the cached artifact failed verification", True
         return None
-    if art is None:  # removed since planning
-        node.reason, node.cached = "the artifact disappeared from the store", False
+    if art is None:  # removed since planning, or an unreadable manifest: compute it (anew)
+        node.reason = "the artifact disappeared from the store or its manifest is unreadable"
+        node.cached = store.exists(node.name, node.key)
         return None
+    _record_cached(node, art, tracker)
+    console.line(f"✓ {node.name} cached ({node.key[:12]})", "ok")
+    return art
+
+
+def _record_cached(node: Node, art: Artifact, tracker: tracking.Invocation | None) -> None:
     node.status, node.metrics = "cached", dict(art.manifest.get("metrics", {}))
     if tracker is not None:
         tracker.cached(
@@ -130,8 +137,6 @@ def _cached(node: Node, store: ArtifactStore, console: Console, tracker: trackin
             {"produced_by_run": art.manifest.get("mlflow_run_id"), "artifact_uri": art.uri},
             node.metrics,
         )
-    console.line(f"✓ {node.name} cached ({node.key[:12]})", "ok")
-    return art
 
 
 def _run(
@@ -153,12 +158,15 @@ def _run(
         except CorruptArtifact:
             art = None
         if art is not None:
-            node.status, node.metrics = "cached", dict(art.manifest.get("metrics", {}))
+            _record_cached(node, art, tracker)
             console.line(f"✓ {node.name} computed by another invocation ({node.key[:12]})", "ok")
             return art
+        replace = True  # a manifest that exists but cannot be used: replace it
+    if node.reason == "forced":  # a forced training stage trains again, not from its old checkpoints
+        store.delete_checkpoints(node.name, node.key)
     console.line(f"▶ {node.name} running ({node.key[:12]})", "run")
     t0 = time.perf_counter()
-    staging = store.staging_dir(node.name, node.key)
+    staging: Path | None = None
     try:
         with (
             lease,
@@ -169,6 +177,7 @@ def _run(
             ) as run_id,
             console.stage_progress(node.name) as progress,
         ):
+            staging = store.staging_dir(node.name, node.key)
             ctx = StageContext(
                 stage=node.name,
                 key=node.key,
@@ -185,6 +194,11 @@ def _run(
             try:
                 metrics = node.stage.run(ctx) or {}
                 node.seconds = time.perf_counter() - t0
+                if lease.lost:
+                    raise StoreError(
+                        f"{node.name}: the lease on {node.key[:12]} was taken over while this invocation ran (it "
+                        f"stalled for longer than {store.lease_ttl:.0f} s); its result is not published, re-run"
+                    )
                 art = store.publish(
                     node.name,
                     node.key,
@@ -208,13 +222,17 @@ def _run(
                     tracking.set_tags({"status": "failed", "error": f"{type(e).__name__}: {e}"[:5000]})
                 raise  # the nested run ends FAILED
             if tracker is not None:
-                tracking.set_tags({"status": "ran", "artifact_uri": art.uri})
-                tracking.log_metrics({**metrics, "wall_seconds": node.seconds})
-                tracking.log_artifact(art.path / "manifest.json")
+                try:  # the artifact is published: a tracking hiccup must not fail the stage
+                    tracking.set_tags({"status": "ran", "artifact_uri": art.uri})
+                    tracking.log_metrics({**metrics, "wall_seconds": node.seconds})
+                    tracking.log_artifact(art.path / "manifest.json")
+                except Exception as e:  # noqa: BLE001
+                    console.line(f"  [{node.name}] MLflow: could not record the run ({type(e).__name__}: {e})", "warn")
     except BaseException as e:
         node.seconds = time.perf_counter() - t0
         node.status = "failed"
-        store.discard(staging)
+        if staging is not None:
+            store.discard(staging)
         user = find_user_error(e)
         if isinstance(e, KeyboardInterrupt):
             node.error = "interrupted"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,44 +77,50 @@ def _size(store: ArtifactStore, path: str) -> int:
     return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
 
 
-def collect(store: ArtifactStore, referenced: set[str], *, delete: bool = False) -> Report:
+def collect(store: ArtifactStore, referenced: set[str], *, delete: bool = False, grace: float = 600.0) -> Report:
     """List (and with ``delete`` remove) unreferenced artifacts and checkpoints, dead leases and
-    abandoned staging directories of ``store``."""
+    abandoned staging directories of ``store``.
+
+    Args:
+        referenced: keys to keep (:func:`referenced_keys`).
+        grace: seconds: anything younger, and any key a live lease holds (an invocation at work),
+            is kept whatever references it (its MLflow run may not be written yet).
+    """
     items: list[Item] = []
     kept = 0
-    for stage, key, _ in store.artifacts():
-        if key in referenced:
+    now = time.time()
+    live: set[str] = set()
+    for path, holder in store.leases():
+        name = path.rsplit("/", 1)[1][: -len(".json")]
+        stage, _, key = name.rpartition("-")
+        if holder_alive(holder, store.lease_ttl):
+            live.add(key)
+        else:
+            items.append(Item("lease", stage, key, 0, f"held by {holder.describe()}, gone", path))
+    keep = referenced | live
+    for stage, key, info in store.artifacts():
+        if key in keep or now - info.mtime.timestamp() < grace:
             kept += 1
             continue
-        d = store.uri(stage, key) if store.local else f"{store.base}/{stage}/{key}"
-        items.append(Item("artifact", stage, key, _size(store, f"{store.base}/{stage}/{key}"), d, f"{stage}/{key}"))
-    prefixes = {k[:16] for k in referenced}
+        items.append(Item("artifact", stage, key, store.size(stage, key), "no run references it", f"{stage}/{key}"))
+    prefixes = {k[:16] for k in keep}
     for i in store.fs.get_file_info(pafs.FileSelector(f"{store.base}/{TRAIN}", allow_not_found=True)):
-        if i.type != pafs.FileType.Directory:
+        if i.type != pafs.FileType.Directory or now - i.mtime.timestamp() < grace:
             continue
         stage, _, k16 = i.base_name.rpartition("-")
         if k16 not in prefixes:
             items.append(Item("checkpoints", stage, k16, _size(store, i.path), "Ray Train checkpoints", i.path))
-    live = set()
-    for path, holder in store.leases():
-        name = path.rsplit("/", 1)[1][: -len(".json")]
-        if holder_alive(holder, store.lease_ttl):
-            live.add(name)
-        else:
-            stage, _, key = name.rpartition("-")
-            items.append(Item("lease", stage, key, 0, f"held by {holder.describe()}, gone", path))
     if store.local:
         for i in store.fs.get_file_info(pafs.FileSelector(f"{store.base}/{STAGING}", allow_not_found=True)):
             parts = i.base_name.rsplit("-", 2)
-            if len(parts) == 3 and not any(name.startswith(f"{parts[0]}-{parts[1]}") for name in live):
+            if len(parts) == 3 and now - i.mtime.timestamp() >= grace and not any(k.startswith(parts[1]) for k in live):
                 items.append(Item("staging", parts[0], parts[1], _size(store, i.path), "an attempt that died", i.path))
     if delete:
         for it in items:
             if it.kind == "artifact":
                 store.delete(it.stage, it.key)
             elif it.kind == "lease":
-                with contextlib.suppress(FileNotFoundError):
-                    store.fs.delete_file(it.path)
+                store._break_lease(it.path, store._read_lease(it.path))  # only if it is still the dead one
             else:
                 with contextlib.suppress(FileNotFoundError):
                     store.fs.delete_dir(it.path)

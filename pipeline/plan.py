@@ -25,9 +25,10 @@ from pipeline.config import LoadedConfig, digest, hashed_view, runtime_view, val
 from pipeline.dag import Stage, bind, descendants, nearest, order, stage_index
 from pipeline.errors import ConfigError, find_user_error, is_user_error
 
-#: Packages whose imports are followed for code dependencies (the science and the stages, and
-#: the training package, whose loop determines what training produces).
-DEFAULT_CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training")
+#: Packages whose imports are followed for code dependencies: the science, the stages, and the
+#: parts of the pipeline that determine outputs (the training loop, the batch-inference reduction,
+#: Ray Data's pass counter that seeds augmentation). A project's catalogue may name its own.
+DEFAULT_CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")
 
 
 @dataclasses.dataclass
@@ -121,6 +122,7 @@ def plan(
     store: Any = None,
     *,
     code_packages: tuple[str, ...] = DEFAULT_CODE_PACKAGES,
+    checks: bool = True,
 ) -> Plan:
     """Plan one config (see module docstring).
 
@@ -130,6 +132,8 @@ def plan(
         selection: ``--stages`` / ``--from`` / ``--force``.
         store: an ``ArtifactStore`` to look up cached artifacts in, or None (nothing is cached).
         code_packages: packages whose imports count as code dependencies.
+        checks: run the stages' plan-time checks for the nodes that will run (False: keys only,
+            e.g. for ``gc`` on a machine without the data).
 
     Raises:
         ConfigError: an unknown section or stage name (nearest named), an invalid section, a
@@ -192,6 +196,12 @@ def plan(
         chosen &= {selection.from_stage} | descendants(edges, selection.from_stage)
     force_all = selection.force is not None and len(selection.force) == 0
     force = set(selection.force or [])
+    unselected = sorted(force - chosen)
+    if unselected:
+        raise ConfigError(
+            f"--force {' '.join(unselected)}: not among the stages this invocation runs "
+            f"({', '.join(n for n in nodes if n in chosen)}); select it too"
+        )
 
     # keys, cache state, actions
     for node in nodes.values():
@@ -219,7 +229,10 @@ def plan(
         )
         node.selected = node.name in chosen
         node.cached = store.exists(node.name, node.key) if store is not None else False
-        forced = node.selected and (force_all or node.name in force)
+        # a forced node's descendants run again too: their keys cannot tell that its output changed
+        forced = node.selected and (
+            force_all or node.name in force or any(nodes[u].reason == "forced" for u in node.upstream)
+        )
         node.action = "run" if node.selected and (forced or not node.cached) else ("cached" if node.cached else "skip")
         if node.action == "run":
             node.reason = "forced" if forced and node.cached else why_not_cached(node, store)
@@ -231,10 +244,14 @@ def plan(
             if nodes[up].action == "skip":
                 raise ConfigError(
                     f"stage {node.name!r} needs {up!r}, which is not cached (key {nodes[up].key[:12]}) and not "
-                    f"selected; drop --stages or add {up!r} to it"
+                    + (
+                        f"selected; drop --stages or add {up!r} to it"
+                        if selection.stages
+                        else f"selected; run from {up!r} (--from {up}) or without --from"
+                    )
                 )
     for node in nodes.values():  # cluster-free checks, before anything starts
-        if node.action == "run":
+        if checks and node.action == "run":
             try:
                 node.stage.check(node.config)
             except Exception as e:

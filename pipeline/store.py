@@ -244,14 +244,14 @@ class ArtifactStore:
         return f"{self.base}/{stage}/{key}"
 
     def uri(self, stage: str, key: str) -> str:
-        """Where an artifact lives, as a user would type it."""
+        """Where an artifact lives, as a user would type it (a ``?query`` of the store kept last)."""
         if self.local:
             return self._dir(stage, key)
-        return f"{self.root_uri.rstrip('/')}/{stage}/{key}"
+        return uri_.join(self.root_uri, stage, key)
 
     def train_storage(self) -> str:
         """``RunConfig.storage_path`` for Ray Train checkpoints (beside the artifacts)."""
-        return f"{self.base}/{TRAIN}" if self.local else f"{self.root_uri.rstrip('/')}/{TRAIN}"
+        return f"{self.base}/{TRAIN}" if self.local else uri_.join(self.root_uri, TRAIN)
 
     # -- reading ---------------------------------------------------------------------------
     def exists(self, stage: str, key: str) -> bool:
@@ -428,7 +428,10 @@ class ArtifactStore:
                 shutil.rmtree(trash, ignore_errors=True)
             staging.rename(dpath)
             tmp = dpath / f".{MANIFEST}.{uuid.uuid4().hex[:6]}"
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before it is named: a crash leaves no empty manifest
             os.replace(tmp, dpath / MANIFEST)
             path = dpath
         else:
@@ -505,12 +508,16 @@ class ArtifactStore:
                 tmp.write_bytes(data)
                 os.replace(tmp, p)
                 return True
+            # written whole to a private name, then linked into place: the lease is never seen
+            # half-written, and os.link fails if another holder's lease is there (atomic on NFS too)
+            tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:6]}")
+            tmp.write_bytes(data)
             try:
-                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, p)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            finally:
+                tmp.unlink(missing_ok=True)
             return True
         if not replace and self.fs.get_file_info(path).type == pafs.FileType.File:
             return False
@@ -522,20 +529,24 @@ class ArtifactStore:
             return cur is not None and cur.owner == info.owner
         return True
 
-    def _break_lease(self, path: str, stale: LeaseInfo) -> None:
+    def _break_lease(self, path: str, stale: LeaseInfo | None) -> None:
         """Remove an abandoned lease (only if it is still the one judged stale)."""
         if self.local:
             p = Path(path)
             grave = p.with_name(f".broken-{p.name}.{uuid.uuid4().hex[:6]}")
-            cur = self._read_lease(path)
-            if cur is None or cur.owner != stale.owner:
+            try:
+                p.rename(grave)  # atomic: of several breakers one takes it
+            except FileNotFoundError:
                 return
-            with contextlib.suppress(FileNotFoundError):
-                p.rename(grave)  # atomic: of several breakers one wins
-                grave.unlink(missing_ok=True)
+            taken = self._read_lease(str(grave))
+            if taken is not None and stale is not None and taken.owner != stale.owner:
+                # another breaker replaced the stale lease with its own meanwhile: put it back
+                with contextlib.suppress(FileExistsError):
+                    os.link(grave, p)
+            grave.unlink(missing_ok=True)
             return
         cur = self._read_lease(path)
-        if cur is not None and cur.owner == stale.owner:
+        if stale is None or (cur is not None and cur.owner == stale.owner):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.delete_file(path)
 
@@ -574,7 +585,11 @@ class ArtifactStore:
                 return Lease(self, path, info, heartbeat)
             cur = self._read_lease(path)
             if cur is None:
-                continue  # released meanwhile
+                info_ = self.fs.get_file_info(path)
+                if info_.type == pafs.FileType.File and time.time() - info_.mtime.timestamp() > self.lease_ttl:
+                    self._break_lease(path, None)  # unreadable for longer than a heartbeat: abandoned
+                time.sleep(min(poll, 0.2))  # released meanwhile, or being written
+                continue
             if not holder_alive(cur, self.lease_ttl):
                 self._break_lease(path, cur)
                 continue

@@ -231,7 +231,7 @@ def log_params(config: Any, run_id: str | None = None, prefix: str = "") -> None
     """Log a (nested) config as flattened params, in batches of 100 (MLflow's limit); params
     already on the run (a resumed run) are skipped, since params cannot change."""
     mlflow = _mlflow()
-    flat = {f"{prefix}{k}": _clip(v) for k, v in flatten(config).items()}
+    flat = {_metric_key(f"{prefix}{k}"): _clip(v) for k, v in flatten(config).items()}  # MLflow's name rules
     if run_id is not None:
         have = mlflow.tracking.MlflowClient().get_run(run_id).data.params
         flat = {k: v for k, v in flat.items() if k not in have}
@@ -471,7 +471,9 @@ def _log_journal(rec: dict[str, Any], tracking_uri: str) -> None:
         tags={k: _clip(v) for k, v in rec["tags"].items()},
     )
     pid = parent.info.run_id
-    params = {f"{prefix}{k}": _clip(v) for prefix, cfg in rec["params"].items() for k, v in flatten(cfg).items()}
+    params = {
+        _metric_key(f"{prefix}{k}"): _clip(v) for prefix, cfg in rec["params"].items() for k, v in flatten(cfg).items()
+    }
     _batch(client, pid, params=params, metrics=rec["metrics"], ts=rec["end_time"])
     for c in rec["cached"]:
         tags = {
@@ -486,7 +488,7 @@ def _log_journal(rec: dict[str, Any], tracking_uri: str) -> None:
         _batch(
             client,
             run.info.run_id,
-            params={k: _clip(v) for k, v in flatten(c["hashed"]).items()},
+            params={_metric_key(k): _clip(v) for k, v in flatten(c["hashed"]).items()},
             metrics=c["metrics"],
             ts=c["time"],
         )

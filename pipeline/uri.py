@@ -107,9 +107,10 @@ def read_bytes(uri: str) -> bytes:
     if is_local(uri):
         with open(local_path(uri), "rb") as f:
             return f.read()
-    parent, _, name = uri.rpartition("/")
-    fs, path = _cached_filesystem(parent)
-    with fs.open_input_stream(f"{path}/{name}") as f:
+    scheme, _, rest = uri.partition("://")
+    bucket, _, key = rest.partition("/")
+    fs, root = _cached_filesystem(f"{scheme}://{bucket}")  # one client per bucket, not per folder
+    with fs.open_input_stream(f"{root}/{key}" if root else key) as f:
         return f.read()
 
 

@@ -2,7 +2,8 @@
 
 ``pipeline.cli`` loads ``STAGES`` from here (``pipeline.cli.STAGES_ENTRY``); the order breaks
 ties of the topological order. ``CODE_PACKAGES``: the packages whose imports count as a stage's
-code dependencies (``pipeline.codehash``).
+code dependencies (``pipeline.codehash``): the science, the stages, and the pieces of ``pipeline``
+that determine outputs (the training loop, the batch-inference reduction, the data pass counter).
 """
 
 from stages.build_splits import BuildSplits
@@ -11,4 +12,4 @@ from stages.evaluate import Evaluate
 from stages.train_classifier import TrainClassifier
 
 STAGES = [BuildSplits, EmbedText, TrainClassifier, Evaluate]
-CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training")
+CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")

@@ -216,19 +216,29 @@ def test_hashed_view_of_a_clip_spec_is_its_key_payload(tmp_path, monkeypatch):
     class WithClip(StageConfig):
         clip: ClipSpec
 
+    import hashlib
+
+    from zeroseg.config.clip import TINY_MODEL_CONFIG, builtin_model_configs
+
+    def bundled(name):  # a bundled architecture counts by its JSON's content
+        return f"{name};config-sha256:{hashlib.sha256(builtin_model_configs()[name].read_bytes()).hexdigest()}"
+
     tiny = WithClip(clip=ClipSpec(model="zeroseg-tiny-vit", random_init=True))
-    assert hashed_view(tiny) == {"clip": {"model": "zeroseg-tiny-vit", "weights": "random-init"}}
+    assert builtin_model_configs()["zeroseg-tiny-vit"] == TINY_MODEL_CONFIG
+    assert hashed_view(tiny) == {"clip": {"model": bundled("zeroseg-tiny-vit"), "weights": "random-init"}}
     # an open_clip name spelled with '/' is the same model
     a = hashed_view(WithClip(clip=ClipSpec(model="ViT-B/16", pretrained="openai")))
     assert a == hashed_view(WithClip(clip=ClipSpec(model="ViT-B-16", pretrained="openai")))
-    assert a == {"clip": {"model": "ViT-B-16", "weights": "openai"}}
+    assert a == {"clip": {"model": bundled("ViT-B-16"), "weights": "openai"}}
     # a checkpoint counts by its content, not by how its path is spelled
     ckpt = tmp_path / "w" / "ckpt.pt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"weights v1")
     (tmp_path / "link").symlink_to(ckpt.parent)
     monkeypatch.chdir(tmp_path)
-    want = {"clip": {"model": "zeroseg-tiny-vit", "weights": "sha256:" + hashlib.sha256(b"weights v1").hexdigest()}}
+    want = {
+        "clip": {"model": bundled("zeroseg-tiny-vit"), "weights": "sha256:" + hashlib.sha256(b"weights v1").hexdigest()}
+    }
     for spelling in (str(ckpt), "w/ckpt.pt", "./w/../w/ckpt.pt", "link/ckpt.pt"):
         assert hashed_view(WithClip(clip=ClipSpec(model="zeroseg-tiny-vit", checkpoint=spelling))) == want, spelling
     ckpt.write_bytes(b"weights v2")

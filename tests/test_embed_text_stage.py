@@ -5,6 +5,7 @@ with the tiny random-weight CLIP (source model) and the real CLIP ViT-B/16 VOC e
 import hashlib
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,8 +328,11 @@ def test_stage_contract_and_key_split(tmp_path, monkeypatch, voc):
     assert {r: i.stages for r, i in EmbedText.INPUTS.items()} == {"splits": ("build_splits",)}
     assert EmbedText.shared == ("clip",)
     conf = _conf(clip=TINY, templates="ensemble15", batch_size=16)
+    # the bundled architecture JSON enters by content
+    bundled = Path(__file__).resolve().parent.parent / "zeroseg" / "models" / "configs" / f"{TINY_MODEL}.json"
+    arch = hashlib.sha256(bundled.read_bytes()).hexdigest()
     assert hashed_view(conf) == {
-        "clip": {"model": TINY_MODEL, "weights": "random-init"},
+        "clip": {"model": f"{TINY_MODEL};config-sha256:{arch}", "weights": "random-init"},
         "source": "model",
         "templates": "ensemble15",
         "file": None,
@@ -363,7 +367,7 @@ def test_classes_json_errors(tmp_path):
 
     conf = _conf(clip=TINY)
     (tmp_path / "a").mkdir()
-    with pytest.raises(DataError, match="collides with the training vocabulary"):
+    with pytest.raises(DataError, match="an eval set is named .train., like the training vocabulary"):
         EmbedText().run(_ctx(tmp_path / "a", {"train": _vocab(["x"]), "eval": {"train": _vocab(["y"])}}, conf))
     (tmp_path / "b").mkdir()
     with pytest.raises(DataError, match=r"classes\.json is malformed"):  # prompt_names of another length

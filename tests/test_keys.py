@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -139,7 +140,6 @@ def test_the_runtime_fields_are_the_ones_the_issue_names():
         "train.keep_checkpoints",
         "train.checkpoint_every",
         "scaling.resources_per_worker",
-        "scaling.use_gpu",
         "block_rows",
     } <= rt["train_classifier[zegclip]"]
     assert {"batch_size", "device", "num_gpus_per_worker", "concurrency", "warmup_batches"} <= rt["evaluate"]
@@ -151,14 +151,19 @@ def test_the_runtime_fields_are_the_ones_the_issue_names():
     hashed = {s: set(hashed_view(c)) for s, c in CONFIGS.items()}
     assert {"train", "split", "unseen_policy", "seed"} <= hashed["build_splits"]
     assert {"model", "train", "augment", "weight_decay"} <= hashed["train_classifier[zegclip]"]
-    assert {"max_steps", "batch_size", "lr", "seed"} <= set(hashed_view(CONFIGS["train_classifier[zegclip]"].train))
+    assert {"max_steps", "batch_size", "lr", "seed", "precision"} <= set(
+        hashed_view(CONFIGS["train_classifier[zegclip]"].train)
+    )
+    # with precision auto, the device decides fp32 or bf16/fp16: use_gpu counts
+    assert {"num_workers", "use_gpu"} <= set(hashed_view(CONFIGS["train_classifier[zegclip]"].scaling))
 
 
 def test_clip_spec_counts_by_architecture_and_weights(tmp_path):
     from zeroseg.config.clip import TINY_MODEL_CONFIG, ClipSpec
 
     tiny = ClipSpec(model="zeroseg-tiny-vit", random_init=True)
-    assert tiny.key_payload() == {"model": "zeroseg-tiny-vit", "weights": "random-init"}
+    tiny_sha = hashlib.sha256(TINY_MODEL_CONFIG.read_bytes()).hexdigest()
+    assert tiny.key_payload() == {"model": f"zeroseg-tiny-vit;config-sha256:{tiny_sha}", "weights": "random-init"}
     assert ClipSpec(model="ViT-B-16", pretrained="openai").key_payload()["weights"] == "openai"
     # a checkpoint counts by its bytes, whatever the path's spelling
     ck = tmp_path / "w.pt"

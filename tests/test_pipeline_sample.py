@@ -131,13 +131,18 @@ def test_force_and_from_select_stages(first_run):
     assert {s for s, v in _status(plan).items() if v == "ran"} == {"evaluate"}
     assert plan.nodes["evaluate"].reason == "forced"
     code, plan = _run(work, "--from", "train_classifier", "--force", "train_classifier")
-    assert code == 0
+    assert code == 0  # a forced stage's readers run again too: their keys cannot see its new output
     assert _status(plan) == {
         "build_splits": "cached",
         "embed_text": "cached",
         "train_classifier": "ran",
-        "evaluate": "cached",
+        "evaluate": "ran",
     }
+    assert plan.nodes["evaluate"].reason == "forced"
+    from pipeline.cli import main
+
+    dry = ["run", "--config", "configs/sample.yaml", "--work-dir", str(work), "--dry-run"]
+    assert main([*dry, "--stages", "evaluate", "--force", "embed_text"]) == 2  # forcing an unselected stage
 
 
 def _tree(root):
@@ -289,6 +294,8 @@ def test_gc_removes_only_unreferenced_artifacts(first_run):
     for r in client.search_runs([exp.experiment_id], filter_string=f"tags.artifact_key = '{orphan}'"):
         client.delete_run(r.info.run_id)
     args = ["gc", "--config", "configs/sample.yaml", "--work-dir", str(work), *sum((["--set", o] for o in SMALL), [])]
+    assert main(args) == 0 and (work / "store" / "evaluate" / orphan).is_dir()  # younger than the grace period
+    args += ["--grace", "0"]
     assert main(args) == 0
     assert (work / "store" / "evaluate" / orphan).is_dir()  # listing deletes nothing
     before = {p.parent.name for p in (work / "store").glob("*/*/manifest.json")}

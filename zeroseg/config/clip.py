@@ -99,16 +99,20 @@ class ClipSpec(BaseModel):
         return self
 
     def key_payload(self) -> dict[str, str]:
-        """What of this spec determines outputs: ``{"model": name or "config-sha256:<hex>",
-        "weights": weights_id}`` (:func:`clip_fingerprint` in dict form).
+        """What of this spec determines outputs: ``{"model": "<name>;config-sha256:<hex>" (the
+        architecture's JSON by content, a file's or a bundled one's; the bare name for ``hf-hub:``),
+        "weights": weights_id}``.
 
         Raises:
             ConfigError: a checkpoint or model config file that does not exist.
         """
         name, _ = resolve_model(self)
-        model = (
-            f"{name};config-sha256:{file_sha256(self.model.strip())}" if looks_like_path(self.model.strip()) else name
-        )
+        if looks_like_path(self.model.strip()):
+            model = f"{name};config-sha256:{file_sha256(self.model.strip())}"
+        elif name in builtin_model_configs():  # a config shipped with open_clip or zeroseg: by content too
+            model = f"{name};config-sha256:{file_sha256(builtin_model_configs()[name])}"
+        else:
+            model = name
         return {"model": model, "weights": weights_id(self)}
 
 
