@@ -29,10 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config import Runtime
 from pipeline.dag import Input, Stage, StageConfig, StageContext
-from stages.common import random_weights_notice
+from stages.common import random_weights_notice, vocabularies
 from zeroseg.config.clip import ClipSpec, clip_fingerprint, file_sha256, model_embed_dim, weights_id
 from zeroseg.data.readers import load_json
-from zeroseg.data.splits import read_classes_json
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.text import TEMPLATES, get_templates
 
@@ -87,22 +86,6 @@ class EmbedTextConfig(StageConfig):
 
 def _path(p: str) -> Path:
     return Path(p).expanduser().resolve()
-
-
-def read_vocabularies(classes_json: Path) -> dict[str, dict[str, Any]]:
-    """``{"train": vocab, <eval name>: vocab, ...}`` from build_splits' ``classes.json``
-    (``zeroseg.data.splits.read_classes_json``), each as ``{"names", "prompt_names"}``.
-
-    Raises:
-        DataError: a missing or malformed file, or an eval set named ``train``.
-    """
-    train, evals = read_classes_json(classes_json)
-    if "train" in evals:
-        raise DataError(f"{classes_json}: eval set name 'train' collides with the training vocabulary")
-    return {
-        name: {"names": list(v.names), "prompt_names": list(v.prompt_names)}
-        for name, v in {"train": train, **evals}.items()
-    }
 
 
 def read_embedding_file(f: EmbeddingFile) -> tuple[np.ndarray, list[str], str]:
@@ -240,7 +223,10 @@ class EmbedText(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         cfg: EmbedTextConfig = ctx.config
-        vocabs = read_vocabularies(ctx.inputs["splits"].file("classes.json"))
+        vocabs = {
+            n: {"names": list(v.names), "prompt_names": list(v.prompt_names)}
+            for n, v in vocabularies(ctx.inputs["splits"]).items()
+        }
         out_dir = Path(ctx.output_dir) / EMBEDDINGS_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
         prov: dict[str, Any] = {"source": cfg.source, "prompt_names": {v: d["prompt_names"] for v, d in vocabs.items()}}

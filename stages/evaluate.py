@@ -241,8 +241,10 @@ class Evaluate(Stage):
         import ray
 
         from pipeline.inference import reduce
+        from zeroseg.config.clip import model_embed_dim
         from zeroseg.evaluation import GZS3Evaluator
         from zeroseg.metrics import json_safe, per_class_table, segmentation_metrics, zs3_metrics
+        from zeroseg.models import read_segmenter_json
         from zeroseg.plots import plot_per_class_iou
 
         cfg: EvaluateConfig = ctx.config
@@ -263,7 +265,14 @@ class Evaluate(Stage):
                 raise ConfigError(
                     f"evaluate.sets: unknown eval set {n!r}{nearest(n, evals)} (eval sets: {', '.join(evals)})"
                 )
-        text_embeddings(ctx.inputs["text"], vocabs, names)  # the one check: rows per class, readable
+        seg_doc = read_segmenter_json(ctx.inputs["model"].file("segmenter.json").parent)
+        text_embeddings(
+            ctx.inputs["text"],
+            vocabs,
+            names,
+            dim=model_embed_dim(seg_doc["clip"]),
+            clip_model=seg_doc["clip"].get("model"),
+        )  # the one check: rows per class, the model's size
         device, gpus = resolve_device(cfg)
 
         t0 = time.perf_counter()

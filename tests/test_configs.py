@@ -93,3 +93,37 @@ def test_benchmark_configs_fail_the_plan_time_checks_without_their_data(monkeypa
     monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
     with pytest.raises(ConfigError, match=r"dataset 'coco_stuff'.*does not exist"):
         plan(load_config(REPO / "configs" / "coco_stuff.yaml"), STAGES)
+
+
+@pytest.mark.parametrize(
+    "name, dataset, tokens, steps, template",
+    [
+        ("voc_zegclip.yaml", "voc20", 10, 20_000, "zegclip_single"),
+        ("coco_stuff_zegclip.yaml", "coco_stuff171", 100, 80_000, "ensemble15"),
+    ],
+)
+def test_zegclip_benchmark_configs_are_the_released_settings(
+    name, dataset, tokens, steps, template, monkeypatch, tmp_path
+):
+    """ZegCLIP Sec. 4.3 / Appendix A-C and the released configs (released-code.md section 4):
+    ViT-B/16 openai, 512x512, global batch 16, AdamW 2e-5 x lr_mult 10, wd 0.01, poly 0.9 to
+    min_lr 1e-6 after 1500 linear warm-up steps from 1e-6, 20k (VOC) / 80k (COCO) iterations,
+    10 / 100 deep prompt tokens in every layer, [t*g, t] queries, a 3-layer 512-wide 8-head
+    decoder, focal 100 + dice 1 (gamma 2), "a photo of a {}" on VOC and the 15 templates on
+    COCO-Stuff, inductive inference with seen scores - 0.1."""
+    monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
+    p = plan(load_config(REPO / "configs" / name), STAGES, store=EverythingCached())
+    tc = p.nodes["train_classifier"].config
+    assert tc.clip.model == "ViT-B-16" and tc.clip.pretrained == "openai"
+    m = tc.model
+    assert (m.backbone, m.prompt_tokens, m.prompt_layers, m.rd) == ("dpt", tokens, None, "tg_t")
+    assert (m.decoder_layers, m.decoder_width, m.decoder_heads, tuple(m.input_size)) == (3, 512, 8, (512, 512))
+    assert (m.loss, m.loss_alpha, m.loss_beta, m.focal_gamma) == ("focal_dice", 100.0, 1.0, 2.0)
+    tr = tc.train
+    assert tc.scaling.num_workers * tr.batch_size * tr.grad_accum_steps == 16 == tr.reference_batch_size
+    assert (tr.max_steps, tr.lr, tc.weight_decay, tc.head_lr_mult) == (steps, 2e-5, 0.01, 10.0)
+    assert (tc.poly_power, tc.min_lr, tc.warmup_steps, tc.warmup_ratio) == (0.9, 1e-6, 1500, 1e-6)
+    assert tuple(tc.augment.crop_size) == (512, 512)
+    assert p.nodes["embed_text"].config.templates == template
+    assert p.nodes["build_splits"].config.split.builtin == dataset
+    assert p.nodes["evaluate"].config.gamma == 0.1

@@ -822,3 +822,37 @@ def test_mlflow_helpers(tmp_path, monkeypatch):
     tracking.log_artifacts(tmp_path, run_id="r2")
     assert batches == [("r2", 1000), ("r2", 1000), ("r2", 500)] and arts == [("r2", str(tmp_path))]
     assert len(calls) == 2  # nothing more through the fluent API
+
+
+def test_probability_scores_are_calibrated_by_direct_subtraction():
+    """ZegCLIP-like scores (per-class sigmoid probabilities) p = (0.6 seen, 0.45 unseen), gamma 0.1:
+    subtracting gamma directly keeps the seen class (0.5 > 0.45); a softmax first would not
+    (softmax(0.6, 0.45) differs by tanh(0.075) = 0.075 < 0.1) and predict the unseen class."""
+    import torch
+
+    from stages.evaluate import SegmenterPredictor
+    from zeroseg.evaluation import GZS3Evaluator
+
+    class Sigmoidish(torch.nn.Module):
+        scores_are_probabilities = True
+
+        def forward(self, x, text):
+            return torch.tensor([[[[0.6]], [[0.45]]]]).expand(len(x), 2, 1, 1)
+
+    pred = SegmenterPredictor.__new__(SegmenterPredictor)  # the model and text as an actor would hold them
+    pred.seg, pred.text, pred.size = Sigmoidish(), {"s": torch.zeros(2, 4)}, (1, 1)
+    pred.device, pred.mean, pred.std = torch.device("cpu"), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    inputs = {
+        "images": [np.zeros((1, 1, 3), np.uint8)],
+        "labels": [np.zeros((1, 1), np.uint8)],
+        "label_uris": ["x.png"],
+        "sets": ["s"],
+    }
+    out = pred(inputs)
+    assert out["probabilities"] is True
+    ev = GZS3Evaluator({"s": {"num_classes": 2, "seen": [0], "unseen": [1]}}, gamma=0.1)
+    ev.process(inputs, out)
+    assert ev.finalize()["s"]["gzs3"].tolist() == [[1, 0], [0, 0]]  # the seen pixel stays seen
+    ev.reset()
+    ev.process(inputs, {**out, "probabilities": False})
+    assert ev.finalize()["s"]["gzs3"].tolist() == [[0, 1], [0, 0]]  # the softmax route would flip it

@@ -60,10 +60,19 @@ class GZS3Evaluator:
         self.reset()
 
     def reset(self) -> None:
-        self.gzs3 = {n: np.zeros((s["num_classes"],) * 2, np.int64) for n, s in self.sets.items()}
-        self.zs3 = {n: np.zeros((len(s["unseen"]),) * 2, np.int64) for n, s in self.sets.items()}
-        self.images = {n: 0 for n in self.sets}
-        self.pixels = {n: 0 for n in self.sets}
+        """Empty partial state (matrices are allocated per set on first use: a batch's partial
+        state holds only the sets it has)."""
+        self.gzs3: dict[str, np.ndarray] = {}
+        self.zs3: dict[str, np.ndarray] = {}
+        self.images: dict[str, int] = {}
+        self.pixels: dict[str, int] = {}
+
+    def _ensure(self, name: str) -> None:
+        if name not in self.gzs3:
+            s = self.sets[name]
+            self.gzs3[name] = np.zeros((s["num_classes"],) * 2, np.int64)
+            self.zs3[name] = np.zeros((len(s["unseen"]),) * 2, np.int64)
+            self.images[name] = self.pixels[name] = 0
 
     def process(self, inputs: Mapping[str, Sequence[Any]], outputs: Mapping[str, Any]) -> None:
         import torch
@@ -81,6 +90,7 @@ class GZS3Evaluator:
                     f"the segmenter returned scores {tuple(scores.shape)} for eval set {name!r} with {c} "
                     "classes; expected [B, C, h, w]"
                 )
+            self._ensure(name)
             gz = torch.zeros((c, c), dtype=torch.int64, device=scores.device)
             zs = torch.zeros((len(s["unseen"]),) * 2, dtype=torch.int64, device=scores.device)
             for j, row in enumerate(group["index"]):
@@ -113,13 +123,18 @@ class GZS3Evaluator:
             self.zs3[name] += zs.cpu().numpy()
 
     def merge(self, other: GZS3Evaluator) -> None:
-        for n in self.sets:
+        """Add another partial state (the sets it has)."""
+        for n in other.gzs3:
+            self._ensure(n)
             self.gzs3[n] += other.gzs3[n]
             self.zs3[n] += other.zs3[n]
             self.images[n] += other.images[n]
             self.pixels[n] += other.pixels[n]
 
     def finalize(self) -> dict[str, dict[str, Any]]:
+        """``{set: {"gzs3", "zs3", "images", "pixels"}}`` for every configured set."""
+        for n in self.sets:
+            self._ensure(n)
         return {
             n: {"gzs3": self.gzs3[n], "zs3": self.zs3[n], "images": self.images[n], "pixels": self.pixels[n]}
             for n in self.sets

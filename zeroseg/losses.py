@@ -31,16 +31,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zeroseg.config.zegclip import ZEGCLIP_LOSS_WEIGHTS
 from zeroseg.data.classes import IGNORE_INDEX
 
 LOSS_KINDS = ("focal_dice", "ce")
-
-#: ZegCLIP's loss weights. The paper gives gamma = 2 (Sec. 3.4) but no numbers for alpha / beta;
-#: these are from the released zero-shot configs (ZiqinZhou66/ZegCLIP,
-#: configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py and
-#: configs/coco/vpt_seg_zero_vit-b_512x512_80k_12_100_multi.py: ``SegLossPlus(mask_weight=100.0
-#: #20.0, dice_weight=1.0)``; the loss class' own default mask_weight is 20).
-ZEGCLIP_LOSS_WEIGHTS = {"alpha": 100.0, "beta": 1.0, "gamma": 2.0}
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:

@@ -35,7 +35,6 @@ class Method:
         inputs: input roles beyond build_splits and embed_text (e.g. ``proposals``).
         code: modules whose code determines the outputs besides the method's own module (e.g.
             modules it imports by name).
-        summary: a line for the plan (what trains, the paper).
     """
 
     name: str
@@ -43,7 +42,6 @@ class Method:
     build: Callable[[Any, Any], dict[str, float]]
     inputs: dict[str, Input] = dataclasses.field(default_factory=dict)
     code: tuple[str, ...] = ()
-    summary: str = ""
 
     @property
     def module(self) -> str:

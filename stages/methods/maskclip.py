@@ -47,4 +47,4 @@ def build_maskclip(ctx: StageContext, cfg: MaskCLIPMethod) -> dict[str, float]:
     return {"trainable_params": 0}
 
 
-METHOD = Method("maskclip", MaskCLIPMethod, build_maskclip, summary="training-free dense CLIP (MaskCLIP, ECCV 2022)")
+METHOD = Method("maskclip", MaskCLIPMethod, build_maskclip)

@@ -17,16 +17,17 @@ global batch of 16.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import Runtime
 from pipeline.dag import StageConfig, StageContext
 from pipeline.training import ScalingSection, TrainSection
-from stages.common import seen_rows, text_embeddings, vocabularies, warm_start
+from stages.common import seen_rows, text_embeddings, vocabularies
 from stages.methods import Method
 from zeroseg.config.clip import ClipSpec, model_embed_dim
 from zeroseg.config.zegclip import ZegCLIPConfig
@@ -39,8 +40,9 @@ class ZegCLIPMethod(StageConfig):
     ``model``: ZegCLIP's hyperparameters (:class:`zeroseg.config.zegclip.ZegCLIPConfig`);
     ``train`` / ``scaling``: the training package's sections (steps, per-worker batch, lr and its
     reference global batch, checkpoints, precision, accumulation, clipping / workers and
-    resources); ``augment``: the training crops. ``warmup_steps``: optimizer steps of linear
-    warm-up (lr factor ``(s + 1) / warmup_steps``; 0: none). ``poly_power``: exponent ``p`` of the
+    resources); ``augment``: the training crops. Schedule (``zeroseg.models.zegclip.zegclip_lr_factor``,
+    the released mmcv one): ``warmup_steps`` of linear warm-up from ``warmup_ratio`` (0: none), then
+    poly decay to the absolute ``min_lr`` (0: to zero). ``poly_power``: exponent ``p`` of the
     poly decay ``(1 - s / max_steps) ** p``. ``head_lr_mult``: lr multiplier of every trained
     parameter (the released ``lr_mult`` 10). ``block_rows``: images per Ray Data decode task
     (32 keeps the feed level with a PyTorch DataLoader on 2 CPUs: ``benchmarks/bench_train_feed.py``).
@@ -55,32 +57,45 @@ class ZegCLIPMethod(StageConfig):
     weight_decay: float = Field(0.01, ge=0)
     head_lr_mult: float = Field(10.0, gt=0)
     warmup_steps: int = Field(1500, ge=0)
+    warmup_ratio: float = Field(1e-6, ge=0, le=1)
     poly_power: float = Field(0.9, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
     block_rows: Annotated[int, Runtime(why="decode task size")] = Field(32, gt=0)
 
+    @model_validator(mode="after")
+    def _one_resolution(self) -> ZegCLIPMethod:
+        if tuple(self.augment.crop_size) != tuple(self.model.input_size):
+            raise ValueError(
+                f"augment.crop_size {list(self.augment.crop_size)} differs from model.input_size "
+                f"{list(self.model.input_size)}: ZegCLIP trains and is evaluated at one resolution (its positional "
+                "embedding is resized once, Sec. 4.3: 512x512); set both to the same [H, W]"
+            )
+        return self
 
-class _LossModule:
-    """Factory for a DDP-friendly module whose ``forward`` returns ZegCLIP's training loss
-    (DDP synchronises gradients only through ``forward``)."""
 
-    @staticmethod
-    def build(segmenter: Any, text: Any) -> Any:
-        import torch
+def _loss_module(segmenter: Any, text: Any) -> Any:
+    """A module whose ``forward(images, target)`` returns ZegCLIP's training loss terms (DDP
+    synchronises gradients only through ``forward``); ``text``: the seen-class embeddings."""
+    import torch
 
-        class ZegCLIPLoss(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = segmenter
-                self.register_buffer("text", text, persistent=False)
+    class ZegCLIPLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = segmenter
+            self.register_buffer("text", text, persistent=False)
 
-            def forward(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-                return self.model.loss(images, target, self.text)
+        def forward(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.model.loss(images, target, self.text)
 
-        return ZegCLIPLoss()
+    return ZegCLIPLoss()
 
 
 def build_model(clip_spec: dict[str, Any], model_cfg: dict[str, Any]) -> Any:
-    """ZegCLIP on a freshly loaded CLIP (``zeroseg.models.clip.load_clip``)."""
+    """ZegCLIP on a freshly loaded CLIP (``zeroseg.models.clip.load_clip``).
+
+    Raises:
+        ConfigError: a bad CLIP spec or model config (``load_clip``, ``ZegCLIP``).
+    """
     from zeroseg.models.clip import as_spec, load_clip
     from zeroseg.models.zegclip import ZegCLIP
 
@@ -92,8 +107,7 @@ def zegclip_train_loop(loop: Any) -> None:
 
     ``loop.config``: ``clip`` (ClipSpec dict), ``model`` (ZegCLIP cfg), ``seen_text``
     (``[S, D]`` seen-class text embeddings, L2-normalised), ``weight_decay``, ``head_lr_mult``,
-    ``warmup_steps``, ``poly_power``; optionally ``init_from`` (a segmenter artifact URI whose
-    weights start a fresh run: ``stages.common.warm_start``, strict). Batches: ``image`` float32 ``[B, 3, H, W]``, ``label``
+    ``warmup_steps``, ``poly_power``. Batches: ``image`` float32 ``[B, 3, H, W]``, ``label``
     uint8 ``[B, H, W]`` in seen training ids with 255 ignore. Checkpoints hold the trainable
     weights only (prompts + head), loaded back strictly.
     """
@@ -103,21 +117,27 @@ def zegclip_train_loop(loop: Any) -> None:
     seg = build_model(cfg["clip"], cfg["model"])
     text = torch.tensor(np.asarray(cfg["seen_text"], dtype=np.float32))
     # the last decoder layer's FFN feeds no mask (masks are its attention logits, Eq. 2)
-    model = loop.prepare(_LossModule.build(seg, text), find_unused_parameters=True)
+    model = loop.prepare(_loss_module(seg, text), find_unused_parameters=True)
+    from zeroseg.models.zegclip import zegclip_lr_factor
+
     groups = seg.optimizer_param_groups(cfg["weight_decay"])
     for g in groups:  # ZegCLIP's released config: lr_mult 10 for the prompts and the head
         g["lr"] = loop.lr * cfg["head_lr_mult"]
     opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])  # every group sets its lr
-    max_steps, warm, power = loop.train.max_steps, cfg["warmup_steps"], cfg["poly_power"]
-
-    def factor(step: int) -> float:
-        poly = max(0.0, 1.0 - step / max_steps) ** power
-        return poly * (min(1.0, (step + 1) / warm) if warm else 1.0)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)  # stepped once per optimizer step by loop.step
+    base = loop.lr * cfg["head_lr_mult"]
+    sched = torch.optim.lr_scheduler.LambdaLR(  # stepped once per optimizer step by loop.step
+        opt,
+        functools.partial(
+            zegclip_lr_factor,
+            max_steps=loop.train.max_steps,
+            base_lr=base,
+            min_lr=cfg["min_lr"],
+            power=cfg["poly_power"],
+            warmup_steps=cfg["warmup_steps"],
+            warmup_ratio=cfg["warmup_ratio"],
+        ),
+    )
     loop.restore(model, opt, sched, model_state=(seg.trainable_state_dict, seg.load_trainable_state_dict))
-    if loop.global_step == 0 and cfg.get("init_from"):  # warm start: a fresh run (a resumed one has its checkpoint)
-        warm_start(seg, cfg["init_from"])
     model.train()
     for batch in loop.batches("train"):  # micro-batches, tensors already on loop.device
         images = batch["image"]
@@ -167,8 +187,9 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
         "weight_decay": cfg.weight_decay,
         "head_lr_mult": cfg.head_lr_mult,
         "warmup_steps": cfg.warmup_steps,
+        "warmup_ratio": cfg.warmup_ratio,
         "poly_power": cfg.poly_power,
-        "init_from": ctx.inputs["init_from"].uri if "init_from" in ctx.inputs else None,
+        "min_lr": cfg.min_lr,
     }
     bar = ctx.progress(cfg.train.max_steps, "steps")
     result = fit(
@@ -190,7 +211,7 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
     return {
         "steps": result.steps,
         "global_batch_size": result.global_batch_size,
-        "lr": result.effective_lr,
+        "base_lr": result.effective_lr,
         "effective_lr": result.effective_lr * cfg.head_lr_mult,
         "resumed_from_step": result.resumed_from_step,
         "precision": result.precision,
@@ -199,9 +220,4 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
     }
 
 
-METHOD = Method(
-    "zegclip",
-    ZegCLIPMethod,
-    train_zegclip,
-    summary="deep prompt tuning + relationship descriptor + mask decoder (ZegCLIP, CVPR 2023)",
-)
+METHOD = Method("zegclip", ZegCLIPMethod, train_zegclip)

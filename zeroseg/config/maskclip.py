@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Size = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
+from zeroseg.config import Size, square
 
 
 class MaskCLIPConfig(BaseModel):
@@ -29,5 +29,14 @@ class MaskCLIPConfig(BaseModel):
     input_size: Size | None = None
     logit_scale: Annotated[float, Field(gt=0)] | Literal["model"] = 100.0
 
+    _square = field_validator("input_size", mode="before")(square)
 
-__all__ = ["MaskCLIPConfig", "Size"]
+    @field_validator("logit_scale", mode="before")
+    @classmethod
+    def _scale(cls, v: object) -> object:
+        if v != "model" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise ValueError(f"MaskCLIP model.logit_scale must be a positive number or 'model', got {v!r}")
+        return v
+
+
+__all__ = ["MaskCLIPConfig"]

@@ -8,14 +8,14 @@ and Context settings change ``prompt_tokens`` (100 / 35, Appendix A). See
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from zeroseg.config.maskclip import Size
+from zeroseg.config import Size, square
 
 #: Relationship-descriptor query forms of ZegCLIP Table 4 (``zeroseg.models.zegclip.RD_FORMS``
-#: holds their definitions; a test keeps the two lists equal).
+#: holds their definitions; tests/test_zegclip.py keeps the two lists equal).
 RD_FORM_NAMES = (
     "t",
     "tg",
@@ -29,8 +29,11 @@ RD_FORM_NAMES = (
     "tg_t_minus_g",
     "tg_abs_t_minus_g_t",
 )
-#: Loss weights of ZegCLIP's released zero-shot configs: ``SegLossPlus(mask_weight=100.0,
-#: dice_weight=1.0)`` and the focal gamma 2 of Sec. 3.4 (released-code.md section 4).
+#: ZegCLIP's loss weights. The paper gives gamma = 2 (Sec. 3.4) but no numbers for alpha / beta;
+#: these are from the released zero-shot configs (ZiqinZhou66/ZegCLIP,
+#: configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py and
+#: configs/coco/vpt_seg_zero_vit-b_512x512_80k_12_100_multi.py: ``SegLossPlus(mask_weight=100.0
+#: #20.0, dice_weight=1.0)``; the loss class' own default mask_weight is 20; released-code.md section 4).
 ZEGCLIP_LOSS_WEIGHTS = {"alpha": 100.0, "beta": 1.0, "gamma": 2.0}
 
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
@@ -72,11 +75,38 @@ class ZegCLIPConfig(BaseModel):
     loss_beta: float = Field(ZEGCLIP_LOSS_WEIGHTS["beta"], ge=0)
     focal_gamma: float = Field(ZEGCLIP_LOSS_WEIGHTS["gamma"], ge=0)
 
+    _square = field_validator("input_size", mode="before")(square)
+
+    @field_validator("prompt_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"model.prompt_tokens must be a positive int (e.g. 10 as for VOC; backbone fix/ft "
+                f"ignores it), got {v!r}"
+            )
+        return v
+
+    @field_validator("prompt_layers", mode="before")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        if v is not None and (
+            not isinstance(v, (list, tuple))
+            or not v
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in v)
+        ):
+            raise ValueError(
+                "model.prompt_layers must be a non-empty list of 1-based layer numbers (ints, e.g. "
+                f"[1, 2, 3]) or null for every layer, got {v!r}"
+            )
+        return v
+
     @model_validator(mode="after")
     def _width_heads(self) -> ZegCLIPConfig:
         if self.decoder_width % self.decoder_heads:
             raise ValueError(
-                f"decoder_width {self.decoder_width} must be divisible by decoder_heads {self.decoder_heads}"
+                f"model.decoder_width {self.decoder_width} must be divisible by model.decoder_heads "
+                f"{self.decoder_heads}"
             )
         return self
 

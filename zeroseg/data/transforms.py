@@ -30,14 +30,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from zeroseg.config import Size
 from zeroseg.data.classes import IGNORE_INDEX
 from zeroseg.errors import DataError
 
 #: CLIP's pixel statistics for images in [0, 1] (open_clip OPENAI_DATASET_MEAN / STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-Size = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
 
 
 class AugmentConfig(BaseModel):

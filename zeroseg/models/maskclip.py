@@ -12,7 +12,6 @@ Imports neither Ray nor the pipeline.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,21 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeroseg.errors import ConfigError
+from zeroseg.config import validated
+from zeroseg.config.maskclip import MaskCLIPConfig
 from zeroseg.models import Segmenter
 from zeroseg.models.clip import check_dense_visual, check_input_size, dense_features, image_norm, native_input_size
 
-#: Model config keys of :class:`MaskCLIP` and their defaults.
-#: ``input_size``: ``[H, W]`` or None (= the CLIP model's ``image_size``; other sizes, multiples
-#: of the patch size, resize the positional embedding bicubically). ``logit_scale``: the factor
-#: applied to the cosine similarities, a positive float or ``"model"`` (= the CLIP model's learned
-#: ``logit_scale.exp()``, 100 for OpenAI CLIP). 100 is the temperature MaskCLIP's head uses before its softmax
-#: (``MaskClipHead.refine_output``: ``softmax(output * 100)``). It does not change the argmax.
-MASKCLIP_DEFAULT_CONFIG: dict[str, Any] = {"input_size": None, "logit_scale": 100.0}
+#: Model config keys of :class:`MaskCLIP` and their defaults: the dump of
+#: :class:`zeroseg.config.maskclip.MaskCLIPConfig` (the one schema; its docstring says what each is).
+MASKCLIP_DEFAULT_CONFIG: dict[str, Any] = MaskCLIPConfig().model_dump(mode="json")
 
 
 def resolve_maskclip_config(clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults + ``cfg``, validated; ``input_size`` and ``logit_scale`` made concrete.
+    """``cfg`` validated by :class:`~zeroseg.config.maskclip.MaskCLIPConfig`, with ``input_size``
+    and ``logit_scale`` made concrete for ``clip_model``.
 
     Returns:
         ``{"input_size": [H, W], "logit_scale": float}``.
@@ -43,28 +40,12 @@ def resolve_maskclip_config(clip_model: nn.Module, cfg: Mapping[str, Any] | None
         ConfigError: an unknown key (naming the nearest), a bad ``input_size`` (not ``[H, W]``
             positive ints, or not a multiple of the CLIP patch size) or ``logit_scale``.
     """
-    out = dict(MASKCLIP_DEFAULT_CONFIG)
-    for k, v in dict(cfg or {}).items():
-        if k not in out:
-            near = difflib.get_close_matches(k, list(out), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"unknown MaskCLIP model config key {k!r}{hint} (keys: {', '.join(out)})")
-        out[k] = v
-    size = out["input_size"]
-    if size is None:
-        size = list(native_input_size(clip_model))
-    elif isinstance(size, int):
-        size = [size, size]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
-        raise ConfigError(f"MaskCLIP input_size must be [H, W] positive ints or null, got {out['input_size']!r}")
-    out["input_size"] = [int(s) for s in size]
+    out = validated(MaskCLIPConfig, cfg, "MaskCLIP model").model_dump(mode="json")
+    out["input_size"] = list(out["input_size"] or native_input_size(clip_model))
     check_input_size(clip_model, out["input_size"], "MaskCLIP input_size")
-    scale = out["logit_scale"]
-    if scale == "model":
-        scale = float(clip_model.logit_scale.detach().exp().reshape(-1)[0])
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ConfigError(f"MaskCLIP logit_scale must be a positive number or 'model', got {out['logit_scale']!r}")
-    out["logit_scale"] = float(scale)
+    if out["logit_scale"] == "model":
+        out["logit_scale"] = float(clip_model.logit_scale.detach().exp().reshape(-1)[0])
+    out["logit_scale"] = float(out["logit_scale"])
     return out
 
 

@@ -26,8 +26,6 @@ Imports neither Ray nor the pipeline.
 
 from __future__ import annotations
 
-import copy
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,68 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeroseg.errors import ConfigError
-from zeroseg.losses import LOSS_KINDS, ZEGCLIP_LOSS_WEIGHTS, segmentation_loss_terms
+from zeroseg.config import validated
+from zeroseg.config.zegclip import ZegCLIPConfig
+from zeroseg.losses import segmentation_loss_terms
 from zeroseg.models import Segmenter
 from zeroseg.models.clip import check_input_size, image_norm
-from zeroseg.models.prompt import BACKBONE_VARIANTS, PromptedVisionTransformer
+from zeroseg.models.prompt import PromptedVisionTransformer
 
 # --------------------------------------------------------------------------- paper settings
-
-#: Settings of the paper (ZegCLIP Sec. 4.3 unless noted), for configs to cite. Numbers the paper
-#: does not print come from the authors' released configs (ZiqinZhou66/ZegCLIP,
-#: configs/voc12/vpt_seg_zero_vit-b_512x512_20k_12_10.py, configs/coco/vpt_seg_zero_vit-b_512x512_80k_12_100_multi.py,
-#: where "_12_10" / "_12_100" = prompts in 12 layers, 10 / 100 prompt tokens) and are marked "code".
-ZEGCLIP_PAPER_SETTINGS: dict[str, Any] = {
-    "clip": {"model": "ViT-B-16", "pretrained": "openai"},  # Sec. 4.3
-    "input_size": (512, 512),  # Sec. 4.3: 512x512 crops
-    "batch_size": 16,  # Sec. 4.3 (code: 4 GPUs x 4 images)
-    "iterations": {"voc": 20_000, "context": 40_000, "coco": 80_000},  # Sec. 4.3, inductive
-    "optimizer": {  # Sec. 4.3: AdamW + the MMSeg default schedule; the numbers are "code"
-        "name": "AdamW",
-        "lr": 2e-5,
-        "lr_mult": {"prompts": 10.0, "head": 10.0},  # effective 2e-4 for everything that trains
-        "weight_decay": 0.01,
-        "no_weight_decay": ("norm", "ln"),  # decay_mult 0 for norm layers
-        "schedule": {"policy": "poly", "power": 0.9, "min_lr": 1e-6},
-        "warmup": {"kind": "linear", "iters": 1500, "ratio": 1e-6},
-    },
-    # Appendix A / Fig. 6: best number of deep prompt tokens M per dataset
-    "prompt_tokens": {"voc": 10, "coco": 100, "context": 35},
-    "prompt_layers": None,  # Appendix B / Table 8: every layer (1->12) is best and the default
-    "backbone": "dpt",  # Sec. 3.3
-    "rd": "tg_t",  # Eq. 8, Table 4 (red line)
-    "decoder_layers": 3,  # Sec. 3.2 / Fig. 8
-    "decoder_width": 512,  # code (embed_dims = in_channels = 512)
-    "decoder_heads": 8,  # code
-    "loss": {"kind": "focal_dice", **ZEGCLIP_LOSS_WEIGHTS},  # Eqs. 4-6, gamma Sec. 3.4; alpha/beta code
-    # Appendix C: VOC uses the single template "A photo of a { }" (no full stop; template set
-    # ``zegclip_single``), COCO and Context the 15 listed there (``ensemble15``)
-    "text_templates": {"voc": "single ('A photo of a {}')", "coco": 15, "context": 15},
-    "unseen": {  # Appendix E, Table 10
-        "voc": ["pottedplant", "sheep", "sofa", "train", "tvmonitor"],
-        "coco": [
-            "cow",
-            "giraffe",
-            "suitcase",
-            "frisbee",
-            "skateboard",
-            "carrot",
-            "scissors",
-            "cardboard",
-            "clouds",
-            "grass",
-            "playingfield",
-            "river",
-            "road",
-            "tree",
-            "wall-concrete",
-        ],
-        "context": ["cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tvmonitor", "keyboard", "aeroplane"],
-    },
-    "test": {"mode": "slide", "crop": (512, 512), "stride": (426, 426)},  # code
-    "transductive": "train on seen for the first half of the iterations, then self-train with pseudo labels",  # Sec. 4.3
-}
 
 
 # --------------------------------------------------------------------------- relationship descriptor
@@ -285,28 +229,14 @@ class MaskDecoder(nn.Module):
 # --------------------------------------------------------------------------- the segmenter
 
 #: Configuration keys of :class:`ZegCLIP` and their defaults (ZegCLIP's VOC setting).
-ZEGCLIP_DEFAULT_CONFIG: dict[str, Any] = {
-    "backbone": "dpt",  # dpt | ft | fix   (ZegCLIP Sec. 3.3, Table 5)
-    "prompt_tokens": 10,  # M (Appendix A: 10 VOC, 100 COCO, 35 Context); dpt only
-    "prompt_layers": None,  # 1-based ViT layers with prompts; None = all (Table 8)
-    "prompt_dropout": 0.1,  # VPT / released code; paper silent
-    "rd": "tg_t",  # query form, Table 4 names in RD_FORMS
-    "decoder_layers": 3,  # Sec. 3.2: a 3-layer transformer decoder
-    "decoder_width": 512,
-    "decoder_heads": 8,
-    "decoder_ffn_ratio": 4.0,
-    "decoder_dropout": 0.1,
-    "decoder_self_attn": False,  # the released decoder layer has no query self-attention
-    "input_size": [512, 512],  # (H, W) training/inference resolution; pos. embedding resized once
-    "loss": "focal_dice",  # focal_dice (Eqs. 4-6) | ce (Table 5 "EL" baseline)
-    "loss_alpha": ZEGCLIP_LOSS_WEIGHTS["alpha"],
-    "loss_beta": ZEGCLIP_LOSS_WEIGHTS["beta"],
-    "focal_gamma": ZEGCLIP_LOSS_WEIGHTS["gamma"],
-}
+#: Configuration keys of :class:`ZegCLIP` and their defaults (ZegCLIP's released VOC setting):
+#: the dump of :class:`zeroseg.config.zegclip.ZegCLIPConfig`, whose docstring says what each is.
+ZEGCLIP_DEFAULT_CONFIG: dict[str, Any] = ZegCLIPConfig().model_dump(mode="json")
 
 
-def resolve_zegclip_config(cfg: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Defaults <- ``cfg`` <- ``overrides``, validated; returns a JSON-serialisable dict.
+def resolve_zegclip_config(cfg: Mapping[str, Any] | ZegCLIPConfig | None = None, **overrides: Any) -> dict[str, Any]:
+    """Defaults <- ``cfg`` <- ``overrides``, validated by :class:`zeroseg.config.zegclip.ZegCLIPConfig`
+    (the one schema of ZegCLIP's hyperparameters); returns its JSON-serialisable dict.
 
     ``prompt_layers`` comes back as a list of ints or None; whether its layers exist and
     ``input_size`` fits the patch size is checked when the model is built (it needs the CLIP model).
@@ -314,52 +244,8 @@ def resolve_zegclip_config(cfg: Mapping[str, Any] | None = None, **overrides: An
     Raises:
         ConfigError: unknown key (naming the nearest valid key) or a bad value.
     """
-    out = copy.deepcopy(ZEGCLIP_DEFAULT_CONFIG)
-    for src in (cfg or {}), overrides:
-        for k, v in src.items():
-            if k not in out:
-                near = difflib.get_close_matches(k, list(out), n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {sorted(out)}"
-                raise ConfigError(f"unknown ZegCLIP model config key {k!r}{hint}")
-            out[k] = v
-    if out["backbone"] not in BACKBONE_VARIANTS:
-        raise ConfigError(f"model.backbone must be one of {BACKBONE_VARIANTS}, got {out['backbone']!r}")
-    if out["rd"] not in RD_FORMS:
-        near = difflib.get_close_matches(str(out["rd"]), list(RD_FORMS), n=1)
-        raise ConfigError(
-            f"model.rd must be one of {sorted(RD_FORMS)}, got {out['rd']!r}"
-            + (f"; did you mean {near[0]!r}?" if near else "")
-        )
-    if out["loss"] not in LOSS_KINDS:
-        raise ConfigError(f"model.loss must be one of {LOSS_KINDS}, got {out['loss']!r}")
-    size = out["input_size"]
-    if isinstance(size, int):
-        size = [size, size]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
-        raise ConfigError(f"model.input_size must be [H, W] positive ints, got {out['input_size']!r}")
-    out["input_size"] = [int(s) for s in size]
-    for key in ("prompt_tokens", "decoder_layers", "decoder_width", "decoder_heads"):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            fix = " (e.g. 10 as for VOC; backbone fix/ft ignores it)" if key == "prompt_tokens" else ""
-            raise ConfigError(f"model.{key} must be a positive int{fix}, got {v!r}")
-    if out["decoder_width"] % out["decoder_heads"]:
-        raise ConfigError(
-            f"model.decoder_width {out['decoder_width']} must be divisible by model.decoder_heads {out['decoder_heads']}"
-        )
-    layers = out["prompt_layers"]
-    if layers is not None:
-        if (
-            not isinstance(layers, (list, tuple))
-            or not layers
-            or any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in layers)
-        ):
-            raise ConfigError(
-                "model.prompt_layers must be a non-empty list of 1-based layer numbers (ints, e.g. [1, 2, 3]) "
-                f"or null for every layer, got {layers!r}"
-            )
-        out["prompt_layers"] = [int(i) for i in layers]
-    return out
+    base = cfg.model_dump(mode="json") if isinstance(cfg, ZegCLIPConfig) else dict(cfg or {})
+    return validated(ZegCLIPConfig, {**base, **overrides}, "model").model_dump(mode="json")
 
 
 class ZegCLIP(Segmenter):
@@ -380,8 +266,10 @@ class ZegCLIP(Segmenter):
     (ZegCLIP Sec. 3.4), at patch-grid resolution (``p`` = patch size, 16 for ViT-B/16).
     ``evaluate`` upsamples them bilinearly and takes the argmax over classes, i.e. it sees the
     class with the highest independent sigmoid probability (the same class as the highest logit
-    since sigmoid is monotonic, up to the interpolation). The released code additionally
-    subtracts 0.1 from the seen classes' probabilities at inductive test time; not done here.
+    since sigmoid is monotonic, up to the interpolation). The released code's inductive
+    inference subtracts 0.1 from the seen classes' probabilities: that is evaluate's seen-class
+    calibration (``evaluate.gamma: 0.1`` in the ZegCLIP benchmark configs; this model returns
+    probabilities, ``scores_are_probabilities``, so gamma is subtracted directly).
 
     Training: ``loss(images, target, seen_text_embeddings)`` (or ``mask_logits`` + a loss from
     :mod:`zeroseg.losses`). Trainable parameters (:meth:`trainable_parameters`,
@@ -519,9 +407,45 @@ class ZegCLIP(Segmenter):
         return self
 
 
+def zegclip_lr_factor(
+    step: int,
+    max_steps: int,
+    base_lr: float,
+    *,
+    min_lr: float = 1e-6,
+    power: float = 0.9,
+    warmup_steps: int = 1500,
+    warmup_ratio: float = 1e-6,
+) -> float:
+    """The learning-rate factor of ZegCLIP's released schedule at optimizer step ``step``
+    (0-based): poly decay to an absolute ``min_lr`` with a linear warm-up, as mmcv's
+    ``PolyLrUpdaterHook`` and ``LrUpdaterHook.get_warmup_lr`` compute it for the released
+    configs (``lr_config=dict(policy="poly", power=0.9, min_lr=1e-6, by_epoch=False, warmup="linear",
+    warmup_iters=1500, warmup_ratio=1e-6)``; released-code.md section 4; the paper only says
+    "the MMSeg default schedule")::
+
+        poly(s) = (base_lr - min_lr) * (1 - s / max_steps) ** power + min_lr
+        warm(s) = 1 - (1 - s / warmup_steps) * (1 - warmup_ratio)     for s < warmup_steps, else 1
+        factor  = poly(s) * warm(s) / base_lr
+
+    Args:
+        step: optimizer steps done; max_steps: the total (the decay reaches ``min_lr`` there).
+        base_lr: the parameter group's learning rate (after ``lr_mult``; ``min_lr`` is absolute,
+            as in mmcv); min_lr: 0 decays to zero.
+        warmup_steps: 0 disables the warm-up.
+
+    Returns:
+        the factor (unitless) that multiplies ``base_lr``.
+    """
+    s = min(max(step, 0), max_steps)
+    poly = (base_lr - min_lr) * (1.0 - s / max_steps) ** power + min_lr
+    warm = 1.0 - (1.0 - s / warmup_steps) * (1.0 - warmup_ratio) if warmup_steps and s < warmup_steps else 1.0
+    return poly * warm / base_lr
+
+
 __all__ = [
+    "zegclip_lr_factor",
     "ZEGCLIP_DEFAULT_CONFIG",
-    "ZEGCLIP_PAPER_SETTINGS",
     "RD_FORMS",
     "MaskDecoder",
     "MaskDecoderLayer",
