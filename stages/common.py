@@ -3,7 +3,9 @@
 * :func:`vocabularies`: the typed ``classes.json`` of a build_splits artifact
   (``zeroseg.data.splits.read_classes_json``);
 * :func:`text_embeddings`: embed_text's ``embeddings/<vocab>.npy`` checked against those
-  vocabularies and the CLIP model's embedding size (one check for every stage that uses them).
+  vocabularies and the CLIP model's embedding size (one check for every stage that uses them);
+* :data:`INIT_FROM` and :func:`warm_start`: a training stage initialised from another
+  segmenter artifact's trained weights, strictly checked.
 """
 
 from __future__ import annotations
@@ -13,13 +15,25 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dag import Artifact
+from pipeline.dag import Artifact, Input
 from zeroseg.config.clip import ClipSpec
 from zeroseg.data.classes import Vocabulary
 from zeroseg.data.splits import read_classes_json
 from zeroseg.errors import ConfigError, DataError
 
 TRAIN_VOCAB = "train"
+
+#: The warm-start input role of a training stage (``<stage>.init_from: <stage>``): the segmenter
+#: artifact whose trained weights initialise this stage's model (:func:`warm_start`). Bound only
+#: when the section names it (a warm start changes what is trained, so it is never inferred);
+#: being an input, the artifact's key is part of this stage's key. Self-training (ZegFormer/ZegCLIP
+#: ST) and PADing's classifier retraining start from the classifier this way.
+INIT_FROM = Input(
+    ("train_classifier", "train_generator", "self_train"),
+    required=False,
+    auto=False,
+    doc="the segmenter whose trained weights initialise this model",
+)
 
 
 def random_weights_notice(clip: ClipSpec | None) -> list[str]:
@@ -137,4 +151,12 @@ def warm_start(seg: Any, artifact_uri: str) -> None:
         )
 
 
-__all__ = ["TRAIN_VOCAB", "random_weights_notice", "seen_rows", "text_embeddings", "vocabularies", "warm_start"]
+__all__ = [
+    "INIT_FROM",
+    "TRAIN_VOCAB",
+    "random_weights_notice",
+    "seen_rows",
+    "text_embeddings",
+    "vocabularies",
+    "warm_start",
+]
