@@ -413,8 +413,9 @@ def _tag_member(schema: Any, tag: Any) -> type[BaseModel] | None:
     return None
 
 
-def _user_loc(schema: Any, loc: tuple) -> tuple:
-    """``loc`` without the union tags pydantic inserts (``('zegclip', 'model', 'x')`` ->
+def _walk(schema: Any, loc: tuple) -> tuple[Any, tuple]:
+    """Follow a pydantic error location through ``schema``: the type reached (None if unknown),
+    and ``loc`` without the union tags pydantic inserts (``('zegclip', 'model', 'x')`` ->
     ``('model', 'x')`` for a union discriminated on ``method``)."""
     out, cur = [], schema
     for part in loc:
@@ -425,7 +426,12 @@ def _user_loc(schema: Any, loc: tuple) -> tuple:
                 continue
         out.append(part)
         cur = _descend(cur, part)
-    return tuple(out)
+    return cur, tuple(out)
+
+
+def _user_loc(schema: Any, loc: tuple) -> tuple:
+    """``loc`` as the user wrote it: without union tags (:func:`_walk`)."""
+    return _walk(schema, loc)[1]
 
 
 def _descend(cur: Any, part: Any) -> Any:
@@ -440,14 +446,7 @@ def _descend(cur: Any, part: Any) -> Any:
 
 def fields_at(schema: Any, loc: tuple) -> list[str]:
     """Field names of the (nested) model reached by ``loc`` (union tags resolved); [] if unknown."""
-    cur = schema
-    for part in loc:
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
-            member = _tag_member(cur, part) if isinstance(part, str) else None
-            if member is not None:
-                cur = member
-                continue
-        cur = _descend(cur, part)
+    cur = _walk(schema, loc)[0]
     if isinstance(cur, type) and issubclass(cur, BaseModel):
         return list(cur.model_fields)
     members = _union_members(cur) if cur is not None else []
