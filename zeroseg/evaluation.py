@@ -141,4 +141,159 @@ class GZS3Evaluator:
         }
 
 
-__all__ = ["GZS3Evaluator"]
+# =============================================================================================
+# proposal recall (stage pretrain_proposals)
+# =============================================================================================
+#: Recall groups of :class:`ProposalRecallEvaluator`: ground-truth segments of seen classes, of
+#: unseen classes, and both (DeOP Appendix Table 8 columns).
+RECALL_GROUPS = ("seen", "unseen", "all")
+
+
+def segment_best_iou(mask_logits: Any, label: np.ndarray, ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """For each ground-truth segment of ``label``, the best IoU any proposal reaches with it.
+
+    A ground-truth segment is the set of pixels of one class in the (semantic) label map; a
+    proposal is the binary mask ``sigmoid(logit) > 0.5`` (ZegFormer's mask threshold, released
+    code ``mask_former_model.py``) of one query after bilinear upsampling of its logits to the
+    label's size. IoU is counted over labelled pixels only (pixels equal to ``ignore_index``
+    belong to neither side).
+
+    Args:
+        mask_logits: float tensor ``[Q, h, w]`` (mask logits of ``Q`` proposals, any device).
+        label: ``uint8/int [H, W]`` class ids, ``ignore_index`` = unlabelled.
+        ignore_index: the unlabelled id.
+
+    Returns:
+        ``(class_ids int64 [K], best_iou float64 [K])``: the ``K`` classes present (ascending)
+        and, for each, ``max_q |P_q & G| / |P_q | G|`` in ``[0, 1]`` (0 with no proposal).
+
+    Raises:
+        ValueError: ``mask_logits`` is not 3-D.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if mask_logits.ndim != 3:
+        raise ValueError(f"mask_logits must be [Q, h, w], got {tuple(mask_logits.shape)}")
+    lab = np.asarray(label)
+    lab_t = torch.from_numpy(np.array(lab, dtype=np.int64)).to(mask_logits.device)
+    logits = mask_logits[None].float()
+    if tuple(logits.shape[-2:]) != lab.shape:
+        logits = F.interpolate(logits, size=lab.shape, mode="bilinear", align_corners=False)
+    valid = lab_t != ignore_index
+    ids = torch.unique(lab_t[valid])
+    if ids.numel() == 0 or logits.shape[1] == 0:
+        return ids.cpu().numpy(), np.zeros(ids.numel(), np.float64)
+    prop = (logits[0][:, valid] > 0).float()  # [Q, N]: sigmoid > 0.5 <=> logit > 0
+    gt = (lab_t[valid][None] == ids[:, None]).float()  # [K, N]
+    inter = gt @ prop.T  # [K, Q] exact counts (0/1 products, fp32 accumulation below 2**24)
+    union = gt.sum(1, keepdim=True) + prop.sum(1)[None] - inter  # >= |G| > 0
+    best = (inter / union).max(dim=1).values
+    return ids.cpu().numpy(), best.double().cpu().numpy()
+
+
+class ProposalRecallEvaluator:
+    """Recall of mask proposals: the fraction of ground-truth segments that some proposal covers
+    with IoU >= t, for seen, unseen and all segments (DeOP Appendix Table 8: Recall@30 / @50 on
+    COCO-Stuff; the paper gives no protocol beyond the thresholds).
+
+    Protocol (:func:`segment_best_iou`): a ground-truth segment is one class's pixels in an image;
+    every query's mask counts (no score filtering: ZegFormer's and DeOP's released inference use
+    all 100); a proposal is ``sigmoid > 0.5`` at the label's resolution; ignored pixels are left
+    out; a segment is recalled at ``t`` when its best IoU is ``>= t``.
+
+    Args:
+        sets: ``{name: {"num_classes": C, "seen": [...], "unseen": [...], "ignore_index": 255}}``.
+        thresholds: IoU thresholds in ``(0, 1]`` (default DeOP's 0.3 and 0.5).
+
+    Batch contract: ``inputs``: ``{"labels": [uint8 [H_i, W_i]], "label_uris": [str], "sets":
+    [str]}``; ``outputs``: ``{"mask_logits": float [B, Q, h, w]}`` (row ``i`` = image ``i``).
+
+    ``finalize()`` returns ``{set: {"images": n, "segments": {group: n}, "recalled": {group:
+    [n per threshold]}, "recall": {group: {t: fraction or NaN (no segment)}}}}`` for the groups
+    ``seen``, ``unseen``, ``all``.
+
+    Raises (from ``process``):
+        DataError: a label value that is neither a seen nor an unseen class id of its set (naming
+            the label file).
+    """
+
+    def __init__(self, sets: Mapping[str, Mapping[str, Any]], thresholds: Sequence[float] = (0.3, 0.5)):
+        self.sets = {
+            n: {
+                "num_classes": int(s["num_classes"]),
+                "seen": sorted(int(i) for i in s["seen"]),
+                "unseen": sorted(int(i) for i in s["unseen"]),
+                "ignore_index": int(s.get("ignore_index", 255)),
+            }
+            for n, s in sets.items()
+        }
+        self.thresholds = tuple(float(t) for t in thresholds)
+        if not self.thresholds or any(not 0.0 < t <= 1.0 for t in self.thresholds):
+            raise ValueError(f"recall IoU thresholds must be in (0, 1], got {list(thresholds)}")
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty partial state (per set, allocated on first use)."""
+        self.hits: dict[str, np.ndarray] = {}  # int64 [2 (seen, unseen), T]
+        self.totals: dict[str, np.ndarray] = {}  # int64 [2]
+        self.images: dict[str, int] = {}
+
+    def _ensure(self, name: str) -> None:
+        if name not in self.hits:
+            self.hits[name] = np.zeros((2, len(self.thresholds)), np.int64)
+            self.totals[name] = np.zeros(2, np.int64)
+            self.images[name] = 0
+
+    def process(self, inputs: Mapping[str, Sequence[Any]], outputs: Mapping[str, Any]) -> None:
+        logits = outputs["mask_logits"]
+        thr = np.asarray(self.thresholds)
+        for i, name in enumerate(inputs["sets"]):
+            s = self.sets[name]
+            ids, best = segment_best_iou(logits[i], inputs["labels"][i], s["ignore_index"])
+            seen, unseen = np.isin(ids, s["seen"]), np.isin(ids, s["unseen"])
+            bad = ids[~(seen | unseen)]
+            if bad.size:
+                raise DataError(
+                    f"label {inputs['label_uris'][i]} (eval set {name!r}): class id(s) {bad.tolist()} are neither "
+                    f"seen nor unseen classes of the set ({s['num_classes']} classes, ignore {s['ignore_index']})"
+                )
+            self._ensure(name)
+            hit = best[:, None] >= thr[None]  # [K, T]
+            for g, member in enumerate((seen, unseen)):
+                self.hits[name][g] += hit[member].sum(0)
+                self.totals[name][g] += int(member.sum())
+            self.images[name] += 1
+
+    def merge(self, other: ProposalRecallEvaluator) -> None:
+        """Add another partial state (the sets it has)."""
+        for n in other.hits:
+            self._ensure(n)
+            self.hits[n] += other.hits[n]
+            self.totals[n] += other.totals[n]
+            self.images[n] += other.images[n]
+
+    def finalize(self) -> dict[str, dict[str, Any]]:
+        """Counts and recall per configured set (see class docstring)."""
+        out = {}
+        for n in self.sets:
+            self._ensure(n)
+            hits = {"seen": self.hits[n][0], "unseen": self.hits[n][1], "all": self.hits[n].sum(0)}
+            totals = {"seen": int(self.totals[n][0]), "unseen": int(self.totals[n][1])}
+            totals["all"] = totals["seen"] + totals["unseen"]
+            out[n] = {
+                "images": self.images[n],
+                "segments": totals,
+                "recalled": {g: [int(x) for x in hits[g]] for g in RECALL_GROUPS},
+                "recall": {
+                    g: {
+                        t: (float(h) / totals[g] if totals[g] else float("nan"))
+                        for t, h in zip(self.thresholds, hits[g])
+                    }
+                    for g in RECALL_GROUPS
+                },
+            }
+        return out
+
+
+__all__ = ["RECALL_GROUPS", "GZS3Evaluator", "ProposalRecallEvaluator", "segment_best_iou"]
