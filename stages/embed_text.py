@@ -61,12 +61,15 @@ class EmbedTextConfig(StageConfig):
 
     ``clip`` is injected from the top-level ``clip:`` section by the driver; required for
     ``source: model``; for ``source: file`` it is only used to check the dimension.
-    ``templates`` applies to ``source: model``.
+    ``templates`` and ``split_names`` apply to ``source: model``; ``split_names``: a separator
+    that splits a class name into synonyms whose prompts are averaged together (ZegFormer's
+    released code: ``", "``; ``zeroseg.text.encode_class_names``), or null.
     """
 
     clip: ClipSpec | None = None
     source: Literal["model", "file"] = "model"
     templates: Literal[tuple(TEMPLATES)] = "single"  # type: ignore[valid-type]
+    split_names: str | None = Field(None, min_length=1)
     file: EmbeddingFile | None = None
     batch_size: Annotated[int, Runtime(why="inference batch size")] = Field(
         256, ge=1, description="prompts per text-encoder call"
@@ -81,6 +84,8 @@ class EmbedTextConfig(StageConfig):
                 raise ValueError("'file' applies to source: file only; remove it or set source: file")
         elif self.file is None:
             raise ValueError("source: file needs file: {embeddings: <.npy>, class_names: <.json>, key: <list name>}")
+        elif self.split_names is not None:
+            raise ValueError("'split_names' applies to source: model only (a file holds finished rows); remove it")
         return self
 
 
@@ -270,9 +275,12 @@ class EmbedText(Stage):
         model = load_clip(cfg.clip, device=device)
         tokenizer = get_tokenizer(cfg.clip)
         unique = list(dict.fromkeys(p for v in vocabs.values() for p in v["prompt_names"]))
-        emb = encode_class_names(model, tokenizer, unique, cfg.templates, batch_size=cfg.batch_size)
+        emb = encode_class_names(
+            model, tokenizer, unique, cfg.templates, batch_size=cfg.batch_size, split_names=cfg.split_names
+        )
         row = {p: i for i, p in enumerate(unique)}
         prov["templates"] = {"set": cfg.templates, "strings": list(get_templates(cfg.templates))}
+        prov["split_names"] = cfg.split_names
         prov["random_init"] = bool(cfg.clip.random_init)
         return {v: _normalise(emb[[row[p] for p in d["prompt_names"]]]) for v, d in vocabs.items()}
 
