@@ -4,9 +4,11 @@ Wiring only: the readers, class splits and the per-image function live in ``zero
 
 1. list the training dataset and every eval dataset (driver: json / directory listing);
 2. resolve the seen/unseen split of the training vocabulary and each eval vocabulary
-   (``class_map`` for cross-dataset evaluation);
+   (``class_map`` for cross-dataset evaluation); with ``split.rule: frequency`` the split is
+   counted on the training images first (an extra Ray Data pass, see :class:`SplitConfig`);
 3. truncate to ``max_images`` (first N by sorted image id), hold out ``val_fraction`` of the
-   training images as eval set ``val`` (hash of image id + seed);
+   training images as eval set ``val`` (hash of image id + seed; done before step 2 so that the
+   frequency rule counts exactly the ``train`` images);
 4. one Ray Data pass over all images: ``from_items(records).map_batches(process_batch)``
    decode-checks each image, rasterises its label and applies the unseen policy; workers return
    the label PNG bytes and the driver writes them into the output directory (so workers need no
@@ -47,6 +49,9 @@ from zeroseg.data.splits import (
     TRAIN_SPLIT,
     VAL_SPLIT,
     assign_val,
+    frequency_record,
+    frequency_split,
+    images_per_class,
     label_path,
     make_records,
     process_batch,
@@ -114,21 +119,52 @@ class DatasetConfig(BaseModel):
 
 
 class SplitConfig(BaseModel):
-    """The seen/unseen split of the training vocabulary (``zeroseg.data.classes.resolve_split``)."""
+    """The seen/unseen split of the training vocabulary.
+
+    ``rule: names`` (default): the classes are named, by ``builtin`` or by ``unseen`` / ``seen``
+    lists (``zeroseg.data.classes.resolve_split``). ``rule: frequency`` (ZegFormer's ADE20k-Full
+    benchmark, Sec. 4.1): seen = the classes present in more than ``min_images`` training images,
+    unseen = the others (``zeroseg.data.splits.frequency_split``). Presence is counted on the
+    training images' full labels *before* the unseen-pixel policy (a class counts once per image
+    whose rasterised label holds at least one of its pixels; crowd regions are ignore and do not
+    count), over the images that end up in the ``train`` split: after ``max_images``, without the
+    held-out ``val`` images and without images skipped as unreadable. The count costs one more
+    Ray Data pass over the training images (decode-check + rasterise, no label written).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    rule: Literal["names", "frequency"] = "names"
     builtin: Literal[tuple(BUILTIN_SPLITS)] | None = None  # type: ignore[valid-type]
     unseen: list[str] | None = None
     seen: list[str] | None = None
+    min_images: int | None = Field(
+        None, ge=0, description="rule frequency: seen = classes present in more than min_images training images"
+    )
 
     @model_validator(mode="after")
     def _one_way(self) -> SplitConfig:
+        named = [k for k in ("builtin", "unseen", "seen") if getattr(self, k) is not None]
+        if self.rule == "frequency":
+            if named:
+                raise ValueError(
+                    f"split.rule frequency derives the seen/unseen classes from the training images; remove "
+                    f"split.{', split.'.join(named)} (or use rule: names)"
+                )
+            if self.min_images is None:
+                raise ValueError(
+                    "split.rule frequency needs split.min_images: seen = classes present in more than "
+                    "min_images training images (ZegFormer's ADE20k-Full benchmark: 10)"
+                )
+            return self
+        if self.min_images is not None:
+            raise ValueError("split.min_images applies to split.rule: frequency only; remove it or set the rule")
         if self.builtin is not None and (self.unseen is not None or self.seen is not None):
             raise ValueError("give either split.builtin or split.unseen/seen, not both")
-        if self.builtin is None and self.unseen is None and self.seen is None:
+        if not named:
             raise ValueError(
-                f"give split.builtin ({', '.join(BUILTIN_SPLITS)}) or split.unseen (a list of class names; [] for none)"
+                f"give split.builtin ({', '.join(BUILTIN_SPLITS)}), split.unseen (a list of class names; [] for "
+                "none), or split.rule: frequency with split.min_images"
             )
         return self
 
@@ -255,14 +291,7 @@ class BuildSplits(Stage):
         ``class_map``'s class names exist (naming the nearest), before anything starts."""
         for d in [config.train, *config.eval]:
             check_paths(d)
-        names = class_names(config.train)
-        train = resolve_split(
-            names,
-            dataset=config.train.name,
-            builtin=config.split.builtin,
-            unseen=config.split.unseen,
-            seen=config.split.seen,
-        )
+        train = named_split(config, class_names(config.train))
         for e in config.eval:
             eval_vocabulary(class_names(e), dataset=e.name, train=train, class_map=e.class_map)
 
@@ -289,25 +318,42 @@ class BuildSplits(Stage):
         out = Path(ctx.output_dir)
         roots = {split: Path(r) for split, r in self.runtime_outputs(cfg)["image_roots"].items()}
 
-        # 1-2. listings and vocabularies
+        # 1. listings; 3. truncation and the held-out val set
         train_list = list_dataset(cfg.train)
-        train_vocab = resolve_split(
-            train_list.names,
-            dataset=cfg.train.name,
-            builtin=cfg.split.builtin,
-            unseen=cfg.split.unseen,
-            seen=cfg.split.seen,
-        )
+        recs = truncate(train_list.records, cfg.train.max_images)
+        val_ids = assign_val([r["image_id"] for r in recs], cfg.val_fraction, cfg.seed) if cfg.val_fraction else set()
+        train_recs = [r for r in recs if r["image_id"] not in val_ids]
+
+        # 2. the training vocabulary's split: named, or counted on the training images (frequency)
+        n = len(train_list.names)
+        if cfg.split.rule == "frequency":
+            named_split(cfg, train_list.names)  # the vocabulary's own checks, before the counting pass
+            count_recs = make_records(
+                train_recs, split=TRAIN_SPLIT, dataset=cfg.train.name, policy=EVAL_POLICY, unseen=(), num_classes=n
+            )
+            ctx.log(f"split.rule frequency: counting classes in {len(count_recs)} training images")
+            counted = [res for res, _ in _ray_pass(count_recs, cfg.on_bad_image, labels=False)]
+            counts, n_counted = images_per_class(counted, n)
+            train_vocab = frequency_split(
+                train_list.names,
+                counts,
+                min_images=cfg.split.min_images,
+                dataset=cfg.train.name,
+                images=n_counted,
+            )
+            split_doc = frequency_record(train_vocab, counts, min_images=cfg.split.min_images, images=n_counted)
+            ctx.log(
+                f"split.rule frequency (more than {cfg.split.min_images} of {n_counted} images): "
+                f"{len(train_vocab.seen)} seen, {len(train_vocab.unseen)} unseen"
+            )
+        else:
+            train_vocab = named_split(cfg, train_list.names)
+            split_doc = cfg.split.model_dump(mode="json", exclude_none=True)
         evals: dict[str, Vocabulary] = {}
         split_records: dict[str, list[dict[str, Any]]] = {}
         policies: dict[str, str] = {TRAIN_SPLIT: cfg.unseen_policy}
-
-        # 3. truncation and the held-out val set
-        recs = truncate(train_list.records, cfg.train.max_images)
-        val_ids = assign_val([r["image_id"] for r in recs], cfg.val_fraction, cfg.seed) if cfg.val_fraction else set()
-        n = len(train_vocab.names)
         split_records[TRAIN_SPLIT] = make_records(
-            [r for r in recs if r["image_id"] not in val_ids],
+            train_recs,
             split=TRAIN_SPLIT,
             dataset=cfg.train.name,
             policy=cfg.unseen_policy,
@@ -359,6 +405,7 @@ class BuildSplits(Stage):
             "val_fraction": cfg.val_fraction,
             "seed": cfg.seed,
             "on_bad_image": cfg.on_bad_image,
+            "split": split_doc,
             "splits": {},
         }
         metrics: dict[str, float] = {}
@@ -374,7 +421,7 @@ class BuildSplits(Stage):
             )
             stats["splits"][split] = summarize(res_list, vocabs[split], policy=policies[split])
             metrics[f"{split}_images"] = len(rows)
-        write_classes_json(out / "classes.json", train_vocab, evals)
+        write_classes_json(out / "classes.json", train_vocab, evals, split=split_doc)
         (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         metrics["skipped_images"] = sum(s["skipped"] for s in stats["splits"].values())
         metrics["dropped_images"] = sum(s["dropped_total"] for s in stats["splits"].values())
@@ -391,8 +438,23 @@ class BuildSplits(Stage):
         return metrics
 
 
-def _ray_pass(records: list[dict[str, Any]], on_bad_image: str):
-    """Yield ``(result, png bytes)`` for every record, computed by Ray Data ``map_batches``."""
+def named_split(config: BuildSplitsConfig, names: list[str]) -> Vocabulary:
+    """The training vocabulary of a named split (``rule: names``); for ``rule: frequency`` the
+    vocabulary with every class seen (the class-list checks only: the split itself needs the
+    counting pass of :meth:`BuildSplits.run`).
+
+    Raises:
+        ConfigError: as ``zeroseg.data.classes.resolve_split`` (unknown names, more than 255 classes).
+    """
+    s = config.split
+    if s.rule == "frequency":
+        return resolve_split(names, dataset=config.train.name, unseen=[])
+    return resolve_split(names, dataset=config.train.name, builtin=s.builtin, unseen=s.unseen, seen=s.seen)
+
+
+def _ray_pass(records: list[dict[str, Any]], on_bad_image: str, labels: bool = True):
+    """Yield ``(result, png bytes)`` for every record, computed by Ray Data ``map_batches``
+    (``labels=False``: no label PNGs, ``b""``)."""
     if not records:
         return
     import ray
@@ -402,7 +464,7 @@ def _ray_pass(records: list[dict[str, Any]], on_bad_image: str):
     ds = ray.data.from_items([{"record": json.dumps(r)} for r in records])
     ds = ds.map_batches(
         carry_user_errors(process_batch),
-        fn_kwargs={"on_bad_image": on_bad_image},
+        fn_kwargs={"on_bad_image": on_bad_image, "labels": labels},
         batch_size=BATCH_SIZE,
         batch_format="numpy",
     )

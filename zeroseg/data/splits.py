@@ -20,6 +20,10 @@ annotations, only crowd regions, or only unseen pixels under ``ignore``) is drop
 (they count ``no_labelled_pixels`` in the stats) so that an eval set holds every image of its
 source.
 
+Frequency split (:func:`frequency_split`, ZegFormer's ADE20k-Full benchmark): seen = the classes
+present in more than ``min_images`` training images, counted (:func:`images_per_class`) on the
+results of a policy-free pass over the training images (the labels before the unseen policy).
+
 Held-out validation: for a training dataset with a single set, ``val_fraction`` of its images
 (chosen by :func:`split_unit`, a hash of image id and seed: the same for any input order) form
 the evaluation set ``val`` with ALL classes (unseen ones included).
@@ -37,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from zeroseg.data.classes import IGNORE_INDEX, Vocabulary
+from zeroseg.data.classes import IGNORE_INDEX, Vocabulary, resolve_split
 from zeroseg.data.readers import (
     check_image,
     encode_png,
@@ -157,12 +161,16 @@ def apply_unseen_policy(
     return label, n + n_crowd
 
 
-def process_record(record: Mapping[str, Any], on_bad_image: str = "error") -> tuple[dict[str, Any], bytes | None]:
+def process_record(
+    record: Mapping[str, Any], on_bad_image: str = "error", encode: bool = True
+) -> tuple[dict[str, Any], bytes | None]:
     """Decode-check, rasterise and apply the policy to one image (the work of one Ray Data row).
 
     Args:
         record: a record from :func:`make_records` (``kind`` ``coco`` / ``panoptic`` / ``mask``).
         on_bad_image: ``error`` raises on a bad image file; ``skip`` returns status ``skipped``.
+        encode: return the label PNG (False: ``png`` is None; the counting pass of the frequency
+            rule needs only ``classes``).
 
     Returns:
         ``(result, png)``: ``result`` is JSON-serialisable: ``image_id``, ``split``, ``dataset``,
@@ -238,14 +246,15 @@ def process_record(record: Mapping[str, Any], on_bad_image: str = "error") -> tu
     present = [int(i) for i in np.flatnonzero(counts[:IGNORE_INDEX])]
     res["classes"] = present
     res["pixels"] = {str(i): int(counts[i]) for i in present}
-    return res, encode_png(label)
+    return res, (encode_png(label) if encode else None)
 
 
-def process_batch(batch: Mapping[str, Any], on_bad_image: str = "error") -> dict[str, np.ndarray]:
+def process_batch(batch: Mapping[str, Any], on_bad_image: str = "error", labels: bool = True) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` UDF over JSON records (``batch_format="numpy"``).
 
     Args:
         batch: ``{"record": [json string of a make_records record, ...]}``.
+        labels: return the label PNGs (False: every ``png`` is ``b""``).
 
     Returns:
         ``{"result": [json of process_record's result], "png": [label PNG bytes, b"" if none]}``.
@@ -256,7 +265,7 @@ def process_batch(batch: Mapping[str, Any], on_bad_image: str = "error") -> dict
     """
     results, pngs = [], []
     for raw in batch["record"]:
-        res, png = process_record(json.loads(raw), on_bad_image)
+        res, png = process_record(json.loads(raw), on_bad_image, encode=labels)
         results.append(json.dumps(res))
         pngs.append(png or b"")
     return {"result": np.array(results, dtype=object), "png": np.array(pngs, dtype=object)}
@@ -265,6 +274,102 @@ def process_batch(batch: Mapping[str, Any], on_bad_image: str = "error") -> dict
 def label_path(output_dir: str | os.PathLike, split: str, image_id: str) -> Path:
     """Where build_splits writes a label PNG: ``<output_dir>/labels/<split>/<image_id>.png``."""
     return Path(output_dir) / "labels" / split / f"{image_id}.png"
+
+
+# -- the frequency rule ----------------------------------------------------------------------
+def images_per_class(results: Iterable[Mapping[str, Any]], num_classes: int) -> tuple[list[int], int]:
+    """How many images each class is present in.
+
+    Args:
+        results: :func:`process_record` results; skipped (unreadable) images are not counted.
+        num_classes: the vocabulary size C.
+
+    Returns:
+        ``(counts, images)``: ``counts[c]`` = number of counted images whose ``classes`` hold
+        ``c`` (an image counts once per class, whatever its pixel count), ``images`` = number
+        of counted images.
+    """
+    counts = [0] * int(num_classes)
+    images = 0
+    for r in results:
+        if r["status"] == "skipped":
+            continue
+        images += 1
+        for c in set(r["classes"]):
+            counts[int(c)] += 1
+    return counts, images
+
+
+def frequency_split(
+    names: Sequence[str],
+    counts: Sequence[int],
+    *,
+    min_images: int,
+    dataset: str,
+    images: int,
+    key: str = "build_splits.split.min_images",
+) -> Vocabulary:
+    """The seen/unseen split by class frequency: ZegFormer's ADE20k-Full benchmark.
+
+    A class is *seen* when it is present in more than ``min_images`` training images
+    (``counts[c] > min_images``), else *unseen* (absent classes included).
+
+    Source: ZegFormer Sec. 4.1 ("The seen classes are present in more than 10 images, while the
+    unseen classes are present in less than 10 images", 572 seen / 275 unseen of ADE20k-Full's 847).
+    The paper leaves a class in exactly 10 images unassigned; the released code
+    (dingjiansw101/ZegFormer, datasets/ade20k-full-frequency-split/prepare_ade20k_full_frequency_seen.py)
+    takes as unseen the classes whose LVIS-style ``frequency`` tag is ``rare`` (1-10 images) and
+    as seen the others (more than 10): ``counts > min_images`` is that rule.
+
+    Args:
+        names: the training vocabulary in label-id order.
+        counts: ``counts[c]`` = training images class ``c`` is present in (:func:`images_per_class`).
+        min_images: the threshold (ZegFormer: 10).
+        dataset: the dataset name, for messages.
+        images: how many images were counted, for messages.
+        key: the config key named by the errors.
+
+    Returns:
+        a :class:`Vocabulary` (``zeroseg.data.classes.resolve_split`` with the derived unseen list).
+
+    Raises:
+        ConfigError: no class or every class is present in more than ``min_images`` images (no
+            seen / no unseen class: naming ``key``, the counts and the value that would split);
+            ``counts`` not one per class; names as :func:`zeroseg.data.classes.resolve_split`.
+    """
+    if len(counts) != len(names):
+        raise ConfigError(f"dataset {dataset!r}: {len(counts)} class counts for {len(names)} classes")
+    seen = [i for i, c in enumerate(counts) if c > min_images]
+    unseen = [i for i, c in enumerate(counts) if c <= min_images]
+    top = max(counts, default=0)
+    if not seen:
+        raise ConfigError(
+            f"{key} = {min_images}: no class of dataset {dataset!r} is present in more than {min_images} of "
+            f"its {images} training images (the most frequent class is in {top}), so no class would be "
+            f"seen; set {key} below {top}"
+        )
+    if not unseen:
+        low = min(counts)
+        raise ConfigError(
+            f"{key} = {min_images}: every class of dataset {dataset!r} is present in more than {min_images} of "
+            f"its {images} training images (the rarest class is in {low}), so no class would be unseen; "
+            f"set {key} to at least {low}"
+        )
+    return resolve_split(names, dataset=dataset, unseen=[names[i] for i in unseen])
+
+
+def frequency_record(vocab: Vocabulary, counts: Sequence[int], *, min_images: int, images: int) -> dict[str, Any]:
+    """The ``split`` entry of ``classes.json`` / ``stats.json`` for the frequency rule:
+    ``{"rule": "frequency", "min_images", "counted_images", "counted": what was counted,
+    "images_per_class": {name: images}}`` (names in label-id order)."""
+    return {
+        "rule": "frequency",
+        "min_images": int(min_images),
+        "counted_images": int(images),
+        "counted": "training images (held-out val excluded, skipped images excluded) whose label holds at "
+        "least one pixel of the class, before the unseen-pixel policy",
+        "images_per_class": {n: int(c) for n, c in zip(vocab.names, counts)},
+    }
 
 
 # -- statistics and outputs ------------------------------------------------------------------
@@ -375,9 +480,17 @@ def write_manifest(
     pq.write_table(table, p)
 
 
-def write_classes_json(path: str | os.PathLike, train: Vocabulary, evals: Mapping[str, Vocabulary]) -> None:
-    """``classes.json``: ``{"train": vocab, "eval": {name: vocab}}`` (docs/architecture.md)."""
-    data = {"train": train.to_json(), "eval": {k: v.to_json() for k, v in evals.items()}}
+def write_classes_json(
+    path: str | os.PathLike,
+    train: Vocabulary,
+    evals: Mapping[str, Vocabulary],
+    split: Mapping[str, Any] | None = None,
+) -> None:
+    """``classes.json``: ``{"train": vocab, "eval": {name: vocab}}`` (docs/architecture.md), plus
+    ``"split"``: how the seen/unseen split was made, when given (:func:`frequency_record`)."""
+    data: dict[str, Any] = {"train": train.to_json(), "eval": {k: v.to_json() for k, v in evals.items()}}
+    if split is not None:
+        data["split"] = dict(split)
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
