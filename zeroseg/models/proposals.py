@@ -516,6 +516,22 @@ class MaskFormer(nn.Module):
         else:
             self.class_embed = nn.Linear(c.hidden_dim, 2)
 
+    def criterion(self):
+        """The training loss of this model: ``zeroseg.losses.SetCriterion`` with the config's
+        weights (its matcher uses them as costs, as released), ``class_agnostic`` for the
+        ``objectness`` head (every target is "object")."""
+        from zeroseg.losses import SetCriterion
+
+        c = self.config
+        return SetCriterion(
+            self.num_classes,
+            class_weight=c.class_weight,
+            mask_weight=c.mask_weight,
+            dice_weight=c.dice_weight,
+            no_object_weight=c.no_object_weight,
+            class_agnostic=c.class_head == "objectness",
+        )
+
     # ---------------------------------------------------------------- heads
 
     def classify(self, hs: torch.Tensor, text_embeddings: torch.Tensor | None) -> torch.Tensor:
