@@ -253,7 +253,7 @@ class ClipPyramidBackbone(nn.Module):
 
     Args:
         visual: an open_clip ``VisionTransformer``; deep-copied (the caller's model is untouched)
-            and trained with the rest.
+            and trained with the rest, except ``ln_post`` and ``proj`` (unused: kept frozen).
 
     Raises:
         ValueError: not a ViT the trunk supports; a patch size that is not a power of 2 dividing 32.
@@ -265,8 +265,10 @@ class ClipPyramidBackbone(nn.Module):
 
         check_trunk_visual(visual)
         self.visual = copy.deepcopy(visual)
-        for p in self.visual.parameters():
-            p.requires_grad_(True)
+        for name, p in self.visual.named_parameters():
+            # ln_post / proj map [CLS] into the joint space; the pyramid never uses them: frozen,
+            # so that DDP sees no trainable parameter without a gradient
+            p.requires_grad_(not name.startswith(("ln_post.", "proj")))
         ps = self.visual.patch_size
         ph, pw = (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
         if ph != pw or ph & (ph - 1):
