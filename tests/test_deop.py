@@ -1,0 +1,336 @@
+"""DeOP (zeroseg/models/deop.py, stages/methods/deop.py) on the tiny random-weight CLIP.
+
+Every expected value comes from outside the code under test: open_clip's own forward, a copy of a
+block with the query weights zeroed (uniform attention), hand computation on tiny tensors, or the
+pipeline's own plan."""
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zeroseg.config import validated
+from zeroseg.config.deop import DeOPConfig
+from zeroseg.errors import ConfigError, DataError
+from zeroseg.models.clip import TINY_MODEL, ClipSpec, get_tokenizer, load_clip
+from zeroseg.models.deop import (
+    TextPrompt,
+    check_proposals_fit,
+    deop_pixel_loss,
+    heatmap_pool,
+    mask_guided_attention,
+    poly_lr_factor,
+    proposal_patch_weights,
+    proposal_token_masks,
+    severance_hook,
+    sine_position_encoding,
+)
+from zeroseg.models.trunk import forward_trunk, project, standard_attention
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_clip(ClipSpec(model=TINY_MODEL, random_init=True))
+
+
+def pixels(b, h, w, seed=1):
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def cfg(**kw) -> DeOPConfig:
+    return validated(DeOPConfig, kw, "model")
+
+
+# ============================================================================ patch severance
+
+
+def test_alpha_zero_leaves_the_encoder_unchanged(tiny):
+    """Eq. 2 with alpha = 0 is the plain self-attention: the trunk's output equals the unhooked
+    forward on every block, and the [CLS] embedding equals open_clip's encode_image."""
+    v = tiny.visual
+    x = pixels(2, 224, 224)
+    n = len(v.transformer.resblocks)
+    hook = severance_hook(cfg(severance="alpha", alpha=0.0), None)
+    with torch.no_grad():
+        plain = forward_trunk(v, x)
+        hooked = forward_trunk(v, x, attention={i: hook for i in range(n)})
+        torch.testing.assert_close(hooked.tokens, plain.tokens, rtol=0, atol=0)
+        torch.testing.assert_close(project(v, hooked.tokens[:, 0]), tiny.encode_image(x), **TOL)
+
+
+def _perturb_patch(x, row, col, p=16):
+    y = x.clone()
+    y[:, :, row * p : (row + 1) * p, col * p : (col + 1) * p] += 3.0
+    return y
+
+
+@pytest.mark.parametrize("h,w", [(64, 96), (224, 224)])
+def test_identity_severance_makes_every_patch_independent(tiny, h, w):
+    """Identity severance on every block: perturbing one patch's pixels changes that patch's
+    output and no other token's (not even [CLS]); without severance every patch changes."""
+    v = tiny.visual
+    n = len(v.transformer.resblocks)
+    hook = severance_hook(cfg(severance="identity"), None)
+    x = pixels(1, h, w, seed=3)
+    gh, gw = h // 16, w // 16
+    r, c = gh // 2, gw - 1
+    k = 1 + r * gw + c  # token index of the perturbed patch
+    y = _perturb_patch(x, r, c)
+    with torch.no_grad():
+        a = forward_trunk(v, x, attention={i: hook for i in range(n)}).tokens
+        b = forward_trunk(v, y, attention={i: hook for i in range(n)}).tokens
+        others = [i for i in range(a.shape[1]) if i != k]
+        torch.testing.assert_close(b[:, others], a[:, others], rtol=0, atol=0)
+        assert (b[:, k] - a[:, k]).abs().max() > 1e-3
+        # the same perturbation through the unsevered encoder reaches every token
+        pa, pb = forward_trunk(v, x).tokens, forward_trunk(v, y).tokens
+        assert bool(((pb - pa).abs().amax(-1) > 1e-6).all())
+
+
+def test_mask_weighted_severance_with_unit_weights_is_identity(tiny):
+    """The released mask-weighted GPS scales each value by sum_n sigmoid(m_n) ([CLS]: Q). With one
+    proposal whose sigmoid is 1 everywhere every weight is 1: identity severance exactly. With two
+    proposals at logit 0 (0.5 + 0.5 = 1 per patch, [CLS] weight 2) on the last block only, the
+    patch outputs still equal identity severance's (identity attention: [CLS] does not reach them)
+    while [CLS] differs."""
+    v = tiny.visual
+    x = pixels(2, 64, 64, seed=5)
+    ident = severance_hook(cfg(severance="identity"), None)
+    one = torch.full((2, 1, 16, 16), 60.0)  # sigmoid(60) == 1.0 in float32
+    two = torch.zeros(2, 2, 16, 16)
+    with torch.no_grad():
+        ref_all = forward_trunk(v, x, attention={0: ident, 1: ident}).tokens
+        got_all = forward_trunk(v, x, attention={i: severance_hook(cfg(), one) for i in (0, 1)}).tokens
+        torch.testing.assert_close(got_all, ref_all, **TOL)
+        ref_last = forward_trunk(v, x, attention={-1: ident}).tokens
+        got_last = forward_trunk(v, x, attention={-1: severance_hook(cfg(), two)}).tokens
+        torch.testing.assert_close(got_last[:, 1:], ref_last[:, 1:], **TOL)
+        assert (got_last[:, 0] - ref_last[:, 0]).abs().max() > 1e-4
+
+
+def test_proposal_weights_by_hand():
+    """Mask logits on a 2x2 grid (no resize): weights = [Q, sum_n sigmoid(m_n[p])] per token."""
+    s = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2
+    m = torch.tensor([[[[s, -s], [0.0, 0.0]], [[0.0, s], [-s, s]]]])  # [1, 2, 2, 2]
+    w = proposal_patch_weights(m, (2, 2))
+    torch.testing.assert_close(w, torch.tensor([[2.0, 0.75 + 0.5, 0.25 + 0.75, 0.5 + 0.25, 0.5 + 0.75]]))
+    t = proposal_token_masks(m, (2, 2))
+    torch.testing.assert_close(t, torch.tensor([[[1.0, 0.75, 0.25, 0.5, 0.5], [1.0, 0.5, 0.75, 0.25, 0.75]]]))
+
+
+def test_mask_guided_severance_with_full_masks_is_uniform_attention(tiny):
+    """Eq. 1 with every mask 1 on every token gives equal logits, so a uniform softmax: the same as
+    the block's own attention with its query weights zeroed (an independent uniform attention)."""
+    blk = tiny.visual.transformer.resblocks[-1]
+    uniform = copy.deepcopy(blk)
+    e = uniform.attn.embed_dim
+    with torch.no_grad():
+        uniform.attn.in_proj_weight[:e].zero_()
+        uniform.attn.in_proj_bias[:e].zero_()
+    y = torch.randn(2, 1 + 4 * 4, e, generator=torch.Generator().manual_seed(2))
+    from zeroseg.models.trunk import BlockContext
+
+    ctx = BlockContext(1, 2, 0, (4, 4))
+    with torch.no_grad():
+        got = mask_guided_attention(torch.ones(2, 3, 17))(blk, y, ctx)
+        want = standard_attention(uniform, y)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+# ============================================================================ heatmap pooling
+
+
+def test_heatmap_pooling_by_hand():
+    """Two heads of one channel each (d = 1, scale 1). Head 0: q = 1, keys 0 and ln 3 ->
+    softmax [1/4, 3/4]; head 1: q = 0 -> [1/2, 1/2]. Masks [1, 1/2]. Each head pools its own
+    channel of the features [[2, 4], [6, 8]]:
+    channel 0 = 1/4 * 2 + 3/4 * 1/2 * 6 = 2.75; channel 1 = 1/2 * 4 + 1/2 * 1/2 * 8 = 4."""
+    q = torch.tensor([[[1.0, 0.0]]])  # [B=1, Q=1, C=2]
+    k = torch.tensor([[[0.0, 5.0], [math.log(3.0), -7.0]]])  # [1, N=2, 2]; head 1's keys do not matter (q=0)
+    f = torch.tensor([[[2.0, 4.0], [6.0, 8.0]]])
+    masks = torch.tensor([[[1.0, 0.5]]])
+    out = heatmap_pool(q, k, f, masks, heads=2)
+    torch.testing.assert_close(out, torch.tensor([[[2.75, 4.0]]]))
+    # one head over both channels: scale 1/sqrt(2), logits [0, ln3/sqrt2], shared weights
+    w0 = 1 / (1 + math.exp(math.log(3.0) / math.sqrt(2)))
+    w = torch.tensor([w0, 1 - w0]) * torch.tensor([1.0, 0.5])
+    torch.testing.assert_close(heatmap_pool(q, k, f, masks, heads=1), (w @ f[0]).view(1, 1, 2))
+
+
+def test_heatmap_pooling_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="masks"):
+        heatmap_pool(torch.zeros(1, 2, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), torch.zeros(1, 2, 2), heads=2)
+
+
+def test_sine_position_encoding_by_hand():
+    """4 channels: per axis 2 features with dim_t = [1, 1]: [sin, cos] of the position scaled to
+    (0, 2 pi]; y first. Grid 1 x 2: y = 2 pi; x = pi, 2 pi."""
+    pe = sine_position_encoding(1, 2, 4)
+    two_pi = 2 * math.pi / (1 + 1e-6)
+    x1, x2 = 1 / (2 + 1e-6) * 2 * math.pi, 2 / (2 + 1e-6) * 2 * math.pi
+    want = torch.tensor(
+        [
+            [math.sin(two_pi), math.cos(two_pi), math.sin(x1), math.cos(x1)],
+            [math.sin(two_pi), math.cos(two_pi), math.sin(x2), math.cos(x2)],
+        ]
+    )
+    torch.testing.assert_close(pe, want, **TOL)
+
+
+# ============================================================================ loss
+
+
+def test_loss_by_hand_on_a_2x2_example():
+    """C = 1 class + no-object, Q = 2 proposals, a 2x2 label [[0, 255], [0, 0]] (255 -> no-object).
+
+    Proposal 1: mask sigmoid 1/2 everywhere, class probs [3/4, 1/4]; proposal 2: mask sigmoid 3/4
+    at (0,0) and 1/4 elsewhere, class probs [1/2, 1/2]. So S (class, no-object) =
+    (0.75, 0.5) at (0,0) and (0.5, 0.25) elsewhere; S' = sigmoid(3 S - 3)."""
+    s = math.log(3.0)
+    class_logits = torch.tensor([[[s, 0.0], [0.0, 0.0]]])
+    mask_logits = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]], [[s, -s], [-s, -s]]]])
+    target = torch.tensor([[[0, 255], [0, 0]]])
+
+    def sig(z):
+        return 1 / (1 + math.exp(-z))
+
+    sp = {  # pixel -> (class channel, no-object channel) after sigmoid(3S - 3)
+        (0, 0): (sig(3 * 0.75 - 3), sig(3 * 0.5 - 3)),
+        (0, 1): (sig(3 * 0.5 - 3), sig(3 * 0.25 - 3)),
+        (1, 0): (sig(3 * 0.5 - 3), sig(3 * 0.25 - 3)),
+        (1, 1): (sig(3 * 0.5 - 3), sig(3 * 0.25 - 3)),
+    }
+    onehot = {(0, 0): (1, 0), (0, 1): (0, 1), (1, 0): (1, 0), (1, 1): (1, 0)}
+
+    def focal(p, y):
+        pt = p if y else 1 - p
+        a = 0.25 if y else 0.75
+        return -a * (1 - pt) ** 2 * math.log(min(max(pt, 1e-4), 1 - 1e-4))
+
+    want_focal = sum(focal(sp[k][c], onehot[k][c]) for k in sp for c in (0, 1)) / 8
+    inter = sum(sp[k][0] * onehot[k][0] for k in sp)
+    want_dice = 1 - (2 * inter + 1) / (sum(sp[k][0] for k in sp) + 3 + 1)
+    out = deop_pixel_loss(class_logits, mask_logits, target)
+    assert float(out["focal"]) == pytest.approx(want_focal, rel=1e-5)
+    assert float(out["dice"]) == pytest.approx(want_dice, rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(2.0 * want_focal + 0.8 * want_dice, rel=1e-5)
+    with pytest.raises(ValueError, match=r"class ids \[1\] outside 0..0"):
+        deop_pixel_loss(class_logits, mask_logits, torch.tensor([[[0, 1], [0, 0]]]))
+
+
+def test_poly_schedule_by_hand():
+    assert poly_lr_factor(0, 100) == 1.0
+    assert poly_lr_factor(50, 100, power=0.9) == pytest.approx(0.5**0.9)
+    assert poly_lr_factor(100, 100) == 0.0 and poly_lr_factor(150, 100) == 0.0
+
+
+# ============================================================================ text prompts
+
+
+def test_text_prompt_without_context_is_clips_own_sentence_embedding(tiny):
+    """No learned tokens: [SOS] name . [EOS] through the text tower equals open_clip's
+    encode_text of "name." (normalised)."""
+    names = ["cat", "dining table", "traffic light"]
+    got = TextPrompt(tiny, 0)(tiny, names)
+    tok = get_tokenizer(ClipSpec(model=TINY_MODEL, random_init=True))
+    with torch.no_grad():
+        want = F.normalize(tiny.encode_text(tok([f"{n}." for n in names])), dim=-1)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_text_prompt_context_trains_and_is_placed_after_sos(tiny):
+    """With n context vectors set to the token embeddings of "a photo of a", the learnable prompt
+    gives open_clip's embedding of "a photo of a <name>."; the context gets gradients."""
+    tok = get_tokenizer(ClipSpec(model=TINY_MODEL, random_init=True))
+    words = tok(["a photo of a"])[0]
+    ids = words[1 : int((words != 0).sum()) - 1]  # between [SOS] and [EOS]
+    tp = TextPrompt(tiny, len(ids))
+    with torch.no_grad():
+        tp.ctx.copy_(tiny.token_embedding(ids))
+    got = tp(tiny, ["dog", "sky"])
+    with torch.no_grad():
+        want = F.normalize(tiny.encode_text(tok(["a photo of a dog.", "a photo of a sky."])), dim=-1)
+    torch.testing.assert_close(got, want, **TOL)
+    got.sum().backward()
+    assert tp.ctx.grad is not None and tp.ctx.grad.abs().sum() > 0
+    tiny.zero_grad(set_to_none=True)
+
+
+# ============================================================================ config and refusals
+
+
+def test_config_checks_name_the_key():
+    with pytest.raises(ConfigError, match="model.alpha is used by severance: alpha only"):
+        cfg(alpha=0.5)
+    with pytest.raises(ConfigError, match="mask_guided"):
+        cfg(mask_guided=True, severance="identity")
+    with pytest.raises(ConfigError, match="did you mean 'decoder_layers'"):
+        cfg(decoder_layer=2)
+    dumped = cfg(severance="alpha", alpha=0.3).model_dump(mode="json")
+    assert validated(DeOPConfig, dumped, "model").alpha == 0.3  # a dump (segmenter.json) reads back
+
+
+def _doc(q=100, text_dim=64, head="text"):
+    return {
+        "class": "zeroseg.models.proposals:MaskFormer",
+        "model": {"backbone": "resnet18", "num_queries": q, "class_head": head, "size_divisibility": 32},
+        "num_classes": 5,
+        "text_dim": text_dim,
+        "class_head": head,
+        "num_queries": q,
+        "hidden_dim": 256,
+        "clip": None,
+        "input": {"size": [128, 128], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "seen": [0, 1, 2, 3, 4],
+    }
+
+
+def test_refuses_proposals_of_another_query_count_or_embedding_size():
+    assert check_proposals_fit(_doc(q=7), cfg(), 64) == 7  # num_queries null: the proposals' count
+    assert check_proposals_fit(_doc(q=7), cfg(num_queries=7), 64) == 7
+    with pytest.raises(DataError, match=r"has 100 queries but train_classifier.model.num_queries is 50"):
+        check_proposals_fit(_doc(q=100), cfg(num_queries=50), 64)
+    with pytest.raises(DataError, match=r"embeds classes in 512 dimensions but DeOP's CLIP model embeds in 64"):
+        check_proposals_fit(_doc(text_dim=512), cfg(), 64)
+    assert check_proposals_fit(_doc(text_dim=None, head="objectness"), cfg(), 64) == 100
+
+
+def test_stage_refuses_a_mismatched_proposals_artifact_before_training(tmp_path):
+    """The method's pre-fit check on a proposals.json on disk: query count and embedding size
+    named with both values; the decoder width against the CLIP size; augment.mean against the
+    proposals' normalisation."""
+    from pipeline.dag import Artifact
+    from stages.methods.deop import DeOPMethod, check_proposals, read_proposals_doc
+
+    (tmp_path / "proposals.json").write_text(json.dumps(_doc(q=100, text_dim=512)))
+    art = Artifact("pretrain_proposals", "0" * 64, tmp_path, str(tmp_path), {})
+    base = {
+        "method": "deop",
+        "clip": {"model": TINY_MODEL, "random_init": True},
+        "model": {"width": 64, "heads": 2, "input_size": [128, 128]},
+        "augment": {"crop_size": [128, 128]},
+    }
+    doc = read_proposals_doc(art)
+    with pytest.raises(DataError, match=r"512 dimensions but DeOP's CLIP model embeds in 64"):
+        check_proposals(doc, DeOPMethod.model_validate(base))
+    doc = _doc(q=100)
+    with pytest.raises(DataError, match=r"has 100 queries but train_classifier.model.num_queries is 10"):
+        check_proposals(doc, DeOPMethod.model_validate({**base, "model": {**base["model"], "num_queries": 10}}))
+    with pytest.raises(ConfigError, match=r"model.width 512 must equal the CLIP embedding size 64"):
+        check_proposals(doc, DeOPMethod.model_validate({**base, "model": {"input_size": [128, 128]}}))
+    with pytest.raises(ConfigError, match=r"augment.mean \[0.5, 0.5, 0.5\] differs from the proposal model's"):
+        check_proposals(
+            doc, DeOPMethod.model_validate({**base, "augment": {"crop_size": [128, 128], "mean": [0.5, 0.5, 0.5]}})
+        )
+    check_proposals(doc, DeOPMethod.model_validate(base))  # fits
+    (tmp_path / "proposals.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no file 'proposals.json'"):
+        read_proposals_doc(art)
