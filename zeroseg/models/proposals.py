@@ -504,8 +504,11 @@ class MaskFormer(nn.Module):
 
         ch = self.backbone.channels
         self.pixel_decoder = PixelDecoder(ch, c.conv_dim, c.mask_dim)
-        self.input_proj = nn.Conv2d(ch[-1], c.hidden_dim, 1)
-        c2_xavier_fill(self.input_proj)
+        if ch[-1] != c.hidden_dim:  # released: a 1x1 projection only when the widths differ
+            self.input_proj: nn.Module = nn.Conv2d(ch[-1], c.hidden_dim, 1)
+            c2_xavier_fill(self.input_proj)
+        else:
+            self.input_proj = nn.Identity()
         self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
         self.decoder = TransformerDecoder(c.hidden_dim, c.nheads, c.dim_feedforward, c.dropout, c.dec_layers)
         self.mask_embed = MLP(c.hidden_dim, c.hidden_dim, c.mask_dim, 3)
