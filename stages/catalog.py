@@ -9,7 +9,8 @@ that determine outputs (the training loop, the batch-inference reduction, the da
 from stages.build_splits import BuildSplits
 from stages.embed_text import EmbedText
 from stages.evaluate import Evaluate
+from stages.pretrain_proposals import PretrainProposals
 from stages.train_classifier import TrainClassifier
 
-STAGES = [BuildSplits, EmbedText, TrainClassifier, Evaluate]
+STAGES = [BuildSplits, EmbedText, PretrainProposals, TrainClassifier, Evaluate]
 CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")
