@@ -461,3 +461,27 @@ def test_proposal_recall_errors():
         RecallCounts.empty((0.0,))
     with pytest.raises(ValueError, match="cannot merge"):
         RecallCounts.empty((0.5,)).merge(RecallCounts.empty((0.3,)))
+
+
+def _num_masks_worker(rank: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        n = 3 if rank == 0 else 0
+        t = [{"labels": torch.zeros(n, dtype=torch.int64), "masks": torch.zeros(n, 2, 2)}]
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(str(num_masks_across_workers(t)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_num_masks_averaged_over_workers(tmp_path):
+    # released MaskFormer: all-reduce (3 + 0), divide by the world size 2 -> 1.5 on both workers
+    # forked workers (no re-import of torch); the parent never joins a process group
+    torch.multiprocessing.start_processes(
+        _num_masks_worker,
+        args=(f"file://{tmp_path / 'store'}", str(tmp_path / "n")),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
+    assert [float((tmp_path / f"n.{r}").read_text()) for r in (0, 1)] == [1.5, 1.5]
