@@ -277,4 +277,4 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
     }
 
 
-PENDING_METHOD = Method("deop", DeOPMethod, train_deop, inputs={"proposals": PROPOSALS})
+METHOD = Method("deop", DeOPMethod, train_deop, inputs={"proposals": PROPOSALS})

@@ -517,13 +517,16 @@ class TextPrompt(nn.Module):
 
 
 def build_proposal_network(doc: Mapping[str, Any], clip_model: nn.Module | None = None) -> nn.Module:
-    """The proposal model described by a ``proposals.json`` document (weights not loaded).
+    """The proposal model described by a ``proposals.json`` document, with untrained weights
+    (no backbone weights fetched: the artifact's ``weights.pt`` replaces them).
 
-    A ``clip`` backbone needs an image tower of the proposal model's CLIP architecture: the
-    proposals' ``clip`` spec is loaded (its weights are replaced by the ones in ``weights.pt``).
+    A ``clip`` backbone is built on ``clip_model``'s image tower when its tensors have the shapes
+    of the proposals' CLIP architecture (deep-copied by the proposal model), else on ``load_clip``
+    of the proposals' ``clip`` spec.
 
     Raises:
         DataError: a malformed document.
+        ConfigError: a bad stored config (see ``zeroseg.models.proposals.MaskFormer``).
     """
     from zeroseg.models.proposals import MaskFormer
 
@@ -536,14 +539,28 @@ def build_proposal_network(doc: Mapping[str, Any], clip_model: nn.Module | None 
             f"the proposals document is malformed ({type(e).__name__}: {e}); expected keys model, num_classes, "
             "text_dim (a pretrain_proposals artifact's proposals.json)"
         ) from None
-    clip_visual = None
+    visual = None
     if model_cfg.get("backbone") == "clip":
+        from zeroseg.config.clip import model_config
         from zeroseg.models.clip import as_spec, load_clip
 
         if not doc.get("clip"):
             raise DataError("the proposals document has a clip backbone but no clip spec")
-        clip_visual = load_clip(as_spec(doc["clip"])).visual
-    return MaskFormer(model_cfg, num_classes, text_dim=text_dim, clip_visual=clip_visual)
+        spec = as_spec(doc["clip"])
+        ours = getattr(clip_model, "visual", None)
+        want = model_config(spec).get("vision_cfg") or {}
+        same = (
+            ours is not None
+            and int(ours.class_embedding.shape[-1]) == int(want.get("width", -1))
+            and len(ours.transformer.resblocks) == int(want.get("layers", -1))
+            and tuple(_pair(ours.patch_size)) == _pair(want.get("patch_size", -1))
+        )
+        visual = ours if same else load_clip(spec).visual
+    return MaskFormer(model_cfg, num_classes, text_dim, visual, load_backbone_weights=False)
+
+
+def _pair(x: Any) -> tuple[int, int]:
+    return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
 
 
 def check_proposals_fit(doc: Mapping[str, Any], cfg: DeOPConfig, embed_dim: int, where: str = "proposals") -> int:
@@ -668,7 +685,7 @@ class DeOP(Segmenter):
         self.clip_mean, self.clip_std = image_norm(clip_model)
 
         # ---- proposals (frozen)
-        self.proposals = build_proposal_network(doc)
+        self.proposals = build_proposal_network(doc, clip_model)
         for p in self.proposals.parameters():
             p.requires_grad_(False)
         self._proposal_text_dim = doc.get("text_dim")
