@@ -282,6 +282,7 @@ def bench_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.cli import load_catalog
     from pipeline.plan import plan
     from pipeline.store import ArtifactStore
+    from stages.common import vocabularies
     from stages.feeds import decode_pair, manifest_table
     from zeroseg.models import load_segmenter, read_segmenter_json
 
@@ -309,8 +310,14 @@ def bench_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         splits.runtime.update(p.nodes["build_splits"].stage.runtime_outputs(p.nodes["build_splits"].config))
         fps = json.loads(art["evaluate"].file("fps.json").read_text())
         ecfg = p.nodes["evaluate"].config
+        if getattr(ecfg, "protocol", "resize") != "resize":
+            raise SystemExit(
+                f"(b) compares with a bare forward at one fixed size: use a config whose evaluate.protocol is "
+                f"resize (got {ecfg.protocol!r}; --e2e-set evaluate.protocol=resize)"
+            )
         metrics = json.loads(art["evaluate"].file("metrics.json").read_text())
         sets = list(metrics)
+        vocabs = vocabularies(splits)
 
         seg = load_segmenter(art["train_classifier"].path, device=args.device)
         method = read_segmenter_json(art["train_classifier"].path)["method"]
@@ -331,8 +338,12 @@ def bench_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 xs.append((x - mean) / std)
             x = torch.cat(xs).to(args.device)
             n_img += len(x)
-            emb = np.load(art["embed_text"].file(f"embeddings/{s}.npy"))
-            text = torch.from_numpy(np.asarray(emb, dtype=np.float32)).to(args.device)
+            if getattr(seg, "encodes_text", False):  # DeOP's learnable prompts: once per set, as evaluate
+                with torch.inference_mode():
+                    text = seg.encode_text(list(vocabs[s].prompt_names)).float().to(args.device)
+            else:
+                emb = np.load(art["embed_text"].file(f"embeddings/{s}.npy"))
+                text = torch.from_numpy(np.asarray(emb, dtype=np.float32)).to(args.device)
             per_set[s] = ([x[i : i + ecfg.batch_size] for i in range(0, len(x), ecfg.batch_size)], text)
 
     dev = torch.device(args.device)
@@ -349,11 +360,37 @@ def bench_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.synchronize(dev)
             return time.perf_counter() - t0
 
-    one_pass()  # warm-up
-    bare = statistics.median(one_pass() for _ in range(args.repeats))
-    bare_ips = n_img / bare
-    timed = fps["overall"]["images_per_s"]
-    e2e = fps["end_to_end"]["images_per_s"]
+    # evaluate's CPU actor holds 1 CPU, so Ray sets OMP_NUM_THREADS=1 there (ray._private.utils.
+    # set_omp_num_threads_if_unset) and torch computes on one thread: the like-for-like bare
+    # forward runs on one thread too; the process default is the second measurement
+    threads = torch.get_num_threads()
+    bare: dict[int, float] = {}
+    for n in dict.fromkeys([1, threads]) if dev.type == "cpu" else [threads]:
+        torch.set_num_threads(n)
+        one_pass()  # warm-up
+        bare[n] = n_img / statistics.median(one_pass() for _ in range(args.repeats))
+    torch.set_num_threads(threads)
+    ref = bare[1] if dev.type == "cpu" else bare[threads]
+    ov, e2e = fps["overall"], fps["end_to_end"]
+    ms = {
+        "forward (bare, like for like)": 1000 / ref,
+        "evaluate timed (H2D, resize, normalise, forward, upsample, argmax, count)": (
+            1000 * ov["seconds_timed"] / ov["images_timed"] if ov.get("images_timed") else None
+        ),
+        "evaluate decoding (image + label PNG)": 1000 * ov["decode_seconds"] / max(ov["images"], 1),
+        "evaluate end to end": 1000 * e2e["seconds"] / max(e2e["images"], 1),
+    }
+    timed_ms, dec_ms, e2e_ms = (ms[k] for k in list(ms)[1:])
+    breakdown = {
+        "forward": ms["forward (bare, like for like)"],
+        "resize, normalise, upsample to label size, argmax, count (timed - forward)": (
+            timed_ms - ms["forward (bare, like for like)"] if timed_ms is not None else None
+        ),
+        "decoding": dec_ms,
+        "the rest: manifest read, actor start-up, model load, scheduling (end to end - timed - decoding)": (
+            e2e_ms - timed_ms - dec_ms if timed_ms is not None else None
+        ),
+    }
     return {
         "config": args.e2e_config,
         "overrides": overrides,
@@ -364,11 +401,14 @@ def bench_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "resolution": list(size),
         "batch_size": ecfg.batch_size,
         "pipeline_wall_s": wall,
-        "bare_forward_images_per_s": bare_ips,
-        "evaluate_timed_images_per_s": timed,
-        "evaluate_end_to_end_images_per_s": e2e,
-        "timed_over_bare": timed / bare_ips if timed else None,
-        "end_to_end_over_bare": e2e / bare_ips if e2e else None,
+        "bare_forward_images_per_s": {str(k): v for k, v in bare.items()},
+        "bare_reference_threads": 1 if dev.type == "cpu" else threads,
+        "evaluate_timed_images_per_s": ov.get("images_per_s"),
+        "evaluate_end_to_end_images_per_s": e2e.get("images_per_s"),
+        "timed_over_bare": ov["images_per_s"] / ref if ov.get("images_per_s") else None,
+        "end_to_end_over_bare": e2e["images_per_s"] / ref if e2e.get("images_per_s") else None,
+        "ms_per_image": ms,
+        "breakdown_ms_per_image": breakdown,
         "fps_json": fps,
     }
 
@@ -428,16 +468,20 @@ def main() -> int:
             f"(b) evaluate vs bare forward: {e['config']} ({e['segmenter']}), sets {e['sets']}, {e['images']} images "
             f"at {e['resolution'][0]}x{e['resolution'][1]}, batch {e['batch_size']}, {args.device}"
         )
-        print(f"{'measurement':<44}{'images/s':>10}{'x bare':>9}")
-        print(f"{'bare forward (same artifact, same images)':<44}{e['bare_forward_images_per_s']:>10.2f}{1:>9.2f}")
-        for label, k, rk in (
-            ("evaluate timed (arrays -> confusion matrix)", "evaluate_timed_images_per_s", "timed_over_bare"),
-            ("evaluate end to end (start-up, decode, ...)", "evaluate_end_to_end_images_per_s", "end_to_end_over_bare"),
-        ):
-            v, r = e[k], e[rk]
+        ref = e["bare_reference_threads"]
+        w = 76
+        print(f"{'measurement':<{w}}{'ms/image':>10}{'images/s':>10}{'x bare':>8}")
+        for k, v in e["bare_forward_images_per_s"].items():
+            label = f"bare forward, {k} thread(s)" + (" (as evaluate's actor: the reference)" if int(k) == ref else "")
+            print(f"{label:<{w}}{1000 / v:>10.1f}{v:>10.2f}{v / e['bare_forward_images_per_s'][str(ref)]:>8.2f}")
+        for label, v in list(e["ms_per_image"].items())[1:]:
+            ips = 1000 / v if v else float("nan")
             print(
-                f"{label:<44}{v if v is not None else float('nan'):>10.2f}{r if r is not None else float('nan'):>9.2f}"
+                f"{label:<{w}}{v if v is not None else float('nan'):>10.1f}{ips:>10.2f}{ips / e['bare_forward_images_per_s'][str(ref)]:>8.3f}"
             )
+        print("where evaluate's end-to-end time per image goes (ms):")
+        for label, v in e["breakdown_ms_per_image"].items():
+            print(f"  {label:<{w - 2}}{v if v is not None else float('nan'):>10.1f}")
         print(f"pipeline wall time (all stages, Ray start-up included): {e['pipeline_wall_s']:.1f} s")
     out["machine"] = {
         "python": platform.python_version(),
