@@ -98,7 +98,12 @@ def _leaves(model: BaseModel, prefix=()):
 def _stage_configs():
     """A validated config of every stage schema: the sample's, one per train_classifier method."""
     out = {}
-    for cfg_file in ("configs/sample.yaml", "configs/sample_zegclip.yaml", "configs/sample_deop.yaml"):
+    for cfg_file in (
+        "configs/sample.yaml",
+        "configs/sample_zegclip.yaml",
+        "configs/sample_deop.yaml",
+        "configs/sample_zegformer.yaml",
+    ):
         for n in _plan(cfg_file):
             name = n.name if n.name != "train_classifier" else f"train_classifier[{n.config.method}]"
             out[name] = n.config

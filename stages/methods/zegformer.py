@@ -1,0 +1,157 @@
+"""``train_classifier.method: zegformer``: ZegFormer (Ding et al., CVPR 2022, Sec. 3.2).
+
+Nothing trains here. ZegFormer's trained part, MaskFormer with the segment-level semantic
+embedding head of Eq. 1, is the proposal model of stage ``pretrain_proposals`` with
+``class_head: text`` (bound as this method's ``proposals`` input); this method adds the
+inference-time CLIP image branch and the fusion of Eq. 3 (``zeroseg.models.zegformer``). The
+stage checks that the proposals fit (class head ``text``, text embedding size = the CLIP model's,
+trained on this config's seen classes), builds the segmenter, copies the proposal model's weights
+into it under ``proposals.`` with the seen classes' text embeddings (``seen_text``), checks that
+every evaluation set's seen classes are recognised from their text embeddings, and writes the
+segmenter artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.dag import Input, StageConfig, StageContext
+from stages.common import seen_rows, text_embeddings, vocabularies
+from stages.methods import Method
+from zeroseg.config.clip import ClipSpec, model_embed_dim
+from zeroseg.config.zegformer import ZegFormerConfig
+from zeroseg.errors import DataError
+
+PROPOSALS_JSON = "proposals.json"
+PROPOSALS_WEIGHTS = "weights.pt"
+
+
+class ZegFormerMethod(StageConfig):
+    """``train_classifier`` with ``method: zegformer`` (``model``: :class:`ZegFormerConfig`;
+    ``clip`` comes from the top-level ``clip:`` section: the image branch's encoder and the text
+    embeddings' model)."""
+
+    method: Literal["zegformer"]
+    clip: ClipSpec
+    model: ZegFormerConfig = ZegFormerConfig()
+
+
+def check_proposals(doc: dict[str, Any], clip_dim: int, clip_model: str, where: str) -> None:
+    """Refuse a proposals artifact ZegFormer cannot use.
+
+    Args:
+        doc: the artifact's ``proposals.json``.
+        clip_dim: the CLIP model's embedding size ``D``.
+        clip_model: the CLIP model's name (for messages).
+        where: the artifact, for messages.
+
+    Raises:
+        DataError: a class head other than ``text`` (ZegFormer classifies segments against text,
+            Eq. 1), a text embedding size other than ``D``, or a query count that disagrees with
+            the model it describes; each message names both values.
+    """
+    head = doc.get("class_head", (doc.get("model") or {}).get("class_head"))
+    if head != "text":
+        raise DataError(
+            f"{where}: the proposal model has class head {head!r}, ZegFormer needs 'text' (segment embeddings "
+            "scored against class text, ZegFormer Eq. 1); train pretrain_proposals with model.class_head: text"
+        )
+    if doc.get("text_dim") != clip_dim:
+        raise DataError(
+            f"{where}: the proposal model embeds segments into {doc.get('text_dim')} dimensions, CLIP model "
+            f"{clip_model!r} into {clip_dim}; pretrain_proposals and train_classifier must use the same clip section"
+        )
+    q, q_model = doc.get("num_queries"), (doc.get("model") or {}).get("num_queries")
+    if not isinstance(q, int) or q < 1 or q != q_model:
+        raise DataError(
+            f"{where}: proposals.json records {q!r} queries but its model has num_queries {q_model!r}; "
+            "re-run pretrain_proposals"
+        )
+
+
+def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]:
+    """Write ZegFormer's segmenter artifact from the proposals artifact (see module docstring).
+
+    Returns:
+        metrics: ``num_queries``, ``proposal_params`` (parameters of the proposal model),
+        ``trainable_params`` (0: nothing trains here), ``seen_classes``, ``image_branch``.
+
+    Raises:
+        DataError: a proposals artifact that does not fit (:func:`check_proposals`), trained on other
+            seen classes than this config's, or whose weights do not match its description
+            (``WeightsMismatchError``); an evaluation set whose seen classes cannot be told from
+            their text embeddings; no seen class.
+        ConfigError: text embeddings of another size than the CLIP model's.
+    """
+    import torch
+
+    from zeroseg.models import WEIGHTS_PT, check_state_dict, save_segmenter
+    from zeroseg.models.clip import load_clip
+    from zeroseg.models.proposals import read_proposals_json
+    from zeroseg.models.zegformer import ZegFormer, seen_from_text
+
+    prop = ctx.inputs["proposals"]
+    where = f"proposals artifact {prop.stage}/{prop.key[:12]}"
+    doc = read_proposals_json(prop.file(PROPOSALS_JSON).parent)
+    dim = model_embed_dim(cfg.clip)
+    check_proposals(doc, dim, cfg.clip.model, where)
+    vocabs = vocabularies(ctx.inputs["splits"])
+    emb = text_embeddings(ctx.inputs["text"], vocabs, dim=dim, clip_model=cfg.clip.model)
+    train = vocabs["train"]
+    seen_text = seen_rows(train, emb["train"])
+    if [int(s) for s in doc.get("seen") or []] != list(train.seen):
+        raise DataError(
+            f"{where} was trained on seen classes {doc.get('seen')} but this config's seen training classes are "
+            f"{list(train.seen)} (classes.json); bind a pretrain_proposals of the same build_splits"
+        )
+    seg = ZegFormer(load_clip(cfg.clip), {**cfg.model.model_dump(mode="json"), "proposals": doc})
+    weights_path = prop.file(PROPOSALS_WEIGHTS)
+    try:
+        sd = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for an unreadable file
+        raise DataError(f"cannot read {weights_path}: {type(e).__name__}: {e}") from None
+    check_state_dict(seg.proposals.state_dict(), sd, f"{where} {PROPOSALS_WEIGHTS}", "the proposal model")
+    seg.proposals.load_state_dict(sd, strict=True)
+    seg.seen_text.copy_(torch.from_numpy(seen_text))
+    for name, v in vocabs.items():
+        if name == "train":
+            continue
+        found = torch.nonzero(seen_from_text(torch.from_numpy(emb[name]), seg.seen_text)).flatten().tolist()
+        if found != list(v.seen):
+            extra = [v.names[i] for i in sorted(set(found) - set(v.seen))]
+            missing = [v.names[i] for i in sorted(set(v.seen) - set(found))]
+            raise DataError(
+                f"eval set {name!r}: ZegFormer tells seen classes by their text embeddings (equal to a seen "
+                f"training class's) and finds {len(found)}, classes.json says {len(v.seen)}: taken for seen but "
+                f"unseen {extra[:10]}, seen but not recognised {missing[:10]} (two class names with equal "
+                "embeddings, or embeddings of another embed_text?); the fusion of Eq. 3 needs the seen set"
+            )
+    state = seg.trainable_state_dict()
+    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegformer", state)
+    n_prop = sum(p.numel() for p in seg.proposals.parameters())
+    ctx.log(
+        f"zegformer: {doc['num_queries']} proposals per image from {where} ({n_prop} parameters, "
+        f"backbone {doc['model'].get('backbone')}); image branch {'on' if seg.image_branch else 'off'}; "
+        f"variants {', '.join(seg.variants)}; nothing trains here ({WEIGHTS_PT}: the proposal model + seen_text)"
+    )
+    return {
+        "num_queries": float(doc["num_queries"]),
+        "proposal_params": float(n_prop),
+        "trainable_params": 0.0,
+        "seen_classes": float(len(train.seen)),
+        "image_branch": float(seg.image_branch),
+    }
+
+
+METHOD = Method(
+    "zegformer",
+    ZegFormerMethod,
+    build_zegformer,
+    inputs={
+        "proposals": Input(
+            ("pretrain_proposals",),
+            doc="the MaskFormer proposal model with the text class head (ZegFormer's segment classifier)",
+        )
+    },
+)
