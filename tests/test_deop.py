@@ -334,3 +334,125 @@ def test_stage_refuses_a_mismatched_proposals_artifact_before_training(tmp_path)
     (tmp_path / "proposals.json").unlink()
     with pytest.raises(FileNotFoundError, match="has no file 'proposals.json'"):
         read_proposals_doc(art)
+
+
+# ============================================================================ the sample DAG
+
+SMALL = [
+    "build_splits.train.max_images=16",
+    "build_splits.eval.0.max_images=2",
+    "pretrain_proposals.train.max_steps=4",
+    "pretrain_proposals.train.checkpoint_every=2",
+    "pretrain_proposals.recall_max_images=2",
+    "train_classifier.train.max_steps=4",
+    "train_classifier.train.checkpoint_every=2",
+    "train_classifier.train.log_every=2",
+    "evaluate.batch_size=2",
+]
+DAG = ("build_splits", "embed_text", "pretrain_proposals", "train_classifier", "evaluate")
+
+
+def _run(work, *extra, overrides=()):
+    from pipeline.cli import build_parser, cmd_run
+    from pipeline.console import Console
+
+    argv = ["run", "--config", "configs/sample_deop.yaml", "--work-dir", str(work)]
+    for o in [*SMALL, *overrides]:
+        argv += ["--set", o]
+    return cmd_run(build_parser().parse_args(argv + list(extra)), Console())
+
+
+@pytest.fixture(scope="module")
+def deop_run(tmp_path_factory, ray_local, shared_data):
+    work = tmp_path_factory.mktemp("deop")
+    code, plan = _run(work)
+    return work, code, plan
+
+
+@pytest.mark.slow
+def test_sample_dag_trains_deop_on_frozen_proposals_and_evaluates(deop_run):
+    import numpy as np
+
+    from zeroseg.models import load_segmenter
+
+    work, code, plan = deop_run
+    assert code == 0, [p.error for p in plan]
+    assert {p.name: p.status for p in plan} == {s: "ran" for s in DAG}
+    tc = plan.nodes["train_classifier"]
+    assert tc.bindings["proposals"] == "pretrain_proposals"
+    assert tc.metrics["steps"] == 4 and tc.metrics["proposal_queries"] == 16
+    store = work / "store"
+    art = store / "train_classifier" / tc.key
+    seg_json = json.loads((art / "segmenter.json").read_text())
+    assert seg_json["method"] == "deop" and seg_json["class"] == "zeroseg.models.deop:DeOP"
+    prop_dir = store / "pretrain_proposals" / plan.nodes["pretrain_proposals"].key
+    assert seg_json["model"]["proposals"] == json.loads((prop_dir / "proposals.json").read_text())
+    weights = torch.load(art / "weights.pt", map_location="cpu", weights_only=True)
+    seg = load_segmenter(art)
+    assert set(weights) == set(seg.trainable_names())
+    assert not any(k.startswith("clip.") for k in weights)  # the CLIP towers stay out
+    # the proposal model travels inside the segmenter, exactly as pretrain_proposals wrote it
+    prop = torch.load(prop_dir / "weights.pt", map_location="cpu", weights_only=True)
+    assert {k.removeprefix("proposals.") for k in weights if k.startswith("proposals.")} == set(prop)
+    for k, v in prop.items():
+        assert torch.equal(weights[f"proposals.{k}"], v), k
+    learned = {"decoder", "no_object", "visual_prompts", "text_prompt"}
+    assert {k.split(".")[0] for k in weights} == learned | {"proposals"}
+    # training checkpoints hold the learned tensors only
+    ckpts = sorted(p for p in (store / "_train").glob("train_classifier-*/checkpoint_*") if p.is_dir())
+    assert 1 <= len(ckpts) <= 2
+    ck = torch.load(ckpts[-1] / "model.pt", map_location="cpu", weights_only=True)
+    assert {k.split(".")[0] for k in ck} == learned
+    # the segmenter embeds class names itself and scores [B, C, H/4, W/4]
+    text = seg.encode_text(["person", "dog", "sky"])
+    assert text.shape == (3, 64) and torch.allclose(text.norm(dim=-1), torch.ones(3))
+    with torch.no_grad():
+        scores = seg(torch.zeros(1, 3, 128, 128), text)
+    assert scores.shape == (1, 3, 32, 32) and bool((scores >= 0).all()) and bool((scores <= 16).all())
+    ev = plan.nodes["evaluate"]
+    metrics = json.loads((store / "evaluate" / ev.key / "metrics.json").read_text())
+    for s in ("val", "camvid"):
+        cm = np.array(metrics[s]["gzs3"]["confusion_matrix"])
+        assert ev.metrics[f"{s}/pAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum())
+
+
+@pytest.mark.slow
+def test_second_run_is_fully_cached_and_a_classifier_change_reuses_the_proposals(deop_run):
+    work, code, _ = deop_run
+    assert code == 0
+    code, plan = _run(work)
+    assert code == 0 and {p.name: p.status for p in plan} == {s: "cached" for s in DAG}
+    # a change of the classifier alone: train_classifier and evaluate run, the proposals are reused
+    change = ["train_classifier.model.decoder_layers=2"]
+    code, plan = _run(work, "--dry-run", overrides=change)
+    assert code == 0
+    assert {p.name: p.action for p in plan} == {
+        "build_splits": "cached",
+        "embed_text": "cached",
+        "pretrain_proposals": "cached",
+        "train_classifier": "run",
+        "evaluate": "run",
+    }
+    assert "decoder_layers 1 -> 2" in plan.nodes["train_classifier"].reason
+    code, plan = _run(work, overrides=change)
+    assert code == 0, [p.error for p in plan]
+    assert {p.name: p.status for p in plan} == {
+        "build_splits": "cached",
+        "embed_text": "cached",
+        "pretrain_proposals": "cached",
+        "train_classifier": "ran",
+        "evaluate": "ran",
+    }
+
+
+@pytest.mark.slow
+def test_a_proposals_artifact_of_another_query_count_is_refused_before_training(deop_run):
+    work, code, _ = deop_run
+    assert code == 0
+    code, plan = _run(work, overrides=["train_classifier.model.num_queries=7"])
+    assert code != 0
+    node = plan.nodes["train_classifier"]
+    assert node.status == "failed"
+    assert "has 16 queries but train_classifier.model.num_queries is 7" in str(node.error)
+    assert not (work / "store" / "train_classifier" / node.key).exists()
+    assert not list((work / "store" / "_train").glob(f"train_classifier-{node.key[:16]}*/checkpoint_*"))
