@@ -775,7 +775,19 @@ def test_config_schema():
         with pytest.raises(pydantic.ValidationError, match=rf"(?m)^{field}\b"):  # the error names the field
             EvaluateConfig(**bad)
     # what enters the key: the scoring settings; resources, batching and timing do not
-    assert hashed_view(c) == {"sets": None, "gamma": 0.0, "max_images": None, "resolution": None}
+    assert hashed_view(c) == {
+        "sets": None,
+        "gamma": 0.0,
+        "max_images": None,
+        "resolution": None,
+        # the test protocol (tests/test_protocols.py) changes the scores: hashed
+        "protocol": "resize",
+        "crop": None,
+        "stride": None,
+        "short_side": None,
+        "max_long_side": None,
+        "activation_at": "input",
+    }
     assert set(runtime_view(c)) == {"batch_size", "device", "num_gpus_per_worker", "concurrency", "warmup_batches"}
     runtime = EvaluateConfig(batch_size=16, device="cpu", num_gpus_per_worker=0, concurrency=3, warmup_batches=0)
     assert digest(hashed_view(runtime)) == digest(hashed_view(c))

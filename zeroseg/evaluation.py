@@ -13,9 +13,14 @@ counted. Only the matrices travel between processes.
 
 Batch contract (what a predictor hands an evaluator):
     inputs: ``{"labels": [uint8 [H_i, W_i]], "label_uris": [str], "sets": [str]}`` per image;
-    outputs: ``{"groups": [{"set": name, "index": [row, ...], "scores": float [b, C, h, w]}],
-    "probabilities": bool}`` (one group per evaluation set present in the batch; ``scores`` on
-    the model's device; ``probabilities``: per-class probabilities rather than logits).
+    outputs: ``{"groups": [{"set": name, "index": [row, ...], "scores": S}], "probabilities":
+    bool, "activation": str (optional)}`` (one group per evaluation set present in the batch).
+    ``S`` is float ``[b, C, h, w]`` (images of one size) or a list of ``b`` tensors
+    ``[1, C, h_i, w_i]`` (the slide / short-side protocols: a size per image), on the model's
+    device; for a segmenter with ``variants``, a dict ``{variant: S}``. ``probabilities``: the
+    scores (after ``activation``) are per-class probabilities rather than logits;
+    ``activation`` (``zeroseg.protocols.activate``, default ``"none"``): applied by the evaluator
+    after upsampling to the label size (``evaluate.activation_at: label``).
 
 Imports neither Ray nor the pipeline.
 """
@@ -36,17 +41,23 @@ class GZS3Evaluator:
     Args:
         sets: ``{name: {"num_classes": C, "seen": [...], "unseen": [...], "ignore_index": 255}}``.
         gamma: seen-class calibration (ZegFormer Eq. 2), in probability units.
+        variant: score this variant of a segmenter with ``variants`` (the groups' ``scores`` are
+            then ``{variant: ...}``); None for a plain segmenter. One evaluator per variant.
+
+    Per image: scores bilinearly upsampled to the label size (``align_corners=False``), then the
+    batch's ``activation`` if any, then the calibrated argmax (gamma subtracted from
+    probabilities, ``zeroseg.metrics.calibrated_argmax``) and the counting.
 
     ``finalize()`` returns ``{name: {"gzs3": int64 [C, C], "zs3": int64 [U, U], "images": n,
     "pixels": labelled + ignored pixels}}``; ``zeroseg.metrics.segmentation_metrics`` /
     ``zs3_metrics`` turn them into mIoU(S/U), hIoU, pAcc, ...
 
     Raises (from ``process``):
-        DataError: a label value outside the set's class ids (naming the label file), or scores
-            with another class count than the set's.
+        DataError: a label value outside the set's class ids (naming the label file), scores
+            with another class count than the set's, or no scores for the evaluator's variant.
     """
 
-    def __init__(self, sets: Mapping[str, Mapping[str, Any]], gamma: float = 0.0):
+    def __init__(self, sets: Mapping[str, Mapping[str, Any]], gamma: float = 0.0, variant: str | None = None):
         self.sets = {
             n: {
                 "num_classes": int(s["num_classes"]),
@@ -57,6 +68,7 @@ class GZS3Evaluator:
             for n, s in sets.items()
         }
         self.gamma = float(gamma)
+        self.variant = variant
         self.reset()
 
     def reset(self) -> None:
@@ -79,28 +91,49 @@ class GZS3Evaluator:
         import torch.nn.functional as F
 
         from zeroseg.metrics import gzs3_zs3_confusion
+        from zeroseg.protocols import activate
 
         probabilities = bool(outputs.get("probabilities", False))
+        activation = str(outputs.get("activation", "none"))
         for group in outputs["groups"]:
             name, s = group["set"], self.sets[group["set"]]
             scores = group["scores"]
-            c = s["num_classes"]
-            if scores.ndim != 4 or scores.shape[1] != c:
+            if self.variant is not None:
+                if not isinstance(scores, Mapping) or self.variant not in scores:
+                    have = sorted(scores) if isinstance(scores, Mapping) else "a single output"
+                    raise DataError(
+                        f"the segmenter returned no scores for variant {self.variant!r} (eval set {name!r}; it "
+                        f"returned {have}); its forward must return {{variant: scores}} for every name in variants"
+                    )
+                scores = scores[self.variant]
+            elif isinstance(scores, Mapping):
                 raise DataError(
-                    f"the segmenter returned scores {tuple(scores.shape)} for eval set {name!r} with {c} "
-                    "classes; expected [B, C, h, w]"
+                    f"the segmenter returned the variants {sorted(scores)} for eval set {name!r}; this evaluator "
+                    "scores a single output (give it variant=<name>)"
+                )
+            per_image = (
+                list(scores) if isinstance(scores, (list, tuple)) else [scores[j : j + 1] for j in range(len(scores))]
+            )
+            c = s["num_classes"]
+            if len(per_image) != len(group["index"]) or any(t.ndim != 4 or t.shape[:2] != (1, c) for t in per_image):
+                got = [tuple(t.shape) for t in per_image] if isinstance(scores, (list, tuple)) else tuple(scores.shape)
+                raise DataError(
+                    f"the segmenter returned scores {got} for eval set {name!r} with {c} classes and "
+                    f"{len(group['index'])} images; expected [B, C, h, w]"
                 )
             self._ensure(name)
-            gz = torch.zeros((c, c), dtype=torch.int64, device=scores.device)
-            zs = torch.zeros((len(s["unseen"]),) * 2, dtype=torch.int64, device=scores.device)
+            device = per_image[0].device
+            gz = torch.zeros((c, c), dtype=torch.int64, device=device)
+            zs = torch.zeros((len(s["unseen"]),) * 2, dtype=torch.int64, device=device)
             for j, row in enumerate(group["index"]):
                 lab = np.asarray(inputs["labels"][row])
                 lab_t = torch.from_numpy(
                     lab if lab.flags.writeable and lab.flags.c_contiguous else np.array(lab, order="C")
-                ).to(scores.device)
-                sc = scores[j : j + 1].float()
+                ).to(device)
+                sc = per_image[j].float()
                 if tuple(sc.shape[-2:]) != lab.shape:
                     sc = F.interpolate(sc, size=lab.shape, mode="bilinear", align_corners=False)
+                sc = activate(sc, activation)
                 try:
                     g, z = gzs3_zs3_confusion(
                         sc,

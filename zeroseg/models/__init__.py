@@ -99,6 +99,27 @@ class Segmenter(nn.Module):
     ``forward(images [B, 3, H, W] float normalised, text_embeddings [C, D] L2-normalised)
     -> class scores [B, C, h, w]`` at any resolution (evaluate upsamples bilinearly and takes the
     argmax over classes).
+
+    Optional attributes read by evaluate (``stages/evaluate.py``, ``zeroseg.protocols``); the
+    defaults describe a plain segmenter:
+
+    - ``variants``: names of several predictions made in one pass (ZegFormer: ``("zegformer",
+      "zegformer_seg", "zegformer_img")``). When non-empty, ``forward`` (and ``logits``) return
+      ``{variant: scores [B, C, h, w]}`` and evaluate scores every variant: ``variants[0]`` under
+      the usual metric keys, the others as ``<variant>/<set>/<metric>``. A class attribute
+      (evaluate reads it from the class ``segmenter.json`` names before starting its actors).
+    - ``encodes_text``: the model embeds class names itself (DeOP's learnable text prompts):
+      evaluate calls :meth:`encode_text` with each set's ``prompt_names`` (``classes.json``) once
+      per inference actor and passes the result as ``text_embeddings`` instead of embed_text's
+      ``embeddings/<set>.npy``. A class attribute, like ``variants``.
+    - ``activation`` (``"none"``, ``"sigmoid"``, ``"softmax"``) and :meth:`logits`: the scores
+      before the activation. With an activation, evaluate calls ``logits``, upsamples them
+      bilinearly to the resolution of the network input (a window, the padded or resized image)
+      and applies the activation there (ZegCLIP's released order), or at the label size
+      (``evaluate.activation_at: label``). ``forward`` must equal ``activation(logits)``; set
+      ``scores_are_probabilities`` with a sigmoid or softmax activation.
+    - ``size_divisibility``: the short-side protocol pads images right/bottom to a multiple of it
+      (detectron2's ``SIZE_DIVISIBILITY``; a ViT: its patch size).
     """
 
     input_size: tuple[int, int]
@@ -106,9 +127,31 @@ class Segmenter(nn.Module):
     std: tuple[float, float, float]
     cfg: dict[str, Any]
     scores_are_probabilities: bool = False
+    variants: tuple[str, ...] = ()
+    encodes_text: bool = False
+    activation: str = "none"  # "none" | "sigmoid" | "softmax" (zeroseg.protocols.ACTIVATIONS)
+    size_divisibility: int = 1
 
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def logits(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Class scores before :attr:`activation` (same shapes as ``forward``); default: ``forward``
+        (activation ``"none"``). A segmenter with an activation overrides it (ZegCLIP: its mask
+        logits)."""
+        return self(images, text_embeddings)
+
+    def encode_text(self, prompt_names: list[str]) -> torch.Tensor:
+        """``[C, D]`` L2-normalised class embeddings of ``prompt_names`` (one per class, in class
+        order), made by the model itself; only for ``encodes_text = True``.
+
+        Raises:
+            NotImplementedError: the segmenter does not embed text itself.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not embed class names itself (encodes_text is False); "
+            "evaluate gives it embed_text's embeddings"
+        )
 
     def trainable_names(self) -> list[str]:
         """State-dict keys that ``weights.pt`` stores (default: all of them). Training-free

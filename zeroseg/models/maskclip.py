@@ -12,6 +12,7 @@ Imports neither Ray nor the pipeline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,14 @@ from torch import nn
 from zeroseg.config import validated
 from zeroseg.config.maskclip import MaskCLIPConfig
 from zeroseg.models import Segmenter
-from zeroseg.models.clip import check_dense_visual, check_input_size, dense_features, image_norm, native_input_size
+from zeroseg.models.clip import (
+    check_dense_visual,
+    check_input_size,
+    dense_features,
+    image_norm,
+    native_input_size,
+    patch_size,
+)
 
 #: Model config keys of :class:`MaskCLIP` and their defaults: the dump of
 #: :class:`zeroseg.config.maskclip.MaskCLIPConfig` (the one schema; its docstring says what each is).
@@ -82,6 +90,7 @@ class MaskCLIP(Segmenter):
         self.input_size = tuple(self.cfg["input_size"])
         self.mean, self.std = image_norm(visual)
         self.logit_scale = self.cfg["logit_scale"]
+        self.size_divisibility = math.lcm(*patch_size(visual))  # evaluate's short-side protocol pads to it
 
     def train(self, mode: bool = True) -> MaskCLIP:
         """The frozen tower always stays in eval mode (no dropout / patch dropout)."""

@@ -26,6 +26,7 @@ Imports neither Ray nor the pipeline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -271,6 +272,13 @@ class ZegCLIP(Segmenter):
     calibration (``evaluate.gamma: 0.1`` in the ZegCLIP benchmark configs; this model returns
     probabilities, ``scores_are_probabilities``, so gamma is subtracted directly).
 
+    Evaluate protocols (``zeroseg.protocols``): ``activation = "sigmoid"`` and :meth:`logits` (the
+    mask logits): evaluate upsamples the logits bilinearly to the network input (the 512 x 512
+    window of the released slide inference, or the resized image) and applies the sigmoid there,
+    as the released head does (``ATMSingleHeadSeg.forward`` upsamples ``pred_masks`` to
+    ``img_size`` before ``semantic_inference``'s sigmoid); ``forward`` keeps the sigmoid at the
+    patch grid. ``size_divisibility`` = the patch size.
+
     Training: ``loss(images, target, seen_text_embeddings)`` (or ``mask_logits`` + a loss from
     :mod:`zeroseg.losses`). Trainable parameters (:meth:`trainable_parameters`,
     :meth:`trainable_state_dict`): prompts + decoder/projections for ``dpt``; decoder/projections
@@ -282,6 +290,7 @@ class ZegCLIP(Segmenter):
     """
 
     scores_are_probabilities = True  # forward returns sigmoid(mask logits)
+    activation = "sigmoid"  # evaluate: sigmoid(upsampled logits()), see the class docstring
 
     def __init__(self, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -310,6 +319,7 @@ class ZegCLIP(Segmenter):
         )
         self.input_size = tuple(c["input_size"])
         self.mean, self.std = image_norm(visual)
+        self.size_divisibility = math.lcm(*self.encoder.patch_size)
 
     # ------------------------------------------------------------------ forward
     def mask_logits(
@@ -336,6 +346,11 @@ class ZegCLIP(Segmenter):
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """-> class scores ``sigmoid(mask_logits)`` ``[B, C, H/p, W/p]`` (see the class docstring)."""
         return torch.sigmoid(self.mask_logits(images, text_embeddings))
+
+    def logits(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """-> the scores before :attr:`activation` (sigmoid): the last decoder layer's mask logits
+        ``[B, C, H/p, W/p]`` (:meth:`mask_logits`); ``forward = sigmoid(logits)``."""
+        return self.mask_logits(images, text_embeddings)
 
     def loss(
         self,
