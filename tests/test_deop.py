@@ -336,6 +336,42 @@ def test_stage_refuses_a_mismatched_proposals_artifact_before_training(tmp_path)
         read_proposals_doc(art)
 
 
+def test_deop_without_a_proposals_stage_fails_at_plan_time(monkeypatch, tmp_path):
+    """The proposals role is required: a DeOP config without pretrain_proposals does not plan."""
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError as PlanError
+    from pipeline.plan import plan
+    from stages.catalog import STAGES
+
+    monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
+    cfg = load_config("configs/sample_deop.yaml")
+    del cfg.sections["pretrain_proposals"]
+    with pytest.raises(PlanError, match=r"train_classifier needs its 'proposals' input .* pretrain_proposals"):
+        plan(cfg, STAGES, checks=False)
+
+
+@pytest.mark.parametrize("name", ["coco_stuff_deop", "voc_deop"])
+def test_benchmark_configs_plan_with_the_released_settings(name, monkeypatch, tmp_path):
+    """The real configs bind the proposals and carry the released DeOP settings."""
+    from pipeline.config import load_config
+    from pipeline.plan import plan
+    from stages.catalog import STAGES
+
+    monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
+    p = plan(load_config(f"configs/{name}.yaml"), STAGES, checks=False)
+    tc = p.nodes["train_classifier"]
+    assert tc.bindings["proposals"] == "pretrain_proposals"
+    m, t = tc.config.model, tc.config.train
+    assert (m.severance, m.severance_layers, m.decoder, m.decoder_layers) == ("mask_weighted", [-1], "heatmap", 1)
+    assert (m.width, m.heads, m.ffn, m.num_queries, m.text_prompt_tokens) == (512, 8, 1024, 100, 16)
+    assert m.visual_prompt_layers == [0, 1, 2, 3, 4, 5] and (m.focal_weight, m.dice_weight) == (2.0, 0.8)
+    world = tc.config.scaling.num_workers * t.batch_size * t.grad_accum_steps
+    assert (t.lr, world, t.clip_grad_norm) == (2e-4, 16, 0.01)
+    assert t.max_steps == {"coco_stuff_deop": 60000, "voc_deop": 20000}[name]
+    ev = p.nodes["evaluate"].config
+    assert (ev.protocol, ev.short_side, ev.gamma) == ("short_side", 512, 0.0)
+
+
 # ============================================================================ the sample DAG
 
 SMALL = [
