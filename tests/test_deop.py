@@ -264,6 +264,78 @@ def test_text_prompt_context_trains_and_is_placed_after_sos(tiny):
     tiny.zero_grad(set_to_none=True)
 
 
+# ============================================================================ the model
+
+
+@pytest.fixture(scope="module")
+def proposal_model():
+    from zeroseg.models.proposals import MaskFormer
+
+    cfg = dict(backbone="resnet18", num_queries=6, hidden_dim=32, dec_layers=2, nheads=2, dim_feedforward=64)
+    torch.manual_seed(0)
+    return MaskFormer({**cfg, "conv_dim": 32, "mask_dim": 32, "class_head": "text"}, 3, text_dim=64)
+
+
+def _deop(tiny, pm, **kw):
+    from zeroseg.models.deop import DeOP
+
+    doc = {
+        **_doc(q=pm.num_queries, text_dim=64),
+        "model": pm.cfg,
+        "input": {"size": [64, 64], "mean": list(pm.mean), "std": list(pm.std)},
+    }
+    base = dict(width=64, heads=2, ffn=64, input_size=[64, 64], size_divisibility=32, visual_prompt_layers=[0, 1])
+    seg = DeOP(tiny, {**base, "text_prompt_tokens": 4, **kw, "proposals": doc})
+    seg.load_proposal_weights(pm.state_dict())
+    return seg
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"decoder": "conv"}, {"mask_guided": True}, {"severance": "alpha", "alpha": 0.5, "severance_layers": [0, 1]}],
+)
+def test_deop_trains_only_its_own_tensors_and_scores_as_maskformer(tiny, proposal_model, kw):
+    """One loss step: gradients reach the learned tensors (decoder, no-object, visual prompts, text
+    context) and nothing of CLIP or the proposals, which stay in eval mode; bf16 autocast leaves
+    the logits and the loss in float32; the scores are MaskFormer's semantic inference of the
+    segment logits and the proposals' masks (zeroseg.models.proposals.semantic_scores)."""
+    from zeroseg.models.proposals import semantic_scores
+
+    seg = _deop(tiny, proposal_model, **kw)
+    seg.train()
+    assert not seg.clip.training and not seg.proposals.training
+    x = pixels(2, 64, 96, seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = seg.loss(x, torch.tensor([0, 1, 255]).repeat(2, 64, 32), ["cat", "dog", "car"])
+    assert all(v.dtype == torch.float32 for v in out.values())
+    out["loss"].backward()
+    learned = set(seg.learned_names())
+    assert {n.split(".")[0] for n in learned} == {"decoder", "no_object", "visual_prompts", "text_prompt"}
+    grads = {n: p.grad for n, p in seg.named_parameters()}
+    assert all(grads[n] is None for n in grads if n.startswith(("clip.", "proposals.")))
+    for n in ("no_object", "visual_prompts", "text_prompt.ctx"):
+        assert grads[n] is not None and grads[n].abs().sum() > 0, n
+    seg.eval()
+    text = seg.encode_text(["cat", "dog"])
+    with torch.no_grad():
+        logits, masks = seg.segment(x, text)
+        scores = seg(x, text)
+    assert logits.shape == (2, 6, 3) and masks.shape == (2, 6, 16, 24)
+    torch.testing.assert_close(scores, semantic_scores(logits, masks), **TOL)
+    seg.zero_grad(set_to_none=True)
+    tiny.zero_grad(set_to_none=True)
+
+
+def test_deop_refuses_images_off_the_divisibility_and_a_wrong_width(tiny, proposal_model):
+    seg = _deop(tiny, proposal_model)
+    with pytest.raises(ValueError, match=r"multiple of 32"):
+        seg(pixels(1, 48, 64), seg.encode_text(["a"]))
+    with pytest.raises(ConfigError, match=r"model.width 32 must equal the CLIP embedding size 64"):
+        _deop(tiny, proposal_model, width=32)
+    with pytest.raises(ConfigError, match=r"visual_prompt_layers \[2\] outside 0..1"):
+        _deop(tiny, proposal_model, visual_prompt_layers=[0, 2])
+
+
 # ============================================================================ config and refusals
 
 

@@ -413,17 +413,18 @@ def deop_pixel_loss(
             f"target has class ids {vals} outside 0..{C - 1} that are not ignore_index={ignore_index}: "
             "the logits must have one column per training (seen) class plus no-object"
         )
-    m = F.interpolate(mask_logits.float(), size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
-    p = torch.softmax(class_logits.float(), dim=-1)
-    s = torch.einsum("bqhw,bqc->bchw", m.sigmoid(), p)
-    s = torch.sigmoid(output_sig * s - output_sig)
-    t = torch.where(target == ignore_index, torch.full_like(target, C), target).long()
-    y = F.one_hot(t, C1).permute(0, 3, 1, 2).to(s.dtype)
-    pt = s * y + (1 - s) * (1 - y)
-    at = focal_alpha * y + (1 - focal_alpha) * (1 - y)
-    focal = (-at * (1 - pt) ** focal_gamma * torch.log(pt.clamp(1e-4, 1 - 1e-4))).mean()
-    sc, yc = s[:, :C].flatten(1), y[:, :C].flatten(1)
-    dice = (1 - (2 * (sc * yc).sum(-1) + 1) / (sc.sum(-1) + yc.sum(-1) + 1)).mean()
+    with torch.autocast(device_type=class_logits.device.type, enabled=False):  # float32 throughout
+        m = F.interpolate(mask_logits.float(), size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
+        p = torch.softmax(class_logits.float(), dim=-1)
+        s = torch.einsum("bqhw,bqc->bchw", m.sigmoid(), p)
+        s = torch.sigmoid(output_sig * s - output_sig)
+        t = torch.where(target == ignore_index, torch.full_like(target, C), target).long()
+        y = F.one_hot(t, C1).permute(0, 3, 1, 2).to(s.dtype)
+        pt = s * y + (1 - s) * (1 - y)
+        at = focal_alpha * y + (1 - focal_alpha) * (1 - y)
+        focal = (-at * (1 - pt) ** focal_gamma * torch.log(pt.clamp(1e-4, 1 - 1e-4))).mean()
+        sc, yc = s[:, :C].flatten(1), y[:, :C].flatten(1)
+        dice = (1 - (2 * (sc * yc).sum(-1) + 1) / (sc.sum(-1) + yc.sum(-1) + 1)).mean()
     return {"loss": focal_weight * focal + dice_weight * dice, "focal": focal, "dice": dice}
 
 
@@ -863,15 +864,18 @@ class DeOP(Segmenter):
         # CAL masks: sigmoid first, then bilinear to the CLIP grid (released semseg_mask_downsample)
         cal = F.interpolate(mask_logits.float().sigmoid(), size=grid, mode="bilinear", align_corners=False)
         emb = self.decoder(fv, grid, cal.flatten(2))  # [B, Q, D], normalised
-        t = F.normalize(text_embeddings.to(device=emb.device, dtype=torch.float32), dim=-1)
-        classes = torch.cat([t, F.normalize(self.no_object.float(), dim=-1)], dim=0)
-        logits = self.hp.logit_scale * emb.float() @ classes.T
+        # float32 classification: a 100 x cosine in bf16 would be off by ~0.4 logits
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            t = F.normalize(text_embeddings.to(device=emb.device, dtype=torch.float32), dim=-1)
+            classes = torch.cat([t, F.normalize(self.no_object.float(), dim=-1)], dim=0)
+            logits = self.hp.logit_scale * F.normalize(emb.float(), dim=-1) @ classes.T
         return logits, mask_logits
 
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """-> semantic scores ``[B, C, H/4, W/4]`` (module docstring, step 5)."""
         logits, mask_logits = self.segment(images, text_embeddings)
-        return torch.einsum("bqc,bqhw->bchw", logits.softmax(-1)[..., :-1], mask_logits.float().sigmoid())
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return torch.einsum("bqc,bqhw->bchw", logits.softmax(-1)[..., :-1], mask_logits.float().sigmoid())
 
     def loss(
         self,
