@@ -40,10 +40,12 @@ size (labels are never resized), subtracts gamma (after any activation) and coun
 which computes the metrics (percent; conventions in ``zeroseg.metrics``).
 
 A segmenter with ``variants`` (ZegFormer: fused, seg-only, image-only) is scored once per variant
-in the same pass (one evaluator each): ``variants[0]`` under the usual keys and files, the others
-as ``<variant>/<set>/<metric>``, ``metrics.json`` entries ``"<variant>/<set>"`` and files under
-``<variant>/``. A segmenter that ``encodes_text`` gets ``encode_text(prompt_names)`` of each set
-(``classes.json``), computed once per actor, instead of embed_text's embeddings.
+in the same pass (``zeroseg.evaluation.VariantsGZS3Evaluator``: one ``GZS3Evaluator`` per variant
+the actors report, so variants may depend on the model config): ``variants[0]`` under the usual
+keys and files, the others as ``<variant>/<set>/<metric>``, ``metrics.json`` entries
+``"<variant>/<set>"`` and files under ``<variant>/``. A segmenter whose class says
+``encodes_text`` gets ``encode_text(prompt_names)`` of each set (``classes.json``), computed once
+per actor, instead of embed_text's embeddings.
 
 Writes ``metrics.json``, ``per_class_<set>.md``, ``per_class_iou_<set>.png`` and ``fps.json``;
 returns ``{"<set>/hIoU": .., "<set>/mIoU_seen": .., ..., "fps": ..}`` (finite values only).
@@ -101,7 +103,8 @@ class EvaluateConfig(StageConfig):
     ``input`` (network input resolution, ZegCLIP's released code) or ``label`` (after upsampling
     to the label size).
 
-    Runtime (not in the key): ``batch_size`` (images per forward), ``device`` (``auto``: cuda
+    Runtime (not in the key): ``batch_size`` (images per batch and per forward; ``slide``: windows
+    per forward, ``short_side``: at most the images of equal padded size), ``device`` (``auto``: cuda
     when the Ray cluster has GPUs; ``cpu``, ``cuda``, ``cuda:N``), ``num_gpus_per_worker``
     (default: 1 on cuda, 0 on cpu), ``concurrency`` (inference actors), ``warmup_batches``
     (batches per actor left out of the FPS timing).
@@ -339,6 +342,9 @@ class SegmenterPredictor:
                 scores = self._scores([inputs["images"][i] for i in idx], self.text[name])
                 groups.append({"set": name, "index": idx, "scores": scores})
         out: dict[str, Any] = {"groups": groups, "probabilities": bool(self.seg.scores_are_probabilities)}
+        variants = tuple(getattr(self.seg, "variants", ()) or ())
+        if variants:
+            out["variants"] = list(variants)  # the segmenter's order: variants[0] is reported first
         act = str(getattr(self.seg, "activation", "none"))
         if act != "none" and self.activation_at == "label":
             out["activation"] = act  # the evaluator applies it after upsampling to the label size
@@ -409,6 +415,12 @@ class SegmenterPredictor:
                     "is reported under the usual metric keys)"
                 )
             return out[SINGLE]
+        bad = [v for v in variants if not isinstance(v, str) or not v or "/" in v]
+        if bad:
+            raise DataError(
+                f"{cls}.variants {bad}: a variant name must be a non-empty string without '/' (it names metrics "
+                "<variant>/<set>/<metric> and a folder)"
+            )
         if set(out) != set(variants):
             raise DataError(f"{cls} declares the variants {list(variants)} but returned {sorted(out)}")
         return out
@@ -494,7 +506,7 @@ class Evaluate(Stage):
 
         from pipeline.inference import reduce
         from zeroseg.config.clip import model_embed_dim
-        from zeroseg.evaluation import GZS3Evaluator
+        from zeroseg.evaluation import VariantsGZS3Evaluator
         from zeroseg.metrics import json_safe
         from zeroseg.models import import_class, read_segmenter_json
 
@@ -517,10 +529,8 @@ class Evaluate(Stage):
                     f"evaluate.sets: unknown eval set {n!r}{nearest(n, evals)} (eval sets: {', '.join(evals)})"
                 )
         seg_doc = read_segmenter_json(ctx.inputs["model"].file("segmenter.json").parent)
-        # read from the class (before any actor builds the model): evaluators and arguments depend on them
-        seg_cls = import_class(seg_doc["class"], where="segmenter.json")
-        variants = tuple(getattr(seg_cls, "variants", ()) or ())
-        encodes_text = bool(getattr(seg_cls, "encodes_text", False))
+        # read from the class (no model is built on the driver): the actors' arguments depend on it
+        encodes_text = bool(getattr(import_class(seg_doc["class"], where="segmenter.json"), "encodes_text", False))
         text_embeddings(
             ctx.inputs["text"],
             vocabs,
@@ -542,10 +552,8 @@ class Evaluate(Stage):
             }
             for n in names
         }
-        # one evaluator per variant: "gzs3" scores variants[0] (or the only output), "gzs3/<v>" the others
-        evaluators = {"gzs3": GZS3Evaluator(set_specs, gamma=cfg.gamma, variant=variants[0] if variants else None)}
-        for v in variants[1:]:
-            evaluators[f"gzs3/{v}"] = GZS3Evaluator(set_specs, gamma=cfg.gamma, variant=v)
+        # one GZS3Evaluator per variant the segmenter reports (its variants may depend on its config)
+        evaluators = {"gzs3": VariantsGZS3Evaluator(set_specs, gamma=cfg.gamma)}
         predictor_kwargs: dict[str, Any] = {
             "segmenter_uri": ctx.inputs["model"].uri,
             "embeddings": {n: ctx.inputs["text"].file_uri(f"embeddings/{n}.npy") for n in names},
@@ -569,15 +577,16 @@ class Evaluate(Stage):
             progress=lambda n: bar.update(advance=n),
         )
         pass_seconds = time.perf_counter() - t0
-        counts = merged["gzs3"].finalize()
+        by_variant = merged["gzs3"].finalize()  # {variant (None: a plain segmenter): {set: counts}}
+        variants = list(by_variant)
+        counts = by_variant[variants[0]]
 
         result: dict[str, float] = {}
         doc: dict[str, Any] = {}
         log_extra: dict[str, float] = {}
         out = Path(ctx.output_dir)
         text_source = "encode_text" if encodes_text else "embeddings"
-        reports = [(variants[0] if variants else None, "", counts)]
-        reports += [(v, f"{v}/", merged[f"gzs3/{v}"].finalize()) for v in variants[1:]]
+        reports = [(variants[0], "", counts)] + [(v, f"{v}/", by_variant[v]) for v in variants[1:]]
         for variant, prefix, var_counts in reports:
             vdir = out / prefix if prefix else out
             vdir.mkdir(parents=True, exist_ok=True)

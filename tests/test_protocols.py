@@ -39,7 +39,7 @@ import stages.catalog  # noqa: F401 - registers zeroseg's errors as user errors 
 from pipeline.dag import Artifact, StageContext
 from stages.evaluate import EvaluateConfig, SegmenterPredictor
 from zeroseg.errors import ConfigError, DataError
-from zeroseg.evaluation import GZS3Evaluator
+from zeroseg.evaluation import GZS3Evaluator, VariantsGZS3Evaluator
 from zeroseg.models import Segmenter
 from zeroseg.protocols import forward_padded, short_side_size, slide_window_scores, window_grid
 
@@ -457,12 +457,12 @@ class _Twins(Segmenter):
     always predicts class 2. Embeds class names itself: ``encode_text`` maps each prompt name to
     its one-hot row (a KeyError for anything but the prompt names)."""
 
-    variants = ("fused", "seg")
-    encodes_text = True
+    encodes_text = True  # a class attribute (the stage reads it before any model is built)
 
     def __init__(self):
         super().__init__()
         self.input_size, self.mean, self.std = (16, 16), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        self.variants = ("fused", "seg")  # per instance, as ZegFormer's (they depend on its config)
 
     def encode_text(self, prompt_names):
         return torch.eye(len(PROMPTS))[[PROMPTS.index(n) for n in prompt_names]]
@@ -483,7 +483,12 @@ def test_variants_and_encode_text_in_process(tmp_path, monkeypatch):
     seg = _Twins()
     out, res = _predict(tmp_path, monkeypatch, seg, rows, 3, prompt_names={"s": PROMPTS}, variant="fused")
     scores = out["groups"][0]["scores"]
-    assert sorted(scores) == ["fused", "seg"]
+    assert sorted(scores) == ["fused", "seg"] and out["variants"] == ["fused", "seg"]
+    # the stage's evaluator: one GZS3Evaluator per reported variant, in the segmenter's order
+    keyed = VariantsGZS3Evaluator({"s": {"num_classes": 3, "seen": [0], "unseen": [1, 2]}})
+    keyed.process(SegmenterPredictor.__new__(SegmenterPredictor).load(_batch(rows, "s")), out)
+    assert keyed.variants == ["fused", "seg"]
+    assert keyed.finalize()["seg"]["s"]["gzs3"].tolist() == [[0, 0, 96], [0, 0, 96], [0, 0, 96]]
     assert res["gzs3"].tolist() == [[96, 0, 0], [0, 96, 0], [0, 0, 96]]  # "fused" (variants[0]): the default evaluator
     # the embeddings file (np.eye(3, 8): identity rows, 8 wide) was not read: text is encode_text's 3 x 3
     import zeroseg.models
@@ -509,6 +514,9 @@ def test_variants_and_encode_text_in_process(tmp_path, monkeypatch):
     monkeypatch.setattr(zeroseg.models, "load_segmenter", lambda d, device="cpu": seg2)
     w = SegmenterPredictor("unused", {"s": str(tmp_path / "emb.npy")}, "cpu", None, None, {"s": PROMPTS})
     with pytest.raises(DataError, match=r"returned the variants \['fused', 'seg'\] but declares none"):
+        w(w.load(_batch(rows, "s")))
+    seg2.variants = ("fused", "seg/x")
+    with pytest.raises(DataError, match=r"variants \['seg/x'\]: a variant name must be .* without '/'"):
         w(w.load(_batch(rows, "s")))
 
 

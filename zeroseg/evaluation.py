@@ -174,6 +174,53 @@ class GZS3Evaluator:
         }
 
 
+class VariantsGZS3Evaluator:
+    """:class:`GZS3Evaluator` for each variant a segmenter reports, created as the variants appear
+    (evaluate's evaluator: whether a segmenter has variants, and which, may depend on its config,
+    so the driver learns them from the predictor's outputs).
+
+    Args: as :class:`GZS3Evaluator` (``sets``, ``gamma``).
+
+    Outputs: the :class:`GZS3Evaluator` batch contract plus ``"variants": [name, ...]`` (the
+    segmenter's ``variants``, in its order) when the scores are ``{variant: ...}``; without it
+    the single output is scored under the variant ``None``.
+
+    ``variants``: the variants seen, in the segmenter's order (``[None]`` for a plain segmenter;
+    ``[]`` before any batch). ``finalize()``: ``{variant: GZS3Evaluator.finalize()}`` in that order.
+
+    Raises (from ``process``): as :class:`GZS3Evaluator`.
+    """
+
+    def __init__(self, sets: Mapping[str, Mapping[str, Any]], gamma: float = 0.0):
+        self.set_specs = {n: dict(s) for n, s in sets.items()}
+        self.gamma = float(gamma)
+        self.reset()
+
+    def reset(self) -> None:
+        self.by_variant: dict[str | None, GZS3Evaluator] = {}
+
+    @property
+    def variants(self) -> list[str | None]:
+        return list(self.by_variant)
+
+    def _get(self, variant: str | None) -> GZS3Evaluator:
+        ev = self.by_variant.get(variant)
+        if ev is None:
+            ev = self.by_variant[variant] = GZS3Evaluator(self.set_specs, self.gamma, variant=variant)
+        return ev
+
+    def process(self, inputs: Mapping[str, Sequence[Any]], outputs: Mapping[str, Any]) -> None:
+        for v in outputs.get("variants") or [None]:
+            self._get(v).process(inputs, outputs)
+
+    def merge(self, other: VariantsGZS3Evaluator) -> None:
+        for v, ev in other.by_variant.items():
+            self._get(v).merge(ev)
+
+    def finalize(self) -> dict[str | None, dict[str, dict[str, Any]]]:
+        return {v: ev.finalize() for v, ev in self.by_variant.items()}
+
+
 # =============================================================================================
 # proposal recall (stage pretrain_proposals)
 # =============================================================================================
@@ -329,4 +376,4 @@ class ProposalRecallEvaluator:
         return out
 
 
-__all__ = ["RECALL_GROUPS", "GZS3Evaluator", "ProposalRecallEvaluator", "segment_best_iou"]
+__all__ = ["RECALL_GROUPS", "GZS3Evaluator", "ProposalRecallEvaluator", "VariantsGZS3Evaluator", "segment_best_iou"]

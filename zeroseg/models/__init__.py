@@ -106,12 +106,13 @@ class Segmenter(nn.Module):
     - ``variants``: names of several predictions made in one pass (ZegFormer: ``("zegformer",
       "zegformer_seg", "zegformer_img")``). When non-empty, ``forward`` (and ``logits``) return
       ``{variant: scores [B, C, h, w]}`` and evaluate scores every variant: ``variants[0]`` under
-      the usual metric keys, the others as ``<variant>/<set>/<metric>``. A class attribute
-      (evaluate reads it from the class ``segmenter.json`` names before starting its actors).
+      the usual metric keys, the others as ``<variant>/<set>/<metric>``. May be set per instance
+      (evaluate learns the variants from its actors' outputs).
     - ``encodes_text``: the model embeds class names itself (DeOP's learnable text prompts):
       evaluate calls :meth:`encode_text` with each set's ``prompt_names`` (``classes.json``) once
       per inference actor and passes the result as ``text_embeddings`` instead of embed_text's
-      ``embeddings/<set>.npy``. A class attribute, like ``variants``.
+      ``embeddings/<set>.npy``. A class attribute: evaluate reads it from the class
+      ``segmenter.json`` names, before any model is built, to pass the prompt names to its actors.
     - ``activation`` (``"none"``, ``"sigmoid"``, ``"softmax"``) and :meth:`logits`: the scores
       before the activation. With an activation, evaluate calls ``logits``, upsamples them
       bilinearly to the resolution of the network input (a window, the padded or resized image)
