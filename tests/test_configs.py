@@ -10,6 +10,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.plan import plan
 from stages.catalog import STAGES
+from stages.methods import methods
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(REPO.glob("configs/*.yaml"))
@@ -21,6 +22,22 @@ BINDINGS = {
     "train_classifier": {"splits": "build_splits", "text": "embed_text"},
     "evaluate": {"splits": "build_splits", "text": "embed_text", "model": "train_classifier"},
 }
+
+
+def _expected(cfg):
+    """ORDER and BINDINGS, with pretrain_proposals (and train_classifier's proposals role) when the
+    config has that stage (the decoupled methods: ZegFormer, DeOP)."""
+    order, bindings = list(ORDER), {k: dict(v) for k, v in BINDINGS.items()}
+    if "pretrain_proposals" in cfg.sections:
+        order.insert(2, "pretrain_proposals")
+        head = (cfg.sections["pretrain_proposals"].get("model") or {}).get("class_head", "text")
+        bindings["pretrain_proposals"] = {
+            "splits": "build_splits",
+            **({"text": "embed_text"} if head == "text" else {}),
+        }
+        if "proposals" in methods()[cfg.sections["train_classifier"]["method"]].inputs:  # a decoupled method
+            bindings["train_classifier"]["proposals"] = "pretrain_proposals"
+    return order, bindings
 
 
 class EverythingCached:
@@ -41,10 +58,11 @@ def test_config_plans(path, monkeypatch, tmp_path):
     names = {s.name for s in STAGES}
     assert set(cfg.sections) <= names | {"clip"}, f"unknown sections in {path.name}"
     p = plan(cfg, STAGES, store=EverythingCached())
-    assert list(p.nodes) == ORDER
-    assert {n.name: n.bindings for n in p} == BINDINGS
+    order, bindings = _expected(cfg)
+    assert list(p.nodes) == order
+    assert {n.name: n.bindings for n in p} == bindings
     assert all(n.action == "cached" for n in p)
-    assert len(set(p.keys().values())) == len(ORDER) and all(len(k) == 64 for k in p.keys().values())
+    assert len(set(p.keys().values())) == len(order) and all(len(k) == 64 for k in p.keys().values())
     # the shared clip section reaches the stages that take it
     for name in ("embed_text", "train_classifier"):
         assert p.nodes[name].config.clip.model_dump() == {
@@ -59,8 +77,9 @@ def test_config_plans(path, monkeypatch, tmp_path):
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
 def test_sample_configs_pass_the_plan_time_checks(path, shared_data, monkeypatch):
     monkeypatch.setenv("ZEROSEG_DATA", str(shared_data))
-    p = plan(load_config(path), STAGES)  # no store: every node runs, so every check runs
-    assert [n.action for n in p] == ["run"] * 4 and all(n.reason == "new" for n in p)
+    cfg = load_config(path)
+    p = plan(cfg, STAGES)  # no store: every node runs, so every check runs
+    assert [n.action for n in p] == ["run"] * len(_expected(cfg)[0]) and all(n.reason == "new" for n in p)
     assert p.nodes["build_splits"].components["data"] is not None  # the dataset fingerprint
     assert any("RANDOM WEIGHTS" in line for line in p.notices)
 
