@@ -89,7 +89,8 @@ class PretrainProposalsConfig(StageConfig):
 
     ``clip``: the shared CLIP spec (injected from the top-level ``clip:``): the text embeddings'
     dimension for ``model.class_head: text`` and the image tower for ``model.backbone: clip``;
-    unused otherwise. ``model``: :class:`zeroseg.config.proposals.ProposalConfig`. ``train`` /
+    otherwise unused and dropped (None), so that it stays out of the key. A missing backbone
+    weights file fails at plan time (``ProposalConfig.key_payload``). ``model``: :class:`zeroseg.config.proposals.ProposalConfig`. ``train`` /
     ``scaling``: the training package's sections (defaults: the released COCO-Stuff schedule,
     60k steps at batch 32, lr 1e-4, clip 0.01). ``augment``: the training crops; its ``mean`` /
     ``std`` default to the backbone's (ImageNet for ResNets, CLIP's for ``clip``) and may not
@@ -497,9 +498,6 @@ class PretrainProposals(Stage):
                 "pretrain_proposals.model.backbone_weights (IMAGENET1K_V1, as the papers, or a .pth file) for real results"
             )
         return out
-
-    def check(self, config: PretrainProposalsConfig) -> None:
-        config.model.key_payload()  # a missing backbone weights file, named, before anything starts
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         import ray

@@ -394,6 +394,32 @@ def test_sample_stage_trains_writes_a_loadable_artifact_measures_recall_and_cach
         assert metrics[k] == pytest.approx(rec["recalled"][g][str(int(t) / 100)] / rec["segments"][g])
     assert metrics["val/recall50_all"] <= metrics["val/recall30_all"]  # a stricter threshold recalls less
 
+    # the Ray pass equals a plain loop over the same 4 val images, with the predictor built from the
+    # published artifact (the stage built it from proposals.json + the final checkpoint)
+    import pyarrow.parquet as pq
+
+    from stages.pretrain_proposals import ProposalPredictor
+
+    sp = splits.parent
+    rows = pq.read_table(sp / "manifests" / "val.parquet").slice(0, 4).to_pylist()
+    [text_npy] = (tmp_path / "store" / "embed_text").glob("*/embeddings/train.npy")
+    pred = ProposalPredictor(artifact_uri=str(art), text_uri=str(text_npy), device="cpu")
+    images = shared_data / "coco128-seg" / "images" / "train2017"
+    batch = {
+        "eval_set": np.array(["val"] * 4, dtype=object),
+        "image_uri": np.array([str(images / r["image"]) for r in rows], dtype=object),
+        "label_uri": np.array([str(sp / r["label"]) for r in rows], dtype=object),
+    }
+    inputs = pred.load(batch)
+    v = read_classes_json(splits)[1]["val"]
+    ev = ProposalRecallEvaluator({"val": {"num_classes": len(v.names), "seen": v.seen, "unseen": v.unseen}})
+    ev.process(inputs, pred(inputs))
+    loop = ev.finalize()["val"]
+    assert loop["segments"] == rec["segments"]
+    assert {g: [int(x) for x in loop["recalled"][g]] for g in loop["recalled"]} == {
+        g: [rec["recalled"][g]["0.3"], rec["recalled"][g]["0.5"]] for g in rec["recalled"]
+    }
+
     # MLflow: the stage's run has the recall metrics and the training curves
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.tracking.MlflowClient()
