@@ -315,9 +315,8 @@ def bench_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 f"(b) compares with a bare forward at one fixed size: use a config whose evaluate.protocol is "
                 f"resize (got {ecfg.protocol!r}; --e2e-set evaluate.protocol=resize)"
             )
-        metrics = json.loads(art["evaluate"].file("metrics.json").read_text())
-        sets = list(metrics)
         vocabs = vocabularies(splits)
+        sets = list(ecfg.sets or [n for n in vocabs if n != "train"])
 
         seg = load_segmenter(art["train_classifier"].path, device=args.device)
         method = read_segmenter_json(art["train_classifier"].path)["method"]
