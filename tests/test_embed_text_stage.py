@@ -335,6 +335,7 @@ def test_stage_contract_and_key_split(tmp_path, monkeypatch, voc):
         "clip": {"model": f"{TINY_MODEL};config-sha256:{arch}", "weights": "random-init"},
         "source": "model",
         "templates": "ensemble15",
+        "split_names": None,
         "file": None,
     }
     assert runtime_view(conf) == {"batch_size": 16}
@@ -356,7 +357,7 @@ def test_stage_contract_and_key_split(tmp_path, monkeypatch, voc):
     assert (
         hashed_view(spelled[0])
         == hashed_view(spelled[1])
-        == {"clip": None, "source": "file", "templates": "single", "file": {"key": None}}
+        == {"clip": None, "source": "file", "templates": "single", "split_names": None, "file": {"key": None}}
     )
     assert EmbedText().fingerprint(spelled[0]) == EmbedText().fingerprint(spelled[1])
     assert set(runtime_view(spelled[1])) == {"batch_size", "file.embeddings", "file.class_names"}

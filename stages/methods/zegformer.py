@@ -96,6 +96,11 @@ def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]
     doc = read_proposals_json(prop.file(PROPOSALS_JSON).parent)
     dim = model_embed_dim(cfg.clip)
     check_proposals(doc, dim, cfg.clip.model, where)
+    if doc["model"].get("backbone") == "clip" and (doc.get("clip") or {}).get("model") != cfg.clip.model:
+        raise DataError(
+            f"{where}: its backbone is CLIP model {(doc.get('clip') or {}).get('model')!r}, this section's clip "
+            f"is {cfg.clip.model!r}; the segmenter rebuilds that backbone on its own CLIP model: use one clip section"
+        )
     vocabs = vocabularies(ctx.inputs["splits"])
     emb = text_embeddings(ctx.inputs["text"], vocabs, dim=dim, clip_model=cfg.clip.model)
     train = vocabs["train"]
