@@ -253,6 +253,8 @@ def segment_best_iou(mask_logits: Any, label: np.ndarray, ignore_index: int = 25
     import torch
     import torch.nn.functional as F
 
+    from zeroseg.metrics import segment_max_iou
+
     if mask_logits.ndim != 3:
         raise ValueError(f"mask_logits must be [Q, h, w], got {tuple(mask_logits.shape)}")
     lab = np.asarray(label)
@@ -262,14 +264,10 @@ def segment_best_iou(mask_logits: Any, label: np.ndarray, ignore_index: int = 25
         logits = F.interpolate(logits, size=lab.shape, mode="bilinear", align_corners=False)
     valid = lab_t != ignore_index
     ids = torch.unique(lab_t[valid])
-    if ids.numel() == 0 or logits.shape[1] == 0:
-        return ids.cpu().numpy(), np.zeros(ids.numel(), np.float64)
-    prop = (logits[0][:, valid] > 0).float()  # [Q, N]: sigmoid > 0.5 <=> logit > 0
-    gt = (lab_t[valid][None] == ids[:, None]).float()  # [K, N]
-    inter = gt @ prop.T  # [K, Q] exact counts (0/1 products, fp32 accumulation below 2**24)
-    union = gt.sum(1, keepdim=True) + prop.sum(1)[None] - inter  # >= |G| > 0
-    best = (inter / union).max(dim=1).values
-    return ids.cpu().numpy(), best.double().cpu().numpy()
+    segments = lab_t[None] == ids[:, None, None]  # [K, H, W] one class's pixels each
+    # sigmoid > 0.5 <=> logit > 0; the one IoU implementation (ignored pixels on neither side)
+    best = segment_max_iou(logits[0] > 0, segments, valid)
+    return ids.cpu().numpy(), best
 
 
 class ProposalRecallEvaluator:
