@@ -21,6 +21,7 @@ from zeroseg.models.deop import (
     TextPrompt,
     check_proposals_fit,
     deop_pixel_loss,
+    deop_semantic_scores,
     heatmap_pool,
     mask_guided_attention,
     poly_lr_factor,
@@ -226,6 +227,26 @@ def test_loss_by_hand_on_a_2x2_example():
         deop_pixel_loss(class_logits, mask_logits, torch.tensor([[[0, 1], [0, 0]]]))
 
 
+def test_inference_upsamples_the_mask_logits_before_the_sigmoid_by_hand():
+    """Released order (released-code.md 2.6): bilinear upsampling of the mask *logits* to the input
+    size, then sigmoid, then the einsum. One proposal, mask logits [0, 4] on a 1x2 grid -> 1x4:
+    align_corners=False samples x = -0.25, 0.25, 0.75, 1.25 (clamped), so the logits are
+    [0, 1, 3, 4]; class probs softmax([ln 2, 0, 0]) = [1/2, 1/4, 1/4] (last = no-object, dropped).
+    Upsampling sigmoid(m) instead would give 3/4 * 1/2 + 1/4 * sigmoid(4) at x = 1, not sigmoid(1)."""
+
+    def sig(z):
+        return 1 / (1 + math.exp(-z))
+
+    class_logits = torch.tensor([[[math.log(2.0), 0.0, 0.0]]])
+    mask_logits = torch.tensor([[[[0.0, 4.0]]]])
+    got = deop_semantic_scores(class_logits, mask_logits, (1, 4))
+    up = [sig(0.0), sig(1.0), sig(3.0), sig(4.0)]
+    want = torch.tensor([[[[0.5 * u for u in up]], [[0.25 * u for u in up]]]])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    other_order = 0.5 * (0.75 * sig(0.0) + 0.25 * sig(4.0))  # sigmoid first, then upsampling
+    assert abs(float(got[0, 0, 0, 1]) - other_order) > 0.05
+
+
 def test_poly_schedule_by_hand():
     assert poly_lr_factor(0, 100) == 1.0
     assert poly_lr_factor(50, 100, power=0.9) == pytest.approx(0.5**0.9)
@@ -297,8 +318,9 @@ def _deop(tiny, pm, **kw):
 def test_deop_trains_only_its_own_tensors_and_scores_as_maskformer(tiny, proposal_model, kw):
     """One loss step: gradients reach the learned tensors (decoder, no-object, visual prompts, text
     context) and nothing of CLIP or the proposals, which stay in eval mode; bf16 autocast leaves
-    the logits and the loss in float32; the scores are MaskFormer's semantic inference of the
-    segment logits and the proposals' masks (zeroseg.models.proposals.semantic_scores)."""
+    the logits and the loss in float32; the scores are MaskFormer's semantic inference
+    (zeroseg.models.proposals.semantic_scores: softmax without no-object, sigmoid masks, einsum) of
+    the segment logits and the proposals' mask logits upsampled to the input size."""
     from zeroseg.models.proposals import semantic_scores
 
     seg = _deop(tiny, proposal_model, **kw)
@@ -321,7 +343,10 @@ def test_deop_trains_only_its_own_tensors_and_scores_as_maskformer(tiny, proposa
         logits, masks = seg.segment(x, text)
         scores = seg(x, text)
     assert logits.shape == (2, 6, 3) and masks.shape == (2, 6, 16, 24)
-    torch.testing.assert_close(scores, semantic_scores(logits, masks), **TOL)
+    # released order: mask logits upsampled to the input size before the sigmoid
+    up = F.interpolate(masks, size=(64, 96), mode="bilinear", align_corners=False)
+    assert scores.shape == (2, 2, 64, 96)
+    torch.testing.assert_close(scores, semantic_scores(logits, up), **TOL)
     seg.zero_grad(set_to_none=True)
     tiny.zero_grad(set_to_none=True)
 

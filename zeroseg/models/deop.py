@@ -27,8 +27,11 @@ Two streams (DeOP Sec. 3.1, Fig. 2):
    a learnable (normalised) no-object embedding -> ``[B, Q, C + 1]`` (released
    ``get_sim_logits``); text embeddings from *learnable text prompts* (16 prefix context
    vectors through the frozen open_clip text tower, :meth:`DeOP.encode_text`);
-5. **semantic scores** (released 2.6, MaskFormer's semantic inference):
-   ``einsum("bqc,bqhw->bchw", softmax(logits)[..., :-1], sigmoid(m))`` ``[B, C, H/4, W/4]``.
+5. **semantic scores** (released 2.6, MaskFormer's semantic inference; :func:`deop_semantic_scores`):
+   the mask logits ``m`` are upsampled bilinearly to the (padded) input size ``H x W`` *before* the
+   sigmoid, then ``einsum("bqc,bqhw->bchw", softmax(logits)[..., :-1], sigmoid(up(m)))``
+   ``[B, C, H, W]`` (released ``semantic_inference`` after ``sem_seg_postprocess``; training's loss
+   instead upsamples to the label's size, :func:`deop_pixel_loss`).
 
 Training (:meth:`DeOP.loss`, :func:`deop_pixel_loss`) is the released per-pixel loss on the
 summed mask x class probabilities, no Hungarian matching (released 2.4).
@@ -626,8 +629,8 @@ class DeOP(Segmenter):
     ``size_divisibility``; ``encodes_text = True`` (:meth:`encode_text`);
     ``scores_are_probabilities = True``.
 
-    ``forward(images [B, 3, H, W], text_embeddings [C, D]) -> [B, C, H/4, W/4]`` semantic scores in
-    [0, Q] (a sum over the proposals of class probability x mask probability; not a distribution).
+    ``forward(images [B, 3, H, W], text_embeddings [C, D]) -> [B, C, H, W]`` semantic scores in
+    [0, Q] at the input size (a sum over the proposals of class probability x mask probability; not a distribution).
 
     Trainable: the decoder, the no-object embedding, the visual prompts and the text context
     (:meth:`learned_state_dict`); ``weights.pt`` (:meth:`trainable_names`) also holds the frozen
@@ -872,10 +875,10 @@ class DeOP(Segmenter):
         return logits, mask_logits
 
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """-> semantic scores ``[B, C, H/4, W/4]`` (module docstring, step 5)."""
+        """-> semantic scores ``[B, C, H, W]`` at the (padded) input size: mask logits upsampled
+        before the sigmoid (:func:`deop_semantic_scores`; module docstring, step 5)."""
         logits, mask_logits = self.segment(images, text_embeddings)
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            return torch.einsum("bqc,bqhw->bchw", logits.softmax(-1)[..., :-1], mask_logits.float().sigmoid())
+        return deop_semantic_scores(logits, mask_logits, tuple(images.shape[-2:]))
 
     def loss(
         self,
@@ -908,6 +911,27 @@ class DeOP(Segmenter):
         )
 
 
+def deop_semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """DeOP's semantic inference in the released order (released-code.md 2.6: MaskFormer's
+    ``sem_seg_postprocess`` then ``semantic_inference``): the proposal mask *logits* are upsampled
+    bilinearly (``align_corners=False``) to ``size``, then the sigmoid, then
+    ``einsum("bqc,bqhw->bchw", softmax(class_logits)[..., :-1], sigmoid(up(m)))``. Float32 (autocast
+    off). The sigmoid does not commute with the interpolation, so this differs from upsampling
+    ``sigmoid(m)`` or the scores.
+
+    Args:
+        class_logits: ``[B, Q, C + 1]`` segment logits (last column: no-object, dropped after the softmax).
+        mask_logits: ``[B, Q, h, w]`` proposal mask logits.
+        size: ``(H, W)`` output size in pixels (the padded input size at inference).
+
+    Returns:
+        ``[B, C, H, W]`` float32 scores in ``[0, Q]``.
+    """
+    with torch.autocast(device_type=class_logits.device.type, enabled=False):
+        m = F.interpolate(mask_logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return torch.einsum("bqc,bqhw->bchw", class_logits.float().softmax(-1)[..., :-1], m.sigmoid())
+
+
 def poly_lr_factor(step: int, max_steps: int, power: float = 0.9) -> float:
     """detectron2's ``WarmupPolyLR`` without warm-up (DeOP's base config: ``WARMUP_ITERS 0``,
     ``POLY_LR_POWER 0.9``, constant ending 0): ``(1 - step / max_steps) ** power`` (unitless
@@ -925,6 +949,7 @@ __all__ = [
     "build_proposal_network",
     "check_proposals_fit",
     "deop_pixel_loss",
+    "deop_semantic_scores",
     "heatmap_pool",
     "mask_guided_attention",
     "poly_lr_factor",
