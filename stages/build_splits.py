@@ -94,7 +94,12 @@ class DatasetConfig(BaseModel):
     classes: Annotated[str | list[str] | None, Runtime(when=lambda v: isinstance(v, str), why="data path")] = Field(
         None, description='class names, or a json {"classes", "ignore_index"} (a file: fingerprinted)'
     )
-    ignore_index: int | None = Field(None, ge=0, le=255, description="overrides the class file's (default 255)")
+    ignore_index: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="the label files' ignore value; overrides the class file's (default 255, 65535 above 255 classes)",
+    )
     reduce_zero_label: bool = False
     label_suffix: str = ".png"
     ids_file: DataPath | None = None
@@ -444,7 +449,7 @@ def named_split(config: BuildSplitsConfig, names: list[str]) -> Vocabulary:
     counting pass of :meth:`BuildSplits.run`).
 
     Raises:
-        ConfigError: as ``zeroseg.data.classes.resolve_split`` (unknown names, more than 255 classes).
+        ConfigError: as ``zeroseg.data.classes.resolve_split`` (unknown names, more than 65535 classes).
     """
     s = config.split
     if s.rule == "frequency":

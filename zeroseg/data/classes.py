@@ -1,8 +1,9 @@
 """Class vocabularies and seen/unseen splits for zero-shot segmentation.
 
 A *vocabulary* is a dataset's class names in label-id order (id ``i`` = ``names[i]``, 255 =
-ignore). A *split* partitions a training vocabulary into *seen* classes (their pixels supervise
-training) and *unseen* classes (never present in an inductive training target; evaluated as the
+ignore; a vocabulary of more than 255 classes uses 16-bit labels with 65535 = ignore, see
+:func:`label_ignore_index`). A *split* partitions a training vocabulary into *seen* classes
+(their pixels supervise training) and *unseen* classes (never present in an inductive training target; evaluated as the
 zero-shot part of GZS3). Evaluation vocabularies (the held-out ``val`` part of the training
 dataset, or another dataset for cross-dataset evaluation) are resolved against the training
 split through their *prompt names* (:func:`eval_vocabulary`).
@@ -32,6 +33,32 @@ from typing import Any
 from zeroseg.errors import ConfigError
 
 IGNORE_INDEX = 255
+#: Ignore value of 16-bit label maps (vocabularies of more than 255 classes); detectron2's
+#: ADE20k-Full labels use 65535 too (``register_ade20k_full``: ``ignore_label=65535``).
+IGNORE_INDEX_16 = 65535
+#: The most classes a uint8 label map can hold (0..254; 255 is ignore).
+MAX_CLASSES_8BIT = 255
+#: The most classes a uint16 label map can hold (0..65534; 65535 is ignore).
+MAX_CLASSES = 65535
+
+
+def label_ignore_index(num_classes: int) -> int:
+    """The ignore value of a vocabulary's label maps: 255 (uint8 labels) for at most 255 classes,
+    else 65535 (uint16 labels).
+
+    Raises:
+        ValueError: more than 65535 classes.
+    """
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"{num_classes} classes; uint16 labels hold at most {MAX_CLASSES}")
+    return IGNORE_INDEX if num_classes <= MAX_CLASSES_8BIT else IGNORE_INDEX_16
+
+
+def label_dtype_name(num_classes: int) -> str:
+    """``"uint8"`` for at most 255 classes, else ``"uint16"`` (the dtype of the label maps and
+    PNGs of a vocabulary with ``num_classes`` classes; :func:`label_ignore_index` is its ignore)."""
+    return "uint8" if label_ignore_index(num_classes) == IGNORE_INDEX else "uint16"
+
 
 #: COCO-Stuff-171 in label-id order (== class_names.json "coco_stuff171").
 COCO_STUFF_171: tuple[str, ...] = (
@@ -374,7 +401,8 @@ class Vocabulary:
             ``class_map`` target for cross-dataset evaluation, else the name itself).
         seen: sorted ids of seen classes.
         unseen: sorted ids of unseen classes (disjoint from ``seen``).
-        ignore_index: the ignore label value in label PNGs (always 255).
+        ignore_index: the ignore label value in label PNGs: 255 (uint8 PNGs) for at most 255
+            classes, 65535 (16-bit PNGs) for more (:func:`label_ignore_index`).
     """
 
     dataset: str
@@ -496,17 +524,17 @@ def resolve_split(
     Raises:
         ConfigError: an unknown class name (naming the class, the dataset and the nearest names),
             an unknown builtin split, a builtin split whose classes the dataset lacks, a class both
-            seen and unseen, classes in neither list, duplicate or more than 255 names.
+            seen and unseen, classes in neither list, duplicate or more than 65535 names.
 
     Warns:
         UserWarning: a builtin split on a dataset with classes outside the benchmark's (naming
             them; they are counted as seen).
     """
     names = tuple(names)
-    if len(names) > 255:
+    if len(names) > MAX_CLASSES:
         raise ConfigError(
-            f"dataset {dataset!r} has {len(names)} classes; label PNGs are uint8 with 255 = "
-            "ignore, so at most 255 classes are supported"
+            f"dataset {dataset!r} has {len(names)} classes; label PNGs are at most 16-bit with 65535 = "
+            f"ignore, so at most {MAX_CLASSES} classes are supported"
         )
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -563,7 +591,12 @@ def resolve_split(
                 "seen nor unseen; list them in one of split.seen / split.unseen (or omit split.seen)"
             )
     return Vocabulary(
-        dataset=dataset, names=names, prompt_names=names, seen=tuple(sorted(seen_ids)), unseen=tuple(sorted(unseen_ids))
+        dataset=dataset,
+        names=names,
+        prompt_names=names,
+        seen=tuple(sorted(seen_ids)),
+        unseen=tuple(sorted(unseen_ids)),
+        ignore_index=label_ignore_index(len(names)),
     )
 
 
@@ -589,12 +622,14 @@ def eval_vocabulary(
     Raises:
         ConfigError: a ``class_map`` key that is not a class of the eval dataset, or a value that
             is not a class of the training vocabulary (each naming the nearest names); more than
-            255 or duplicate names.
+            65535 or duplicate names.
     """
     names = tuple(names)
     class_map = dict(class_map or {})
-    if len(names) > 255:
-        raise ConfigError(f"dataset {dataset!r} has {len(names)} classes; at most 255 are supported (uint8 labels)")
+    if len(names) > MAX_CLASSES:
+        raise ConfigError(
+            f"dataset {dataset!r} has {len(names)} classes; at most {MAX_CLASSES} are supported (16-bit labels)"
+        )
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"dataset {dataset!r} lists class name(s) {dup} more than once; names must be unique")
@@ -609,4 +644,11 @@ def eval_vocabulary(
     seen_train = set(train.seen_names)
     seen = tuple(i for i, p in enumerate(prompts) if p in seen_train)
     unseen = tuple(i for i, p in enumerate(prompts) if p not in seen_train)
-    return Vocabulary(dataset=dataset, names=names, prompt_names=prompts, seen=seen, unseen=unseen)
+    return Vocabulary(
+        dataset=dataset,
+        names=names,
+        prompt_names=prompts,
+        seen=seen,
+        unseen=unseen,
+        ignore_index=label_ignore_index(len(names)),
+    )

@@ -23,10 +23,13 @@ Label rules:
   annotation wins. ``iscrowd`` annotations take part in the same order with the value 255
   (ignore): a crowd region is ignore except where a smaller annotation lies on top of it.
 * Polygons with fewer than 3 points are skipped (pycocotools cannot rasterise them).
-* Mask folders: label PNGs hold one class index per pixel (PIL mode ``L`` or ``P``); the
-  dataset's ``ignore_index`` becomes 255; with ``reduce_zero_label`` (ADE20K, VOC without
-  background) 0 becomes 255 and every other value v becomes v - 1; any other value outside the
-  class list is an error.
+* Mask folders: label PNGs hold one class index per pixel (PIL mode ``L`` or ``P``, or a 16-bit
+  PNG / TIFF: modes ``I;16``, ``I;16B``, ``I``); the dataset's ``ignore_index`` becomes 255; with
+  ``reduce_zero_label`` (ADE20K, VOC without background) 0 becomes 255 and every other value v
+  becomes v - 1; any other value outside the class list is an error.
+* More than 255 classes (ZegFormer's ADE20k-Full, 847): the label maps are ``uint16`` with
+  65535 = ignore instead (``zeroseg.data.classes.label_ignore_index``), written as 16-bit
+  grayscale PNGs (:func:`encode_png`); vocabularies of at most 255 classes keep ``uint8`` / 255.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from zeroseg.data.classes import IGNORE_INDEX
+from zeroseg.data.classes import IGNORE_INDEX, MAX_CLASSES, label_dtype_name, label_ignore_index
 from zeroseg.errors import BadImageError, ConfigError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -95,8 +98,8 @@ def read_class_file(path: str | os.PathLike) -> tuple[list[str], int | None]:
     if not names or not all(isinstance(n, str) and n for n in names):
         raise DataError(f"class list {p}: 'classes' must be a non-empty list of non-empty strings")
     ign = data.get("ignore_index")
-    if ign is not None and (not isinstance(ign, int) or not 0 <= ign <= 255):
-        raise DataError(f"class list {p}: 'ignore_index' must be an integer in [0, 255], got {ign!r}")
+    if ign is not None and (not isinstance(ign, int) or not 0 <= ign <= MAX_CLASSES):
+        raise DataError(f"class list {p}: 'ignore_index' must be an integer in [0, {MAX_CLASSES}], got {ign!r}")
     return list(names), ign
 
 
@@ -144,7 +147,9 @@ def read_coco(
         DataError: a missing or invalid json, a missing top-level key (``images``,
             ``annotations``, ``categories``), an annotation naming an unknown image or category,
             the same category id with two names, or two images with the same file stem.
-        ConfigError: an unknown ``kind``.
+        ConfigError: an unknown ``kind``; more than 255 categories (COCO-format labels are
+            rasterised to ``uint8``; a larger vocabulary needs ``format: mask_folder`` with 16-bit
+            label files).
     """
     if kind not in COCO_KINDS:
         raise ConfigError(f"coco_kind {kind!r} is unknown; use one of {', '.join(COCO_KINDS)}")
@@ -207,6 +212,11 @@ def read_coco(
         ignored_cats.add(COCO_STUFF_OTHER[0])
     vocab_ids = sorted(c for c in cats if c not in ignored_cats)
     names = [cats[c] for c in vocab_ids]
+    if len(names) > 255:
+        raise ConfigError(
+            f"dataset {dataset!r}: {len(names)} categories; COCO-format labels are rasterised to uint8 "
+            "(at most 255 classes); convert the labels to 16-bit PNGs and use format: mask_folder"
+        )
     to_vocab = {c: i for i, c in enumerate(vocab_ids)}
     for c in ignored_cats:
         to_vocab[c] = IGNORE_INDEX
@@ -446,7 +456,8 @@ def read_mask_folder(
         labels: label directory; the label of ``images/<stem>.<ext>`` is ``labels/<stem><label_suffix>``.
         classes: a list of names (label-value order), or a json file
             ``{"classes": [...], "ignore_index": k}``.
-        ignore_index: the dataset's ignore value (overrides the file's; default 255).
+        ignore_index: the dataset's ignore value (overrides the file's; default 255, or 65535 for
+            more than 255 classes).
         reduce_zero_label: value 0 is ignore and v -> v - 1 (ADE20K, VOC without background);
             ``classes`` then names values 1, 2, ...
         label_suffix: label file suffix after the stem.
@@ -469,7 +480,8 @@ def read_mask_folder(
         files.append(Path(classes))
     else:
         names, file_ignore = list(classes), None
-    ign = ignore_index if ignore_index is not None else (file_ignore if file_ignore is not None else IGNORE_INDEX)
+    default_ignore = label_ignore_index(min(len(names), MAX_CLASSES))  # 255, or 65535 above 255 classes
+    ign = ignore_index if ignore_index is not None else (file_ignore if file_ignore is not None else default_ignore)
     if not reduce_zero_label and 0 <= ign < len(names):
         raise ConfigError(
             f"dataset {dataset!r}: ignore_index {ign} is also the label value of class "
@@ -532,16 +544,20 @@ def read_mask_folder(
 def read_mask_label(
     path: str | os.PathLike, num_classes: int, ignore_index: int = IGNORE_INDEX, reduce_zero_label: bool = False
 ) -> np.ndarray:
-    """Read a class-index label PNG and remap it to vocabulary ids.
+    """Read a class-index label image and remap it to vocabulary ids.
 
     Args:
-        path: the label PNG (PIL mode ``L`` or ``P``: palette indices are the values).
+        path: the label image: PIL mode ``L`` or ``P`` (palette indices are the values), or a
+            16-bit single-channel PNG / TIFF (modes ``I;16``, ``I;16B``, ``I`` with values in
+            ``[0, 65535]``: ADE20k-Full's released labels).
         num_classes: number of classes C in the class list.
-        ignore_index: the dataset's ignore value -> 255.
-        reduce_zero_label: 0 -> 255 and v -> v - 1 (then values 1..C are the classes).
+        ignore_index: the dataset's ignore value -> the vocabulary's ignore
+            (``label_ignore_index(C)``: 255 for C <= 255, else 65535).
+        reduce_zero_label: 0 -> ignore and v -> v - 1 (then values 1..C are the classes).
 
     Returns:
-        ``uint8 [H, W]`` with values in ``[0, C)`` or 255.
+        ``uint8 [H, W]`` with values in ``[0, C)`` or 255 when C <= 255, else ``uint16 [H, W]``
+        with values in ``[0, C)`` or 65535.
 
     Raises:
         DataError: missing or undecodable file, a multi-channel label, or a value that is neither
@@ -557,20 +573,30 @@ def read_mask_label(
         raise DataError(f"missing label file {p}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"label file {p} cannot be decoded ({type(e).__name__}: {e}); replace it") from None
-    if mode not in ("L", "P"):
+    if mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
         raise DataError(
             f"label file {p} has PIL mode {mode!r}; expected a single-channel 8-bit PNG (mode L or P) "
-            "with one class index per pixel (colour-coded labels must be converted first)"
+            "or a 16-bit grayscale PNG / TIFF with one class index per pixel (colour-coded labels must "
+            "be converted first)"
         )
-    lut = np.full(256, 256, dtype=np.int32)  # 256 = invalid
+    if mode == "I" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+        raise DataError(
+            f"label file {p} (PIL mode I) has values outside [0, 65535] "
+            f"({int(arr.min())}..{int(arr.max())}); expected class indices"
+        )
+    size = 256 if mode in ("L", "P") else 65536
+    arr = arr.astype(np.intp, copy=False)
+    ign_out = label_ignore_index(num_classes)
+    invalid = 65536
+    lut = np.full(max(size, num_classes + 1, ignore_index + 1), invalid, dtype=np.int32)
     if reduce_zero_label:
         lut[1 : num_classes + 1] = np.arange(num_classes)
-        lut[0] = IGNORE_INDEX
+        lut[0] = ign_out
     else:
         lut[:num_classes] = np.arange(num_classes)
-    lut[ignore_index] = IGNORE_INDEX
+    lut[ignore_index] = ign_out
     out = lut[arr]
-    bad = out == 256
+    bad = out == invalid
     if bad.any():
         vals = sorted(int(v) for v in np.unique(arr[bad]))
         valid = f"1..{num_classes}" if reduce_zero_label else f"0..{num_classes - 1}"
@@ -578,7 +604,7 @@ def read_mask_label(
             f"label file {p} has value(s) {vals[:10]} outside the class list: {num_classes} classes "
             f"(valid values {valid}) and ignore_index {ignore_index}; fix the class list or ignore_index"
         )
-    return out.astype(np.uint8)
+    return out.astype(label_dtype_name(num_classes))
 
 
 # -- images ----------------------------------------------------------------------------------
@@ -610,11 +636,20 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def encode_png(label: np.ndarray) -> bytes:
-    """PNG bytes (mode ``L``) of a ``uint8 [H, W]`` label map."""
-    if label.dtype != np.uint8 or label.ndim != 2:
-        raise ValueError(f"label must be uint8 [H, W], got {label.dtype} {label.shape}")
+    """PNG bytes of a label map: 8-bit grayscale (mode ``L``) for ``uint8 [H, W]``, 16-bit
+    grayscale (mode ``I;16``, values kept exactly; PIL reads it back as ``I;16`` / ``uint16``)
+    for ``uint16 [H, W]`` (vocabularies of more than 255 classes, 65535 = ignore).
+
+    Raises:
+        ValueError: another dtype or not 2-D.
+    """
+    if label.dtype not in (np.uint8, np.uint16) or label.ndim != 2:
+        raise ValueError(f"label must be uint8 or uint16 [H, W], got {label.dtype} {label.shape}")
     buf = io.BytesIO()
-    Image.fromarray(label, mode="L").save(buf, format="PNG", compress_level=6)
+    if label.dtype == np.uint8:
+        Image.fromarray(label, mode="L").save(buf, format="PNG", compress_level=6)
+    else:  # PIL's I;16 is little-endian uint16; fromarray of native uint16 gives I;16
+        Image.fromarray(np.ascontiguousarray(label.astype("<u2", copy=False))).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 

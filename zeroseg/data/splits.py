@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from zeroseg.data.classes import IGNORE_INDEX, Vocabulary, resolve_split
+from zeroseg.data.classes import IGNORE_INDEX, IGNORE_INDEX_16, Vocabulary, resolve_split
 from zeroseg.data.readers import (
     check_image,
     encode_png,
@@ -137,9 +137,10 @@ def apply_unseen_policy(
     """Apply a training policy to one label map.
 
     Args:
-        label: ``uint8 [H, W]`` vocabulary ids, 255 ignore.
+        label: ``uint8 [H, W]`` vocabulary ids, 255 ignore (``uint16``, 65535 ignore, for a
+            vocabulary of more than 255 classes).
         unseen: unseen vocabulary ids.
-        policy: ``ignore`` (unseen pixels -> 255), ``drop`` (PADing: drop the image if it has one
+        policy: ``ignore`` (unseen pixels -> ignore), ``drop`` (PADing: drop the image if it has one
             unseen pixel, crowd regions included) or ``eval`` (unchanged).
         crowd: ``(vocabulary id, pixels)`` of the image's crowd regions.
 
@@ -148,7 +149,7 @@ def apply_unseen_policy(
         is a new array when changed.
     """
     if len(unseen):
-        mask = np.isin(label, np.asarray(unseen, dtype=np.uint8))
+        mask = np.isin(label, np.asarray(unseen, dtype=label.dtype))
         n = int(mask.sum())
     else:
         mask, n = None, 0
@@ -157,8 +158,22 @@ def apply_unseen_policy(
         return (None if n + n_crowd > 0 else label), n + n_crowd
     if policy == "ignore" and n:
         label = label.copy()
-        label[mask] = IGNORE_INDEX
+        label[mask] = label_ignore(label)
     return label, n + n_crowd
+
+
+def label_ignore(label: np.ndarray) -> int:
+    """The ignore value of a vocabulary-id label map by its dtype: 255 for ``uint8``, 65535 for
+    ``uint16`` (vocabularies of more than 255 classes).
+
+    Raises:
+        ValueError: another dtype.
+    """
+    if label.dtype == np.uint8:
+        return IGNORE_INDEX
+    if label.dtype == np.uint16:
+        return IGNORE_INDEX_16
+    raise ValueError(f"label maps are uint8 or uint16, got {label.dtype}")
 
 
 def process_record(
@@ -177,9 +192,9 @@ def process_record(
         ``image_uri``, ``status`` (``kept`` / ``dropped`` / ``skipped``), ``reason`` (drop
         reason or the skip error), ``height``, ``width`` (pixels), ``classes`` (sorted ids present
         after the policy), ``pixels`` (``{id: count}`` after the policy, kept images only),
-        ``unseen_pixels`` (before the policy), ``no_annotations``, ``empty`` (all-255 label);
-        ``png`` is the encoded ``uint8`` label (vocabulary ids, 255 ignore) for kept images,
-        else None.
+        ``unseen_pixels`` (before the policy), ``no_annotations``, ``empty`` (all-ignore label);
+        ``png`` is the encoded label (vocabulary ids; ``uint8`` with 255 ignore, or 16-bit with
+        65535 ignore for a vocabulary of more than 255 classes) for kept images, else None.
 
     Raises:
         BadImageError: with ``on_bad_image="error"``: a missing, corrupt or truncated image, or an
@@ -238,12 +253,13 @@ def process_record(
     if label is None:
         res.update(status="dropped", reason=DROP_UNSEEN)
         return res, None
-    counts = np.bincount(label.ravel(), minlength=256)
-    res["empty"] = bool(counts[IGNORE_INDEX] == label.size)
+    ignore = label_ignore(label)
+    counts = np.bincount(label.ravel(), minlength=ignore + 1)
+    res["empty"] = bool(counts[ignore] == label.size)
     if res["empty"] and record["policy"] in POLICIES:
         res.update(status="dropped", reason=DROP_EMPTY)
         return res, None
-    present = [int(i) for i in np.flatnonzero(counts[:IGNORE_INDEX])]
+    present = [int(i) for i in np.flatnonzero(counts[:ignore])]
     res["classes"] = present
     res["pixels"] = {str(i): int(counts[i]) for i in present}
     return res, (encode_png(label) if encode else None)
