@@ -14,7 +14,7 @@ The training feed (:func:`train_dataset`)::
       -> random_shuffle(seed, reseeded every pass)        # a different, seeded row order per epoch
       -> repartition(target_num_rows_per_block=block_rows)  # blocks of 32 rows: parallel decode tasks
       -> map_batches(decode + remap + augment + normalise, batch_format="numpy")
-         # -> {"image": float32 [B, 3, h, w], "label": uint8 [B, h, w]}
+         # -> {"image": float32 [B, 3, h, w], "label": uint8 [B, h, w]}  (int32 above 255 seen classes)
 
 read by training workers with ``ray.train.get_dataset_shard("train").iter_torch_batches``.
 
@@ -36,6 +36,7 @@ from pipeline.uri import read_bytes
 from zeroseg.data.splits import manifest_schema
 from zeroseg.data.transforms import (
     AugmentConfig,
+    check_lut,
     decode_image,
     decode_label,
     remap_label,
@@ -92,7 +93,8 @@ def decode_pair(image_uri: str, label_uri: str) -> tuple[np.ndarray, np.ndarray]
     """Decode a manifest row's image and label PNG (local paths or store URIs).
 
     Returns:
-        ``(image uint8 [H, W, 3] RGB, label uint8 [H, W] vocabulary ids, 255 ignore)``.
+        ``(image uint8 [H, W, 3] RGB, label uint8 [H, W] vocabulary ids, 255 ignore)``; the label is
+        ``uint16`` with 65535 ignore for a vocabulary of more than 255 classes.
 
     Raises:
         DataError: a missing, unreadable or undecodable file, naming its URI.
@@ -120,14 +122,17 @@ def decode_train_batch(
 
     Args:
         batch: numpy batch with ``image_id``, ``image_uri``, ``label_uri`` (strings).
-        lut: ``uint8 [256]`` vocabulary id -> training id (255 = ignore).
+        lut: vocabulary id -> training id (``zeroseg.data.transforms.make_lut``: ``uint8 [256]``,
+            255 = ignore; ``[65536]`` for 16-bit labels; ``uint16`` with 65535 = ignore above 255
+            training ids).
         augment: augmentation settings.
         seed: the run's data seed.
         epoch: the pass index for the augmentation seed (default: the Ray Data pass index).
 
     Returns:
         ``{"image": float32 [B, 3, h, w], "label": uint8 [B, h, w]}`` with ``(h, w) =
-        augment.crop_size``.
+        augment.crop_size``; with a ``uint16`` lut the labels are ``int32`` (training ids, 65535
+        ignore: torch's uint16 tensors support few operations).
 
     Raises:
         DataError: an image or label cannot be read or decoded, or their sizes differ (names the
@@ -140,7 +145,7 @@ def decode_train_batch(
     n = len(ids)
     ch, cw = augment.crop_size
     images = np.empty((n, 3, ch, cw), dtype=np.float32)
-    labels = np.empty((n, ch, cw), dtype=np.uint8)
+    labels = np.empty((n, ch, cw), dtype=np.uint8 if lut.dtype == np.uint8 else np.int32)
     for i in range(n):
         image_id, img_uri, lbl_uri = str(ids[i]), str(img_uris[i]), str(lbl_uris[i])
         try:
@@ -168,8 +173,9 @@ def train_dataset(
 
     Args:
         splits: the build_splits artifact.
-        lut: ``uint8 [256]`` vocabulary id -> training id, everything else 255 (see
-            ``zeroseg.data.transforms.make_lut``).
+        lut: vocabulary id -> training id, everything else ignore (see
+            ``zeroseg.data.transforms.make_lut``: ``uint8 [256]`` / 255, or 65536 entries for
+            16-bit labels, ``uint16`` / 65535 above 255 training ids).
         augment: augmentation settings (crop size, rescale, flip, mean/std).
         seed: data seed (row order per epoch, per-sample augmentation).
         split: the manifest to read.
@@ -180,18 +186,17 @@ def train_dataset(
 
     Returns:
         A lazy dataset with columns ``image`` (float32 ``[3, h, w]``) and ``label``
-        (uint8 ``[h, w]``) per row.
+        (uint8 ``[h, w]``; int32 with 65535 ignore for a ``uint16`` lut) per row.
 
     Raises:
         DataError: the manifest is missing, has no rows, or lacks a column.
-        ValueError: ``lut`` is not ``uint8 [256]``.
+        ValueError: ``lut`` is not a ``make_lut`` table.
     """
     import ray.data
     from ray.data import RandomSeedConfig
 
     lut = np.asarray(lut)
-    if lut.shape != (256,) or lut.dtype != np.uint8:
-        raise ValueError(f"lut must be uint8 [256], got {lut.dtype} {lut.shape}")
+    check_lut(lut)
     table = manifest_table(splits, split).select(list(URI_COLUMNS))
     if table.num_rows == 0:
         raise DataError(f"training manifest manifests/{split}.parquet of build_splits {splits.key[:12]} has no rows")

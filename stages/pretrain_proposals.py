@@ -270,7 +270,9 @@ def proposals_train_loop(loop: Any) -> None:
     rows, L2-normalised; None unless ``class_head: text``), ``backbone_lr_mult``,
     ``weight_decay``, ``weight_decay_norm``, ``poly_power``, ``warmup_steps``, ``warmup_factor``.
     Batches: ``image`` float32 ``[B, 3, H, W]`` (normalised), ``label`` uint8 ``[B, H, W]`` in seen
-    training ids, 255 ignore. Checkpoints hold the whole MaskFormer state dict, loaded strictly.
+    training ids, 255 ignore (int32 with ``ignore_index`` 65535 above 255 seen classes;
+    ``loop.config["ignore_index"]``, default 255). Checkpoints hold the whole MaskFormer state
+    dict, loaded strictly.
     """
     import torch
 
@@ -301,7 +303,8 @@ def proposals_train_loop(loop: Any) -> None:
     ddp.train()
     for batch in loop.batches("train"):
         images, labels = batch["image"], batch["label"]
-        targets = [semantic_to_targets(lab) for lab in labels]  # one mask per seen class present
+        # one mask per seen class present
+        targets = [semantic_to_targets(lab, cfg.get("ignore_index", 255)) for lab in labels]
         with loop.autocast():
             out = ddp(images)
             losses = criterion(out, targets)
@@ -506,7 +509,7 @@ class PretrainProposals(Stage):
         from pipeline.training import fit
         from pipeline.uri import join
         from stages.feeds import train_dataset
-        from zeroseg.data.transforms import make_lut
+        from zeroseg.data.transforms import lut_ignore_index, make_lut
         from zeroseg.evaluation import RECALL_GROUPS, ProposalRecallEvaluator
         from zeroseg.metrics import json_safe
         from zeroseg.models.proposals import METRICS_JSON, read_proposals_json, save_proposals
@@ -554,7 +557,9 @@ class PretrainProposals(Stage):
                 f"{list(model.std)}, but pretrain_proposals.augment.mean/std are {list(mean)} / {list(std)}: set "
                 "them to the model's"
             )
-        lut = make_lut({c: i for i, c in enumerate(seen)})  # every other id (unseen included) -> 255
+        # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
+        lut = make_lut({c: i for i, c in enumerate(seen)}, source_classes=len(train_vocab.names))
+        loop_config["ignore_index"] = lut_ignore_index(lut)
         ds = train_dataset(splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows)
         bar = ctx.progress(cfg.train.max_steps, "steps")
         result = fit(

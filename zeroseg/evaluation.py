@@ -12,7 +12,8 @@ bilinearly to each label's size, seen-class calibration (ZegFormer Eq. 2) is app
 counted. Only the matrices travel between processes.
 
 Batch contract (what a predictor hands an evaluator):
-    inputs: ``{"labels": [uint8 [H_i, W_i]], "label_uris": [str], "sets": [str]}`` per image;
+    inputs: ``{"labels": [uint8 [H_i, W_i]], "label_uris": [str], "sets": [str]}`` per image
+    (``uint16`` labels with ``ignore_index`` 65535 for sets of more than 255 classes);
     outputs: ``{"groups": [{"set": name, "index": [row, ...], "scores": S}], "probabilities":
     bool, "activation": str (optional)}`` (one group per evaluation set present in the batch).
     ``S`` is float ``[b, C, h, w]`` (images of one size) or a list of ``b`` tensors
@@ -127,6 +128,8 @@ class GZS3Evaluator:
             zs = torch.zeros((len(s["unseen"]),) * 2, dtype=torch.int64, device=device)
             for j, row in enumerate(group["index"]):
                 lab = np.asarray(inputs["labels"][row])
+                if lab.dtype == np.uint16:  # 16-bit labels (> 255 classes, ignore 65535): torch's uint16 does little
+                    lab = lab.astype(np.int32)
                 lab_t = torch.from_numpy(
                     lab if lab.flags.writeable and lab.flags.c_contiguous else np.array(lab, order="C")
                 ).to(device)

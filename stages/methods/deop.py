@@ -151,7 +151,7 @@ def load_proposals(seg: Any, proposals_uri: str) -> None:
         seg.load_proposal_weights(sd, source=f"{proposals_uri}/weights.pt")
 
 
-def _loss_module(segmenter: Any, names: list[str]) -> Any:
+def _loss_module(segmenter: Any, names: list[str], ignore_index: int = 255) -> Any:
     """A module whose ``forward(images, target)`` returns DeOP's loss terms (DDP synchronises
     gradients only through ``forward``); the seen-class names are encoded inside, every step, so
     the text context trains."""
@@ -164,7 +164,7 @@ def _loss_module(segmenter: Any, names: list[str]) -> Any:
             self.names = list(names)
 
         def forward(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-            return self.model.loss(images, target, self.names)
+            return self.model.loss(images, target, self.names, ignore_index=ignore_index)
 
     return DeOPLoss()
 
@@ -175,7 +175,8 @@ def deop_train_loop(loop: Any) -> None:
     ``loop.config``: ``clip`` (ClipSpec dict), ``model`` (DeOP cfg with the proposals document),
     ``proposals_uri``, ``seen_names`` (the seen classes' prompt names in seen order),
     ``weight_decay``, ``poly_power``. Batches: ``image`` float32 ``[B, 3, H, W]``, ``label`` uint8
-    ``[B, H, W]`` in seen training ids with 255 ignore. Checkpoints hold the learned tensors only.
+    ``[B, H, W]`` in seen training ids with 255 ignore (int32 with ``ignore_index`` 65535 above 255
+    seen classes; ``loop.config["ignore_index"]``, default 255). Checkpoints hold the learned tensors only.
     """
     import torch
 
@@ -184,7 +185,7 @@ def deop_train_loop(loop: Any) -> None:
     cfg = loop.config
     seg = build_model(cfg["clip"], cfg["model"])
     load_proposals(seg, cfg["proposals_uri"])
-    model = loop.prepare(_loss_module(seg, cfg["seen_names"]))
+    model = loop.prepare(_loss_module(seg, cfg["seen_names"], cfg.get("ignore_index", 255)))
     groups = seg.optimizer_param_groups(cfg["weight_decay"])
     for g in groups:
         g["lr"] = loop.lr
@@ -219,7 +220,7 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
 
     from pipeline.training import fit
     from stages.feeds import train_dataset
-    from zeroseg.data.transforms import make_lut
+    from zeroseg.data.transforms import lut_ignore_index, make_lut
     from zeroseg.models import save_segmenter
 
     splits = ctx.inputs["splits"]
@@ -236,10 +237,12 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
             "std": tuple(float(v) for v in doc["input"]["std"]),
         }
     )
-    lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)})
+    # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
+    lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)}, source_classes=len(train_vocab.names))
     ds = train_dataset(splits, lut, augment, cfg.train.seed, block_rows=cfg.block_rows)
     spec = cfg.clip.model_dump(mode="json")
     loop_config = {
+        "ignore_index": lut_ignore_index(lut),
         "clip": spec,
         "model": model_cfg,
         "proposals_uri": proposals.uri,

@@ -73,9 +73,10 @@ class ZegCLIPMethod(StageConfig):
         return self
 
 
-def _loss_module(segmenter: Any, text: Any) -> Any:
+def _loss_module(segmenter: Any, text: Any, ignore_index: int = 255) -> Any:
     """A module whose ``forward(images, target)`` returns ZegCLIP's training loss terms (DDP
-    synchronises gradients only through ``forward``); ``text``: the seen-class embeddings."""
+    synchronises gradients only through ``forward``); ``text``: the seen-class embeddings;
+    ``ignore_index``: the training labels' ignore (255, or 65535 above 255 seen classes)."""
     import torch
 
     class ZegCLIPLoss(torch.nn.Module):
@@ -85,7 +86,7 @@ def _loss_module(segmenter: Any, text: Any) -> Any:
             self.register_buffer("text", text, persistent=False)
 
         def forward(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-            return self.model.loss(images, target, self.text)
+            return self.model.loss(images, target, self.text, ignore_index=ignore_index)
 
     return ZegCLIPLoss()
 
@@ -108,7 +109,8 @@ def zegclip_train_loop(loop: Any) -> None:
     ``loop.config``: ``clip`` (ClipSpec dict), ``model`` (ZegCLIP cfg), ``seen_text``
     (``[S, D]`` seen-class text embeddings, L2-normalised), ``weight_decay``, ``head_lr_mult``,
     ``warmup_steps``, ``poly_power``. Batches: ``image`` float32 ``[B, 3, H, W]``, ``label``
-    uint8 ``[B, H, W]`` in seen training ids with 255 ignore. Checkpoints hold the trainable
+    uint8 ``[B, H, W]`` in seen training ids with 255 ignore (int32 with ``ignore_index`` 65535
+    above 255 seen classes; ``loop.config["ignore_index"]``, default 255). Checkpoints hold the trainable
     weights only (prompts + head), loaded back strictly.
     """
     import torch
@@ -117,7 +119,7 @@ def zegclip_train_loop(loop: Any) -> None:
     seg = build_model(cfg["clip"], cfg["model"])
     text = torch.tensor(np.asarray(cfg["seen_text"], dtype=np.float32))
     # the last decoder layer's FFN feeds no mask (masks are its attention logits, Eq. 2)
-    model = loop.prepare(_loss_module(seg, text), find_unused_parameters=True)
+    model = loop.prepare(_loss_module(seg, text, cfg.get("ignore_index", 255)), find_unused_parameters=True)
     from zeroseg.models.zegclip import zegclip_lr_factor
 
     groups = seg.optimizer_param_groups(cfg["weight_decay"])
@@ -166,7 +168,7 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
 
     from pipeline.training import fit
     from stages.feeds import train_dataset
-    from zeroseg.data.transforms import make_lut
+    from zeroseg.data.transforms import lut_ignore_index, make_lut
     from zeroseg.models import save_segmenter
 
     splits = ctx.inputs["splits"]
@@ -177,10 +179,12 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
     )["train"]
     seen_text = seen_rows(train_vocab, emb)  # before fit: a worker would retry the error
     model_cfg = cfg.model.model_dump(mode="json")
-    lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)})
+    # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
+    lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)}, source_classes=len(train_vocab.names))
     ds = train_dataset(splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows)
     spec = cfg.clip.model_dump(mode="json")
     loop_config = {
+        "ignore_index": lut_ignore_index(lut),
         "clip": spec,
         "model": model_cfg,
         "seen_text": seen_text.tolist(),

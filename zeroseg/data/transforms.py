@@ -8,13 +8,16 @@ Conventions:
 
 * images are ``uint8 [H, W, 3]`` RGB until :func:`normalize`, which returns ``float32 [3, H, W]``
   (CHW) computed as ``(pixel / 255 - mean) / std`` (mean/std given for images in ``[0, 1]``);
-* labels are ``uint8 [H, W]``; 255 is *ignore* (never a training id);
+* labels are ``uint8 [H, W]``; 255 is *ignore* (never a training id); a vocabulary of more than
+  255 classes has ``uint16`` labels with 65535 = ignore, and training ids of more than 255 seen
+  classes are ``uint16`` with 65535 = ignore too (:func:`make_lut`); every geometric transform
+  keeps the label's dtype and pads with its ignore value;
 * sizes are ``(height, width)`` in pixels.
 
 The training pipeline (:func:`train_transform`) is, in order: random rescale (aspect ratio kept,
 ratio drawn uniformly from ``ratio_range``), random crop to ``crop_size`` (a plain uniform crop,
 no category-ratio rejection), horizontal flip with probability ``flip_prob``, normalisation, and
-bottom/right padding to ``crop_size`` (image 0 in normalised space, label 255) when the rescaled
+bottom/right padding to ``crop_size`` (image 0 in normalised space, label ignore) when the rescaled
 image is smaller than the crop. No photometric distortion.
 """
 
@@ -31,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from zeroseg.config import Size
-from zeroseg.data.classes import IGNORE_INDEX
+from zeroseg.data.classes import IGNORE_INDEX, IGNORE_INDEX_16, label_ignore_index
 from zeroseg.errors import DataError
 
 #: CLIP's pixel statistics for images in [0, 1] (open_clip OPENAI_DATASET_MEAN / STD).
@@ -105,54 +108,106 @@ def decode_image(data: bytes | str | PathLike) -> np.ndarray:
 
 
 def decode_label(data: bytes | str | PathLike) -> np.ndarray:
-    """Decode a label map (path or encoded PNG bytes) to ``uint8 [H, W]`` class ids.
+    """Decode a label map (path or encoded PNG bytes) to ``uint8 [H, W]`` class ids, or
+    ``uint16 [H, W]`` for a 16-bit label (build_splits writes those for vocabularies of more than
+    255 classes, 65535 = ignore).
 
-    Accepts single-channel 8-bit images (``L`` or ``P``: palette *indices* are the ids).
+    Accepts single-channel 8-bit images (``L`` or ``P``: palette *indices* are the ids) and 16-bit
+    grayscale images (``I;16``, ``I;16B``; ``I`` with values in ``[0, 65535]``).
 
     Raises:
-        DataError: undecodable, or not a single-channel 8-bit image (e.g. an RGB colour label).
+        DataError: undecodable, or not a single-channel 8/16-bit image (e.g. an RGB colour label).
     """
     im = _open(data, "label")
-    if im.mode not in ("L", "P"):
-        name = data if isinstance(data, (str, PathLike)) else "<bytes>"
-        raise DataError(
-            f"label {name} has PIL mode {im.mode!r}; expected a single-channel 8-bit PNG (mode L or P) "
-            "holding one class id per pixel"
-        )
-    return np.asarray(im, dtype=np.uint8)
+    name = data if isinstance(data, (str, PathLike)) else "<bytes>"
+    if im.mode in ("L", "P"):
+        return np.asarray(im, dtype=np.uint8)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im)
+        if im.mode == "I" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+            raise DataError(f"label {name} (PIL mode I) has values outside [0, 65535]")
+        return arr.astype(np.uint16)
+    raise DataError(
+        f"label {name} has PIL mode {im.mode!r}; expected a single-channel 8-bit PNG (mode L or P) "
+        "or a 16-bit grayscale PNG holding one class id per pixel"
+    )
 
 
 # -- label remapping -------------------------------------------------------------------------
-def make_lut(mapping: Mapping[int, int] | Sequence[int], ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """A ``uint8 [256]`` lookup table from dataset/vocabulary ids to training ids.
+def make_lut(
+    mapping: Mapping[int, int] | Sequence[int], ignore_index: int | None = None, *, source_classes: int = 255
+) -> np.ndarray:
+    """A lookup table from dataset/vocabulary ids to training ids.
+
+    The table has one entry per value a source label can hold: 256 for a vocabulary of at most
+    255 classes (``uint8`` labels), 65536 above (``uint16`` labels, 65535 = ignore). Its dtype is
+    the training labels': ``uint8`` with ignore 255 when there are at most 255 training ids,
+    else ``uint16`` with ignore 65535 (``zeroseg.data.classes.label_ignore_index`` of the number
+    of training ids). The defaults give exactly the former ``uint8 [256]`` table.
 
     Args:
         mapping: ``{source_id: train_id}``, or a sequence of source ids whose position is the
             training id (``[3, 7]`` maps 3 -> 0 and 7 -> 1). Every other id maps to
             ``ignore_index``.
-        ignore_index: the target of unmapped ids (255).
+        ignore_index: the target of unmapped ids; default 255 for at most 255 distinct training
+            ids, else 65535. 255 or 65535 (the dtype follows it).
+        source_classes: the vocabulary size C of the source labels (default 255: ``uint8``
+            labels; above 255 the table has 65536 entries).
 
     Raises:
-        ValueError: an id outside ``[0, 255]`` or a training id equal to ``ignore_index``.
+        ValueError: a source id outside the table, a training id outside ``[0, ignore_index)`` or
+            equal to it, or an ``ignore_index`` other than 255 / 65535.
     """
     if isinstance(mapping, Mapping):
         pairs = [(int(src), int(dst)) for src, dst in mapping.items()]
     else:
         pairs = [(int(src), dst) for dst, src in enumerate(mapping)]
-    lut = np.full(256, ignore_index, dtype=np.uint8)
+    if ignore_index is None:  # by the number of distinct training ids
+        ignore_index = label_ignore_index(len({t for _, t in pairs}))
+    if ignore_index not in (IGNORE_INDEX, IGNORE_INDEX_16):
+        raise ValueError(f"ignore_index must be {IGNORE_INDEX} or {IGNORE_INDEX_16}, got {ignore_index}")
+    size = 256 if label_ignore_index(source_classes) == IGNORE_INDEX else 65536
+    lut = np.full(size, ignore_index, dtype=np.uint8 if ignore_index == IGNORE_INDEX else np.uint16)
     for src, train_id in pairs:
-        if not (0 <= src <= 255 and 0 <= train_id <= 255):
-            raise ValueError(f"label ids must be in [0, 255]: {src} -> {train_id}")
+        if not (0 <= src < size and 0 <= train_id <= ignore_index):
+            raise ValueError(f"label ids must be in [0, {size - 1}] -> [0, {ignore_index}]: {src} -> {train_id}")
         if train_id == ignore_index:
             raise ValueError(f"training id {train_id} collides with ignore_index {ignore_index}")
         lut[src] = train_id
     return lut
 
 
+def lut_ignore_index(lut: np.ndarray) -> int:
+    """The training ignore value of a :func:`make_lut` table: 255 (``uint8``) or 65535 (``uint16``)."""
+    return IGNORE_INDEX if lut.dtype == np.uint8 else IGNORE_INDEX_16
+
+
+def check_lut(lut: np.ndarray) -> None:
+    """Raise ``ValueError`` unless ``lut`` is a :func:`make_lut` table: ``uint8`` or ``uint16``,
+    256 or 65536 entries."""
+    if lut.ndim != 1 or lut.shape[0] not in (256, 65536) or lut.dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"lut must be uint8 [256] (or uint8/uint16 [65536] for 16-bit labels), got {lut.dtype} {lut.shape}"
+        )
+
+
 def remap_label(label: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """Map every pixel through ``lut`` (``uint8 [256]``): ``uint8 [H, W]`` training ids / 255."""
-    if lut.shape != (256,) or lut.dtype != np.uint8:
-        raise ValueError(f"lut must be uint8 [256], got {lut.dtype} {lut.shape}")
+    """Map every pixel through ``lut`` (:func:`make_lut`): training ids / ignore, in the lut's
+    dtype (``uint8`` / 255, or ``uint16`` / 65535).
+
+    Args:
+        label: ``uint8 [H, W]`` or ``uint16 [H, W]`` vocabulary ids.
+        lut: ``[256]`` for ``uint8`` labels, ``[65536]`` for ``uint16`` labels (a 65536 table also
+            takes ``uint8`` labels).
+
+    Raises:
+        ValueError: a malformed ``lut``, or a ``uint16`` label with a 256-entry ``lut``.
+    """
+    check_lut(lut)
+    if label.dtype != np.uint8 and lut.shape[0] < 65536:
+        raise ValueError(
+            f"a {label.dtype} label needs a 65536-entry lut (make_lut(..., source_classes=C) with C > 255)"
+        )
     return lut[label]
 
 
@@ -209,14 +264,16 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
 
 
 def pad_to(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Pad a CHW float image (with 0) and its label (with 255) at the bottom/right to ``size``."""
+    """Pad a CHW float image (with 0) and its label (with its ignore: 255 for ``uint8``, 65535
+    for ``uint16``) at the bottom/right to ``size``."""
     ch, cw = size
     _, h, w = image.shape
     if (h, w) == (ch, cw):
         return image, label
     img = np.zeros((image.shape[0], ch, cw), dtype=image.dtype)
     img[:, :h, :w] = image
-    lbl = np.full((ch, cw), IGNORE_INDEX, dtype=np.uint8)
+    fill = IGNORE_INDEX if label.dtype == np.uint8 else IGNORE_INDEX_16
+    lbl = np.full((ch, cw), fill, dtype=label.dtype)
     lbl[:h, :w] = label
     return img, lbl
 
@@ -228,13 +285,13 @@ def train_transform(
 
     Args:
         image: ``uint8 [H, W, 3]`` RGB.
-        label: ``uint8 [H, W]`` training ids / 255, same H, W as the image.
+        label: ``uint8 [H, W]`` training ids / 255 (or ``uint16`` / 65535), same H, W as the image.
         cfg: augmentation settings.
         rng: the sample's generator (:func:`sample_rng`); the output is a function of
             ``(image, label, cfg, rng state)``.
 
     Returns:
-        ``(float32 [3, crop_h, crop_w], uint8 [crop_h, crop_w])``.
+        ``(float32 [3, crop_h, crop_w], label [crop_h, crop_w])`` (the label's dtype).
 
     Raises:
         DataError: image and label sizes differ.
