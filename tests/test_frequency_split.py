@@ -14,7 +14,6 @@ from pydantic import ValidationError
 import stages.catalog  # noqa: F401 - registers zeroseg's errors as user errors (what the CLI does)
 from pipeline.config import hashed_view
 from pipeline.dag import StageContext
-from pipeline.errors import ConfigError as PlanConfigError
 from stages.build_splits import BuildSplits, BuildSplitsConfig
 from zeroseg.data.splits import frequency_split, images_per_class
 from zeroseg.errors import ConfigError
@@ -214,12 +213,20 @@ def test_ade20k_full_config_is_zegformers_benchmark(monkeypatch, tmp_path):
     assert p.nodes["train_classifier"].config.method == "zegformer"
 
 
-def test_ade20k_full_config_is_refused_until_labels_hold_more_than_255_classes(monkeypatch, tmp_path):
-    """The config's NOT RUNNABLE note: build_splits' plan-time check refuses 847 classes (uint8
-    labels). When 16-bit labels land, this test fails: then drop the note from the config."""
+def test_ade20k_full_config_plans_with_16_bit_labels(monkeypatch, tmp_path):
+    """847 classes need 16-bit labels: build_splits' plan-time checks (the class list, the split
+    section, ignore_index 65535 of the released .tif labels) accept the config, and the plan runs
+    build_splits (nothing in the store)."""
     from pipeline.config import load_config
     from pipeline.plan import plan
     from stages.catalog import STAGES
+
+    class Empty:
+        def exists(self, stage, key):
+            return False
+
+        def latest(self, stage):
+            return None
 
     for split in ("training", "validation"):
         for sub, name in (("images_detectron2", "a.jpg"), ("annotations_detectron2", "a.tif")):
@@ -227,5 +234,7 @@ def test_ade20k_full_config_is_refused_until_labels_hold_more_than_255_classes(m
             d.mkdir(parents=True)
             (d / name).write_bytes(b"")
     monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
-    with pytest.raises(PlanConfigError, match="847 classes.*at most 255 classes"):
-        plan(load_config(ADE_CONFIG), STAGES)
+    p = plan(load_config(ADE_CONFIG), STAGES, store=Empty())
+    bs = p.nodes["build_splits"]
+    assert bs.config.train.ignore_index == 65535 and bs.config.eval[0].ignore_index == 65535
+    assert bs.action == "run"
