@@ -395,8 +395,10 @@ def test_refuses_proposals_of_another_query_count_or_embedding_size():
     assert check_proposals_fit(_doc(q=7), cfg(num_queries=7), 64) == 7
     with pytest.raises(DataError, match=r"has 100 queries but train_classifier.model.num_queries is 50"):
         check_proposals_fit(_doc(q=100), cfg(num_queries=50), 64)
-    with pytest.raises(DataError, match=r"embeds classes in 512 dimensions but DeOP's CLIP model embeds in 64"):
+    with pytest.raises(DataError, match=r"embeds segments into 512 dimensions, but DeOP's CLIP model embeds into 64"):
         check_proposals_fit(_doc(text_dim=512), cfg(), 64)
+    with pytest.raises(DataError, match=r"records 7 queries but its model has num_queries 100"):
+        check_proposals_fit({**_doc(q=100), "num_queries": 7}, cfg(), 64)
     assert check_proposals_fit(_doc(text_dim=None, head="objectness"), cfg(), 64) == 100
 
 
@@ -405,7 +407,8 @@ def test_stage_refuses_a_mismatched_proposals_artifact_before_training(tmp_path)
     named with both values; the decoder width against the CLIP size; augment.mean against the
     proposals' normalisation."""
     from pipeline.dag import Artifact
-    from stages.methods.deop import DeOPMethod, check_proposals, read_proposals_doc
+    from stages.methods._proposals import bound_proposals
+    from stages.methods.deop import DeOPMethod, check_proposals
 
     (tmp_path / "proposals.json").write_text(json.dumps(_doc(q=100, text_dim=512)))
     art = Artifact("pretrain_proposals", "0" * 64, tmp_path, str(tmp_path), {})
@@ -415,8 +418,9 @@ def test_stage_refuses_a_mismatched_proposals_artifact_before_training(tmp_path)
         "model": {"width": 64, "heads": 2, "input_size": [128, 128]},
         "augment": {"crop_size": [128, 128]},
     }
-    doc = read_proposals_doc(art)
-    with pytest.raises(DataError, match=r"512 dimensions but DeOP's CLIP model embeds in 64"):
+    doc, where = bound_proposals(art)
+    assert where == "proposals artifact pretrain_proposals/000000000000"
+    with pytest.raises(DataError, match=r"512 dimensions, but DeOP's CLIP model embeds into 64"):
         check_proposals(doc, DeOPMethod.model_validate(base))
     doc = _doc(q=100)
     with pytest.raises(DataError, match=r"has 100 queries but train_classifier.model.num_queries is 10"):
@@ -430,7 +434,48 @@ def test_stage_refuses_a_mismatched_proposals_artifact_before_training(tmp_path)
     check_proposals(doc, DeOPMethod.model_validate(base))  # fits
     (tmp_path / "proposals.json").unlink()
     with pytest.raises(FileNotFoundError, match="has no file 'proposals.json'"):
-        read_proposals_doc(art)
+        bound_proposals(art)
+
+
+def test_stage_refuses_proposals_trained_on_other_seen_classes(tmp_path):
+    """train_deop, before any training, refuses a proposals artifact whose recorded seen classes
+    (proposals.json ``seen``) are not classes.json's train.seen: here [0, 1, 2, 3, 4] against [0, 2]."""
+    from pipeline.dag import Artifact, StageContext
+    from stages.methods.deop import DeOPMethod, train_deop
+
+    bs, pp, out = tmp_path / "build_splits", tmp_path / "pretrain_proposals", tmp_path / "out"
+    for d in (bs, pp, out):
+        d.mkdir()
+    names = ["a", "b", "c", "d", "e"]
+    vocab = {
+        "dataset": "d",
+        "names": names,
+        "prompt_names": names,
+        "seen": [0, 2],
+        "unseen": [1, 3, 4],
+        "ignore_index": 255,
+    }
+    (bs / "classes.json").write_text(json.dumps({"train": vocab, "eval": {"val": vocab}}))
+    (pp / "proposals.json").write_text(json.dumps(_doc(q=100, text_dim=64)))
+    inputs = {
+        "splits": Artifact("build_splits", "a" * 64, bs, str(bs), {"files": []}),
+        "proposals": Artifact("pretrain_proposals", "b" * 64, pp, str(pp), {"files": []}),
+    }
+    config = DeOPMethod.model_validate(
+        {
+            "method": "deop",
+            "clip": {"model": TINY_MODEL, "random_init": True},
+            "model": {"width": 64, "heads": 2, "input_size": [128, 128]},
+            "augment": {"crop_size": [128, 128]},
+        }
+    )
+    ctx = StageContext("train_classifier", "c" * 64, config, inputs, out, tmp_path, str(tmp_path / "_t"), "tc")
+    with pytest.raises(
+        DataError,
+        match=r"proposals artifact pretrain_proposals/bbbbbbbbbbbb was trained on seen classes \[0, 1, 2, 3, 4\] "
+        r"but this config's seen training classes are \[0, 2\]",
+    ):
+        train_deop(ctx, config)
 
 
 def test_deop_without_a_proposals_stage_fails_at_plan_time(monkeypatch, tmp_path):
@@ -470,35 +515,27 @@ def test_benchmark_configs_plan_with_the_released_settings(name, monkeypatch, tm
 
 
 # ============================================================================ the sample DAG
+# build_splits, embed_text and pretrain_proposals come from the session fixture
+# `sample_proposals` (tests/conftest.py: configs/sample_proposals.yaml, which sample_deop.yaml
+# extends, with the overrides the sample tests share, in process); these tests copy its store.
 
-SMALL = [
-    "build_splits.train.max_images=16",
-    "build_splits.eval.0.max_images=2",
-    "pretrain_proposals.train.max_steps=4",
-    "pretrain_proposals.train.checkpoint_every=2",
-    "pretrain_proposals.recall_max_images=2",
+SMALL = [  # DeOP's own, after the shared overrides
     "train_classifier.train.max_steps=4",
     "train_classifier.train.checkpoint_every=2",
     "train_classifier.train.log_every=2",
-    "evaluate.batch_size=2",
 ]
 DAG = ("build_splits", "embed_text", "pretrain_proposals", "train_classifier", "evaluate")
 
 
-def _run(work, *extra, overrides=()):
-    from pipeline.cli import build_parser, cmd_run
-    from pipeline.console import Console
-
-    argv = ["run", "--config", "configs/sample_deop.yaml", "--work-dir", str(work)]
-    for o in [*SMALL, *overrides]:
-        argv += ["--set", o]
-    return cmd_run(build_parser().parse_args(argv + list(extra)), Console())
+def _run(sample_proposals, work, *extra, overrides=()):
+    r = sample_proposals.run("configs/sample_deop.yaml", work, *extra, overrides=[*SMALL, *overrides])
+    return r.code, r.plan
 
 
 @pytest.fixture(scope="module")
-def deop_run(tmp_path_factory, ray_local, shared_data):
-    work = tmp_path_factory.mktemp("deop")
-    code, plan = _run(work)
+def deop_run(tmp_path_factory, sample_proposals):
+    work = sample_proposals.copy_to(tmp_path_factory.mktemp("deop"))
+    code, plan = _run(sample_proposals, work)
     return work, code, plan
 
 
@@ -510,7 +547,8 @@ def test_sample_dag_trains_deop_on_frozen_proposals_and_evaluates(deop_run):
 
     work, code, plan = deop_run
     assert code == 0, [p.error for p in plan]
-    assert {p.name: p.status for p in plan} == {s: "ran" for s in DAG}
+    # the proposals trained by configs/sample_proposals.yaml (another classifier) are reused as they are
+    assert {p.name: p.status for p in plan} == dict(zip(DAG, ["cached", "cached", "cached", "ran", "ran"], strict=True))
     tc = plan.nodes["train_classifier"]
     assert tc.bindings["proposals"] == "pretrain_proposals"
     assert tc.metrics["steps"] == 4 and tc.metrics["proposal_queries"] == 16
@@ -550,14 +588,14 @@ def test_sample_dag_trains_deop_on_frozen_proposals_and_evaluates(deop_run):
 
 
 @pytest.mark.slow
-def test_second_run_is_fully_cached_and_a_classifier_change_reuses_the_proposals(deop_run):
+def test_second_run_is_fully_cached_and_a_classifier_change_reuses_the_proposals(deop_run, sample_proposals):
     work, code, _ = deop_run
     assert code == 0
-    code, plan = _run(work)
+    code, plan = _run(sample_proposals, work)
     assert code == 0 and {p.name: p.status for p in plan} == {s: "cached" for s in DAG}
     # a change of the classifier alone: train_classifier and evaluate run, the proposals are reused
     change = ["train_classifier.model.decoder_layers=2"]
-    code, plan = _run(work, "--dry-run", overrides=change)
+    code, plan = _run(sample_proposals, work, "--dry-run", overrides=change)
     assert code == 0
     assert {p.name: p.action for p in plan} == {
         "build_splits": "cached",
@@ -567,22 +605,15 @@ def test_second_run_is_fully_cached_and_a_classifier_change_reuses_the_proposals
         "evaluate": "run",
     }
     assert "decoder_layers 1 -> 2" in plan.nodes["train_classifier"].reason
-    code, plan = _run(work, overrides=change)
-    assert code == 0, [p.error for p in plan]
-    assert {p.name: p.status for p in plan} == {
-        "build_splits": "cached",
-        "embed_text": "cached",
-        "pretrain_proposals": "cached",
-        "train_classifier": "ran",
-        "evaluate": "ran",
-    }
+    # no real re-run here: the first run (deop_run) already trained DeOP on the cached proposals of
+    # configs/sample_proposals.yaml, a config whose classifier differs
 
 
 @pytest.mark.slow
-def test_a_proposals_artifact_of_another_query_count_is_refused_before_training(deop_run):
+def test_a_proposals_artifact_of_another_query_count_is_refused_before_training(deop_run, sample_proposals):
     work, code, _ = deop_run
     assert code == 0
-    code, plan = _run(work, overrides=["train_classifier.model.num_queries=7"])
+    code, plan = _run(sample_proposals, work, overrides=["train_classifier.model.num_queries=7"])
     assert code != 0
     node = plan.nodes["train_classifier"]
     assert node.status == "failed"

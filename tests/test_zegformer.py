@@ -222,7 +222,10 @@ def test_check_proposals_refuses_what_does_not_fit():
     bad = {**good, "class_head": "linear", "model": {**good["model"], "class_head": "linear"}}
     with pytest.raises(DataError, match=r"proposals artifact x.*class head 'linear'.*needs 'text'"):
         check_proposals(bad, 64, TINY_MODEL, "proposals artifact x")
-    with pytest.raises(DataError, match=r"embeds segments into 512 dimensions.*'zeroseg-tiny-vit' into 64"):
+    with pytest.raises(
+        DataError,
+        match=r"embeds segments into 512 dimensions, but ZegFormer's CLIP model 'zeroseg-tiny-vit' embeds into 64",
+    ):
         check_proposals({**good, "text_dim": 512}, 64, TINY_MODEL, "proposals artifact x")
     with pytest.raises(DataError, match=r"records 12 queries but its model has num_queries 10"):
         check_proposals({**good, "num_queries": 12}, 64, TINY_MODEL, "proposals artifact x")
@@ -346,7 +349,7 @@ def test_method_refuses_a_proposals_artifact_that_does_not_fit(tiny_clip, tmp_pa
     cfg = ZegFormerMethod(method="zegformer", clip=TINY)
     for name, head, dim, pattern in (
         ("linear", "linear", None, r"class head 'linear', ZegFormer needs 'text'"),
-        ("wide", "text", 512, r"embeds segments into 512 dimensions, CLIP model 'zeroseg-tiny-vit' into 64"),
+        ("wide", "text", 512, r"embeds segments into 512 dimensions, but ZegFormer's CLIP model 'zeroseg-tiny-vit'"),
     ):
         d = tmp_path / name
         model = MaskFormer({**PROPOSAL_MODEL, "class_head": head}, 2, dim, load_backbone_weights=False)

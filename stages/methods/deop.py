@@ -20,7 +20,6 @@ COCO-Stuff (the paper: 20k on VOC, batch 32 on 8 GPUs).
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +31,7 @@ from pipeline.dag import Input, StageConfig, StageContext
 from pipeline.training import ScalingSection, TrainSection
 from stages.common import seen_rows, vocabularies
 from stages.methods import Method
+from stages.methods._proposals import bound_proposals, check_seen
 from zeroseg.config.clip import ClipSpec, model_embed_dim
 from zeroseg.config.deop import DeOPConfig
 from zeroseg.data.transforms import AugmentConfig
@@ -62,23 +62,6 @@ class DeOPMethod(StageConfig):
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
     block_rows: Annotated[int, Runtime(why="decode task size")] = Field(32, gt=0)
-
-
-def read_proposals_doc(artifact: Any) -> dict[str, Any]:
-    """The bound pretrain_proposals artifact's ``proposals.json``.
-
-    Raises:
-        MissingFileError: the artifact has no ``proposals.json`` (naming the files it has).
-        DataError: unreadable or not a JSON object.
-    """
-    path = artifact.file("proposals.json")
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{path} must hold a JSON object, got {type(doc).__name__}")
-    return doc
 
 
 def check_proposals(doc: dict[str, Any], cfg: DeOPMethod, where: str = "proposals") -> None:
@@ -136,19 +119,12 @@ def load_proposals(seg: Any, proposals_uri: str) -> None:
     Raises:
         DataError: the file is missing or unreadable; WeightsMismatchError: it does not fit.
     """
-    import torch
+    from pipeline.uri import join, local_copy
+    from zeroseg.models.proposals import WEIGHTS_PT, read_proposal_weights
 
-    from pipeline.uri import local_copy
-
+    name = join(proposals_uri, WEIGHTS_PT)
     with local_copy(proposals_uri) as d:
-        path = Path(d) / "weights.pt"
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise DataError(f"{proposals_uri}: the proposals artifact has no weights.pt") from None
-        except Exception as e:  # noqa: BLE001 - torch raises many kinds for an unreadable file
-            raise DataError(f"cannot read {proposals_uri}/weights.pt: {type(e).__name__}: {e}") from None
-        seg.load_proposal_weights(sd, source=f"{proposals_uri}/weights.pt")
+        seg.load_proposal_weights(read_proposal_weights(Path(d) / WEIGHTS_PT, name=name), source=name)
 
 
 def _loss_module(segmenter: Any, names: list[str], ignore_index: int = 255) -> Any:
@@ -212,7 +188,8 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
 
     Raises:
         DataError: no seen class; a proposals artifact that does not fit (query count or
-            embedding size, both named) or whose weights do not load.
+            embedding size, both named), trained on other seen classes than this config's
+            (``classes.json``), or whose weights do not load.
         ConfigError: see :func:`check_proposals`; a scaling section that leaves no CPU for the feed.
         TrainingDataError / NonFiniteLossError / CheckpointMismatchError: from the training package.
     """
@@ -227,8 +204,9 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
     proposals = ctx.inputs["proposals"]
     train_vocab = vocabularies(splits)["train"]
     seen_rows(train_vocab, np.zeros((len(train_vocab.names), 1)))  # the one "no seen class" error
-    doc = read_proposals_doc(proposals)
-    check_proposals(doc, cfg, where=f"proposals artifact {proposals.uri}")  # before fit: workers would retry
+    doc, where = bound_proposals(proposals)
+    check_proposals(doc, cfg, where=where)  # before fit: workers would retry
+    check_seen(doc, train_vocab.seen, where)
     seen_names = [train_vocab.prompt_names[i] for i in train_vocab.seen]
     model_cfg = {**cfg.model.model_dump(mode="json"), "proposals": doc}
     augment = cfg.augment.model_copy(

@@ -19,12 +19,10 @@ from typing import Any, Literal
 from pipeline.dag import Input, StageConfig, StageContext
 from stages.common import seen_rows, text_embeddings, vocabularies
 from stages.methods import Method
+from stages.methods._proposals import bound_proposals, check_seen
 from zeroseg.config.clip import ClipSpec, model_embed_dim
 from zeroseg.config.zegformer import ZegFormerConfig
 from zeroseg.errors import DataError
-
-PROPOSALS_JSON = "proposals.json"
-PROPOSALS_WEIGHTS = "weights.pt"
 
 
 class ZegFormerMethod(StageConfig):
@@ -48,26 +46,20 @@ def check_proposals(doc: dict[str, Any], clip_dim: int, clip_model: str, where: 
 
     Raises:
         DataError: a class head other than ``text`` (ZegFormer classifies segments against text,
-            Eq. 1), a text embedding size other than ``D``, or a query count that disagrees with
-            the model it describes; each message names both values.
+            Eq. 1); the refusals shared with DeOP
+            (:func:`zeroseg.models.proposals.check_proposals_doc`: a text embedding size other than
+            ``D``, a query count that disagrees with the model it describes); each message names
+            both values.
     """
+    from zeroseg.models.proposals import check_proposals_doc
+
     head = doc.get("class_head", (doc.get("model") or {}).get("class_head"))
     if head != "text":
         raise DataError(
             f"{where}: the proposal model has class head {head!r}, ZegFormer needs 'text' (segment embeddings "
             "scored against class text, ZegFormer Eq. 1); train pretrain_proposals with model.class_head: text"
         )
-    if doc.get("text_dim") != clip_dim:
-        raise DataError(
-            f"{where}: the proposal model embeds segments into {doc.get('text_dim')} dimensions, CLIP model "
-            f"{clip_model!r} into {clip_dim}; pretrain_proposals and train_classifier must use the same clip section"
-        )
-    q, q_model = doc.get("num_queries"), (doc.get("model") or {}).get("num_queries")
-    if not isinstance(q, int) or q < 1 or q != q_model:
-        raise DataError(
-            f"{where}: proposals.json records {q!r} queries but its model has num_queries {q_model!r}; "
-            "re-run pretrain_proposals"
-        )
+    check_proposals_doc(doc, clip_dim, who="ZegFormer", where=where, clip_model=clip_model)
 
 
 def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]:
@@ -88,12 +80,11 @@ def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]
 
     from zeroseg.models import WEIGHTS_PT, check_state_dict, save_segmenter
     from zeroseg.models.clip import load_clip
-    from zeroseg.models.proposals import read_proposals_json
+    from zeroseg.models.proposals import read_proposal_weights
     from zeroseg.models.zegformer import ZegFormer, seen_from_text
 
     prop = ctx.inputs["proposals"]
-    where = f"proposals artifact {prop.stage}/{prop.key[:12]}"
-    doc = read_proposals_json(prop.file(PROPOSALS_JSON).parent)
+    doc, where = bound_proposals(prop)
     dim = model_embed_dim(cfg.clip)
     check_proposals(doc, dim, cfg.clip.model, where)
     if doc["model"].get("backbone") == "clip" and (doc.get("clip") or {}).get("model") != cfg.clip.model:
@@ -105,18 +96,10 @@ def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]
     emb = text_embeddings(ctx.inputs["text"], vocabs, dim=dim, clip_model=cfg.clip.model)
     train = vocabs["train"]
     seen_text = seen_rows(train, emb["train"])
-    if [int(s) for s in doc.get("seen") or []] != list(train.seen):
-        raise DataError(
-            f"{where} was trained on seen classes {doc.get('seen')} but this config's seen training classes are "
-            f"{list(train.seen)} (classes.json); bind a pretrain_proposals of the same build_splits"
-        )
+    check_seen(doc, train.seen, where)
     seg = ZegFormer(load_clip(cfg.clip), {**cfg.model.model_dump(mode="json"), "proposals": doc})
-    weights_path = prop.file(PROPOSALS_WEIGHTS)
-    try:
-        sd = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for an unreadable file
-        raise DataError(f"cannot read {weights_path}: {type(e).__name__}: {e}") from None
-    check_state_dict(seg.proposals.state_dict(), sd, f"{where} {PROPOSALS_WEIGHTS}", "the proposal model")
+    sd = read_proposal_weights(prop.file(WEIGHTS_PT))
+    check_state_dict(seg.proposals.state_dict(), sd, f"{where} {WEIGHTS_PT}", "the proposal model")
     seg.proposals.load_state_dict(sd, strict=True)
     seg.seen_text.copy_(torch.from_numpy(seen_text))
     for name, v in vocabs.items():

@@ -53,6 +53,7 @@ from zeroseg.config import validated
 from zeroseg.config.deop import DeOPConfig
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.models import Segmenter, check_state_dict
+from zeroseg.models.proposals import check_proposals_doc, poly_lr_factor
 from zeroseg.models.trunk import (
     INPUT,
     AttentionHook,
@@ -570,28 +571,21 @@ def _pair(x: Any) -> tuple[int, int]:
 def check_proposals_fit(doc: Mapping[str, Any], cfg: DeOPConfig, embed_dim: int, where: str = "proposals") -> int:
     """Refuse a proposal model DeOP cannot use; returns its query count ``Q``.
 
-    DeOP pairs anchor query ``i`` with proposal ``i`` (released), so ``model.num_queries``, when set,
-    must equal the proposals' query count; a ``text`` class head's embedding size must be the CLIP
-    embedding size ``D`` (the head is run, though its logits are ignored).
+    The refusals shared with ZegFormer (:func:`zeroseg.models.proposals.check_proposals_doc`: a
+    query count that disagrees with the model it describes; a ``text`` class head whose embedding
+    size is not the CLIP embedding size ``D``: the head is run, though its logits are ignored), then
+    DeOP's own: it pairs anchor query ``i`` with proposal ``i`` (released), so
+    ``model.num_queries``, when set, must equal the proposals' query count.
 
     Raises:
         DataError: naming both values and what to change.
     """
-    try:
-        q = int(doc["num_queries"])
-    except (KeyError, TypeError, ValueError):
-        raise DataError(f"{where}: no num_queries; not a pretrain_proposals artifact's proposals.json") from None
+    q = check_proposals_doc(doc, embed_dim, who="DeOP", where=where)
     if cfg.num_queries is not None and cfg.num_queries != q:
         raise DataError(
             f"{where} has {q} queries but train_classifier.model.num_queries is {cfg.num_queries}: DeOP pairs "
             f"anchor query i with proposal i; set model.num_queries: {q} (or null), or bind proposals trained "
             f"with {cfg.num_queries} queries"
-        )
-    td = doc.get("text_dim")
-    if td is not None and int(td) != int(embed_dim):
-        raise DataError(
-            f"{where} embeds classes in {td} dimensions but DeOP's CLIP model embeds in {embed_dim}: train the "
-            "proposals with the same clip model (pretrain_proposals and train_classifier share the clip section)"
         )
     return q
 
@@ -930,14 +924,6 @@ def deop_semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
     with torch.autocast(device_type=class_logits.device.type, enabled=False):
         m = F.interpolate(mask_logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
         return torch.einsum("bqc,bqhw->bchw", class_logits.float().softmax(-1)[..., :-1], m.sigmoid())
-
-
-def poly_lr_factor(step: int, max_steps: int, power: float = 0.9) -> float:
-    """detectron2's ``WarmupPolyLR`` without warm-up (DeOP's base config: ``WARMUP_ITERS 0``,
-    ``POLY_LR_POWER 0.9``, constant ending 0): ``(1 - step / max_steps) ** power`` (unitless
-    factor of the base lr; 0 at and after ``max_steps``)."""
-    s = min(max(step, 0), max_steps)
-    return (1.0 - s / max_steps) ** power
 
 
 __all__ = [

@@ -255,9 +255,15 @@ class ClipPyramidBackbone(nn.Module):
         visual: an open_clip ``VisionTransformer``; deep-copied (the caller's model is untouched)
             and trained with the rest, except ``ln_post`` and ``proj`` (unused: kept frozen).
 
+    ``RANDOM_INIT``: the submodules that are new here (randomly initialised, not CLIP's): the
+    solver gives them the full lr, not the backbone's multiplier
+    (``stages.pretrain_proposals.param_groups``).
+
     Raises:
         ValueError: not a ViT the trunk supports; a patch size that is not a power of 2 dividing 32.
     """
+
+    RANDOM_INIT = ("norms", "resample")
 
     def __init__(self, visual: nn.Module) -> None:
         super().__init__()
@@ -744,6 +750,84 @@ def read_proposals_json(artifact_dir: str | Path) -> dict[str, Any]:
     return doc
 
 
+def check_proposals_doc(
+    doc: Mapping[str, Any], embed_dim: int, *, who: str, where: str = "proposals", clip_model: str | None = None
+) -> int:
+    """The refusals every classifier built on a proposals artifact shares (ZegFormer, DeOP); returns
+    the query count ``Q``.
+
+    Args:
+        doc: the artifact's ``proposals.json`` content.
+        embed_dim: the CLIP model's embedding size ``D``.
+        who: the method, for messages (``"ZegFormer"``).
+        where: the artifact, for messages.
+        clip_model: the CLIP model's name, for messages.
+
+    Raises:
+        DataError: no usable ``num_queries``, or one that disagrees with ``model.num_queries``; a
+            text class head (or any recorded ``text_dim``) whose embedding size is not ``D``. Each
+            message names both values and what to change.
+    """
+    model = doc.get("model") if isinstance(doc.get("model"), Mapping) else {}
+    q, q_model = doc.get("num_queries"), model.get("num_queries")
+    if isinstance(q, bool) or not isinstance(q, int) or q < 1 or q != q_model:
+        raise DataError(
+            f"{where}: proposals.json records {q!r} queries but its model has num_queries {q_model!r}; "
+            "not a usable pretrain_proposals artifact: re-run pretrain_proposals"
+        )
+    head = doc.get("class_head", model.get("class_head"))
+    td = doc.get("text_dim")
+    if (td is not None or head == "text") and td != int(embed_dim):
+        name = f" {clip_model!r}" if clip_model else ""
+        raise DataError(
+            f"{where}: the proposal model embeds segments into {td} dimensions, but {who}'s CLIP model{name} embeds "
+            f"into {int(embed_dim)}; pretrain_proposals and train_classifier must use the same clip section"
+        )
+    return q
+
+
+def read_proposal_weights(path: str | Path, name: str | None = None) -> dict[str, torch.Tensor]:
+    """A proposals artifact's ``weights.pt`` (the full MaskFormer state dict), on the CPU
+    (``torch.load(weights_only=True)``).
+
+    Args:
+        path: the ``weights.pt`` file, or the artifact directory holding it.
+        name: how messages name the file (default: its path; e.g. the store URI of a local copy).
+
+    Raises:
+        DataError: the file is missing, unreadable, or not a state dict (naming it).
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / WEIGHTS_PT
+    name = name or str(p)
+    if not p.is_file():
+        raise DataError(f"{name} not found: the proposals artifact has no {WEIGHTS_PT} (it holds the model's weights)")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for an unreadable file
+        raise DataError(f"cannot read {name}: {type(e).__name__}: {e}") from None
+    if not isinstance(sd, Mapping):
+        raise DataError(f"{name} must hold a state dict, got {type(sd).__name__}")
+    return dict(sd)
+
+
+def poly_lr_factor(
+    step: int, max_steps: int, power: float = 0.9, warmup_steps: int = 0, warmup_factor: float = 1.0
+) -> float:
+    """detectron2's ``WarmupPolyLR`` (``projects/deeplab/lr_scheduler.py``: linear warm-up,
+    constant ending 0) as a unitless multiplier of the base lr at optimisation step ``step``:
+    ``w(step) * max(0, 1 - step / max_steps) ** power`` with ``w = warmup_factor * (1 - a) + a``,
+    ``a = step / warmup_steps`` during the warm-up and 1 after it (0 at and after ``max_steps``).
+    The proposal model's solver (ZegFormer / MaskFormer released) and DeOP's (``WARMUP_ITERS 0``,
+    power 0.9) both use it."""
+    warm = 1.0
+    if step < warmup_steps:
+        a = step / warmup_steps
+        warm = warmup_factor * (1.0 - a) + a
+    return warm * max(0.0, 1.0 - step / max_steps) ** power
+
+
 def load_proposal_model(
     artifact_dir: str | Path, device: str | torch.device = "cpu", clip_model: nn.Module | None = None
 ) -> MaskFormer:
@@ -777,14 +861,7 @@ def load_proposal_model(
         visual = getattr(clip_model, "visual", clip_model)
     model = cls(doc["model"], int(doc["num_classes"]), doc["text_dim"], visual, load_backbone_weights=False)
     wpath = d / WEIGHTS_PT
-    if not wpath.is_file():
-        raise DataError(f"{wpath} not found: a proposals artifact holds the model's weights")
-    try:
-        sd = torch.load(wpath, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for an unreadable file
-        raise DataError(f"cannot read {wpath}: {type(e).__name__}: {e}") from None
-    if not isinstance(sd, Mapping):
-        raise DataError(f"{wpath} must hold a state dict, got {type(sd).__name__}")
+    sd = read_proposal_weights(wpath)
     check_state_dict(model.state_dict(), sd, str(wpath), "the MaskFormer proposal model")
     model.load_state_dict(dict(sd))
     for k, got in (
@@ -814,7 +891,10 @@ __all__ = [
     "PixelDecoder",
     "ResNetBackbone",
     "TransformerDecoder",
+    "check_proposals_doc",
     "load_proposal_model",
+    "poly_lr_factor",
+    "read_proposal_weights",
     "read_proposals_json",
     "save_proposals",
     "semantic_scores",
