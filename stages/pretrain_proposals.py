@@ -186,23 +186,13 @@ def uses_clip(model: ProposalConfig) -> bool:
 # =============================================================================================
 # training (runs in Ray Train workers)
 # =============================================================================================
-def poly_lr_factor(step: int, *, max_steps: int, power: float, warmup_steps: int, warmup_factor: float) -> float:
-    """detectron2's ``WarmupPolyLR`` (``projects/deeplab/lr_scheduler.py``, linear warm-up,
-    constant ending 0) as a multiplier of the base lr at optimisation step ``step``:
-    ``w(step) * (1 - step / max_steps) ** power`` with ``w = warmup_factor * (1 - a) + a``,
-    ``a = step / warmup_steps`` during the warm-up and 1 after it."""
-    warm = 1.0
-    if step < warmup_steps:
-        a = step / warmup_steps
-        warm = warmup_factor * (1.0 - a) + a
-    return warm * max(0.0, 1.0 - step / max_steps) ** power
-
-
 def param_groups(
     model: Any, lr: float, backbone_lr_mult: float, weight_decay: float, weight_decay_norm: float
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups as the released ZegFormer ``Trainer.build_optimizer``: lr x
-    ``backbone_lr_mult`` for the parameters of modules whose name contains ``backbone``;
+    ``backbone_lr_mult`` for the parameters of modules whose name contains ``backbone``, except the
+    backbone's own new, randomly initialised layers (a module's ``RANDOM_INIT`` submodule names:
+    the CLIP pyramid's ``norms`` / ``resample``, our departure; they train at the full lr);
     ``weight_decay_norm`` for normalisation layers and ``nn.Embedding`` (released
     ``WEIGHT_DECAY_NORM`` = ``WEIGHT_DECAY_EMBED`` = 0), ``weight_decay`` for the rest. Frozen
     parameters are left out; each parameter appears once.
@@ -213,24 +203,32 @@ def param_groups(
     import torch.nn as nn
 
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.Embedding)
+    fresh = tuple(  # module-name prefixes of randomly initialised layers inside a backbone
+        f"{mname}.{sub}" if mname else sub
+        for mname, module in model.named_modules()
+        for sub in getattr(module, "RANDOM_INIT", ())
+    )
     groups: dict[tuple[float, float], list[Any]] = {}
     memo: set[int] = set()
     for mname, module in model.named_modules():
+        pretrained = "backbone" in mname and not any(mname == f or mname.startswith(f + ".") for f in fresh)
         for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in memo:
                 continue
             memo.add(id(p))
             g = (
-                lr * (backbone_lr_mult if "backbone" in mname else 1.0),
+                lr * (backbone_lr_mult if pretrained else 1.0),
                 weight_decay_norm if isinstance(module, norm_types) else weight_decay,
             )
             groups.setdefault(g, []).append(p)
     return [{"params": ps, "lr": g[0], "weight_decay": g[1]} for g, ps in groups.items()]
 
 
-def build_model(cfg: Mapping[str, Any], device: Any = "cpu") -> Any:
+def build_model(cfg: Mapping[str, Any], device: Any = "cpu", load_backbone_weights: bool = True) -> Any:
     """The MaskFormer of a loop config (``model``, ``num_classes``, ``text_dim``, ``clip``: the
-    CLIP visual tower is loaded only for ``backbone: clip``).
+    CLIP visual tower is loaded only for ``backbone: clip``). ``load_backbone_weights``: False
+    skips reading ``model.backbone_weights`` (the driver's copy, whose weights come from the final
+    checkpoint; the workers load them for a fresh run).
 
     Raises:
         ConfigError: a bad model config or CLIP spec.
@@ -242,7 +240,13 @@ def build_model(cfg: Mapping[str, Any], device: Any = "cpu") -> Any:
         from zeroseg.models.clip import as_spec, load_clip
 
         clip_visual = load_clip(as_spec(cfg["clip"])).visual
-    return MaskFormer(cfg["model"], cfg["num_classes"], text_dim=cfg["text_dim"], clip_visual=clip_visual).to(device)
+    return MaskFormer(
+        cfg["model"],
+        cfg["num_classes"],
+        text_dim=cfg["text_dim"],
+        clip_visual=clip_visual,
+        load_backbone_weights=load_backbone_weights,
+    ).to(device)
 
 
 def _forward_module(model: Any, text: Any) -> Any:
@@ -277,6 +281,7 @@ def proposals_train_loop(loop: Any) -> None:
     import torch
 
     from zeroseg.losses import semantic_to_targets
+    from zeroseg.models.proposals import poly_lr_factor
 
     cfg = loop.config
     mcfg = cfg["model"]
@@ -549,7 +554,9 @@ class PretrainProposals(Stage):
             "warmup_steps": cfg.warmup_steps,
             "warmup_factor": cfg.warmup_factor,
         }
-        model = build_model(loop_config)  # on the driver: a bad config fails before any worker starts
+        # on the driver: a bad config fails before any worker starts; its weights come from the
+        # final checkpoint, so the backbone's pretrained weights are not read here
+        model = build_model(loop_config, load_backbone_weights=False)
         mean, std = cfg.augment.mean, cfg.augment.std
         if not (np.allclose(model.mean, mean, atol=1e-6) and np.allclose(model.std, std, atol=1e-6)):
             raise ConfigError(
@@ -701,7 +708,6 @@ __all__ = [
     "ProposalPredictor",
     "backbone_normalisation",
     "param_groups",
-    "poly_lr_factor",
     "proposals_train_loop",
     "recall_key",
 ]

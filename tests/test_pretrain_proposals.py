@@ -118,7 +118,7 @@ def test_recall_evaluator_errors():
 
 # -- the solver: schedule and parameter groups ----------------------------------------------------
 def test_poly_lr_factor_is_detectron2_warmup_poly_by_hand():
-    from stages.pretrain_proposals import poly_lr_factor
+    from zeroseg.models.proposals import poly_lr_factor
 
     f = functools.partial(poly_lr_factor, max_steps=10, power=0.9, warmup_steps=0, warmup_factor=1.0)
     assert f(0) == 1.0
@@ -316,6 +316,50 @@ def test_param_groups_of_the_proposal_model():
         assert lr_of[id(p)] == pytest.approx(0.1 if n.startswith("backbone.") else 1.0), n
     wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert wd_of[id(model.query_embed.weight)] == 0.0 and wd_of[id(model.bg_feature)] == 1e-4
+
+
+def test_param_groups_give_the_clip_pyramids_new_layers_the_full_lr():
+    """backbone clip: CLIP's own (pretrained) tower parameters, ``backbone.visual.*``, train at lr x
+    0.1; the pyramid's randomly initialised per-level LayerNorms (``backbone.norms.*``) and
+    resampling convs / GroupNorms (``backbone.resample.*``) at the full lr; ln_post / proj are
+    frozen and left out. Expected values from the parameter names alone."""
+    from stages.pretrain_proposals import param_groups
+    from zeroseg.models.clip import TINY_MODEL, ClipSpec, load_clip
+    from zeroseg.models.proposals import MaskFormer
+
+    visual = load_clip(ClipSpec(model=TINY_MODEL, random_init=True)).visual
+    cfg = {"backbone": "clip", "num_queries": 4, "hidden_dim": 16, "dec_layers": 1, "nheads": 2}
+    model = MaskFormer({**cfg, "dim_feedforward": 16, "conv_dim": 16, "mask_dim": 16}, 3, 8, visual)
+    groups = param_groups(model, lr=1.0, backbone_lr_mult=0.1, weight_decay=1e-4, weight_decay_norm=0.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(lr_of) == len(names)
+    assert any(n.startswith("backbone.resample.") for n in names) and any(
+        n.startswith("backbone.norms.") for n in names
+    )
+    assert not any(n.startswith(("backbone.visual.ln_post", "backbone.visual.proj")) for n in names)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            want = 0.1 if n.startswith("backbone.visual.") else 1.0
+            assert lr_of[id(p)] == pytest.approx(want), n
+
+
+def test_the_drivers_model_skips_the_backbone_weights(tmp_path):
+    """The driver's MaskFormer (mean/std check, final state) is built without reading
+    model.backbone_weights; the workers' (fresh run) read them: a missing file fails only there."""
+    from stages.pretrain_proposals import build_model
+
+    missing = str(tmp_path / "no_such_weights.pt")
+    m = {"backbone": "resnet18", "backbone_weights": missing, "num_queries": 4, "hidden_dim": 16, "dec_layers": 1}
+    cfg = {"model": {**m, "nheads": 2, "dim_feedforward": 16, "conv_dim": 16, "mask_dim": 16}, "num_classes": 1}
+    cfg = {**cfg, "text_dim": None, "clip": None}
+    cfg["model"]["class_head"] = "objectness"
+    model = build_model(cfg, load_backbone_weights=False)
+    assert model.num_queries == 4
+    from zeroseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.backbone_weights file .*no_such_weights.pt' does not exist"):
+        build_model(cfg)
 
 
 # -- end to end on the sample data ---------------------------------------------------------------
