@@ -4,7 +4,8 @@ artifact* (``segmenter.json`` + ``weights.pt`` when something trains; ``zeroseg.
 The section is the config of one method of ``stages.methods`` (a discriminated union on
 ``method``: an unknown method or key fails at plan time naming the nearest). The stage reads
 build_splits (``splits``) and embed_text (``text``), plus whatever the method adds (a decoupled
-method's ``proposals``), and hands them to the method's ``build``.
+method's ``proposals``), less the base roles the method never reads (``Method.drops``: DeOP, which
+embeds class names itself, drops ``text``), and hands them to the method's ``build``.
 
 Wiring only; the methods live in ``stages/methods/``, the models in ``zeroseg.models``.
 """
@@ -47,7 +48,9 @@ class TrainClassifier(Stage):
         return methods()[config.method]
 
     def inputs(self, config: Any) -> dict[str, Input]:
-        return {**self.INPUTS, **self.method(config).inputs}
+        """build_splits and embed_text, less the method's ``drops``, plus the method's own roles."""
+        m = self.method(config)
+        return {r: i for r, i in {**self.INPUTS, **m.inputs}.items() if r not in m.drops}
 
     def all_roles(self) -> set[str]:
         return set(self.INPUTS).union(*(m.inputs for m in methods().values()))

@@ -357,3 +357,25 @@ def test_editing_a_stage_changes_its_key_and_its_descendants_only(tmp_path, shar
         f.write("\n# an edit\n")
     k3 = _dry_keys(root, tmp_path, shared_data)
     assert all(k3[s] != k2[s] for s in base)
+
+
+def test_a_method_that_never_reads_embed_text_is_not_rekeyed_by_it():
+    """DeOP embeds class names itself (Method drops "text"): with proposals that read no text
+    (class_head objectness), changing embed_text.templates changes embed_text's key but not DeOP's
+    train_classifier key, which binds no embed_text; ZegFormer's changes (it reads the embeddings),
+    and so does DeOP's on text-head proposals (the proposal model itself changes)."""
+    change = ("embed_text.templates=imagenet_select",)
+    objectness = ("pretrain_proposals.model.class_head=objectness",)
+    for config, base, rekeyed in (
+        ("configs/sample_deop.yaml", objectness, False),
+        ("configs/sample_deop.yaml", (), True),
+        ("configs/sample_zegformer.yaml", (), True),
+    ):
+        a, b = _plan(config, base), _plan(config, base + change)
+        assert a.nodes["embed_text"].config.templates == "single"
+        assert b.nodes["embed_text"].config.templates == "imagenet_select"
+        assert a.keys()["embed_text"] != b.keys()["embed_text"]
+        assert (a.keys()["train_classifier"] != b.keys()["train_classifier"]) is rekeyed, (config, base)
+    deop = _plan("configs/sample_deop.yaml", objectness)
+    assert set(deop.nodes["train_classifier"].bindings) == {"splits", "proposals"}
+    assert "text" in _plan("configs/sample_zegformer.yaml").nodes["train_classifier"].bindings

@@ -35,6 +35,10 @@ class Method:
         inputs: input roles beyond build_splits and embed_text (e.g. ``proposals``).
         code: modules whose code determines the outputs besides the method's own module (e.g.
             modules it imports by name).
+        drops: train_classifier's base roles (``splits``, ``text``) this method never reads: left
+            out of its inputs, so they neither enter its artifact key nor bind (DeOP embeds class
+            names itself with its learnable prompts: ``("text",)``, an embed_text change does not
+            re-train it).
     """
 
     name: str
@@ -42,6 +46,7 @@ class Method:
     build: Callable[[Any, Any], dict[str, float]]
     inputs: dict[str, Input] = dataclasses.field(default_factory=dict)
     code: tuple[str, ...] = ()
+    drops: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:

@@ -258,4 +258,6 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
     }
 
 
-METHOD = Method("deop", DeOPMethod, train_deop, inputs={"proposals": PROPOSALS})
+# drops text: DeOP embeds the class names itself (learnable prompts through CLIP's text tower,
+# at training and at evaluation); train_deop never reads embed_text's artifact
+METHOD = Method("deop", DeOPMethod, train_deop, inputs={"proposals": PROPOSALS}, drops=("text",))
