@@ -172,6 +172,18 @@ def test_matcher_and_set_criterion_by_hand():
     aux = crit({**outputs, "aux_outputs": [dict(outputs), dict(outputs)]}, targets)
     assert float(aux["loss"]) == pytest.approx(3 * total, rel=1e-6)
     assert float(aux["loss_ce"]) == pytest.approx(CE, rel=1e-6)
+    # each aux layer is matched on its own: an aux layer with the two queries swapped is matched to
+    # query 1 and costs exactly the final layer's total; reusing the final layer's indices (query 0)
+    # would instead cost CE' + 20 * focal + dice of query 1's original prediction (probabilities
+    # (.2, .1, .7), mask logits 0): CE' = (-ln .1 + .1 * -ln .3) / 1.1, focal .125 ln2 (p = .5
+    # everywhere, alpha_t .25 / .75), dice 1 - (2 * 1 + 1) / (2 + 2 + 1) = .4
+    swapped = {"pred_logits": outputs["pred_logits"][:, [1, 0]], "pred_masks": outputs["pred_masks"][:, [1, 0]]}
+    ((rows, cols),) = HungarianMatcher()(swapped, targets)
+    assert rows.tolist() == [1] and cols.tolist() == [0]
+    aux = crit({**outputs, "aux_outputs": [swapped]}, targets)
+    assert float(aux["loss"]) == pytest.approx(2 * total, rel=1e-6)
+    reused = (-math.log(0.1) - 0.1 * math.log(0.3)) / 1.1 + 20 * 0.125 * LN2 + 0.4
+    assert float(aux["loss"]) != pytest.approx(total + reused, rel=1e-3)
     # predictions at half the target's size are upsampled bilinearly: a constant map stays constant
     small = {"pred_logits": outputs["pred_logits"], "pred_masks": torch.zeros(1, 2, 1, 1)}
     big = [{"labels": torch.tensor([1]), "masks": torch.ones(1, 2, 2, dtype=torch.bool)}]
@@ -449,6 +461,41 @@ def test_proposal_recall_by_hand():
     # no proposals, no segments
     assert segment_max_iou(np.zeros((0, 4, 4), bool), seg["masks"]).tolist() == [0.0, 0.0, 0.0]
     assert np.isnan(RecallCounts.empty().recall()["unseen"][0.3])
+
+
+def test_recall_at_an_iou_of_exactly_the_threshold_and_under_ignored_pixels():
+    """Through zeroseg.evaluation (segment_best_iou, ProposalRecallEvaluator): a proposal whose IoU
+    is exactly 7 / 10 is recalled at t = 0.7 (IoU >= t); ignored (255) pixels under a proposal
+    count for neither side of the IoU."""
+    from zeroseg.evaluation import ProposalRecallEvaluator, segment_best_iou
+
+    # 4 x 4: class 0 (seen) the top two rows (8 pixels), class 1 (unseen) the bottom two
+    label = np.zeros((4, 4), np.uint8)
+    label[2:] = 1
+    p = np.zeros((4, 4), bool)
+    p[:2] = True
+    p[0, 0] = False  # 7 pixels of class 0 ...
+    p[2, :2] = True  # ... + 2 of class 1: class 0 IoU 7 / (8 + 9 - 7) = 7/10; class 1 2 / (8 + 9 - 2)
+    logits = torch.tensor(np.where(p, 5.0, -5.0), dtype=torch.float32)[None]
+    ids, best = segment_best_iou(logits, label)
+    assert ids.tolist() == [0, 1] and best.tolist() == pytest.approx([7 / 10, 2 / 15])
+    # ignored pixels under a proposal: class 0 the top-left 2 x 2, 255 the top-right 2 x 2; the
+    # proposal covers the top two rows: IoU 4 / 4 (it would be 4 / 8 if the ignored pixels counted)
+    label2 = np.full((4, 4), 1, np.uint8)
+    label2[:2, :2], label2[:2, 2:] = 0, 255
+    q = np.zeros((4, 4), bool)
+    q[:2] = True
+    logits2 = torch.tensor(np.where(q, 5.0, -5.0), dtype=torch.float32)[None]
+    ids2, best2 = segment_best_iou(logits2, label2)
+    assert ids2.tolist() == [0, 1] and best2.tolist() == pytest.approx([1.0, 0.0])
+    sets = {"s": {"num_classes": 2, "seen": [0], "unseen": [1], "ignore_index": 255}}
+    ev = ProposalRecallEvaluator(sets, thresholds=(0.7, 0.75))
+    inputs = {"labels": [label, label2], "sets": ["s", "s"], "label_uris": ["a.png", "b.png"]}
+    ev.process(inputs, {"mask_logits": torch.stack([logits, logits2])})
+    r = ev.finalize()["s"]
+    assert r["segments"] == {"seen": 2, "unseen": 2, "all": 4}
+    assert r["recall"]["seen"] == {0.7: 1.0, 0.75: 0.5}  # 7/10 counts at 0.7, not at 0.75; 4/4 at both
+    assert r["recall"]["unseen"] == {0.7: 0.0, 0.75: 0.0}
 
 
 def test_proposal_recall_errors():
