@@ -574,12 +574,12 @@ def test_sample_dag_trains_deop_on_frozen_proposals_and_evaluates(deop_run):
     assert 1 <= len(ckpts) <= 2
     ck = torch.load(ckpts[-1] / "model.pt", map_location="cpu", weights_only=True)
     assert {k.split(".")[0] for k in ck} == learned
-    # the segmenter embeds class names itself and scores [B, C, H/4, W/4]
+    # the segmenter embeds class names itself and scores [B, C, H, W] (mask logits upsampled first)
     text = seg.encode_text(["person", "dog", "sky"])
     assert text.shape == (3, 64) and torch.allclose(text.norm(dim=-1), torch.ones(3))
     with torch.no_grad():
         scores = seg(torch.zeros(1, 3, 128, 128), text)
-    assert scores.shape == (1, 3, 32, 32) and bool((scores >= 0).all()) and bool((scores <= 16).all())
+    assert scores.shape == (1, 3, 128, 128) and bool((scores >= 0).all()) and bool((scores <= 16).all())
     ev = plan.nodes["evaluate"]
     metrics = json.loads((store / "evaluate" / ev.key / "metrics.json").read_text())
     for s in ("val", "camvid"):
