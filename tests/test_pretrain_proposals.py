@@ -363,32 +363,43 @@ def test_the_drivers_model_skips_the_backbone_weights(tmp_path):
 
 
 # -- end to end on the sample data ---------------------------------------------------------------
-SMALL = [
-    "build_splits.train.max_images=24",  # 18 train / 6 val images
-    "build_splits.eval.0.max_images=2",
-    "evaluate.batch_size=2",
-    "pretrain_proposals.train.max_steps=4",
-    "pretrain_proposals.train.checkpoint_every=2",
-    "pretrain_proposals.train.log_every=2",
-    "pretrain_proposals.recall_max_images=4",
-]
+# The stage's run is the session fixture `sample_proposals` (tests/conftest.py): build_splits,
+# embed_text and pretrain_proposals of configs/sample_proposals.yaml, in process, with the
+# overrides the ZegFormer and DeOP sample tests share; those tests find this artifact cached.
+PROPOSAL_STAGES = ("build_splits", "embed_text", "pretrain_proposals")
 
 
-def _run(work, *overrides, data):
+def test_the_sample_configs_plan_one_proposals_artifact(sample_proposals_overrides):
+    """configs/sample_zegformer.yaml and sample_deop.yaml extend sample_proposals.yaml: the same
+    build_splits, embed_text and pretrain_proposals keys, as shipped and with the tests' overrides;
+    the train_classifier section is each method's own (no maskclip key left over)."""
+    configs = ("configs/sample_proposals.yaml", "configs/sample_zegformer.yaml", "configs/sample_deop.yaml")
+    for overrides in ((), sample_proposals_overrides):
+        plans = [_plan(overrides, config=c) for c in configs]
+        keys = [{s: p.keys()[s] for s in PROPOSAL_STAGES} for p in plans]
+        assert keys[1] == keys[0] and keys[2] == keys[0], configs
+    assert [p.nodes["train_classifier"].config.method for p in plans] == ["maskclip", "zegformer", "deop"]
+    assert len({p.keys()["train_classifier"] for p in plans}) == 3
+
+
+def _run(work, *args, overrides, data):
+    """The user's command, in a subprocess (its own interpreter: no Ray unless a stage runs)."""
     import os
     import subprocess
     import sys
 
     cmd = [sys.executable, "pipeline/run.py", "--config", "configs/sample_proposals.yaml", "--work-dir", str(work)]
-    for o in [*SMALL, *overrides]:
+    for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "ZEROSEG_DATA": str(data)}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
-def test_sample_stage_trains_writes_a_loadable_artifact_measures_recall_and_caches(tmp_path, shared_data):
+def test_sample_stage_trains_writes_a_loadable_artifact_measures_recall_and_caches(
+    tmp_path, sample_proposals, sample_proposals_overrides, shared_data
+):
     import json
 
     import mlflow
@@ -396,10 +407,14 @@ def test_sample_stage_trains_writes_a_loadable_artifact_measures_recall_and_cach
     from zeroseg.data.splits import read_classes_json
     from zeroseg.models.proposals import load_proposal_model, read_proposals_json
 
-    first = _run(tmp_path, data=shared_data)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    assert first.stderr == ""
-    assert "recall pass: 4 images of val" in first.stdout and "proposal recall" in first.stdout
+    first = sample_proposals.first
+    # `--stages` the three: the rest of the sample's DAG (maskclip, evaluate) is left out
+    assert {n.name: n.status for n in first.plan} == {s: "ran" for s in PROPOSAL_STAGES} | {
+        "train_classifier": "skipped",
+        "evaluate": "skipped",
+    }
+    assert "recall pass: 4 images of val" in first.output and "proposal recall" in first.output
+    sample_proposals.copy_to(tmp_path)  # the checks below read the copy; the re-run writes there
     [man] = (tmp_path / "store" / "pretrain_proposals").glob("*/manifest.json")
     manifest = json.loads(man.read_text())
     art = man.parent
@@ -475,9 +490,9 @@ def test_sample_stage_trains_writes_a_loadable_artifact_measures_recall_and_cach
     assert all(run.data.metrics[k] == pytest.approx(metrics[k]) for k in present)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2  # log_every 2 over 4 steps
 
-    # the same command again: every stage cached, nothing trained, no Ray started
-    again = _run(tmp_path, data=shared_data)
-    assert again.returncode == 0, again.stdout[-3000:]
+    # the same command again, as a user types it: every stage cached, nothing trained, no Ray started
+    again = _run(tmp_path, "--stages", *PROPOSAL_STAGES, overrides=sample_proposals_overrides, data=shared_data)
+    assert again.returncode == 0 and again.stderr == "", again.stdout[-3000:] + again.stderr[-3000:]
     why = [x for x in again.stdout.splitlines() if " runs: " in x or " run: " in x]
-    assert again.stdout.count(" cached (") == 5 and "running" not in again.stdout, why
+    assert again.stdout.count(" cached (") == 3 and "running" not in again.stdout, why
     assert "ray:" not in again.stdout

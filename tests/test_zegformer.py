@@ -438,25 +438,22 @@ def test_zegformer_benchmark_configs_are_the_papers_settings(
 
 
 # ------------------------------------------------------------------ the sample DAG
-SMALL = [
-    "build_splits.train.max_images=16",
-    "build_splits.eval.0.max_images=2",
-    "pretrain_proposals.train.max_steps=4",
-    "pretrain_proposals.train.checkpoint_every=2",
-    "pretrain_proposals.train.log_every=2",
-    "pretrain_proposals.recall_max_images=2",
-    "evaluate.batch_size=2",
-]
+# build_splits, embed_text and pretrain_proposals come from the session fixture
+# `sample_proposals` (tests/conftest.py: configs/sample_proposals.yaml, which this sample
+# extends, with the overrides the sample tests share): this test copies its store and runs the
+# ZegFormer classifier and evaluate in process.
+DAG = ("build_splits", "embed_text", "pretrain_proposals", "train_classifier", "evaluate")
 
 
-def _run(work, shared_data):
+def _run_again(work, overrides, shared_data):
+    """The user's command, in a subprocess (its own interpreter: no Ray unless a stage runs)."""
     import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "pipeline/run.py", "--config", "configs/sample_zegformer.yaml", "--work-dir", str(work)]
-    for o in SMALL:
+    for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "ZEROSEG_DATA": str(shared_data)}
     env.pop("RAY_ADDRESS", None)
@@ -471,16 +468,21 @@ def _artifact(work, stage):
 
 
 @pytest.mark.slow
-def test_zegformer_sample_dag_reports_three_variants_and_caches(tmp_path, shared_data):
+def test_zegformer_sample_dag_reports_three_variants_and_caches(
+    tmp_path, sample_proposals, sample_proposals_overrides, shared_data
+):
     import json
 
     import numpy as np
 
     from zeroseg.models import load_segmenter
 
-    first = _run(tmp_path, shared_data)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    assert first.stderr == ""
+    first = sample_proposals.run("configs/sample_zegformer.yaml", sample_proposals.copy_to(tmp_path))
+    assert first.code == 0, [n.error for n in first.plan]
+    # the proposals of the sample_proposals config are reused: ZegFormer adds a classifier only
+    assert {n.name: n.status for n in first.plan} == dict(
+        zip(DAG, ["cached", "cached", "cached", "ran", "ran"], strict=True)
+    )
     # the classifier: the proposals' weights under proposals., the seen rows; nothing else
     prop_manifest, prop_dir = _artifact(tmp_path, "pretrain_proposals")
     tc_manifest, tc_dir = _artifact(tmp_path, "train_classifier")
@@ -507,6 +509,6 @@ def test_zegformer_sample_dag_reports_three_variants_and_caches(tmp_path, shared
     cm = np.array(metrics["val"]["gzs3"]["confusion_matrix"])
     assert m["val/pAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum())
     # the same command again: every stage cached, no Ray
-    again = _run(tmp_path, shared_data)
+    again = _run_again(tmp_path, sample_proposals_overrides, shared_data)
     assert again.returncode == 0 and again.stdout.count(" cached (") == 5 and "running" not in again.stdout
     assert "ray:" not in again.stdout
