@@ -26,7 +26,7 @@ BINDINGS = {
 
 def _expected(cfg):
     """ORDER and BINDINGS, with pretrain_proposals (and train_classifier's proposals role) when the
-    config has that stage (the decoupled methods: ZegFormer, DeOP)."""
+    config has that stage (the decoupled methods: ZegFormer, DeOP); DeOP's classifier takes no text."""
     order, bindings = list(ORDER), {k: dict(v) for k, v in BINDINGS.items()}
     if "pretrain_proposals" in cfg.sections:
         order.insert(2, "pretrain_proposals")
@@ -35,8 +35,11 @@ def _expected(cfg):
             "splits": "build_splits",
             **({"text": "embed_text"} if head == "text" else {}),
         }
-        if "proposals" in methods()[cfg.sections["train_classifier"]["method"]].inputs:  # a decoupled method
+        method = cfg.sections["train_classifier"]["method"]
+        if "proposals" in methods()[method].inputs:  # a decoupled method
             bindings["train_classifier"]["proposals"] = "pretrain_proposals"
+        if method == "deop":  # DeOP classifies with its own learned anchors: no text input
+            del bindings["train_classifier"]["text"]
     return order, bindings
 
 
