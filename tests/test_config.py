@@ -169,7 +169,9 @@ def test_discriminated_union_errors_name_the_method_and_nested_keys(tmp_path):
 def test_discriminated_union_missing_method_lists_the_methods(tmp_path):
     from stages.train_classifier import config_schema
 
-    with pytest.raises(ConfigError, match=r"train_classifier.method is required \(one of: deop, maskclip, zegclip, zegformer\)"):
+    with pytest.raises(
+        ConfigError, match=r"train_classifier.method is required \(one of: deop, maskclip, zegclip, zegformer\)"
+    ):
         validate_section("train_classifier", config_schema(), {"clip": _TINY_CLIP}, tmp_path / "c.yaml")
 
 
