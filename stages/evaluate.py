@@ -201,7 +201,7 @@ class SegmenterPredictor:
         prompt_names: ``{set: [prompt name per class]}`` for a segmenter that ``encodes_text``
             (its ``encode_text`` replaces the embeddings files), else None.
 
-    ``load(batch)``: ``{"images": [uint8 [H, W, 3]], "labels": [uint8 [H, W]], "label_uris",
+    ``load(batch)``: ``{"images": [uint8 [H, W, 3]], "labels": [uint8 or uint16 (more than 255 classes) [H, W]], "label_uris",
     "sets"}``; ``__call__(inputs)``: the ``zeroseg.evaluation`` outputs (scores per set group: a
     batch tensor under ``resize``, a list of per-image tensors under ``slide`` / ``short_side``
     and whenever an activation is applied at the input; ``{variant: ...}`` for a segmenter with
