@@ -184,9 +184,13 @@ class RunSection(BaseModel):
         return self.store or str(Path(self.work_dir, "store"))
 
     def mlflow_uri(self) -> str:
-        """The tracking URI: ``tracking_uri``, else ``sqlite:///<work_dir>/mlflow.db`` (absolute)."""
+        """The tracking URI: ``tracking_uri``, else MLflow's ``MLFLOW_TRACKING_URI`` (a cluster's
+        tracking server, set for every job; docs/cluster.md), else
+        ``sqlite:///<work_dir>/mlflow.db`` (absolute)."""
         if self.tracking_uri:
             return self.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
         return "sqlite:///" + str(Path(self.work_dir, "mlflow.db").resolve())
 
 
@@ -222,6 +226,18 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"config file {str(p)!r} does not exist (configs live in configs/*.yaml)")
     raw = _read_yaml(p)
     raw = _resolve_extends(p, raw, seen=(p.resolve(),))
+    return config_from_raw(p, raw, overrides)
+
+
+def config_from_raw(path: str | os.PathLike, raw: dict[str, Any], overrides: list[str] | None = None) -> LoadedConfig:
+    """A :class:`LoadedConfig` from an already read mapping (``extends`` resolved): applies the
+    ``a.b=c`` overrides and ``${ENV:-default}``, validates ``run`` (a sweep trial rebuilds its
+    config this way, on whichever node it runs). ``raw`` is modified in place.
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    p = Path(path)
     for ov in overrides or []:
         apply_override(raw, ov)
     raw = _interpolate(raw)
@@ -459,6 +475,7 @@ __all__ = [
     "RunSection",
     "Runtime",
     "apply_override",
+    "config_from_raw",
     "canonical_json",
     "digest",
     "explain",

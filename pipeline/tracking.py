@@ -58,6 +58,50 @@ def _mlflow():
     return mlflow
 
 
+#: The params every run of an invocation carries (:func:`headline_params`), so MLflow's compare
+#: view and ``zeroseg compare`` line up a stage's metrics with what produced them.
+HEADLINE = ("method", "clip_model", "clip_weights", "split", "seed")
+
+
+def headline_params(hashed: Mapping[str, Any]) -> dict[str, str]:
+    """The resolved config's headline as flat params, from the stages' hashed configs.
+
+    Args:
+        hashed: ``{stage: hashed config}`` (a plan's ``components["config"]`` per node).
+
+    Returns:
+        ``{"method": .., "clip_model": .., "clip_weights": .., "split": .., "seed": ..}`` with the
+        entries the config has: ``method`` from the first stage that names one, the CLIP
+        architecture (without its config digest) and weights identity from the first stage
+        that takes ``clip``, ``split`` as compact JSON of the set fields of ``build_splits.split``,
+        and ``seed``: the one value when every ``seed`` / ``train.seed`` agrees, else
+        ``stage.seed=v`` pairs.
+    """
+    out: dict[str, str] = {}
+    seeds: dict[str, Any] = {}
+    for stage, cfg in hashed.items():
+        if not isinstance(cfg, Mapping):
+            continue
+        if "method" in cfg and "method" not in out:
+            out["method"] = str(cfg["method"])
+        clip = cfg.get("clip")
+        if isinstance(clip, Mapping) and "clip_model" not in out and "model" in clip:
+            out["clip_model"] = str(clip["model"]).split(";", 1)[0]
+            out["clip_weights"] = str(clip.get("weights"))
+        split = cfg.get("split")
+        if isinstance(split, Mapping) and "split" not in out:
+            out["split"] = json.dumps({k: v for k, v in split.items() if v is not None}, separators=(",", ":"))
+        if "seed" in cfg:
+            seeds[f"{stage}.seed"] = cfg["seed"]
+        train = cfg.get("train")
+        if isinstance(train, Mapping) and "seed" in train:
+            seeds[f"{stage}.train.seed"] = train["seed"]
+    if seeds:
+        values = set(map(str, seeds.values()))
+        out["seed"] = values.pop() if len(values) == 1 else ",".join(f"{k}={v}" for k, v in seeds.items())
+    return {k: _clip(v) for k, v in out.items()}
+
+
 def artifact_root_for(tracking_uri: str) -> str | None:
     """Where runs' artifacts go for a tracking store: ``<dir of the sqlite file>/mlartifacts``
     for ``sqlite:///`` (absolute), None (the server's own default) otherwise."""
@@ -194,7 +238,13 @@ def _resumable_run(stage: str, key: str) -> str | None:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, key: str, hashed: Any, runtime: Mapping[str, Any] | None = None, *, resume: bool = False
+    stage: str,
+    key: str,
+    hashed: Any,
+    runtime: Mapping[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    headline: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """A nested run for one stage under the active parent; yields its run id.
 
@@ -203,6 +253,8 @@ def stage_run(
         runtime: runtime settings (logged as ``runtime.<key>`` tags).
         resume: continue the unfinished run of an earlier attempt at the same key, if any
             (re-parented under the current invocation).
+        headline: the invocation's :func:`headline_params`, logged as params too (where the
+            stage's own config has no key of that name), so e.g. evaluate's run names the method.
     """
     mlflow = _mlflow()
     parent = mlflow.active_run()
@@ -223,8 +275,15 @@ def stage_run(
         ctx = mlflow.start_run(run_name=stage, nested=True)
     with ctx as run:
         mlflow.set_tags(tags)
-        log_params(hashed, run.info.run_id)
+        log_params(_with_headline(hashed, headline), run.info.run_id)
         yield run.info.run_id
+
+
+def _with_headline(hashed: Any, headline: Mapping[str, str] | None) -> Any:
+    """``hashed`` plus the headline params it does not already name."""
+    if not headline or not isinstance(hashed, Mapping):
+        return hashed
+    return {**{k: v for k, v in headline.items() if k not in hashed}, **hashed}
 
 
 def log_params(config: Any, run_id: str | None = None, prefix: str = "") -> None:
@@ -331,6 +390,9 @@ class Invocation:
         params: ``{prefix: config}`` logged flattened as the parent's params (``<stage>.<key>``).
         journal_dir: where an invocation that never opens MLflow leaves its records.
         start_time: epoch seconds the invocation started (the parent run's start).
+        headline: :func:`headline_params` of the config: params of the parent run and of every
+            stage run. ``tags`` may hold ``mlflow.parentRunId`` (a sweep trial's invocation is
+            nested under the sweep's run).
     """
 
     def __init__(
@@ -342,11 +404,14 @@ class Invocation:
         params: dict[str, Any],
         journal_dir: Path,
         start_time: float,
+        headline: Mapping[str, str] | None = None,
     ):
         self.tracking_uri, self.experiment, self.name, self.tags = tracking_uri, experiment, name, tags
+        self.headline = dict(headline or {})
         self.params, self.journal_dir, self.start_time = params, Path(journal_dir), start_time
         self.cached_runs: list[dict[str, Any]] = []
         self.reaped = 0
+        self.run_id: str | None = None  # the parent run, once opened
         self._parent: contextlib.ExitStack | None = None
 
     @property
@@ -362,7 +427,8 @@ class Invocation:
         exp = setup(self.tracking_uri, self.experiment)
         self.reaped = reap_dead_runs(exp)
         self._parent = contextlib.ExitStack()
-        self._parent.enter_context(parent_run(self.name, self.tags, self.start_time))
+        self.run_id = self._parent.enter_context(parent_run(self.name, self.tags, self.start_time))
+        log_params(self.headline)
         for prefix, cfg in self.params.items():
             log_params(cfg, prefix=prefix)
         for rec in self.cached_runs:
@@ -386,6 +452,7 @@ class Invocation:
             "tags": tags,
             "metrics": metrics,
             "time": time.time(),
+            "headline": self.headline,
         }
         self.cached_runs.append(rec)
         if self.opened:
@@ -393,7 +460,7 @@ class Invocation:
 
     @staticmethod
     def _log_cached(rec: dict[str, Any]) -> None:
-        with stage_run(rec["stage"], rec["key"], rec["hashed"], rec["runtime"]):
+        with stage_run(rec["stage"], rec["key"], rec["hashed"], rec["runtime"], headline=rec.get("headline")):
             set_tags({"status": "cached", **rec["tags"]})
             log_metrics(rec["metrics"])
 
@@ -401,7 +468,7 @@ class Invocation:
     def stage(self, stage: str, key: str, hashed: Any, runtime: Mapping[str, Any]) -> Iterator[str]:
         """The nested run of a stage that runs (continuing an interrupted attempt's run)."""
         self.open()
-        with stage_run(stage, key, hashed, runtime, resume=True) as run_id:
+        with stage_run(stage, key, hashed, runtime, resume=True, headline=self.headline) as run_id:
             yield run_id
 
     def finish(self, stage_tags: dict[str, str], metrics: dict[str, Any], failed: bool) -> None:
@@ -420,6 +487,7 @@ class Invocation:
             "name": self.name,
             "tags": {**self.tags, **stage_tags, **({"status": "failed"} if failed else {})},
             "params": self.params,
+            "headline": self.headline,
             "metrics": metrics,
             "start_time": self.start_time,
             "end_time": time.time(),
@@ -472,7 +540,12 @@ def _log_journal(rec: dict[str, Any], tracking_uri: str) -> None:
     )
     pid = parent.info.run_id
     params = {
-        _metric_key(f"{prefix}{k}"): _clip(v) for prefix, cfg in rec["params"].items() for k, v in flatten(cfg).items()
+        **rec.get("headline", {}),
+        **{
+            _metric_key(f"{prefix}{k}"): _clip(v)
+            for prefix, cfg in rec["params"].items()
+            for k, v in flatten(cfg).items()
+        },
     }
     _batch(client, pid, params=params, metrics=rec["metrics"], ts=rec["end_time"])
     for c in rec["cached"]:
@@ -488,7 +561,9 @@ def _log_journal(rec: dict[str, Any], tracking_uri: str) -> None:
         _batch(
             client,
             run.info.run_id,
-            params={_metric_key(k): _clip(v) for k, v in flatten(c["hashed"]).items()},
+            params={
+                _metric_key(k): _clip(v) for k, v in flatten(_with_headline(c["hashed"], c.get("headline"))).items()
+            },
             metrics=c["metrics"],
             ts=c["time"],
         )
@@ -531,7 +606,9 @@ if __name__ == "__main__":  # python -m pipeline.tracking flush <journal dir> <t
 
 
 __all__ = [
+    "HEADLINE",
     "Invocation",
+    "headline_params",
     "flush_journal",
     "artifact_root_for",
     "log_artifact",

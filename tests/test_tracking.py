@@ -110,3 +110,45 @@ def test_an_invocation_that_runs_nothing_journals_its_records_and_a_flush_logs_t
     assert child.data.tags["produced_by_run"] == "abc" and child.data.tags["runtime.batch_size"] == "2"
     assert child.data.params == {"gamma": "0.5"} and child.data.metrics == {"val/hIoU": 12.5}
     assert tracking.flush_journal(tmp_path / "journal", uri) == 0  # nothing logged twice
+
+
+def test_headline_params_name_method_clip_split_and_seed():
+    hashed = {
+        "build_splits": {"split": {"rule": "names", "builtin": None, "unseen": ["cow", "cat"]}, "seed": 0},
+        "embed_text": {"clip": {"model": "ViT-B-16;config-sha256:abc", "weights": "openai"}},
+        "train_classifier": {"method": "zegclip", "clip": {"model": "other", "weights": "x"}, "train": {"seed": 3}},
+        "evaluate": {"gamma": 0.1},
+    }
+    assert tracking.headline_params(hashed) == {
+        "method": "zegclip",
+        "clip_model": "ViT-B-16",  # the first stage that takes clip; the digest dropped
+        "clip_weights": "openai",
+        "split": '{"rule":"names","unseen":["cow","cat"]}',
+        "seed": "build_splits.seed=0,train_classifier.train.seed=3",
+    }
+    hashed["train_classifier"]["train"]["seed"] = 0
+    assert tracking.headline_params(hashed)["seed"] == "0"
+
+
+def test_every_run_of_an_invocation_carries_the_headline(store, tmp_path):
+    uri, exp = store
+    inv = tracking.Invocation(
+        uri,
+        "t",
+        "inv",
+        {},
+        {"evaluate.": {"gamma": 0.1}},
+        tmp_path / "journal",
+        0.0,
+        {"method": "maskclip", "seed": "0"},
+    )
+    inv.open()
+    with inv.stage("evaluate", "k" * 64, {"gamma": 0.1}, {}):
+        pass
+    inv.finish({}, {"evaluate/val/hIoU": 12.5}, failed=False)
+    client = mlflow.tracking.MlflowClient()
+    parent = client.get_run(inv.run_id)
+    assert parent.data.params["method"] == "maskclip" and parent.data.params["evaluate.gamma"] == "0.1"
+    assert parent.data.metrics["evaluate/val/hIoU"] == 12.5
+    (child,) = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{inv.run_id}'")
+    assert child.data.params == {"method": "maskclip", "seed": "0", "gamma": "0.1"}
