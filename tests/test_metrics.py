@@ -269,3 +269,17 @@ def test_segmenters_declare_their_score_kind():
     from zeroseg.models.zegclip import ZegCLIP
 
     assert ZegCLIP.scores_are_probabilities and not MaskCLIP.scores_are_probabilities
+
+
+def test_per_class_plot_of_171_classes_is_drawn_horizontally(tmp_path):
+    from PIL import Image
+
+    from zeroseg.plots import plot_per_class_iou
+
+    iou = np.linspace(0.0, 85.0, 171)
+    iou[5] = np.nan  # absent: drawn last
+    names = [f"c{i}" for i in range(171)]
+    out = plot_per_class_iou(iou, names, range(156), range(156, 171), tmp_path / "iou.png", title="171")
+    w, h = Image.open(out).size
+    # 171 rows at 0.16 in + 1.5 in of margins, 100 dpi: about 2886 px tall and 800 wide
+    assert (w, h) == (800, int((0.16 * 171 + 1.5) * 100))

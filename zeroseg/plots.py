@@ -14,6 +14,8 @@ import numpy as np
 SEEN_COLOUR = "#4C72B0"
 UNSEEN_COLOUR = "#DD8452"
 OTHER_COLOUR = "#8C8C8C"
+#: Above this many classes the per-class chart is drawn as sorted horizontal bars.
+VERTICAL_MAX = 60
 
 
 def plot_per_class_iou(
@@ -26,6 +28,10 @@ def plot_per_class_iou(
     summary: dict[str, float] | None = None,
 ) -> Path:
     """Bar chart of per-class IoU (percent), seen and unseen classes coloured apart, as a PNG.
+
+    Up to :data:`VERTICAL_MAX` classes: vertical bars in class-id order. More (COCO-Stuff's 171,
+    ADE20k-Full's 847): horizontal bars sorted by IoU (best on top, absent classes last), the
+    figure as tall as the class count needs, so every name stays legible.
 
     Args:
         iou: ``[C]`` per-class IoU in percent; NaN (class absent from ground truth and
@@ -56,16 +62,30 @@ def plot_per_class_iou(
     heights = np.where(np.isfinite(values), values, 0.0)
     labels = [f"{n} (absent)" if not math.isfinite(v) else str(n) for n, v in zip(names, values)]
 
-    fig = Figure(figsize=(max(6.0, 0.22 * c + 1.5), 4.5), dpi=100)
+    horizontal = c > VERTICAL_MAX
+    if horizontal:
+        fig = Figure(figsize=(8.0, 0.16 * c + 1.5), dpi=100)
+    else:
+        fig = Figure(figsize=(max(6.0, 0.22 * c + 1.5), 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    x = np.arange(c)
-    ax.bar(x, heights, color=colours, width=0.8)
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, rotation=90, fontsize=8 if c <= 60 else 6)
-    ax.set_xlim(-0.6, c - 0.4)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("IoU (%)")
+    if horizontal:
+        order = sorted(range(c), key=lambda i: (not math.isfinite(values[i]), -heights[i]))
+        y = np.arange(c)
+        ax.barh(y, heights[order], color=[colours[i] for i in order], height=0.8)
+        ax.set_yticks(y)
+        ax.set_yticklabels([labels[i] for i in order], fontsize=6)
+        ax.set_ylim(c - 0.4, -0.6)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("IoU (%)")
+    else:
+        x = np.arange(c)
+        ax.bar(x, heights, color=colours, width=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=90, fontsize=8)
+        ax.set_xlim(-0.6, c - 0.4)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("IoU (%)")
     handles = [
         Patch(color=SEEN_COLOUR, label=f"seen ({len(seen)})"),
         Patch(color=UNSEEN_COLOUR, label=f"unseen ({len(unseen)})"),
@@ -77,7 +97,7 @@ def plot_per_class_iou(
         for key, colour in (("mIoU_seen", SEEN_COLOUR), ("mIoU_unseen", UNSEEN_COLOUR)):
             v = summary.get(key)
             if v is not None and math.isfinite(v):
-                ax.axhline(v, color=colour, linestyle="--", linewidth=1)
+                (ax.axvline if horizontal else ax.axhline)(v, color=colour, linestyle="--", linewidth=1)
         parts = [
             f"{k} {summary[k]:.1f}"
             for k in ("mIoU_seen", "mIoU_unseen", "hIoU")
