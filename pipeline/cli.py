@@ -1,4 +1,6 @@
-"""The command line: ``zeroseg run`` (the DAG of a config) and ``zeroseg gc`` (store housekeeping).
+"""The command line: ``zeroseg run`` (the DAG of a config), ``zeroseg gc`` (store housekeeping),
+``zeroseg sweep`` (Ray Tune, :mod:`pipeline.sweep`) and ``zeroseg compare`` (MLflow runs,
+:mod:`pipeline.compare`).
 
 ``python pipeline/run.py --config ...`` is ``zeroseg run --config ...`` (what ``ray job submit``
 runs). The stages come from the project's stage catalogue, named by :data:`STAGES_ENTRY`
@@ -25,7 +27,7 @@ from rich.text import Text
 
 from pipeline.config import LoadedConfig, load_config
 from pipeline.console import Console, library_output_to, setup_logging
-from pipeline.errors import find_user_error, is_user_error
+from pipeline.errors import PipelineError, find_user_error, is_user_error
 from pipeline.plan import Plan, Selection, plan
 
 #: Where the stage list lives: ``module:attribute`` (a list of ``pipeline.dag.Stage`` classes).
@@ -103,6 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="also keep every artifact this config's plan references (repeatable)",
     )
     g.add_argument("--delete", action="store_true", help="remove what is listed (default: only list)")
+    s = sub.add_parser(
+        "sweep",
+        help="a Ray Tune sweep over config keys (configs/sweeps/*.yaml)",
+        description="Run (or continue) a Ray Tune sweep: the shared upstream once, one trial per "
+        "sampled configuration (and seed), nested MLflow runs, mean +- std over seeds.",
+    )
+    _common(s)
+    s.add_argument("--sweep", required=True, help="sweep file, e.g. configs/sweeps/zegformer_gamma_lambda.yaml")
+    c = sub.add_parser(
+        "compare",
+        help="a table and an HTML report of MLflow runs",
+        description="Compare invocations (parent runs) of an MLflow experiment: method, key params, "
+        "mIoU seen/unseen, hIoU, pAcc, FPS, mean +- std over seeds; writes an HTML report with PNG "
+        "plots and logs it as an artifact.",
+    )
+    c.add_argument("--config", help="a config whose run section names the tracking store and experiment")
+    c.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, else sqlite in ./work)")
+    c.add_argument("--experiment", help="experiment name (default: the config's)")
+    c.add_argument("--runs", nargs="+", metavar="RUN_ID", help="only these runs (parent or sweep runs)")
+    c.add_argument("--metric", default="hIoU", help="the metric to rank by (default hIoU)")
+    c.add_argument("--eval-set", help="the evaluate set (default: val, else the first set the runs report)")
+    c.add_argument("--out", help="report directory (default <work_dir>/reports/compare-<time>)")
+    c.add_argument("--top", type=int, default=3, help="runs whose per-class unseen IoU is plotted (default 3)")
+    c.add_argument("--verbose", action="store_true", help="also show MLflow's own logs")
     g.add_argument(
         "--grace",
         type=float,
@@ -155,6 +181,31 @@ def init_ray(cfg: LoadedConfig, console: Console, verbose: bool) -> bool:
     res = ray.cluster_resources()
     console.line(f"ray: {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs")
     return True
+
+
+def check_store_reachable(store_uri: str) -> None:
+    """Refuse a plain local-path store on a cluster of more than one node.
+
+    A plain path (``work/store``) names a folder of *this* machine: a stage that runs on another
+    node would write its artifact (and Ray Train its checkpoints) on that node's disk, where no
+    other node finds it. ``file://<path>`` says the path is shared storage that every node
+    mounts; ``s3://`` / ``gs://`` are reachable from everywhere.
+
+    Raises:
+        PipelineError: the store is a plain local path and Ray has more than one alive node.
+    """
+    import ray
+
+    if "://" in store_uri or not ray.is_initialized():
+        return
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
+        raise PipelineError(
+            f"the artifact store {store_uri!r} is a local path, but this Ray cluster has {len(alive)} nodes: "
+            "stages and trials placed on other nodes would write to their own disks and never see each "
+            "other's artifacts or checkpoints. Use shared storage every node reaches: --store file:///<path "
+            "mounted on every node (NFS)> or --store s3://<bucket>/<prefix> (see docs/cluster.md)"
+        )
 
 
 def print_plan(console: Console, p: Plan, store_uri: str) -> None:
@@ -253,6 +304,7 @@ def _run(
         {f"{n.name}.": n.components.get("config", {}) for n in p},
         work_dir / "tracking-journal",
         t_start,
+        tracking.headline_params({n.name: n.components.get("config", {}) for n in p}),
     )
     if any(n.action == "run" for n in p):
         tracker.open()  # MLflow now: not after a stage has already started
@@ -265,7 +317,10 @@ def _run(
             console,
             work_dir=work_dir.resolve(),
             tracker=tracker,
-            start_cluster=lambda: started.append(init_ray(cfg, console, args.verbose)),
+            start_cluster=lambda: (
+                started.append(init_ray(cfg, console, args.verbose)),
+                check_store_reachable(cfg.run.store_uri()),
+            ),
         )
     finally:
         tracker.finish(
@@ -292,6 +347,51 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
     if args.store:
         cfg.run.store = args.store
     return cfg
+
+
+# =============================================================================================
+# sweep
+# =============================================================================================
+def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | None = None) -> int:
+    """``zeroseg sweep`` (see :mod:`pipeline.sweep`): 0 every trial finished, 1 some failed."""
+    from pipeline.sweep import format_results, load_sweep, run_sweep
+
+    t_start = time.time()
+    cfg = _load(args)
+    sw = load_sweep(args.sweep)
+    log_file = Path(cfg.run.work_dir) / "logs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    setup_logging(log_file, args.verbose)
+    started: list[bool] = []
+
+    def init_cluster(store_uri: str) -> None:
+        started.append(init_ray(cfg, console, args.verbose))
+        check_store_reachable(store_uri)
+
+    with library_output_to(log_file, not args.verbose):
+        try:
+            out = run_sweep(
+                cfg,
+                sw,
+                console,
+                catalog=catalog or load_catalog(),
+                init_cluster=init_cluster,
+                sweep_path=str(args.sweep),
+            )
+        finally:
+            if any(started):
+                sys.modules["ray"].shutdown()
+    console.print(format_results(sw, out.results))
+    for r in out.rows:
+        if r["status"] == "error":
+            console.line(f"trial {r['trial_id']} {r['params']} seed {r['seed']}: {r['error']}", "error")
+    unfinished = sum(r["status"] == "unfinished" for r in out.rows)
+    if unfinished:
+        console.line(f"interrupted: {unfinished} trial(s) unfinished; run the same command again to continue", "warn")
+    from pipeline import tracking
+
+    console.line(f"MLflow: sweep run {out.sweep_run_id}; {tracking.ui_command(cfg.run.mlflow_uri())}")
+    console.line(f"total wall time {time.time() - t_start:.1f} s")
+    return 0 if out.ok else 130 if unfinished else 1
 
 
 # =============================================================================================
@@ -338,6 +438,12 @@ def main(argv: Sequence[str] | None = None, catalog: Catalog | None = None) -> i
     try:
         if args.command == "run":
             return cmd_run(args, console, catalog)[0]
+        if args.command == "sweep":
+            return cmd_sweep(args, console, catalog)
+        if args.command == "compare":
+            from pipeline.compare import cmd_compare
+
+            return cmd_compare(args, console)
         return cmd_gc(args, console, catalog)
     except KeyboardInterrupt:
         console.line("interrupted", "error")
@@ -353,7 +459,7 @@ def main(argv: Sequence[str] | None = None, catalog: Catalog | None = None) -> i
 def run_main(argv: Sequence[str] | None = None) -> int:
     """``python pipeline/run.py ARGS`` = ``zeroseg run ARGS`` (the ``ray job submit`` entry)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "gc", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "gc", "sweep", "compare", "-h", "--help"):
         argv = ["run", *argv]
     return main(argv)
 
@@ -364,6 +470,8 @@ __all__ = [
     "build_parser",
     "cmd_gc",
     "cmd_run",
+    "cmd_sweep",
+    "check_store_reachable",
     "init_ray",
     "load_catalog",
     "main",

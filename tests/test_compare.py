@@ -1,0 +1,56 @@
+"""zeroseg compare's grouping over seeds and its per-class plot for large vocabularies (no runs
+needed: hand-made rows as mlflow.search_runs returns them)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.compare import fmt, plot_class_bars, table
+
+
+def _runs():
+    base = {"params.method": "zegclip", "params.clip_model": "ViT-B-16", "params.split": "voc"}
+    rows = []
+    for i, (lr, seed, h, fps) in enumerate(
+        [("1e-4", "0", 40.0, 10.0), ("1e-4", "1", 44.0, 12.0), ("1e-5", "0", 30.0, 11.0)]
+    ):
+        rows.append(
+            {
+                "run_id": f"r{i}",
+                **base,
+                "params.train_classifier.train.lr": lr,
+                "params.seed": seed,
+                "params.train_classifier.train.seed": seed,
+                "metrics.evaluate/val/hIoU": h,
+                "metrics.evaluate/val/mIoU_seen": 2 * h,
+                "metrics.evaluate/val/mIoU_unseen": h / 2,
+                "metrics.evaluate/val/pAcc": 90.0,
+                "metrics.evaluate/fps": fps,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_runs_that_differ_only_in_the_seed_are_one_configuration():
+    rows = table(_runs(), "val", "hIoU")
+    assert [r["n"] for r in rows] == [2, 1]
+    best = rows[0]
+    assert best["params"]["train_classifier.train.lr"] == "1e-4" and best["runs"] == ["r0", "r1"]
+    # by hand: mean 42, sample std sqrt(((40-42)^2 + (44-42)^2) / 1) = sqrt(8)
+    assert best["hIoU"] == pytest.approx((42.0, math.sqrt(8)))
+    assert best["fps"] == pytest.approx((11.0, math.sqrt(2)))
+    assert fmt(best["hIoU"]) == "42.00 ± 2.83" and fmt(rows[1]["hIoU"]) == "30.00"
+    assert "seed" not in best["params"]
+
+
+def test_per_class_bars_show_the_top_and_bottom_of_171_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"class{i:03d}" for i in range(171)]
+    a = dict(zip(names, rng.uniform(0, 100, 171)))
+    b = dict(zip(names, rng.uniform(0, 100, 171)))
+    path, drawn = plot_class_bars({"best": a, "second": b}, tmp_path / "bars.png", "unseen", max_classes=40)
+    order = sorted(names, key=lambda n: -a[n])  # by the first run, best first
+    assert drawn == order[:20] + order[-20:]
+    assert path.stat().st_size > 10_000

@@ -1,0 +1,411 @@
+"""Ray Tune sweeps (pipeline/sweep.py): the sweep file, the shared prefix, aggregation over seeds,
+and a real 4-trial ASHA sweep of the sample (evaluate-only: gamma) that is interrupted after a
+trial and continued."""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.sweep import ConfigResult, aggregate, load_sweep, probe_overrides, shared_nodes
+
+REPO = Path(__file__).resolve().parent.parent
+#: the sample cut down as the other sample tests do (12 training images, 2 CamVid frames)
+SAMPLE_OVERRIDES = ["build_splits.train.max_images=12", "build_splits.eval.0.max_images=2", "evaluate.batch_size=2"]
+
+
+def _write(tmp_path, text: str) -> Path:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_sweep_file_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep\.schedular.*did you mean sweep\.scheduler"):
+        load_sweep(_write(tmp_path, "name: a\nspace: {evaluate.gamma: {grid: [0.1]}}\nschedular: none\n"))
+    with pytest.raises(ConfigError, match="loguniform: low must be > 0"):
+        load_sweep(_write(tmp_path, "name: a\nspace: {train_classifier.train.lr: {loguniform: [0, 1]}}\n"))
+    with pytest.raises(ConfigError, match="exactly one of grid, choice, uniform, loguniform"):
+        load_sweep(_write(tmp_path, "name: a\nspace: {evaluate.gamma: {grid: [0.1], choice: [0.2]}}\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_sweep(tmp_path / "nope.yaml")
+
+
+def test_shipped_sweep_files_load():
+    names = sorted(p.name for p in (REPO / "configs" / "sweeps").glob("*.yaml"))
+    assert names == ["sample_gamma.yaml", "zegclip_prompt_lr.yaml", "zegformer_gamma_lambda.yaml"]
+    for n in names:
+        sw = load_sweep(REPO / "configs" / "sweeps" / n)
+        assert sw.target == f"evaluate/{sw.eval_set}/hIoU"
+
+
+def _plans(config: str, sweep_text: str, tmp_path, extra=()):
+    from pipeline.cli import load_catalog
+    from pipeline.config import load_config
+    from pipeline.plan import plan
+
+    cat = load_catalog()
+    sw = load_sweep(_write(tmp_path, sweep_text))
+    base = plan(load_config(REPO / config, [*SAMPLE_OVERRIDES, *extra]), cat.stages, checks=False)
+    probes = [
+        plan(load_config(REPO / config, [*SAMPLE_OVERRIDES, *extra, *ovs]), cat.stages, checks=False)
+        for ovs in probe_overrides(sw)
+    ]
+    return shared_nodes([base, *probes])
+
+
+@pytest.mark.parametrize(
+    "sweep, config, shared",
+    [
+        (
+            "zegformer_gamma_lambda",
+            "configs/sample_zegformer.yaml",
+            ["build_splits", "embed_text", "pretrain_proposals"],
+        ),
+        ("zegclip_prompt_lr", "configs/sample_zegclip.yaml", ["build_splits", "embed_text"]),
+    ],
+)
+def test_shipped_sweeps_plan_against_their_methods(sweep, config, shared, tmp_path):
+    # the sample configs of the same methods: every searched key exists, and what runs once
+    text = (REPO / "configs" / "sweeps" / f"{sweep}.yaml").read_text()
+    sw = load_sweep(_write(tmp_path, text))
+    assert _plans(config, text, tmp_path, extra=sw.set) == shared
+
+
+def test_the_shared_prefix_is_what_no_searched_value_rekeys(tmp_path):
+    # gamma is read by evaluate only: everything before it is shared by every trial
+    assert _plans("configs/sample.yaml", "name: a\nspace: {evaluate.gamma: {uniform: [0, 0.5]}}\n", tmp_path) == [
+        "build_splits",
+        "embed_text",
+        "train_classifier",
+    ]
+    # the templates re-key embed_text and, through its key, everything after it
+    text = "name: a\nspace: {embed_text.templates: {choice: [single, ensemble15]}}\n"
+    assert _plans("configs/sample.yaml", text, tmp_path) == ["build_splits"]
+    # a seed of the splits: nothing is shared
+    text = "name: a\nspace: {evaluate.gamma: {grid: [0.1]}}\nseeds: [0, 1]\nseed_key: build_splits.seed\n"
+    assert _plans("configs/sample.yaml", text, tmp_path) == []
+
+
+def test_seeds_aggregate_into_mean_and_sample_std():
+    rows = [
+        {"trial_id": "a", "params": {"g": 0.1}, "seed": 0, "metrics": {"m": 10.0}},
+        {"trial_id": "b", "params": {"g": 0.1}, "seed": 1, "metrics": {"m": 14.0}},
+        {"trial_id": "c", "params": {"g": 0.1}, "seed": 2, "metrics": {"m": 12.0}},
+        {"trial_id": "d", "params": {"g": 0.2}, "seed": 0, "metrics": {"m": 20.0}},
+        {"trial_id": "e", "params": {"g": 0.2}, "seed": 1, "metrics": {}},  # errored: left out
+    ]
+    best, other = aggregate(rows, "m", "max")
+    assert best.params == {"g": 0.2} and best.values == [20.0] and math.isnan(best.std)
+    # by hand: mean 12, sample variance ((-2)^2 + 2^2 + 0) / 2 = 4, std 2
+    assert (other.mean, other.std, other.seeds, other.trials) == (12.0, 2.0, [0, 1, 2], ["a", "b", "c"])
+    assert [g.params for g in aggregate(rows, "m", "min")] == [{"g": 0.1}, {"g": 0.2}]
+    assert isinstance(best, ConfigResult)
+
+
+def _sweep_cli(work: Path, sweep: str, *extra: str, interrupt: bool = False, env=None) -> tuple[int, str]:
+    """``python pipeline/run.py sweep`` (the ``ray job submit`` entry) on the cut-down sample, in
+    a subprocess with its own embedded Ray cluster; with ``interrupt``, a SIGINT (Ctrl-C) as soon
+    as the first trial has completed."""
+    cmd = [
+        sys.executable,
+        str(REPO / "pipeline" / "run.py"),
+        "sweep",
+        "--config",
+        str(REPO / "configs" / "sample.yaml"),
+    ]
+    cmd += ["--sweep", sweep, "--work-dir", str(work), *extra]
+    for o in SAMPLE_OVERRIDES:
+        cmd += ["--set", o]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if interrupt and re.match(r"\s+trial \S+ .*: evaluate/val/hIoU", line):
+            proc.send_signal(signal.SIGINT)  # Tune saves the experiment and stops
+            interrupt = False
+    return proc.wait(timeout=600), "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def sample_sweep(tmp_path_factory, shared_data):
+    """The 4-trial ASHA sweep of configs/sweeps/sample_gamma.yaml on the sample, interrupted
+    (Ctrl-C) once its first trial has completed, then run again: ``(work, first, second)`` with
+    each invocation's (exit status, output, finished trial ids in MLflow)."""
+    work = tmp_path_factory.mktemp("sweep")
+    sweep = str(REPO / "configs" / "sweeps" / "sample_gamma.yaml")
+    outs = []
+    for interrupt in (True, False):
+        code, out = _sweep_cli(work, sweep, interrupt=interrupt)
+        runs = _runs(work)
+        trials = runs[runs["tags.zeroseg.trial_id"].notna() & (runs["status"] == "FINISHED")]
+        outs.append((code, out, set(trials["tags.zeroseg.trial_id"])))
+    return work, outs
+
+
+def _runs(work: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    return mlflow.search_runs(search_all_experiments=True)
+
+
+def test_sample_sweep_runs_the_shared_upstream_once_and_resumes(sample_sweep):
+    work, ((code1, out1, done_first), (code2, out2, done)) = sample_sweep
+    assert code1 == 130 and "interrupted" in out1, out1[-3000:]
+    assert 1 <= len(done_first) < 4
+    assert code2 == 0 and "continuing the experiment" in out2, out2[-3000:]
+    summary = json.loads((work / "sweeps" / "sample_gamma" / "sweep_summary.json").read_text())
+    rows = summary["trials"]
+    assert sorted(r["params"]["evaluate.gamma"] for r in rows) == [0.0, 0.1, 0.2, 0.3]
+    assert {r["status"] for r in rows} == {"finished"} and {r["trial_id"] for r in rows} == done
+
+    runs = _runs(work)
+    stage_runs = runs[runs["tags.stage"].notna()]
+    ran = stage_runs[stage_runs["tags.status"] == "ran"]["tags.stage"].value_counts().to_dict()
+    # splits, embeddings and the (training-free) classifier once for the whole sweep; evaluate per trial
+    assert ran == {"build_splits": 1, "embed_text": 1, "train_classifier": 1, "evaluate": 4}
+    trial_runs = runs[runs["tags.zeroseg.trial_id"].notna()]
+    # a trial that finished before the interruption was not run again: one MLflow run each
+    counts = trial_runs["tags.zeroseg.trial_id"].value_counts().to_dict()
+    assert all(counts[t] == 1 for t in done_first), counts
+    # every trial's run is nested under the sweep's (one) run, and names the method beside its hIoU
+    sweep_runs = runs[runs["tags.zeroseg.kind"] == "sweep"]
+    assert len(sweep_runs) == 1 and sweep_runs["status"].iloc[0] == "FINISHED"
+    assert set(trial_runs["tags.mlflow.parentRunId"]) == {sweep_runs["run_id"].iloc[0]}
+    evaluate_runs = stage_runs[stage_runs["tags.stage"] == "evaluate"]
+    assert set(evaluate_runs["params.method"]) == {"maskclip"}
+    assert set(trial_runs["params.method"]) == {"maskclip"}
+
+    # each trial evaluated its own gamma: the reported hIoU is the one in the evaluate artifact
+    # whose manifest holds that gamma
+    by_gamma = {}
+    for m in (work / "store" / "evaluate").glob("*/manifest.json"):
+        man = json.loads(m.read_text())
+        by_gamma[man["config"]["gamma"]] = man["metrics"]["val/hIoU"]
+    assert len(by_gamma) == 4
+    for r in rows:
+        assert r["metrics"]["evaluate/val/hIoU"] == pytest.approx(by_gamma[r["params"]["evaluate.gamma"]])
+    assert summary["configurations"][0]["mean"] == pytest.approx(max(by_gamma.values()))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(pred, what: str, seconds: float = 120):
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(1)
+    pytest.fail(f"{what} did not happen within {seconds:.0f} s")
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A Ray head and a second node (`ray start`, own ports, token auth as a real cluster runs
+    it), each with one `trial_slot` and a resource naming it, plus a real `mlflow server` whose
+    artifacts go to a folder both reach. Yields (env for clients, tracking URI, artifact dir)."""
+    import contextlib
+    import secrets
+    import shutil
+    import tempfile
+    import time
+
+    bindir = Path(sys.executable).parent
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    gcs, mlflow_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_raylet_start_wait_time_s": "180",  # a loaded 2-core CI machine
+    }
+    env.pop("RAY_ADDRESS", None)
+    # its own temp dir: the cluster's address file and sessions stay out of /tmp/ray, where
+    # ray.init() of other processes on this machine would find them (short: socket path limits)
+    ray_tmp = tempfile.mkdtemp(prefix="zs-ray-", dir="/tmp")
+    procs, logs = [], []
+
+    def start(args, name):
+        log = tmp_path / f"{name}.log"
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        )
+
+    common = ["--block", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={ray_tmp}"]
+    start(
+        [
+            str(bindir / "ray"),
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--include-dashboard=false",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            '--resources={"trial_slot": 1, "node_head": 1}',
+            *common,
+        ],
+        "head",
+    )
+    try:
+        _wait_for(lambda: "Ray runtime started" in logs[0].read_text(), "ray start --head", 240)
+        start(
+            [
+                str(bindir / "ray"),
+                "start",
+                f"--address=127.0.0.1:{gcs}",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                '--resources={"trial_slot": 1, "node_second": 1}',
+                *common,
+            ],
+            "second",
+        )
+        artifacts = tmp_path / "mlartifacts"
+        start(
+            [
+                str(bindir / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'server.db'}",
+                "--artifacts-destination",
+                artifacts.as_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+            ],
+            "mlflow",
+        )
+        _wait_for(lambda: "Ray runtime started" in logs[1].read_text(), "the second node's ray start", 240)
+        uri = f"http://127.0.0.1:{mlflow_port}"
+
+        def server_up():
+            import urllib.request
+
+            try:
+                return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        _wait_for(server_up, "mlflow server")
+        time.sleep(2)  # the second node registers with the head
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, uri, artifacts
+    finally:
+        for p in procs:  # all at once: a Ray node drains for up to 30 s on SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.time() + 20
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_node_sweep(two_nodes, sample_sweep, tmp_path):
+    env, tracking_uri, artifacts = two_nodes
+    # a plain local path cannot be the store of a 2-node cluster
+    cmd = [sys.executable, str(REPO / "pipeline" / "run.py"), "--config", str(REPO / "configs" / "sample.yaml")]
+    cmd += ["--work-dir", str(tmp_path / "plain"), *(x for o in SAMPLE_OVERRIDES for x in ("--set", o))]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 2 and "is a local path, but this Ray cluster has 2 nodes" in r.stdout, r.stdout[-3000:]
+
+    # seeds 0 and 1 of the splits, one trial per node (each node has one trial_slot)
+    sweep = tmp_path / "two_nodes.yaml"
+    sweep.write_text(
+        "name: two_nodes\nspace: {evaluate.gamma: {grid: [0.3]}}\nseeds: [0, 1]\nseed_key: build_splits.seed\n"
+        "scheduler: none\nresources: {CPU: 0.25, trial_slot: 1}\n"
+    )
+    store = (tmp_path / "shared" / "store").as_uri()  # file://: storage every node mounts
+    code, out = _sweep_cli(
+        tmp_path / "work", str(sweep), "--store", store, env={**env, "MLFLOW_TRACKING_URI": tracking_uri}
+    )
+    assert code == 0, out[-4000:]
+    assert "ray: connecting to" in out
+    summary = json.loads((tmp_path / "work" / "sweeps" / "two_nodes" / "sweep_summary.json").read_text())
+    rows = summary["trials"]
+    assert len(rows) == 2 and len({r["metrics"]["node_id"] for r in rows}) == 2  # both nodes ran a trial
+    values = {r["seed"]: r["metrics"]["evaluate/val/hIoU"] for r in rows}
+    # seed 0 is the one-node sweep's configuration: the same result
+    one_node = json.loads((sample_sweep[0] / "sweeps" / "sample_gamma" / "sweep_summary.json").read_text())
+    same = [r for r in one_node["trials"] if r["params"]["evaluate.gamma"] == 0.3]
+    assert values[0] == pytest.approx(same[0]["metrics"]["evaluate/val/hIoU"], abs=1e-9)
+    # the seeds aggregate: mean and sample std of two values by hand, |a - b| / sqrt(2)
+    (conf,) = summary["configurations"]
+    assert conf["mean"] == pytest.approx((values[0] + values[1]) / 2)
+    if values[0] != values[1]:
+        assert conf["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+
+    # the runs are on the tracking server, nested under the sweep's run; artifacts in its store
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("zeroseg-sample")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    (sweep_run,) = [x for x in runs if x.data.tags.get("zeroseg.kind") == "sweep"]
+    trials = [x for x in runs if "zeroseg.trial_id" in x.data.tags]
+    assert len(trials) == 2 and {x.data.tags["mlflow.parentRunId"] for x in trials} == {sweep_run.info.run_id}
+    assert {x.data.params["seed"] for x in trials} == {"0", "1"}
+    assert list(artifacts.rglob("manifest.json")), "no stage artifact reached the server's artifact store"
+
+
+def test_compare_ranks_the_sweeps_runs_and_logs_a_report(sample_sweep, tmp_path):
+    import io
+
+    import mlflow
+
+    from pipeline.cli import main
+    from pipeline.console import Console
+
+    work = sample_sweep[0]
+    by_gamma = {}
+    for m in (work / "store" / "evaluate").glob("*/manifest.json"):
+        man = json.loads(m.read_text())
+        by_gamma[man["config"]["gamma"]] = man["metrics"]
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    out = tmp_path / "report"
+    argv = ["compare", "--tracking-uri", uri, "--experiment", "zeroseg-sample", "--out", str(out), "--top", "2"]
+    from pipeline import compare
+
+    runs, _ = compare.find_runs(uri, "zeroseg-sample")
+    rows = compare.table(runs, "val", "hIoU")
+    assert len(rows) == 4  # the four trials; the shared upstream has no evaluate metrics
+    expected = sorted(by_gamma.values(), key=lambda m: -m["val/hIoU"])
+    assert [r["hIoU"][0] for r in rows] == pytest.approx([m["val/hIoU"] for m in expected])
+    assert [r["mIoU_unseen"][0] for r in rows] == pytest.approx([m["val/mIoU_unseen"] for m in expected])
+    assert all(r["n"] == 1 and r["label"].startswith("maskclip gamma=") for r in rows)
+    text = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("pipeline.cli.Console", lambda verbose=False: Console(file=text))
+        assert main(argv) == 0
+    assert "maskclip gamma=" in text.getvalue() and (out / "report.html").exists()
+    assert {p.name for p in out.glob("*.png")} == {"seen_unseen.png", "unseen_per_class.png"}
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`zeroseg.kind` = 'compare'").run_id
+    names = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run, "report")}
+    assert names == {"report/report.html", "report/seen_unseen.png", "report/unseen_per_class.png"}
