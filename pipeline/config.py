@@ -38,6 +38,8 @@ from pydantic_core import to_jsonable_python
 from pipeline.errors import ConfigError
 
 RUN_SECTION = "run"
+#: Environment variable naming the tracking server when a config sets no ``run.tracking_uri``.
+TRACKING_URI_ENV = "ZEROSEG_TRACKING_URI"
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -184,13 +186,15 @@ class RunSection(BaseModel):
         return self.store or str(Path(self.work_dir, "store"))
 
     def mlflow_uri(self) -> str:
-        """The tracking URI: ``tracking_uri``, else MLflow's ``MLFLOW_TRACKING_URI`` (a cluster's
-        tracking server, set for every job; docs/cluster.md), else
-        ``sqlite:///<work_dir>/mlflow.db`` (absolute)."""
+        """The tracking URI: ``tracking_uri``, else ``ZEROSEG_TRACKING_URI`` (a cluster's tracking
+        server, set for every job; docs/cluster.md), else ``sqlite:///<work_dir>/mlflow.db``
+        (absolute). Not MLflow's own ``MLFLOW_TRACKING_URI``: ``mlflow.set_tracking_uri`` sets
+        it in the process and every child inherits it, so an earlier run's store would leak into
+        the next invocation."""
         if self.tracking_uri:
             return self.tracking_uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
+        if os.environ.get(TRACKING_URI_ENV):
+            return os.environ[TRACKING_URI_ENV]
         return "sqlite:///" + str(Path(self.work_dir, "mlflow.db").resolve())
 
 

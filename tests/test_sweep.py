@@ -343,7 +343,7 @@ def test_two_node_sweep(two_nodes, sample_sweep, tmp_path):
     )
     store = (tmp_path / "shared" / "store").as_uri()  # file://: storage every node mounts
     code, out = _sweep_cli(
-        tmp_path / "work", str(sweep), "--store", store, env={**env, "MLFLOW_TRACKING_URI": tracking_uri}
+        tmp_path / "work", str(sweep), "--store", store, env={**env, "ZEROSEG_TRACKING_URI": tracking_uri}
     )
     assert code == 0, out[-4000:]
     assert "ray: connecting to" in out
