@@ -513,7 +513,7 @@ class PretrainProposals(Stage):
         from pipeline.inference import reduce
         from pipeline.training import fit
         from pipeline.uri import join
-        from stages.feeds import train_dataset
+        from stages.feeds import leakage_guard, train_dataset
         from zeroseg.data.transforms import lut_ignore_index, make_lut
         from zeroseg.evaluation import RECALL_GROUPS, ProposalRecallEvaluator
         from zeroseg.metrics import json_safe
@@ -567,7 +567,9 @@ class PretrainProposals(Stage):
         # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
         lut = make_lut({c: i for i, c in enumerate(seen)}, source_classes=len(train_vocab.names))
         loop_config["ignore_index"] = lut_ignore_index(lut)
-        ds = train_dataset(splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows)
+        ds = train_dataset(
+            splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
+        )
         bar = ctx.progress(cfg.train.max_steps, "steps")
         result = fit(
             proposals_train_loop,
