@@ -10,7 +10,8 @@ from stages.build_splits import BuildSplits
 from stages.embed_text import EmbedText
 from stages.evaluate import Evaluate
 from stages.pretrain_proposals import PretrainProposals
+from stages.self_train import SelfTrain
 from stages.train_classifier import TrainClassifier
 
-STAGES = [BuildSplits, EmbedText, PretrainProposals, TrainClassifier, Evaluate]
+STAGES = [BuildSplits, EmbedText, PretrainProposals, TrainClassifier, SelfTrain, Evaluate]
 CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")
