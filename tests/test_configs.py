@@ -40,6 +40,17 @@ def _expected(cfg):
             bindings["train_classifier"]["proposals"] = "pretrain_proposals"
         if method == "deop":  # DeOP classifies with its own learned anchors: no text input
             del bindings["train_classifier"]["text"]
+    if "train_generator" in cfg.sections:  # PADing: the feature artifact, the generator, evaluate binds it
+        order.insert(order.index("train_classifier"), "extract_features")
+        order.insert(order.index("evaluate"), "train_generator")
+        bindings["extract_features"] = {"splits": "build_splits", "proposals": "pretrain_proposals"}
+        bindings["train_generator"] = {
+            "splits": "build_splits",
+            "text": "embed_text",
+            "features": "extract_features",
+            "proposals": "pretrain_proposals",
+        }
+        bindings["evaluate"]["model"] = "train_generator"
     return order, bindings
 
 
