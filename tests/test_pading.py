@@ -498,3 +498,22 @@ def test_bad_inputs_are_refused_before_training_naming_the_artifact(pading_run, 
     ):
         stage.run(_ctx(work, tmp_path, text=Artifact("embed_text", tm["key"], text, str(text), tm)))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sequential_schedule_trains_the_classifier_alone_after_the_generator(pading_run, sample_proposals):
+    """Algorithm 1: 2 generator steps, then 2 classifier steps (the joint run logs both in its last
+    logging interval, steps 3-4; the sequential run only the classifier's)."""
+    joint = _artifact(pading_run, "train_generator")[0]["metrics"]
+    assert "final_gen_mmd" in joint and "final_cls_loss" in joint and joint["generator_steps"] == 4
+    r = sample_proposals.run(
+        "configs/sample_pading.yaml",
+        pading_run.work,
+        "--stages",
+        "train_generator",
+        overrides=["train_generator.schedule=sequential", "train_generator.generator_steps=2"],
+    )
+    assert r.code == 0 and r.plan.nodes["train_generator"].status == "ran"
+    seq = _artifact(r, "train_generator")[0]["metrics"]
+    assert seq["generator_steps"] == 2 and seq["steps"] == 4
+    assert "final_cls_loss" in seq and not any(k.startswith("final_gen_") for k in seq)
