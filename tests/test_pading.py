@@ -195,6 +195,36 @@ def test_query_labels_take_the_matched_segment_or_no_object():
     assert got.tolist() == [[-1, 1]]
 
 
+def test_feature_writer_puts_each_batch_at_its_rows_whatever_the_order(tmp_path):
+    """The driver-side merge of extract_features: partial states arriving out of order land at their
+    manifest rows; the counts are those of the labels written (-1 = no-object)."""
+    from stages.extract_features import EMBEDDINGS, LABELS, FeatureWriter
+
+    w = FeatureWriter(str(tmp_path), rows=3, queries=2, dim=1)
+    parts = []
+    for rows, emb, lab in (
+        ([2], [[[2.0], [2.5]]], [[7, -1]]),
+        ([0, 1], [[[0.0], [0.5]], [[1.0], [1.5]]], [[-1, -1], [3, 7]]),
+    ):
+        p = FeatureWriter(str(tmp_path), 3, 2, 1)
+        p.reset()
+        p.process({"rows": rows}, {"embeddings": np.array(emb, np.float32), "labels": np.array(lab, np.int32)})
+        parts.append(p)
+    w.reset()
+    for p in parts:
+        w.merge(p)
+    res = w.finalize()
+    assert np.load(tmp_path / EMBEDDINGS)[:, :, 0].tolist() == [[0.0, 0.5], [1.0, 1.5], [2.0, 2.5]]
+    assert np.load(tmp_path / LABELS).tolist() == [[-1, -1], [3, 7], [7, -1]]
+    assert res == {
+        "images": 3,
+        "written": 3,
+        "matched": 3,
+        "matched_per_class": {3: 1, 7: 2},
+        "images_without_match": 1,
+    }
+
+
 PROPOSAL_MODEL = {
     "backbone": "resnet18",
     "num_queries": 4,
