@@ -44,6 +44,17 @@ def _expected(cfg):
         order.insert(order.index("evaluate"), "self_train")
         bindings["self_train"] = {"splits": "build_splits", "text": "embed_text", "init_from": "train_classifier"}
         bindings["evaluate"].update(model="self_train", compare="train_classifier")
+    if "train_generator" in cfg.sections:  # PADing: the feature artifact, the generator, evaluate binds it
+        order.insert(order.index("train_classifier"), "extract_features")
+        order.insert(order.index("evaluate"), "train_generator")
+        bindings["extract_features"] = {"splits": "build_splits", "proposals": "pretrain_proposals"}
+        bindings["train_generator"] = {
+            "splits": "build_splits",
+            "text": "embed_text",
+            "features": "extract_features",
+            "proposals": "pretrain_proposals",
+        }
+        bindings["evaluate"]["model"] = "train_generator"
     return order, bindings
 
 
