@@ -35,7 +35,8 @@ are independent of how many decode tasks run and where.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -166,6 +167,34 @@ def check_leakage(label: np.ndarray, forbidden: np.ndarray | None, image_id: str
             f"unseen class id(s) {ids}; a training label never holds an unseen class (re-run build_splits; "
             "the build_splits artifact was altered)"
         )
+
+
+def decode_set_batch(batch: Mapping[str, np.ndarray], set_column: str, what: str) -> dict[str, list[Any]]:
+    """Decode a Ray Data batch of eval-set manifest rows (an evaluator's ``load``).
+
+    Args:
+        batch: columns ``set_column`` (the set's name), ``image_uri``, ``label_uri``.
+        set_column: the set-name column (``pipeline.inference`` adds it).
+        what: how errors name the set, e.g. ``"eval set"``.
+
+    Returns:
+        ``{"images": [uint8 [H, W, 3]], "labels": [uint8 or uint16 [H, W]], "label_uris": [str],
+        "sets": [str]}``, one entry per row, in order.
+
+    Raises:
+        DataError: a row's image or label cannot be read or decoded, naming the set and the URI.
+    """
+    out: dict[str, list[Any]] = {"images": [], "labels": [], "label_uris": [], "sets": []}
+    for name, img_uri, lbl_uri in zip(batch[set_column], batch["image_uri"], batch["label_uri"]):
+        try:
+            image, label = decode_pair(str(img_uri), str(lbl_uri))
+        except DataError as e:
+            raise DataError(f"{what} {str(name)!r}: {e}") from None
+        out["images"].append(image)
+        out["labels"].append(label)
+        out["label_uris"].append(str(lbl_uri))
+        out["sets"].append(str(name))
+    return out
 
 
 def decode_train_batch(

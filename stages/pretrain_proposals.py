@@ -402,19 +402,9 @@ class ProposalPredictor:
         self.info = {"input_size": list(self.size)}
 
     def load(self, batch: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
-        from stages.feeds import decode_pair
+        from stages.feeds import decode_set_batch
 
-        out: dict[str, list[Any]] = {"images": [], "labels": [], "label_uris": [], "sets": []}
-        for name, img_uri, lbl_uri in zip(batch[SET_COLUMN], batch["image_uri"], batch["label_uri"]):
-            try:
-                image, label = decode_pair(str(img_uri), str(lbl_uri))
-            except DataError as e:
-                raise DataError(f"recall set {str(name)!r}: {e}") from None
-            out["images"].append(image)
-            out["labels"].append(label)
-            out["label_uris"].append(str(lbl_uri))
-            out["sets"].append(str(name))
-        return out
+        return decode_set_batch(batch, SET_COLUMN, "recall set")
 
     def __call__(self, inputs: Mapping[str, list[Any]]) -> dict[str, Any]:
         import torch
