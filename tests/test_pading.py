@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from zeroseg.config.pading import PAPER_BANDWIDTHS, GeneratorConfig
 from zeroseg.models.pading import (
     FeatureGenerator,
     PADing,
@@ -45,9 +46,12 @@ def test_mmd_is_zero_for_identical_samples_and_grows_with_a_shift():
     for fake in (torch.zeros(1, 1), torch.zeros(2, 1)):
         got = mmd_loss(fake, torch.tensor([[2.0]]), RELEASED).item()
         assert got == pytest.approx(_mmd_by_hand(2.0, RELEASED), rel=1e-5)
-    # the paper's variances (60 for the last) give another value
-    paper = mmd_loss(torch.zeros(1, 1), torch.tensor([[2.0]]), (2, 5, 10, 20, 40, 60)).item()
-    assert paper == pytest.approx(_mmd_by_hand(2.0, (2, 5, 10, 20, 40, 60)), rel=1e-5)
+    # the paper's option: Eq. 2's k = exp(-d^2 / (2 sigma^2)), sigma in {2, 5, 10, 20, 40, 60}; by
+    # hand for d = 2: MMD^2_sigma = 2 - 2 exp(-4 / (2 sigma^2)) = 2 - 2 exp(-2 / sigma^2)
+    want = math.sqrt(sum(2 - 2 * math.exp(-2.0 / sigma**2) for sigma in (2, 5, 10, 20, 40, 60)))
+    paper = mmd_loss(torch.zeros(1, 1), torch.tensor([[2.0]]), PAPER_BANDWIDTHS).item()
+    assert paper == pytest.approx(want, rel=1e-5)
+    assert GeneratorConfig(bandwidths=PAPER_BANDWIDTHS).bandwidths == (4.0, 25.0, 100.0, 400.0, 1600.0, 3600.0)
 
 
 def test_softmax_kl_by_hand():

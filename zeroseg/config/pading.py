@@ -14,10 +14,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: The released ``GMMNLoss(sigma=[2, 5, 10, 20, 40, 80])``: the kernel is ``exp(-||x-y||^2 / (2 v))``,
-#: so these act as variances sigma^2.
+#: so these act as variances sigma^2 (``released-code.md`` section 3.3).
 RELEASED_BANDWIDTHS = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
-#: The paper's sigma set (Sec. 4.1): the last value is 60.
-PAPER_BANDWIDTHS = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0)
+#: The paper's bandwidths sigma (PADing Eq. 2, ``k = exp(-||f - f'||^2 / (2 sigma^2))``; Sec. 4.1).
+PAPER_SIGMAS = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0)
+#: The paper's kernels as ``bandwidths`` values: the variances sigma^2 of :data:`PAPER_SIGMAS`.
+PAPER_BANDWIDTHS = tuple(s * s for s in PAPER_SIGMAS)
 
 
 class GeneratorConfig(BaseModel):
@@ -45,7 +47,9 @@ class GeneratorConfig(BaseModel):
             fresh N(0, 1) sample, both softmaxed over channels at temperature tau) or ``paper``
             (Eq. 4: the closed-form KL of a unit Gaussian fitted per feature to N(0, 1)).
         tau: temperature of the alignment (Eq. 6) and of the paper's Eq. 3 (0.1).
-        bandwidths: MMD kernel variances (released {2, 5, 10, 20, 40, 80}; paper 60 for the last).
+        bandwidths: MMD kernel variances ``v`` of ``exp(-||x - y||^2 / (2 v))`` (released {2, 5, 10,
+            20, 40, 80}, its sigma list used as variances; the paper's sigma {2, 5, 10, 20, 40, 60}
+            of Eq. 2 is ``v = sigma^2`` = {4, 25, 100, 400, 1600, 3600}: ``PAPER_BANDWIDTHS``).
         structure_weight: lambda of Eq. 7 (released ``STRUCTURE_WEIGHT`` 0.001; paper 0.002).
         weight_align / weight_relation / weight_recon: released ``WEIGHT_1`` / ``WEIGHT_2`` /
             ``WEIGHT_3`` (1, 1, 0.5): ``W1 (align + 0.5 unrelated) + W2 0.2 relation + W3 recon``.
@@ -117,4 +121,4 @@ class RetrainConfig(BaseModel):
     head_init: Literal["released", "mapped"] = "released"
 
 
-__all__ = ["PAPER_BANDWIDTHS", "RELEASED_BANDWIDTHS", "GeneratorConfig", "RetrainConfig"]
+__all__ = ["PAPER_BANDWIDTHS", "PAPER_SIGMAS", "RELEASED_BANDWIDTHS", "GeneratorConfig", "RetrainConfig"]

@@ -45,13 +45,15 @@ def mmd_loss(fake: torch.Tensor, real: torch.Tensor, bandwidths: Sequence[float]
 
     Biased estimator per kernel ``k_v(x, y) = exp(-||x - y||^2 / (2 v))``:
     ``MMD^2_v = mean k_v(f, f) + mean k_v(r, r) - 2 mean k_v(f, r)``; the loss is
-    ``sqrt(sum_v MMD^2_v)`` (released ``GMMNLoss.moment_loss``; its values ``v`` act as variances
-    sigma^2; the paper writes ``exp(-||f - f'||^2 / (2 sigma^2))`` with sigma in {2, 5, 10, 20, 40,
-    60}). The square root is taken of ``max(sum, 1e-12)`` (0 for identical samples, finite gradient).
+    ``sqrt(sum_v MMD^2_v)`` (released ``GMMNLoss.moment_loss``, whose sigma list {2, 5, 10, 20, 40,
+    80} enters as ``v``, i.e. as variances; the paper writes ``exp(-||f - f'||^2 / (2 sigma^2))``
+    with sigma in {2, 5, 10, 20, 40, 60}, i.e. ``v = sigma^2``:
+    ``zeroseg.config.pading.PAPER_BANDWIDTHS``). The square root is taken of ``max(sum, 1e-12)``
+    (0 for identical samples, finite gradient).
 
     Args:
         fake: ``[M, d]`` synthetic features; real: ``[N, d]`` real features.
-        bandwidths: the kernel variances ``v``.
+        bandwidths: the kernel variances ``v = sigma^2`` (not the bandwidths sigma).
 
     Returns:
         0-d float32 tensor >= 0 (unitless).
