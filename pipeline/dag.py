@@ -14,6 +14,9 @@ A *stage* is a resumable unit whose output is an artifact addressed by a key. It
   bytes), or None;
 * ``check(config)``: checks that need no cluster (missing files, unknown class names), run at plan
   time for the stages that will run, before Ray starts;
+* ``facts(config)`` / ``check_inputs(config, facts)``: what a node tells the stages bound to it at
+  plan time (build_splits: whether its split is transductive), and a stage's checks of its bound
+  inputs' facts (self_train refuses an inductive split), run for every node at plan time;
 * ``run(ctx)``: reads ``ctx.inputs[role]`` and writes files into ``ctx.output_dir``; returns a
   flat ``{metric: number}`` dict.
 
@@ -204,6 +207,16 @@ class Stage:
     def runtime_outputs(self, config: Any) -> dict[str, Any]:
         """Values downstream stages read from this node in this invocation (not in the key)."""
         return {}
+
+    def facts(self, config: Any) -> dict[str, Any]:
+        """What the stages bound to this node may know about its artifact at plan time (a
+        function of this config, so of the key): e.g. build_splits' ``{"transductive": bool}``."""
+        return {}
+
+    def check_inputs(self, config: Any, facts: Mapping[str, Mapping[str, Any]]) -> None:
+        """Plan-time checks of the bound inputs (``{role: the bound node's facts}``), run for every
+        node of a plan; raise a user error naming the key to change."""
+        return None
 
     def notices(self, config: Any) -> list[str]:
         """Lines the plan prints once per invocation (deduplicated across stages)."""

@@ -177,6 +177,16 @@ def plan(
             )
         nodes[name] = Node(name, stage, cfg, bind(name, roles, given, present))
 
+    for node in nodes.values():  # the bound inputs' facts (e.g. the leakage guard), every node
+        try:
+            node.stage.check_inputs(
+                node.config, {r: nodes[u].stage.facts(nodes[u].config) for r, u in node.bindings.items()}
+            )
+        except Exception as e:
+            if is_user_error(e):
+                raise _user(e) from None
+            raise
+
     edges = {n.name: n.upstream for n in nodes.values()}
     ordered = order(edges, rank)
     nodes = {n: nodes[n] for n in ordered}

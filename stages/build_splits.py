@@ -47,10 +47,13 @@ from zeroseg.data.readers import (
 from zeroseg.data.splits import (
     EVAL_POLICY,
     TRAIN_SPLIT,
+    UNLABELED_POLICY,
     VAL_SPLIT,
     assign_val,
+    check_transductive_vocabulary,
     frequency_record,
     frequency_split,
+    heldout_path,
     images_per_class,
     label_path,
     make_records,
@@ -175,10 +178,22 @@ class SplitConfig(BaseModel):
 
 
 class BuildSplitsConfig(StageConfig):
-    """``build_splits`` config section."""
+    """``build_splits`` config section.
+
+    ``transductive``: the transductive zero-shot setting (ZegCLIP Sec. 4.3): the unseen class
+    names are known at training time, their pixels stay unlabelled. The training labels mark
+    unseen pixels with the unlabelled-unseen value (``zeroseg.data.splits.unlabeled_index``: 254,
+    or 65534 for 16-bit labels) instead of ignore, so self_train knows which pixels carry no seen
+    label; their classes are written only to held-out labels (``heldout/train/<id>.png``, the
+    manifest's ``heldout`` column) that self_train's pseudo-label diagnostic reads and no loss
+    does. Needs ``unseen_policy: ignore``. Inductive stages (train_classifier, pretrain_proposals)
+    train on such a split exactly as on an inductive one: their lookup table maps the marker to
+    ignore.
+    """
 
     train: DatasetConfig
     split: SplitConfig
+    transductive: bool = False
     unseen_policy: Literal["ignore", "drop"] = "ignore"
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share of train -> eval set 'val'")
     seed: int = 0
@@ -191,6 +206,11 @@ class BuildSplitsConfig(StageConfig):
             raise ValueError(
                 "train.class_map: class_map applies to eval datasets only (it maps an eval class "
                 "to a training class name)"
+            )
+        if self.transductive and self.unseen_policy != "ignore":
+            raise ValueError(
+                "transductive: true keeps the training images with unseen pixels (marked unlabelled, for "
+                f"self-training); unseen_policy {self.unseen_policy!r} contradicts it: set unseen_policy: ignore"
             )
         taken = {TRAIN_SPLIT} | ({VAL_SPLIT} if self.val_fraction > 0 else set())
         for e in self.eval:
@@ -296,9 +316,17 @@ class BuildSplits(Stage):
         ``class_map``'s class names exist (naming the nearest), before anything starts."""
         for d in [config.train, *config.eval]:
             check_paths(d)
-        train = named_split(config, class_names(config.train))
+        names = class_names(config.train)
+        train = named_split(config, names)
+        if config.transductive:
+            check_transductive_vocabulary(len(names), config.train.name)
         for e in config.eval:
             eval_vocabulary(class_names(e), dataset=e.name, train=train, class_map=e.class_map)
+
+    def facts(self, config: BuildSplitsConfig) -> dict[str, Any]:
+        """``{"transductive": bool}``: what the stages reading this split may know at plan time
+        (self_train needs a transductive split; the leakage guard)."""
+        return {"transductive": bool(config.transductive)}
 
     def runtime_outputs(self, config: BuildSplitsConfig) -> dict[str, Any]:
         """``{"image_roots": {split: absolute image folder}}`` in this invocation (``train`` and
@@ -337,7 +365,7 @@ class BuildSplits(Stage):
                 train_recs, split=TRAIN_SPLIT, dataset=cfg.train.name, policy=EVAL_POLICY, unseen=(), num_classes=n
             )
             ctx.log(f"split.rule frequency: counting classes in {len(count_recs)} training images")
-            counted = [res for res, _ in _ray_pass(count_recs, cfg.on_bad_image, labels=False)]
+            counted = [res for res, _, _ in _ray_pass(count_recs, cfg.on_bad_image, labels=False)]
             counts, n_counted = images_per_class(counted, n)
             train_vocab = frequency_split(
                 train_list.names,
@@ -356,12 +384,14 @@ class BuildSplits(Stage):
             split_doc = cfg.split.model_dump(mode="json", exclude_none=True)
         evals: dict[str, Vocabulary] = {}
         split_records: dict[str, list[dict[str, Any]]] = {}
-        policies: dict[str, str] = {TRAIN_SPLIT: cfg.unseen_policy}
+        train_policy = UNLABELED_POLICY if cfg.transductive else cfg.unseen_policy
+        unlabeled = check_transductive_vocabulary(n, cfg.train.name) if cfg.transductive else None
+        policies: dict[str, str] = {TRAIN_SPLIT: train_policy}
         split_records[TRAIN_SPLIT] = make_records(
             train_recs,
             split=TRAIN_SPLIT,
             dataset=cfg.train.name,
-            policy=cfg.unseen_policy,
+            policy=train_policy,
             unseen=train_vocab.unseen,
             num_classes=n,
         )
@@ -395,17 +425,23 @@ class BuildSplits(Stage):
         # 4. the per-image pass (Ray Data); the driver writes the returned PNGs
         results: dict[str, list[dict[str, Any]]] = {k: [] for k in split_records}
         progress = ctx.progress(total, "images")
-        for res, png in _ray_pass([r for v in split_records.values() for r in v], cfg.on_bad_image):
+        for res, png, held in _ray_pass([r for v in split_records.values() for r in v], cfg.on_bad_image):
             res["image_uri"] = os.path.relpath(res["image_uri"], roots[res["split"]])
             if res["status"] == "kept":
-                p = label_path(out, res["split"], res["image_id"])
-                p.parent.mkdir(parents=True, exist_ok=True)
-                p.write_bytes(png)
+                for path, data in ((label_path, png), (heldout_path, held)):
+                    if path is heldout_path and not data:
+                        continue
+                    p = path(out, res["split"], res["image_id"])
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(data)
+                    if path is heldout_path:
+                        res["heldout"] = path(Path(), res["split"], res["image_id"]).as_posix()
             results[res["split"]].append(res)
             progress.update(advance=1)
 
         # 5. manifests, classes.json, stats.json
         stats: dict[str, Any] = {
+            "transductive": cfg.transductive,
             "unseen_policy": cfg.unseen_policy,
             "val_fraction": cfg.val_fraction,
             "seed": cfg.seed,
@@ -426,7 +462,12 @@ class BuildSplits(Stage):
             )
             stats["splits"][split] = summarize(res_list, vocabs[split], policy=policies[split])
             metrics[f"{split}_images"] = len(rows)
-        write_classes_json(out / "classes.json", train_vocab, evals, split=split_doc)
+        if cfg.transductive:
+            stats["splits"][TRAIN_SPLIT]["unlabeled_pixels"] = sum(
+                r.get("unlabeled_pixels", 0) for r in results[TRAIN_SPLIT] if r["status"] == "kept"
+            )
+        transductive = {"unlabeled_index": unlabeled, "heldout": f"heldout/{TRAIN_SPLIT}"} if cfg.transductive else None
+        write_classes_json(out / "classes.json", train_vocab, evals, split=split_doc, transductive=transductive)
         (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         metrics["skipped_images"] = sum(s["skipped"] for s in stats["splits"].values())
         metrics["dropped_images"] = sum(s["dropped_total"] for s in stats["splits"].values())
@@ -458,8 +499,9 @@ def named_split(config: BuildSplitsConfig, names: list[str]) -> Vocabulary:
 
 
 def _ray_pass(records: list[dict[str, Any]], on_bad_image: str, labels: bool = True):
-    """Yield ``(result, png bytes)`` for every record, computed by Ray Data ``map_batches``
-    (``labels=False``: no label PNGs, ``b""``)."""
+    """Yield ``(result, png bytes, held-out png bytes)`` for every record, computed by Ray Data
+    ``map_batches`` (``labels=False``: no label PNGs, ``b""``; held-out: ``b""`` unless the record's
+    policy is ``unlabeled``)."""
     if not records:
         return
     import ray
@@ -474,5 +516,5 @@ def _ray_pass(records: list[dict[str, Any]], on_bad_image: str, labels: bool = T
         batch_format="numpy",
     )
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
-        for raw, png in zip(batch["result"], batch["png"]):
-            yield json.loads(raw), bytes(png)
+        for raw, png, held in zip(batch["result"], batch["png"], batch["heldout"]):
+            yield json.loads(raw), bytes(png), bytes(held)

@@ -9,8 +9,20 @@ that determine outputs (the training loop, the batch-inference reduction, the da
 from stages.build_splits import BuildSplits
 from stages.embed_text import EmbedText
 from stages.evaluate import Evaluate
+from stages.extract_features import ExtractFeatures
 from stages.pretrain_proposals import PretrainProposals
+from stages.self_train import SelfTrain
 from stages.train_classifier import TrainClassifier
+from stages.train_generator import TrainGenerator
 
-STAGES = [BuildSplits, EmbedText, PretrainProposals, TrainClassifier, Evaluate]
+STAGES = [
+    BuildSplits,
+    EmbedText,
+    PretrainProposals,
+    ExtractFeatures,
+    TrainClassifier,
+    TrainGenerator,
+    SelfTrain,
+    Evaluate,
+]
 CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")

@@ -82,6 +82,8 @@ from zeroseg.data.transforms import Size
 from zeroseg.errors import ConfigError, DataError
 
 SET_COLUMN = "eval_set"
+#: The stages whose artifact is a segmenter (evaluate's ``model`` and ``compare`` roles).
+MODEL_STAGES = ("train_classifier", "train_generator", "self_train")
 #: Metrics the summary table shows first (rows), in this order.
 HEADLINE = ("hIoU", "mIoU_seen", "mIoU_unseen", "mIoU", "pAcc", "mAcc", "zs3_mIoU")
 
@@ -90,7 +92,9 @@ class EvaluateConfig(StageConfig):
     """``evaluate`` config section.
 
     ``sets``: eval sets of ``classes.json`` to score (default: all). ``gamma``: seen-class
-    calibration (ZegFormer Eq. 2, subtracted from class probabilities; 0 = none).
+    calibration (ZegFormer Eq. 2, subtracted from class probabilities; 0 = none); unset: each
+    model's own ``default_gamma`` (``segmenter.json``: 0.1 for an inductive ZegCLIP, 0 for a
+    self-trained one, as released; 0 when the artifact states none).
     ``max_images``: first N images of each set only. ``resolution``: ``[H, W]`` to resize images
     to instead of the segmenter's ``input_size`` (protocol ``resize`` only).
 
@@ -111,7 +115,7 @@ class EvaluateConfig(StageConfig):
     """
 
     sets: list[str] | None = None
-    gamma: float = Field(0.0, ge=0.0)
+    gamma: float | None = Field(None, ge=0.0)
     max_images: int | None = Field(None, ge=1)
     resolution: Size | None = None
     protocol: Literal["resize", "slide", "short_side"] = "resize"
@@ -318,19 +322,9 @@ class SegmenterPredictor:
         }
 
     def load(self, batch: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
-        from stages.feeds import decode_pair
+        from stages.feeds import decode_set_batch
 
-        out: dict[str, list[Any]] = {"images": [], "labels": [], "label_uris": [], "sets": []}
-        for name, img_uri, lbl_uri in zip(batch[SET_COLUMN], batch["image_uri"], batch["label_uri"]):
-            try:
-                image, label = decode_pair(str(img_uri), str(lbl_uri))
-            except DataError as e:
-                raise DataError(f"eval set {str(name)!r}: {e}") from None
-            out["images"].append(image)
-            out["labels"].append(label)
-            out["label_uris"].append(str(lbl_uri))
-            out["sets"].append(str(name))
-        return out
+        return decode_set_batch(batch, SET_COLUMN, "eval set")
 
     def __call__(self, inputs: Mapping[str, list[Any]]) -> dict[str, Any]:
         import torch
@@ -468,6 +462,95 @@ def resolve_device(cfg: EvaluateConfig) -> tuple[str, float]:
     return device, float(gpus)
 
 
+def manifest_rows(ctx: StageContext, name: str, max_images: int | None) -> int:
+    """How many images of eval set ``name`` evaluate scores (its manifest's rows, at most ``max_images``)."""
+    import pyarrow.parquet as pq
+
+    n = pq.read_metadata(ctx.inputs["splits"].file(f"manifests/{name}.parquet")).num_rows
+    return n if max_images is None else min(n, max_images)
+
+
+def score_model(
+    ctx: StageContext,
+    cfg: EvaluateConfig,
+    model: Any,
+    names: list[str],
+    vocabs: Mapping[str, Any],
+    progress: Any = None,
+) -> tuple[dict[Any, Any], Any, float, str, float, float]:
+    """One batch-inference pass of the segmenter artifact ``model`` over the sets ``names``
+    (``progress(n)``: called with the images done, per batch).
+
+    Returns:
+        ``(counts by variant, timing, pass seconds, text source, gamma, GPUs per worker)``:
+        ``{variant (None: a plain segmenter): {set: counts}}`` (``VariantsGZS3Evaluator.finalize``),
+        ``pipeline.inference``'s timing, the wall time of the pass, ``"embeddings"`` or
+        ``"encode_text"``, the calibration applied (``evaluate.gamma``, else the artifact's
+        ``default_gamma``, else 0).
+
+    Raises:
+        ConfigError, DataError: as :meth:`Evaluate.run`.
+    """
+    import ray
+
+    from pipeline.inference import reduce
+    from zeroseg.config.clip import model_embed_dim
+    from zeroseg.evaluation import VariantsGZS3Evaluator
+    from zeroseg.models import import_class, read_segmenter_json
+
+    seg_doc = read_segmenter_json(model.file("segmenter.json").parent)
+    gamma = float(cfg.gamma if cfg.gamma is not None else seg_doc.get("default_gamma", 0.0))
+    # read from the class (no model is built on the driver): the actors' arguments depend on it
+    encodes_text = bool(getattr(import_class(seg_doc["class"], where="segmenter.json"), "encodes_text", False))
+    text_embeddings(
+        ctx.inputs["text"],
+        vocabs,
+        names,
+        dim=model_embed_dim(seg_doc["clip"]),
+        clip_model=seg_doc["clip"].get("model"),
+    )  # the one check: rows per class, the model's size
+    device, gpus = resolve_device(cfg)
+
+    t0 = time.perf_counter()
+    table = eval_rows(ctx, names, cfg.max_images)
+    ds = ray.data.from_arrow(table)
+    set_specs = {
+        n: {
+            "num_classes": len(vocabs[n].names),
+            "seen": vocabs[n].seen,
+            "unseen": vocabs[n].unseen,
+            "ignore_index": vocabs[n].ignore_index,
+        }
+        for n in names
+    }
+    # one GZS3Evaluator per variant the segmenter reports (its variants may depend on its config)
+    evaluators = {"gzs3": VariantsGZS3Evaluator(set_specs, gamma=gamma)}
+    predictor_kwargs: dict[str, Any] = {
+        "segmenter_uri": model.uri,
+        "embeddings": {n: ctx.inputs["text"].file_uri(f"embeddings/{n}.npy") for n in names},
+        "device": device,
+        "resolution": tuple(cfg.resolution) if cfg.resolution else None,
+    }
+    if cfg.protocol_args() is not None:
+        predictor_kwargs["protocol"] = cfg.protocol_args()
+    if encodes_text:
+        predictor_kwargs["prompt_names"] = {n: list(vocabs[n].prompt_names) for n in names}
+    merged, timing = reduce(
+        ds,
+        SegmenterPredictor,
+        predictor_kwargs,
+        evaluators,
+        batch_size=cfg.batch_size,
+        concurrency=cfg.concurrency,
+        num_gpus=gpus,
+        warmup_batches=cfg.warmup_batches,
+        progress=progress,
+    )
+    pass_seconds = time.perf_counter() - t0
+    by_variant = merged["gzs3"].finalize()
+    return by_variant, timing, pass_seconds, "encode_text" if encodes_text else "embeddings", gamma, gpus
+
+
 def eval_rows(ctx: StageContext, sets: list[str], max_images: int | None):
     """One pyarrow table of every selected set's manifest rows (URIs resolved), with the set
     column; the first ``max_images`` rows of each set only.
@@ -498,17 +581,20 @@ class Evaluate(Stage):
     INPUTS = {
         "splits": Input(("build_splits",), doc="manifests and classes.json"),
         "text": Input(("embed_text",), doc="class text embeddings"),
-        "model": Input(("train_classifier", "train_generator", "self_train"), doc="the segmenter to evaluate"),
+        "model": Input(MODEL_STAGES, doc="the segmenter to evaluate"),
+        "compare": Input(
+            MODEL_STAGES,
+            required=False,
+            auto=False,
+            doc="a second segmenter scored beside model on the same sets (e.g. the inductive ZegCLIP beside its "
+            "self-trained model)",
+        ),
     }
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         import ray
 
-        from pipeline.inference import reduce
-        from zeroseg.config.clip import model_embed_dim
-        from zeroseg.evaluation import VariantsGZS3Evaluator
         from zeroseg.metrics import json_safe
-        from zeroseg.models import import_class, read_segmenter_json
 
         cfg: EvaluateConfig = ctx.config
         if not ray.is_initialized():  # the driver normally initialises Ray
@@ -528,79 +614,42 @@ class Evaluate(Stage):
                 raise ConfigError(
                     f"evaluate.sets: unknown eval set {n!r}{nearest(n, evals)} (eval sets: {', '.join(evals)})"
                 )
-        seg_doc = read_segmenter_json(ctx.inputs["model"].file("segmenter.json").parent)
-        # read from the class (no model is built on the driver): the actors' arguments depend on it
-        encodes_text = bool(getattr(import_class(seg_doc["class"], where="segmenter.json"), "encodes_text", False))
-        text_embeddings(
-            ctx.inputs["text"],
-            vocabs,
-            names,
-            dim=model_embed_dim(seg_doc["clip"]),
-            clip_model=seg_doc["clip"].get("model"),
-        )  # the one check: rows per class, the model's size
-        device, gpus = resolve_device(cfg)
-
-        t0 = time.perf_counter()
-        table = eval_rows(ctx, names, cfg.max_images)
-        ds = ray.data.from_arrow(table)
-        set_specs = {
-            n: {
-                "num_classes": len(vocabs[n].names),
-                "seen": vocabs[n].seen,
-                "unseen": vocabs[n].unseen,
-                "ignore_index": vocabs[n].ignore_index,
-            }
-            for n in names
-        }
-        # one GZS3Evaluator per variant the segmenter reports (its variants may depend on its config)
-        evaluators = {"gzs3": VariantsGZS3Evaluator(set_specs, gamma=cfg.gamma)}
-        predictor_kwargs: dict[str, Any] = {
-            "segmenter_uri": ctx.inputs["model"].uri,
-            "embeddings": {n: ctx.inputs["text"].file_uri(f"embeddings/{n}.npy") for n in names},
-            "device": device,
-            "resolution": tuple(cfg.resolution) if cfg.resolution else None,
-        }
-        if cfg.protocol_args() is not None:
-            predictor_kwargs["protocol"] = cfg.protocol_args()
-        if encodes_text:
-            predictor_kwargs["prompt_names"] = {n: list(vocabs[n].prompt_names) for n in names}
-        bar = ctx.progress(table.num_rows, "images")
-        merged, timing = reduce(
-            ds,
-            SegmenterPredictor,
-            predictor_kwargs,
-            evaluators,
-            batch_size=cfg.batch_size,
-            concurrency=cfg.concurrency,
-            num_gpus=gpus,
-            warmup_batches=cfg.warmup_batches,
-            progress=lambda n: bar.update(advance=n),
-        )
-        pass_seconds = time.perf_counter() - t0
-        by_variant = merged["gzs3"].finalize()  # {variant (None: a plain segmenter): {set: counts}}
-        variants = list(by_variant)
-        counts = by_variant[variants[0]]
-
         result: dict[str, float] = {}
         doc: dict[str, Any] = {}
         log_extra: dict[str, float] = {}
         out = Path(ctx.output_dir)
-        text_source = "encode_text" if encodes_text else "embeddings"
-        reports = [(variants[0], "", counts)] + [(v, f"{v}/", by_variant[v]) for v in variants[1:]]
-        for variant, prefix, var_counts in reports:
-            vdir = out / prefix if prefix else out
-            vdir.mkdir(parents=True, exist_ok=True)
-            for name in names:
-                entry, flat, per_class = report_set(
-                    name, vocabs[name], var_counts[name], cfg, vdir, variant=variant, text=text_source
-                )
-                doc[f"{prefix}{name}"] = entry
-                result.update({f"{prefix}{name}/{k}": val for k, val in flat.items()})
-                log_extra.update({f"{prefix}{name}/iou/{k}": val for k, val in per_class.items()})
-
-        fps = fps_record(cfg, timing, counts, gpus, pass_seconds)
-        if fps["overall"]["images_per_s"] is not None:
-            result["fps"] = fps["overall"]["images_per_s"]
+        models = [("", ctx.inputs["model"])]
+        if ctx.inputs.get("compare") is not None:
+            models.append((f"{ctx.inputs['compare'].stage}/", ctx.inputs["compare"]))
+        fps: dict[str, Any] = {}
+        rows = sum(manifest_rows(ctx, n, cfg.max_images) for n in names)
+        bar = ctx.progress(rows * len(models), "images")
+        for model_prefix, art in models:
+            by_variant, timing, pass_seconds, text_source, gamma, gpus = score_model(
+                ctx, cfg, art, names, vocabs, progress=lambda n: bar.update(advance=n)
+            )
+            variants = list(by_variant)
+            counts = by_variant[variants[0]]
+            reports = [(variants[0], "", counts)]
+            if not model_prefix:  # the compared model: its first variant only
+                reports += [(v, f"{v}/", by_variant[v]) for v in variants[1:]]
+            for variant, vprefix, var_counts in reports:
+                prefix = model_prefix + vprefix
+                vdir = out / prefix if prefix else out
+                vdir.mkdir(parents=True, exist_ok=True)
+                for name in names:
+                    entry, flat, per_class = report_set(
+                        name, vocabs[name], var_counts[name], cfg, vdir, variant=variant, text=text_source, gamma=gamma
+                    )
+                    if model_prefix:
+                        entry["model"] = {"stage": art.stage, "key": art.key}
+                    doc[f"{prefix}{name}"] = entry
+                    result.update({f"{prefix}{name}/{k}": val for k, val in flat.items()})
+                    log_extra.update({f"{prefix}{name}/iou/{k}": val for k, val in per_class.items()})
+            if not model_prefix:
+                fps = fps_record(cfg, timing, counts, gpus, pass_seconds)
+                if fps["overall"]["images_per_s"] is not None:
+                    result["fps"] = fps["overall"]["images_per_s"]
         (out / "metrics.json").write_text(json.dumps(json_safe(doc), indent=1) + "\n")
         (out / "fps.json").write_text(json.dumps(json_safe(fps), indent=2) + "\n")
         result = {k: float(v) for k, v in result.items() if math.isfinite(v)}
@@ -620,6 +669,7 @@ class Evaluate(Stage):
         out: list[Any] = [metrics_table(metrics)]
         extra = dict.fromkeys(k.split("/", 1)[0] for k in metrics if k.count("/") == 2)
         out += [metrics_table(metrics, variant=v) for v in extra]
+        out += [comparison_table(metrics, v) for v in extra if v in MODEL_STAGES]
         line = fps_line(metrics)
         if line:
             out.append(line)
@@ -634,10 +684,13 @@ def report_set(
     out_dir: Path,
     variant: str | None = None,
     text: str = "embeddings",
+    gamma: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, float], dict[str, float]]:
     """One set's (one variant's) metrics from its confusion matrices: its ``metrics.json`` entry,
     its flat metrics (``{"hIoU": .., "zs3_mIoU": .., ...}``), its per-class IoU by class name; and
-    its ``per_class_<set>.md`` / ``per_class_iou_<set>.png`` written into ``out_dir``."""
+    its ``per_class_<set>.md`` / ``per_class_iou_<set>.png`` written into ``out_dir``. ``gamma``:
+    the calibration applied (default: the config's, 0 when unset)."""
+    g = float(gamma if gamma is not None else (cfg.gamma or 0.0))
     from zeroseg.metrics import per_class_table, segmentation_metrics, zs3_metrics
     from zeroseg.plots import plot_per_class_iou
 
@@ -647,7 +700,7 @@ def report_set(
     entry: dict[str, Any] = {
         "images": c["images"],
         "pixels": c["pixels"],
-        "gamma": cfg.gamma,
+        "gamma": g,
         "protocol": cfg.protocol,
         "text": text,
         "gzs3": {**m.summary(), "per_class": m.per_class(list(v.names)), "confusion_matrix": c["gzs3"].tolist()},
@@ -664,11 +717,11 @@ def report_set(
     flat["zs3_mIoU"], flat["zs3_pAcc"] = z["mIoU"], z["pAcc"]
     per_class = {row["name"]: row["iou"] for row in m.per_class(list(v.names)) if row["iou"] is not None}
     label = f"{name}{f' [{variant}]' if variant else ''}"
-    title = f"{label}: per-class IoU (GZS3{f', gamma={cfg.gamma:g}' if cfg.gamma else ''})"
+    title = f"{label}: per-class IoU (GZS3{f', gamma={g:g}' if g else ''})"
     (out_dir / f"per_class_{name}.md").write_text(
         f"# {label}: per-class GZS3 results (percent)\n\n"
         + " | ".join(f"{k} {val:.2f}" if math.isfinite(val) else f"{k} n/a" for k, val in m.summary().items())
-        + f"\n\nimages {c['images']}, gamma {cfg.gamma:g}, protocol {cfg.protocol}; IoU n/a = class absent from "
+        + f"\n\nimages {c['images']}, gamma {g:g}, protocol {cfg.protocol}; IoU n/a = class absent from "
         "ground truth and prediction (excluded from means)\n\n" + per_class_table(m, list(v.names))
     )
     plot_per_class_iou(
@@ -744,13 +797,35 @@ def metrics_table(metrics: Mapping[str, Any], variant: str | None = None) -> Any
             sets.setdefault(parts[1], {})[parts[2]] = v
     rows = [m for m in HEADLINE if any(m in d for d in sets.values())]
     rows += sorted({m for d in sets.values() for m in d} - set(rows))
-    title = "evaluation" + (f", variant {variant}" if variant else "")
+    if variant in MODEL_STAGES:
+        title = f"evaluation of the compared model ({variant}, evaluate.compare)"
+    else:
+        title = "evaluation" + (f", variant {variant}" if variant else "")
     t = Table(title=f"{title} (percent; GZS3 unless marked zs3)", title_justify="left")
     t.add_column("metric", no_wrap=True)
     for s in sets:
         t.add_column(s, justify="right", no_wrap=True)
     for m in rows:
         t.add_row(m, *[_fmt(d[m]) if m in d else "-" for d in sets.values()])
+    return t
+
+
+def comparison_table(metrics: Mapping[str, Any], compared: str) -> Any:
+    """The evaluated model beside the compared one (``evaluate.compare``): per set and headline
+    metric, the compared model's value, the model's and the difference (model - compared), in
+    percentage points."""
+    from rich.table import Table
+
+    t = Table(title=f"model vs {compared} (evaluate.compare; percent, difference in points)", title_justify="left")
+    for col in ("set", "metric", compared, "model", "difference"):
+        t.add_column(col, justify="left" if col in ("set", "metric") else "right", no_wrap=True)
+    sets = dict.fromkeys(k.split("/")[1] for k in metrics if k.startswith(f"{compared}/") and k.count("/") == 2)
+    for name in sets:
+        for m in ("hIoU", "mIoU_seen", "mIoU_unseen", "mIoU", "pAcc"):
+            a, b = metrics.get(f"{compared}/{name}/{m}"), metrics.get(f"{name}/{m}")
+            if a is None or b is None:
+                continue
+            t.add_row(name, m, _fmt(float(a)), _fmt(float(b)), f"{float(b) - float(a):+.2f}")
     return t
 
 
@@ -767,6 +842,8 @@ def fps_line(metrics: Mapping[str, Any]) -> str | None:
 
 
 __all__ = [
+    "MODEL_STAGES",
+    "comparison_table",
     "Evaluate",
     "EvaluateConfig",
     "SegmenterPredictor",

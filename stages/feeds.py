@@ -18,6 +18,15 @@ The training feed (:func:`train_dataset`)::
 
 read by training workers with ``ray.train.get_dataset_shard("train").iter_torch_batches``.
 
+The leakage guard's runtime half (:func:`leakage_guard`): every training stage hands the feed the
+table of label values no training label may hold (the unseen class ids of the training
+vocabulary); the decode UDF checks each decoded label PNG against it *before* the remap (which would
+hide a leak by mapping the id to ignore) and raises ``LeakageError`` naming the image. The lookup
+table is checked on the driver: it may not map an unseen id to anything but ignore. A transductive
+split's training labels hold no unseen id either (their unseen pixels carry the unlabelled value);
+self_train's feed adds the held-out unseen labels as a separate ``heldout`` column (``heldout=True``),
+which only its diagnostic reads.
+
 Determinism: a sample's augmentation is drawn from ``sample_rng(seed, image_id, pass)`` where
 ``pass`` is the dataset's execution index (0, 1, 2, ... one per epoch; the training package
 offsets it to the resumed epoch); the row order of pass ``p`` is seeded by ``(seed, p)``. Both
@@ -26,7 +35,8 @@ are independent of how many decode tasks run and where.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,8 +52,9 @@ from zeroseg.data.transforms import (
     remap_label,
     sample_rng,
     train_transform,
+    train_transform_with,
 )
-from zeroseg.errors import DataError
+from zeroseg.errors import DataError, LeakageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -115,10 +126,88 @@ def decode_pair(image_uri: str, label_uri: str) -> tuple[np.ndarray, np.ndarray]
     return out[0], out[1]
 
 
+def leakage_guard(splits: Artifact, lut: np.ndarray) -> np.ndarray:
+    """The runtime leakage guard of a training feed over ``splits`` with lookup table ``lut``:
+    ``bool [len(lut)]``, True for the label values no training label may hold (the unseen class
+    ids of ``classes.json``'s training vocabulary); pass it to :func:`train_dataset`.
+
+    Raises:
+        LeakageError: ``lut`` maps an unseen class id to a training id (naming the class).
+        DataError: ``classes.json`` is missing or malformed.
+    """
+    from stages.common import vocabularies
+    from zeroseg.data.transforms import lut_ignore_index
+
+    lut = np.asarray(lut)
+    vocab = vocabularies(splits)["train"]
+    ignore = lut_ignore_index(lut)
+    unseen = [int(u) for u in vocab.unseen if int(u) < len(lut)]
+    bad = [u for u in unseen if int(lut[u]) != ignore]
+    if bad:
+        raise LeakageError(
+            f"leakage guard: the training lookup table maps unseen class(es) "
+            f"{[vocab.names[u] for u in bad]} (ids {bad}) to training ids {[int(lut[u]) for u in bad]}; unseen "
+            "classes must map to ignore"
+        )
+    forbidden = np.zeros(len(lut), dtype=bool)
+    forbidden[unseen] = True
+    return forbidden
+
+
+def check_leakage(label: np.ndarray, forbidden: np.ndarray | None, image_id: str, uri: str) -> None:
+    """Raise ``LeakageError`` when the decoded training ``label`` (vocabulary ids) holds a value
+    ``forbidden`` marks (:func:`leakage_guard`), naming the image, the file and the ids."""
+    if forbidden is None:
+        return
+    hit = forbidden[label]
+    if hit.any():
+        ids = sorted({int(v) for v in np.unique(label[hit])})
+        raise LeakageError(
+            f"leakage guard: training image {image_id!r} ({uri}) has {int(hit.sum())} pixel(s) labelled with "
+            f"unseen class id(s) {ids}; a training label never holds an unseen class (re-run build_splits; "
+            "the build_splits artifact was altered)"
+        )
+
+
+def decode_set_batch(batch: Mapping[str, np.ndarray], set_column: str, what: str) -> dict[str, list[Any]]:
+    """Decode a Ray Data batch of eval-set manifest rows (an evaluator's ``load``).
+
+    Args:
+        batch: columns ``set_column`` (the set's name), ``image_uri``, ``label_uri``.
+        set_column: the set-name column (``pipeline.inference`` adds it).
+        what: how errors name the set, e.g. ``"eval set"``.
+
+    Returns:
+        ``{"images": [uint8 [H, W, 3]], "labels": [uint8 or uint16 [H, W]], "label_uris": [str],
+        "sets": [str]}``, one entry per row, in order.
+
+    Raises:
+        DataError: a row's image or label cannot be read or decoded, naming the set and the URI.
+    """
+    out: dict[str, list[Any]] = {"images": [], "labels": [], "label_uris": [], "sets": []}
+    for name, img_uri, lbl_uri in zip(batch[set_column], batch["image_uri"], batch["label_uri"]):
+        try:
+            image, label = decode_pair(str(img_uri), str(lbl_uri))
+        except DataError as e:
+            raise DataError(f"{what} {str(name)!r}: {e}") from None
+        out["images"].append(image)
+        out["labels"].append(label)
+        out["label_uris"].append(str(lbl_uri))
+        out["sets"].append(str(name))
+    return out
+
+
 def decode_train_batch(
-    batch: dict[str, np.ndarray], *, lut: np.ndarray, augment: AugmentConfig, seed: int, epoch: int | None = None
+    batch: dict[str, np.ndarray],
+    *,
+    lut: np.ndarray,
+    augment: AugmentConfig,
+    seed: int,
+    epoch: int | None = None,
+    forbidden: np.ndarray | None = None,
+    heldout: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The training ``map_batches`` UDF: decode, remap labels, augment, normalise.
+    """The training ``map_batches`` UDF: decode, check (leakage guard), remap labels, augment, normalise.
 
     Args:
         batch: numpy batch with ``image_id``, ``image_uri``, ``label_uri`` (strings).
@@ -128,13 +217,20 @@ def decode_train_batch(
         augment: augmentation settings.
         seed: the run's data seed.
         epoch: the pass index for the augmentation seed (default: the Ray Data pass index).
+        forbidden: :func:`leakage_guard`'s table (None: no check).
+        heldout: also decode the ``heldout_uri`` column's held-out unseen labels (transductive
+            splits) into ``heldout`` (int32: unseen vocabulary ids, 255 / 65535 elsewhere), with the
+            same geometry as the label (``zeroseg.data.transforms.train_transform_with``), and
+            ``valid`` (uint8: 0 on the padding the augmentation added, 1 on the image).
 
     Returns:
         ``{"image": float32 [B, 3, h, w], "label": uint8 [B, h, w]}`` with ``(h, w) =
         augment.crop_size``; with a ``uint16`` lut the labels are ``int32`` (training ids, 65535
-        ignore: torch's uint16 tensors support few operations).
+        ignore: torch's uint16 tensors support few operations); plus ``"heldout"`` and ``"valid"``
+        with ``heldout``.
 
     Raises:
+        LeakageError: a label holds an unseen class id (``forbidden``).
         DataError: an image or label cannot be read or decoded, or their sizes differ (names the
             image id and files).
     """
@@ -146,15 +242,35 @@ def decode_train_batch(
     ch, cw = augment.crop_size
     images = np.empty((n, 3, ch, cw), dtype=np.float32)
     labels = np.empty((n, ch, cw), dtype=np.uint8 if lut.dtype == np.uint8 else np.int32)
+    held = np.empty((n, ch, cw), dtype=np.int32) if heldout else None
+    valid = np.empty((n, ch, cw), dtype=np.uint8) if heldout else None
     for i in range(n):
         image_id, img_uri, lbl_uri = str(ids[i]), str(img_uris[i]), str(lbl_uris[i])
         try:
             image, label = decode_pair(img_uri, lbl_uri)
+            check_leakage(label, forbidden, image_id, lbl_uri)
             label = remap_label(label, lut)
-            images[i], labels[i] = train_transform(image, label, augment, sample_rng(seed, image_id, epoch))
+            rng = sample_rng(seed, image_id, epoch)
+            if held is None:
+                images[i], labels[i] = train_transform(image, label, augment, rng)
+            else:
+                h_uri = str(batch["heldout_uri"][i])
+                h = decode_label(h_uri if "://" not in h_uri else read_bytes(h_uri))
+                # inside the image "not unseen" becomes ignore - 1 (no class of a transductive
+                # vocabulary), so that ignore after the transform is exactly the padding
+                hi = 255 if h.dtype == np.uint8 else 65535
+                h = np.where(h == hi, hi - 1, h).astype(h.dtype)
+                images[i], labels[i], ht = train_transform_with(image, label, h, augment, rng)
+                valid[i] = ht != hi
+                held[i] = np.where(ht >= hi - 1, hi, ht)
+        except LeakageError:
+            raise
         except DataError as e:
             raise DataError(f"training image {image_id!r}: {e}") from None
-    return {"image": images, "label": labels}
+    out = {"image": images, "label": labels}
+    if held is not None:
+        out["heldout"], out["valid"] = held, valid
+    return out
 
 
 def train_dataset(
@@ -168,6 +284,8 @@ def train_dataset(
     num_cpus: float = 1.0,
     concurrency: int | tuple[int, int] | None = None,
     shuffle: bool = True,
+    guard: np.ndarray | None = None,
+    heldout: bool = False,
 ) -> ray.data.Dataset:
     """The training feed: manifest rows -> augmented ``image``/``label`` arrays.
 
@@ -183,6 +301,10 @@ def train_dataset(
         num_cpus: CPUs reserved per decode task (fractions allowed).
         concurrency: ``map_batches`` concurrency (``None``: Ray Data decides).
         shuffle: shuffle the rows every epoch (seeded by ``(seed, pass)``).
+        guard: :func:`leakage_guard`'s table: every decoded label is checked against it (the
+            training stages pass it; None: no check).
+        heldout: add the ``heldout`` column (the manifest's held-out unseen labels of a
+            transductive split; :func:`decode_train_batch`).
 
     Returns:
         A lazy dataset with columns ``image`` (float32 ``[3, h, w]``) and ``label``
@@ -197,7 +319,19 @@ def train_dataset(
 
     lut = np.asarray(lut)
     check_lut(lut)
-    table = manifest_table(splits, split).select(list(URI_COLUMNS))
+    table = manifest_table(splits, split)
+    if heldout:
+        if "heldout" not in table.column_names:
+            raise DataError(
+                f"manifests/{split}.parquet of build_splits {splits.key[:12]} has no held-out unseen labels "
+                "(column 'heldout'): the split is not transductive (build_splits.transductive: true)"
+            )
+        import pyarrow as pa
+
+        uris = [splits.file_uri(p) for p in table.column("heldout").to_pylist()]
+        table = table.select(list(URI_COLUMNS)).append_column("heldout_uri", pa.array(uris, pa.string()))
+    else:
+        table = table.select(list(URI_COLUMNS))
     if table.num_rows == 0:
         raise DataError(f"training manifest manifests/{split}.parquet of build_splits {splits.key[:12]} has no rows")
     ds = ray.data.from_arrow(table)
@@ -210,7 +344,7 @@ def train_dataset(
     ds.context.op_resource_reservation_enabled = False
     return ds.map_batches(
         carry_user_errors(decode_train_batch),
-        fn_kwargs={"lut": lut, "augment": augment, "seed": int(seed)},
+        fn_kwargs={"lut": lut, "augment": augment, "seed": int(seed), "forbidden": guard, "heldout": heldout},
         batch_size=block_rows,
         batch_format="numpy",
         num_cpus=num_cpus,
@@ -218,4 +352,12 @@ def train_dataset(
     )
 
 
-__all__ = ["URI_COLUMNS", "decode_pair", "decode_train_batch", "manifest_table", "train_dataset"]
+__all__ = [
+    "URI_COLUMNS",
+    "check_leakage",
+    "decode_pair",
+    "decode_train_batch",
+    "leakage_guard",
+    "manifest_table",
+    "train_dataset",
+]

@@ -402,19 +402,9 @@ class ProposalPredictor:
         self.info = {"input_size": list(self.size)}
 
     def load(self, batch: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
-        from stages.feeds import decode_pair
+        from stages.feeds import decode_set_batch
 
-        out: dict[str, list[Any]] = {"images": [], "labels": [], "label_uris": [], "sets": []}
-        for name, img_uri, lbl_uri in zip(batch[SET_COLUMN], batch["image_uri"], batch["label_uri"]):
-            try:
-                image, label = decode_pair(str(img_uri), str(lbl_uri))
-            except DataError as e:
-                raise DataError(f"recall set {str(name)!r}: {e}") from None
-            out["images"].append(image)
-            out["labels"].append(label)
-            out["label_uris"].append(str(lbl_uri))
-            out["sets"].append(str(name))
-        return out
+        return decode_set_batch(batch, SET_COLUMN, "recall set")
 
     def __call__(self, inputs: Mapping[str, list[Any]]) -> dict[str, Any]:
         import torch
@@ -513,7 +503,7 @@ class PretrainProposals(Stage):
         from pipeline.inference import reduce
         from pipeline.training import fit
         from pipeline.uri import join
-        from stages.feeds import train_dataset
+        from stages.feeds import leakage_guard, train_dataset
         from zeroseg.data.transforms import lut_ignore_index, make_lut
         from zeroseg.evaluation import RECALL_GROUPS, ProposalRecallEvaluator
         from zeroseg.metrics import json_safe
@@ -567,7 +557,9 @@ class PretrainProposals(Stage):
         # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
         lut = make_lut({c: i for i, c in enumerate(seen)}, source_classes=len(train_vocab.names))
         loop_config["ignore_index"] = lut_ignore_index(lut)
-        ds = train_dataset(splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows)
+        ds = train_dataset(
+            splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
+        )
         bar = ctx.progress(cfg.train.max_steps, "steps")
         result = fit(
             proposals_train_loop,

@@ -59,6 +59,10 @@ class TrainClassifier(Stage):
         m = self.method(config)
         return [__name__, m.module, *m.code]
 
+    def facts(self, config: Any) -> dict[str, Any]:
+        """``{"method": name}``: what a stage warm-started from this artifact may check at plan time."""
+        return {"method": config.method}
+
     def notices(self, config: Any) -> list[str]:
         return random_weights_notice(config.clip)
 

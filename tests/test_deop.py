@@ -96,6 +96,26 @@ def test_identity_severance_makes_every_patch_independent(tiny, h, w):
         assert bool(((pb - pa).abs().amax(-1) > 1e-6).all())
 
 
+def test_partial_severance_by_hand():
+    """Eq. 2 with alpha = 0.5 on one 1-head block whose projections are identities and two tokens
+    e1, e2 (width 2): Q = K = V = I, so Attn = softmax(I / sqrt 2) row-wise = [[p, 1-p], [1-p, p]]
+    with p = sigmoid(1 / sqrt 2) = 0.66976, and F_out = (0.5 I + 0.5 Attn) V
+    = [[0.83488, 0.16512], [0.16512, 0.83488]] (worked by hand)."""
+    attn = torch.nn.MultiheadAttention(2, 1)
+    with torch.no_grad():
+        attn.in_proj_weight.copy_(torch.cat([torch.eye(2)] * 3))
+        attn.in_proj_bias.zero_()
+        attn.out_proj.weight.copy_(torch.eye(2))
+        attn.out_proj.bias.zero_()
+    block = torch.nn.Module()
+    block.attn = attn
+    hook = severance_hook(cfg(severance="alpha", alpha=0.5), None)
+    with torch.no_grad():
+        out = hook(block, torch.eye(2).unsqueeze(0))
+    expected = torch.tensor([[[0.83488, 0.16512], [0.16512, 0.83488]]])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
 def test_mask_weighted_severance_with_unit_weights_is_identity(tiny):
     """The released mask-weighted GPS scales each value by sum_n sigmoid(m_n) ([CLS]: Q). With one
     proposal whose sigmoid is 1 everywhere every weight is 1: identity severance exactly. With two

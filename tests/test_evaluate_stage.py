@@ -756,8 +756,11 @@ def test_config_schema():
         "splits": ("build_splits",),
         "text": ("embed_text",),
         "model": ("train_classifier", "train_generator", "self_train"),
+        "compare": ("train_classifier", "train_generator", "self_train"),
     }
-    assert all(i.required for i in Evaluate.INPUTS.values())
+    # compare (a second model scored beside model) binds only when named
+    assert [r for r, i in Evaluate.INPUTS.items() if not i.required] == ["compare"]
+    assert not Evaluate.INPUTS["compare"].auto
     c = EvaluateConfig()
     assert (
         c.sets,
@@ -769,7 +772,7 @@ def test_config_schema():
         c.warmup_batches,
         c.max_images,
         c.resolution,
-    ) == (None, 4, 0.0, "auto", None, 1, 1, None, None)
+    ) == (None, 4, None, "auto", None, 1, 1, None, None)  # gamma unset: the model artifact's default_gamma
     for bad in ({"gama": 0.1}, {"device": "tpu"}, {"batch_size": 0}, {"resolution": [224]}, {"gamma": -1}):
         (field,) = bad
         with pytest.raises(pydantic.ValidationError, match=rf"(?m)^{field}\b"):  # the error names the field
@@ -777,7 +780,7 @@ def test_config_schema():
     # what enters the key: the scoring settings; resources, batching and timing do not
     assert hashed_view(c) == {
         "sets": None,
-        "gamma": 0.0,
+        "gamma": None,
         "max_images": None,
         "resolution": None,
         # the test protocol (tests/test_protocols.py) changes the scores: hashed

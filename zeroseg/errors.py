@@ -17,3 +17,8 @@ class BadImageError(DataError):
 
 class ConfigError(ZerosegError, ValueError):
     """Bad configuration: unknown key, unknown class name, inconsistent settings, ..."""
+
+
+class LeakageError(DataError):
+    """The leakage guard: a training target would carry an unseen class (an unseen class id in a
+    training label, or a lookup table mapping one to a training id). Names the image or the id."""

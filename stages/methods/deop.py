@@ -196,7 +196,7 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
     import torch
 
     from pipeline.training import fit
-    from stages.feeds import train_dataset
+    from stages.feeds import leakage_guard, train_dataset
     from zeroseg.data.transforms import lut_ignore_index, make_lut
     from zeroseg.models import save_segmenter
 
@@ -217,7 +217,9 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
     )
     # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
     lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)}, source_classes=len(train_vocab.names))
-    ds = train_dataset(splits, lut, augment, cfg.train.seed, block_rows=cfg.block_rows)
+    ds = train_dataset(
+        splits, lut, augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
+    )
     spec = cfg.clip.model_dump(mode="json")
     loop_config = {
         "ignore_index": lut_ignore_index(lut),

@@ -33,11 +33,15 @@ from zeroseg.config.clip import ClipSpec, model_embed_dim
 from zeroseg.config.zegclip import ZegCLIPConfig
 from zeroseg.data.transforms import AugmentConfig
 
+#: The seen-class calibration ZegCLIP's released inductive inference applies (``semantic_inference(...,
+#: 0.1)``): the artifact's ``default_gamma``, which evaluate uses when ``evaluate.gamma`` is unset.
+INDUCTIVE_GAMMA = 0.1
 
-class ZegCLIPMethod(StageConfig):
-    """``train_classifier`` with ``method: zegclip``.
 
-    ``model``: ZegCLIP's hyperparameters (:class:`zeroseg.config.zegclip.ZegCLIPConfig`);
+class ZegCLIPSolver(StageConfig):
+    """ZegCLIP's training sections, shared by ``train_classifier`` (``method: zegclip``) and
+    ``self_train`` (the released self-training run keeps the inductive run's optimiser settings).
+
     ``train`` / ``scaling``: the training package's sections (steps, per-worker batch, lr and its
     reference global batch, checkpoints, precision, accumulation, clipping / workers and
     resources); ``augment``: the training crops. Schedule (``zeroseg.models.zegclip.zegclip_lr_factor``,
@@ -48,9 +52,6 @@ class ZegCLIPMethod(StageConfig):
     (32 keeps the feed level with a PyTorch DataLoader on 2 CPUs: ``benchmarks/bench_train_feed.py``).
     """
 
-    method: Literal["zegclip"]
-    clip: ClipSpec
-    model: ZegCLIPConfig = ZegCLIPConfig()
     train: TrainSection = TrainSection(max_steps=20000, batch_size=4, lr=2e-5, reference_batch_size=16)
     scaling: ScalingSection = ScalingSection()
     augment: AugmentConfig = AugmentConfig()
@@ -61,6 +62,27 @@ class ZegCLIPMethod(StageConfig):
     poly_power: float = Field(0.9, ge=0)
     min_lr: float = Field(1e-6, ge=0)
     block_rows: Annotated[int, Runtime(why="decode task size")] = Field(32, gt=0)
+
+    def solver(self) -> dict[str, Any]:
+        """The loop config entries of :func:`zegclip_optimizer`."""
+        return {
+            "weight_decay": self.weight_decay,
+            "head_lr_mult": self.head_lr_mult,
+            "warmup_steps": self.warmup_steps,
+            "warmup_ratio": self.warmup_ratio,
+            "poly_power": self.poly_power,
+            "min_lr": self.min_lr,
+        }
+
+
+class ZegCLIPMethod(ZegCLIPSolver):
+    """``train_classifier`` with ``method: zegclip``: ``model``: ZegCLIP's hyperparameters
+    (:class:`zeroseg.config.zegclip.ZegCLIPConfig`); the training sections of :class:`ZegCLIPSolver`.
+    """
+
+    method: Literal["zegclip"]
+    clip: ClipSpec
+    model: ZegCLIPConfig = ZegCLIPConfig()
 
     @model_validator(mode="after")
     def _one_resolution(self) -> ZegCLIPMethod:
@@ -120,8 +142,27 @@ def zegclip_train_loop(loop: Any) -> None:
     text = torch.tensor(np.asarray(cfg["seen_text"], dtype=np.float32))
     # the last decoder layer's FFN feeds no mask (masks are its attention logits, Eq. 2)
     model = loop.prepare(_loss_module(seg, text, cfg.get("ignore_index", 255)), find_unused_parameters=True)
+    opt, sched = zegclip_optimizer(loop, seg)
+    loop.restore(model, opt, sched, model_state=(seg.trainable_state_dict, seg.load_trainable_state_dict))
+    model.train()
+    for batch in loop.batches("train"):  # micro-batches, tensors already on loop.device
+        images = batch["image"]
+        target = batch["label"].long()
+        with loop.autocast():
+            out = model(images, target)
+        loop.step(out["loss"], images=len(images), **{k: float(v.detach()) for k, v in out.items() if k != "loss"})
+
+
+def zegclip_optimizer(loop: Any, seg: Any) -> tuple[Any, Any]:
+    """ZegCLIP's released optimiser and schedule for ``seg`` in a worker: AdamW over
+    ``seg.optimizer_param_groups`` at ``loop.lr x head_lr_mult`` and the poly schedule with linear
+    warm-up (``zegclip_lr_factor``) over ``loop.train.max_steps``, from ``loop.config``'s
+    :meth:`ZegCLIPSolver.solver` entries. Returns ``(optimizer, scheduler)``."""
+    import torch
+
     from zeroseg.models.zegclip import zegclip_lr_factor
 
+    cfg = loop.config
     groups = seg.optimizer_param_groups(cfg["weight_decay"])
     for g in groups:  # ZegCLIP's released config: lr_mult 10 for the prompts and the head
         g["lr"] = loop.lr * cfg["head_lr_mult"]
@@ -139,14 +180,7 @@ def zegclip_train_loop(loop: Any) -> None:
             warmup_ratio=cfg["warmup_ratio"],
         ),
     )
-    loop.restore(model, opt, sched, model_state=(seg.trainable_state_dict, seg.load_trainable_state_dict))
-    model.train()
-    for batch in loop.batches("train"):  # micro-batches, tensors already on loop.device
-        images = batch["image"]
-        target = batch["label"].long()
-        with loop.autocast():
-            out = model(images, target)
-        loop.step(out["loss"], images=len(images), **{k: float(v.detach()) for k, v in out.items() if k != "loss"})
+    return opt, sched
 
 
 def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
@@ -167,7 +201,7 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
     import torch
 
     from pipeline.training import fit
-    from stages.feeds import train_dataset
+    from stages.feeds import leakage_guard, train_dataset
     from zeroseg.data.transforms import lut_ignore_index, make_lut
     from zeroseg.models import save_segmenter
 
@@ -181,19 +215,16 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
     model_cfg = cfg.model.model_dump(mode="json")
     # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
     lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)}, source_classes=len(train_vocab.names))
-    ds = train_dataset(splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows)
+    ds = train_dataset(
+        splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
+    )
     spec = cfg.clip.model_dump(mode="json")
     loop_config = {
         "ignore_index": lut_ignore_index(lut),
         "clip": spec,
         "model": model_cfg,
         "seen_text": seen_text.tolist(),
-        "weight_decay": cfg.weight_decay,
-        "head_lr_mult": cfg.head_lr_mult,
-        "warmup_steps": cfg.warmup_steps,
-        "warmup_ratio": cfg.warmup_ratio,
-        "poly_power": cfg.poly_power,
-        "min_lr": cfg.min_lr,
+        **cfg.solver(),
     }
     bar = ctx.progress(cfg.train.max_steps, "steps")
     result = fit(
@@ -211,7 +242,7 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
     seg = build_model(spec, model_cfg)
     seg.load_trainable_state_dict(result.model_state(), source=result.checkpoint_uri)
     trainable = seg.trainable_state_dict()
-    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegclip", trainable)
+    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegclip", trainable, extra={"default_gamma": INDUCTIVE_GAMMA})
     return {
         "steps": result.steps,
         "global_batch_size": result.global_batch_size,

@@ -20,6 +20,15 @@ annotations, only crowd regions, or only unseen pixels under ``ignore``) is drop
 (they count ``no_labelled_pixels`` in the stats) so that an eval set holds every image of its
 source.
 
+Transductive training (ZegCLIP Sec. 4.3, ``build_splits.transductive``): policy ``unlabeled``
+keeps the image and writes its unseen pixels as :func:`unlabeled_index` (255 - 1 = 254 for
+``uint8`` labels, 65534 for ``uint16``), a value distinct from ignore that carries no class: the
+training labels say which pixels have no seen label and hidden unseen ground truth, never which
+unseen class they hold. The unseen ground truth itself goes to a separate *held-out* label
+(:func:`heldout_label`: unseen ids on unseen pixels, ignore elsewhere), read only by self_train's
+pseudo-label diagnostic, never as a target. An image whose label is all ignore is still dropped;
+one with unlabelled-unseen pixels only is kept (self-training pseudo-labels them).
+
 Frequency split (:func:`frequency_split`, ZegFormer's ADE20k-Full benchmark): seen = the classes
 present in more than ``min_images`` training images, counted (:func:`images_per_class`) on the
 results of a policy-free pass over the training images (the labels before the unseen policy).
@@ -52,6 +61,10 @@ from zeroseg.data.readers import (
 from zeroseg.errors import BadImageError, ConfigError, DataError
 
 POLICIES = ("ignore", "drop")
+#: The transductive training policy: unseen pixels -> :func:`unlabeled_index` (module docstring).
+UNLABELED_POLICY = "unlabeled"
+#: Training policies (an all-ignore training image is dropped under each).
+TRAIN_POLICIES = (*POLICIES, UNLABELED_POLICY)
 EVAL_POLICY = "eval"
 ON_BAD_IMAGE = ("error", "skip")
 TRAIN_SPLIT = "train"
@@ -62,10 +75,12 @@ DROP_UNSEEN = "unseen_pixels"
 DROP_EMPTY = "no_labelled_pixels"
 
 
-def manifest_schema():
+def manifest_schema(heldout: bool = False):
     """The pyarrow schema of a manifest (docs/architecture.md, build_splits): ``image`` is the
     image's path relative to its dataset's image folder, ``label`` the label PNG's path relative
-    to the build_splits artifact (a manifest holds no absolute path)."""
+    to the build_splits artifact (a manifest holds no absolute path). ``heldout``: the schema of
+    a transductive training manifest, with the ``heldout`` column (the held-out unseen label's
+    path relative to the artifact)."""
     import pyarrow as pa
 
     return pa.schema(
@@ -77,8 +92,34 @@ def manifest_schema():
             ("width", pa.int32()),
             ("classes", pa.list_(pa.int32())),
             ("dataset", pa.string()),
+            *((("heldout", pa.string()),) if heldout else ()),
         ]
     )
+
+
+def unlabeled_index(ignore: int) -> int:
+    """The label value of an unlabelled-unseen pixel in a transductive training label whose
+    ignore is ``ignore``: ``ignore - 1`` (254 for ``uint8`` labels, 65534 for ``uint16``)."""
+    return int(ignore) - 1
+
+
+def check_transductive_vocabulary(num_classes: int, dataset: str, key: str = "build_splits.transductive") -> int:
+    """The unlabelled-unseen value for a vocabulary of ``num_classes`` classes (:func:`unlabeled_index`).
+
+    Raises:
+        ConfigError: the value is a class id (255 classes in ``uint8`` labels, 65535 in ``uint16``):
+            naming ``key``.
+    """
+    from zeroseg.data.classes import label_ignore_index
+
+    value = unlabeled_index(label_ignore_index(num_classes))
+    if num_classes > value:
+        raise ConfigError(
+            f"{key}: dataset {dataset!r} has {num_classes} classes, so label value {value} is a class id and cannot "
+            "mark unlabelled-unseen pixels; transductive splits take at most 254 classes (8-bit labels) or "
+            "65534 (16-bit)"
+        )
+    return value
 
 
 # -- deterministic splitting -----------------------------------------------------------------
@@ -121,7 +162,7 @@ def make_records(
         unseen: the unseen vocabulary ids of this split's vocabulary.
         num_classes: the vocabulary size.
     """
-    if policy not in (*POLICIES, EVAL_POLICY):
+    if policy not in (*TRAIN_POLICIES, EVAL_POLICY):
         raise ConfigError(f"unseen_policy {policy!r} is unknown; use one of {', '.join(POLICIES)}")
     u = sorted(int(i) for i in unseen)
     return [
@@ -141,7 +182,8 @@ def apply_unseen_policy(
             vocabulary of more than 255 classes).
         unseen: unseen vocabulary ids.
         policy: ``ignore`` (unseen pixels -> ignore), ``drop`` (PADing: drop the image if it has one
-            unseen pixel, crowd regions included) or ``eval`` (unchanged).
+            unseen pixel, crowd regions included), ``unlabeled`` (transductive: unseen pixels ->
+            :func:`unlabeled_index`) or ``eval`` (unchanged).
         crowd: ``(vocabulary id, pixels)`` of the image's crowd regions.
 
     Returns:
@@ -156,10 +198,22 @@ def apply_unseen_policy(
     n_crowd = sum(px for c, px in crowd if c in set(unseen))
     if policy == "drop":
         return (None if n + n_crowd > 0 else label), n + n_crowd
-    if policy == "ignore" and n:
+    if policy in ("ignore", UNLABELED_POLICY) and n:
         label = label.copy()
-        label[mask] = label_ignore(label)
+        ignore = label_ignore(label)
+        label[mask] = ignore if policy == "ignore" else unlabeled_index(ignore)
     return label, n + n_crowd
+
+
+def heldout_label(label: np.ndarray, unseen: Sequence[int]) -> np.ndarray:
+    """The held-out unseen ground truth of a transductive training image: ``label``'s unseen
+    class ids on its unseen pixels, ignore everywhere else (same dtype). Read only by
+    self_train's pseudo-label diagnostic, never as a training target."""
+    out = np.full_like(label, label_ignore(label))
+    if len(unseen):
+        mask = np.isin(label, np.asarray(unseen, dtype=label.dtype))
+        out[mask] = label[mask]
+    return out
 
 
 def label_ignore(label: np.ndarray) -> int:
@@ -179,6 +233,14 @@ def label_ignore(label: np.ndarray) -> int:
 def process_record(
     record: Mapping[str, Any], on_bad_image: str = "error", encode: bool = True
 ) -> tuple[dict[str, Any], bytes | None]:
+    """:func:`process_record_heldout` without the held-out label (see there)."""
+    res, png, _ = process_record_heldout(record, on_bad_image, encode)
+    return res, png
+
+
+def process_record_heldout(
+    record: Mapping[str, Any], on_bad_image: str = "error", encode: bool = True
+) -> tuple[dict[str, Any], bytes | None, bytes | None]:
     """Decode-check, rasterise and apply the policy to one image (the work of one Ray Data row).
 
     Args:
@@ -194,7 +256,10 @@ def process_record(
         after the policy), ``pixels`` (``{id: count}`` after the policy, kept images only),
         ``unseen_pixels`` (before the policy), ``no_annotations``, ``empty`` (all-ignore label);
         ``png`` is the encoded label (vocabulary ids; ``uint8`` with 255 ignore, or 16-bit with
-        65535 ignore for a vocabulary of more than 255 classes) for kept images, else None.
+        65535 ignore for a vocabulary of more than 255 classes) for kept images, else None;
+        third, under policy ``unlabeled``, the encoded :func:`heldout_label` of a kept image (else
+        None). Under ``unlabeled`` ``unlabeled_pixels`` counts the marked pixels and ``classes``
+        never holds the marker.
 
     Raises:
         BadImageError: with ``on_bad_image="error"``: a missing, corrupt or truncated image, or an
@@ -245,24 +310,31 @@ def process_record(
     except BadImageError as e:
         if on_bad_image == "skip":
             res.update(status="skipped", reason=str(e))
-            return res, None
+            return res, None, None
         raise
     res.update(height=int(h), width=int(w))
-    label, n_unseen = apply_unseen_policy(label, record.get("unseen", ()), record["policy"], crowd)
+    policy = record["policy"]
+    held = heldout_label(label, record.get("unseen", ())) if policy == UNLABELED_POLICY else None
+    label, n_unseen = apply_unseen_policy(label, record.get("unseen", ()), policy, crowd)
     res["unseen_pixels"] = n_unseen
     if label is None:
         res.update(status="dropped", reason=DROP_UNSEEN)
-        return res, None
+        return res, None, None
     ignore = label_ignore(label)
     counts = np.bincount(label.ravel(), minlength=ignore + 1)
     res["empty"] = bool(counts[ignore] == label.size)
-    if res["empty"] and record["policy"] in POLICIES:
+    if res["empty"] and policy in TRAIN_POLICIES:
         res.update(status="dropped", reason=DROP_EMPTY)
-        return res, None
-    present = [int(i) for i in np.flatnonzero(counts[:ignore])]
+        return res, None, None
+    upto = unlabeled_index(ignore) if policy == UNLABELED_POLICY else ignore  # the marker is no class
+    present = [int(i) for i in np.flatnonzero(counts[:upto])]
     res["classes"] = present
     res["pixels"] = {str(i): int(counts[i]) for i in present}
-    return res, (encode_png(label) if encode else None)
+    if policy == UNLABELED_POLICY:
+        res["unlabeled_pixels"] = int(counts[upto])
+    if not encode:
+        return res, None, None
+    return res, encode_png(label), (encode_png(held) if held is not None else None)
 
 
 def process_batch(batch: Mapping[str, Any], on_bad_image: str = "error", labels: bool = True) -> dict[str, np.ndarray]:
@@ -273,23 +345,35 @@ def process_batch(batch: Mapping[str, Any], on_bad_image: str = "error", labels:
         labels: return the label PNGs (False: every ``png`` is ``b""``).
 
     Returns:
-        ``{"result": [json of process_record's result], "png": [label PNG bytes, b"" if none]}``.
+        ``{"result": [json of process_record's result], "png": [label PNG bytes, b"" if none],
+        "heldout": [held-out unseen label PNG bytes (policy ``unlabeled``), b"" if none]}``.
 
     Raises:
         DataError: as :func:`process_record` (the stage runs this wrapped in
             ``pipeline.errors.carry_user_errors``, so the driver gets the same error).
     """
-    results, pngs = [], []
+    results, pngs, held = [], [], []
     for raw in batch["record"]:
-        res, png = process_record(json.loads(raw), on_bad_image, encode=labels)
+        res, png, h = process_record_heldout(json.loads(raw), on_bad_image, encode=labels)
         results.append(json.dumps(res))
         pngs.append(png or b"")
-    return {"result": np.array(results, dtype=object), "png": np.array(pngs, dtype=object)}
+        held.append(h or b"")
+    return {
+        "result": np.array(results, dtype=object),
+        "png": np.array(pngs, dtype=object),
+        "heldout": np.array(held, dtype=object),
+    }
 
 
 def label_path(output_dir: str | os.PathLike, split: str, image_id: str) -> Path:
     """Where build_splits writes a label PNG: ``<output_dir>/labels/<split>/<image_id>.png``."""
     return Path(output_dir) / "labels" / split / f"{image_id}.png"
+
+
+def heldout_path(output_dir: str | os.PathLike, split: str, image_id: str) -> Path:
+    """Where build_splits writes a transductive training image's held-out unseen label:
+    ``<output_dir>/heldout/<split>/<image_id>.png``."""
+    return Path(output_dir) / "heldout" / split / f"{image_id}.png"
 
 
 # -- the frequency rule ----------------------------------------------------------------------
@@ -442,7 +526,8 @@ def write_manifest(
         path: the ``.parquet`` file to write (parent directories are created).
         rows: dicts with ``image_id``, ``image`` (relative to the dataset's image folder),
             ``label`` (relative to the artifact), ``height``, ``width``, ``classes`` (vocabulary ids
-            present in the label), ``dataset``.
+            present in the label), ``dataset``; and ``heldout`` (relative to the artifact) in
+            every row of a transductive training manifest (the column is written when all rows have it).
         vocab: the manifest's vocabulary.
         inductive_train: the manifest is an inductive training manifest: no row may carry an
             unseen class.
@@ -476,6 +561,7 @@ def write_manifest(
         if r["image_id"] in ids:
             raise DataError(f"manifest {path}: image id {r['image_id']!r} appears twice")
         ids.add(r["image_id"])
+    heldout = bool(rows) and all("heldout" in r for r in rows)
     table = pa.Table.from_pylist(
         [
             {
@@ -486,10 +572,11 @@ def write_manifest(
                 "width": int(r["width"]),
                 "classes": [int(c) for c in r["classes"]],
                 "dataset": str(r["dataset"]),
+                **({"heldout": str(r["heldout"])} if heldout else {}),
             }
             for r in rows
         ],
-        schema=manifest_schema(),
+        schema=manifest_schema(heldout=heldout),
     )
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -501,12 +588,17 @@ def write_classes_json(
     train: Vocabulary,
     evals: Mapping[str, Vocabulary],
     split: Mapping[str, Any] | None = None,
+    transductive: Mapping[str, Any] | None = None,
 ) -> None:
     """``classes.json``: ``{"train": vocab, "eval": {name: vocab}}`` (docs/architecture.md), plus
-    ``"split"``: how the seen/unseen split was made, when given (:func:`frequency_record`)."""
+    ``"split"``: how the seen/unseen split was made, when given (:func:`frequency_record`), and
+    ``"transductive"``: ``{"unlabeled_index", "heldout"}`` for a transductive split
+    (:func:`read_transductive`)."""
     data: dict[str, Any] = {"train": train.to_json(), "eval": {k: v.to_json() for k, v in evals.items()}}
     if split is not None:
         data["split"] = dict(split)
+    if transductive is not None:
+        data["transductive"] = dict(transductive)
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -524,3 +616,25 @@ def read_classes_json(path: str | os.PathLike) -> tuple[Vocabulary, dict[str, Vo
         raise DataError(f"classes file {p} does not exist (written by build_splits)") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"classes file {p} is malformed ({type(e).__name__}: {e})") from None
+
+
+def read_transductive(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``"transductive"`` entry of a ``classes.json`` (``{"unlabeled_index": int, "heldout":
+    folder}``), or None for an inductive split.
+
+    Raises:
+        DataError: missing or malformed file.
+    """
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text()).get("transductive")
+    except FileNotFoundError:
+        raise DataError(f"classes file {p} does not exist (written by build_splits)") from None
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"classes file {p} is malformed ({type(e).__name__}: {e})") from None
+    if d is None:
+        return None
+    try:
+        return {"unlabeled_index": int(d["unlabeled_index"]), "heldout": str(d["heldout"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"classes file {p}: malformed 'transductive' entry ({type(e).__name__}: {e})") from None

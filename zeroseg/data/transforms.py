@@ -244,14 +244,20 @@ def resize(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]) -
     return img, lbl
 
 
+def _crop_origin(hw: tuple[int, int], crop_size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+    ch, cw = crop_size
+    h, w = hw
+    y0 = int(rng.integers(0, h - ch + 1)) if h > ch else 0
+    x0 = int(rng.integers(0, w - cw + 1)) if w > cw else 0
+    return y0, x0
+
+
 def random_crop(
     image: np.ndarray, label: np.ndarray, crop_size: tuple[int, int], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """A uniformly placed crop of at most ``crop_size`` (smaller images are not padded here)."""
     ch, cw = crop_size
-    h, w = image.shape[:2]
-    y0 = int(rng.integers(0, h - ch + 1)) if h > ch else 0
-    x0 = int(rng.integers(0, w - cw + 1)) if w > cw else 0
+    y0, x0 = _crop_origin(image.shape[:2], crop_size, rng)
     return image[y0 : y0 + ch, x0 : x0 + cw], label[y0 : y0 + ch, x0 : x0 + cw]
 
 
@@ -296,15 +302,42 @@ def train_transform(
     Raises:
         DataError: image and label sizes differ.
     """
-    if image.shape[:2] != label.shape:
+    image, label, _ = train_transform_with(image, label, None, cfg, rng)
+    return image, label
+
+
+def train_transform_with(
+    image: np.ndarray, label: np.ndarray, extra: np.ndarray | None, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`train_transform` that also applies the same geometry (nearest rescale, crop, flip,
+    padding with its ignore) to a second label map ``extra`` of the label's size (self_train's
+    held-out unseen label); the random draws are :func:`train_transform`'s, so ``image`` and
+    ``label`` come out exactly as there.
+
+    Raises:
+        DataError: image and label (or ``extra``) sizes differ.
+    """
+    if image.shape[:2] != label.shape or (extra is not None and extra.shape != label.shape):
+        other = label if image.shape[:2] != label.shape else extra
         raise DataError(
-            f"image is {image.shape[1]}x{image.shape[0]} but its label is {label.shape[1]}x{label.shape[0]} (W x H)"
+            f"image is {image.shape[1]}x{image.shape[0]} but its label is {other.shape[1]}x{other.shape[0]} (W x H)"
         )
     lo, hi = cfg.ratio_range
     ratio = float(rng.uniform(lo, hi)) if hi > lo else lo
-    image, label = resize(image, label, rescale_size(image.shape[:2], ratio, cfg.scale))
-    image, label = random_crop(image, label, cfg.crop_size, rng)
+    size = rescale_size(image.shape[:2], ratio, cfg.scale)
+    image, label = resize(image, label, size)
+    if extra is not None and extra.shape != label.shape:
+        extra = np.asarray(Image.fromarray(extra).resize((size[1], size[0]), Image.NEAREST))
+    ch, cw = cfg.crop_size
+    y0, x0 = _crop_origin(image.shape[:2], cfg.crop_size, rng)
+    image, label = image[y0 : y0 + ch, x0 : x0 + cw], label[y0 : y0 + ch, x0 : x0 + cw]
+    if extra is not None:
+        extra = extra[y0 : y0 + ch, x0 : x0 + cw]
     if cfg.flip_prob > 0 and rng.random() < cfg.flip_prob:
         image, label = image[:, ::-1], label[:, ::-1]
+        extra = None if extra is None else extra[:, ::-1]
     out = normalize(image, cfg.mean, cfg.std)
-    return pad_to(out, np.ascontiguousarray(label), cfg.crop_size)
+    out_img, out_lbl = pad_to(out, np.ascontiguousarray(label), cfg.crop_size)
+    if extra is not None:
+        _, extra = pad_to(out, np.ascontiguousarray(extra), cfg.crop_size)
+    return out_img, out_lbl, extra

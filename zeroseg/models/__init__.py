@@ -203,6 +203,7 @@ def save_segmenter(
     clip_spec: Any,
     method: str,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a segmenter artifact for a built model.
 
@@ -212,6 +213,8 @@ def save_segmenter(
         clip_spec: a ``ClipSpec`` (or its dict form): the CLIP weights the model starts from.
         method: the method's name (``train_classifier.method``).
         state_dict: trained parameters only (``weights.pt``), or None for a training-free method.
+        extra: more top-level ``segmenter.json`` entries (JSON values), e.g. ``default_gamma``:
+            the seen-class calibration evaluate applies when ``evaluate.gamma`` is unset.
 
     Returns:
         the path of ``segmenter.json``.
@@ -235,6 +238,7 @@ def save_segmenter(
             "mean": [float(m) for m in seg.mean],
             "std": [float(s) for s in seg.std],
         },
+        **dict(extra or {}),
     }
     text = json.dumps(doc, indent=2, sort_keys=True)
     if state_dict is not None:

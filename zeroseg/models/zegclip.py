@@ -371,10 +371,22 @@ class ZegCLIP(Segmenter):
             ValueError: see :meth:`mask_logits`; a target that is not ``[B, H', W']`` (or
                 ``[B, 1, H', W']``) integer ids in ``0..C-1`` or ``ignore_index``.
         """
-        logits = self.mask_logits(images, text_embeddings)
         if target.ndim == 4 and target.shape[1] == 1:
             target = target[:, 0]
-        logits = F.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
+        logits = self.label_logits(images, text_embeddings, tuple(target.shape[-2:]))
+        return self.loss_terms(logits, target, ignore_index=ignore_index)
+
+    def label_logits(self, images: torch.Tensor, text_embeddings: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The last decoder layer's mask logits upsampled (bilinear) to the label ``size``:
+        ``[B, C, *size]`` (what the loss and the released self-training pseudo-labels read)."""
+        logits = self.mask_logits(images, text_embeddings)
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def loss_terms(
+        self, logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255
+    ) -> dict[str, torch.Tensor]:
+        """The config's loss of mask logits already at the label size (:meth:`label_logits`) against
+        ``target`` ``[B, H, W]`` (ids ``0..C-1`` or ``ignore_index``); see :meth:`loss`."""
         c = self.cfg
         return segmentation_loss_terms(
             logits,

@@ -1,0 +1,369 @@
+"""Stage ``extract_features``: the frozen pretrained mask model's query embeddings on the training
+images, matched to the seen ground-truth segments, written once as the *feature artifact* that
+PADing's generator trains on (PADing Algorithm 1 step 2).
+
+Reads build_splits (``splits``: the training manifest) and pretrain_proposals (``proposals``: the
+MaskFormer with the ``linear`` class head, PADing's backbone)::
+
+    manifests/train.parquet -> pipeline.inference.reduce(FeaturePredictor, FeatureWriter):
+      decode, resize to the proposals' input size, normalise -> frozen MaskFormer ->
+      query embeddings [B, Q, d] (the decoder output after its final norm: what the class head reads)
+      per image: one target per seen class present (zeroseg.losses.semantic_to_targets) ->
+      Hungarian matching with the released PADing costs (class 5, mask 5, dice 5) ->
+      every query's label: its matched segment's class, else no-object (-1)
+      -> features/embeddings.npy float32 [N, Q, d], features/labels.npy int32 [N, Q],
+         features/images.parquet (row, image_id, matched), features.json
+
+The released code (heshuting555/PADing ``forward_train_generator``; released-code.md 3.4) runs
+the frozen backbone on every generator step; here it runs once and generator experiments (the
+ablation configs) never touch images again (benchmarks/bench_generator.py measures the
+difference). Departures: each image is resized to the proposal model's input size without the
+training augmentation (released: the step's augmented crop); the mask cost is MaskFormer's focal
+cost on whole masks at the prediction's resolution (released Mask2Former: sigmoid CE on 12544
+sampled points).
+
+Memory: the driver writes each batch's rows into memory-mapped ``.npy`` files as it arrives (the
+evaluator's merge), so nothing accumulates; the artifact is ``N x Q x d x 4`` bytes (COCO-Stuff
+118k images x 100 queries x 256: about 12 GB).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from pipeline.config import Runtime
+from pipeline.dag import Input, Stage, StageConfig, StageContext
+from stages.common import TRAIN_VOCAB, vocabularies
+from zeroseg.errors import ConfigError, DataError
+
+FEATURES_JSON = "features.json"
+EMBEDDINGS = "features/embeddings.npy"
+LABELS = "features/labels.npy"
+IMAGES = "features/images.parquet"
+ROW_COLUMN = "row"
+NO_OBJECT = -1
+
+
+class ExtractFeaturesConfig(StageConfig):
+    """``extract_features`` config section.
+
+    ``cost_class`` / ``cost_mask`` / ``cost_dice``: the Hungarian matching costs (released PADing
+    ``CLASS_WEIGHT`` / ``MASK_WEIGHT`` / ``DICE_WEIGHT`` 5, 5, 5). ``max_images``: the first N
+    training images (None: all). Runtime (not in the key): ``batch_size``, ``device`` (``auto``:
+    cuda when the cluster has GPUs), ``concurrency`` (inference actors).
+    """
+
+    cost_class: float = Field(5.0, ge=0)
+    cost_mask: float = Field(5.0, ge=0)
+    cost_dice: float = Field(5.0, ge=0)
+    max_images: int | None = Field(None, ge=1)
+    batch_size: Annotated[int, Runtime(why="inference batch size")] = Field(4, ge=1)
+    device: Annotated[str, Runtime(why="device")] = "auto"
+    concurrency: Annotated[int, Runtime(why="concurrency")] = Field(1, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+
+class FeaturePredictor:
+    """Inference-actor model (``pipeline.inference``): decoded images and labels -> every query's
+    embedding and label.
+
+    Args:
+        artifact_uri: the pretrain_proposals artifact (local path or store URI).
+        costs: ``(class, mask, dice)`` matching costs.
+        ignore_index: the label PNGs' ignore value (classes.json ``train.ignore_index``).
+        device: torch device string.
+
+    ``load(batch)``: ``{"images", "labels", "rows"}``; ``__call__(inputs)``: ``{"embeddings": float32
+    [B, Q, d], "labels": int32 [B, Q]}`` (training-vocabulary class ids, -1 = no-object).
+
+    Raises:
+        ConfigError: a CUDA device on an actor without one.
+        DataError: an unreadable artifact, image or label.
+    """
+
+    def __init__(self, artifact_uri: str, costs: tuple[float, float, float], ignore_index: int, device: str = "cpu"):
+        import torch
+
+        from pipeline.uri import local_copy
+        from zeroseg.losses import HungarianMatcher
+        from zeroseg.models.proposals import load_proposal_model, read_proposals_json
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"extract_features.device {device!r}: this worker has no CUDA device (set device: cpu)")
+        self.device = torch.device(device)
+        with local_copy(artifact_uri) as d:
+            self.doc = read_proposals_json(d)
+            self.model = load_proposal_model(d, device=self.device).eval()
+        self.matcher = HungarianMatcher(*costs)
+        self.ignore = int(ignore_index)
+        lut = np.full(max(self.doc["seen"]) + 1, -1, np.int64)
+        lut[self.doc["seen"]] = np.arange(len(self.doc["seen"]))
+        self.head_index, self.seen = lut, np.asarray(self.doc["seen"], np.int64)
+        self.size = tuple(int(s) for s in self.doc["input"]["size"])
+        self.mean = torch.tensor(self.doc["input"]["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.doc["input"]["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.info = {"input_size": list(self.size)}
+
+    def load(self, batch: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
+        from stages.feeds import decode_pair
+
+        out: dict[str, list[Any]] = {"images": [], "labels": [], "rows": []}
+        for row, img_uri, lbl_uri in zip(batch[ROW_COLUMN], batch["image_uri"], batch["label_uri"]):
+            image, label = decode_pair(str(img_uri), str(lbl_uri))
+            out["images"].append(image)
+            out["labels"].append(label)
+            out["rows"].append(int(row))
+        return out
+
+    def targets(self, label: np.ndarray) -> dict[str, Any]:
+        """One target per seen class present, labelled with its head index (unseen / other ids are
+        not targets: they are ignore under every unseen-pixel policy of PADing's semantic setting)."""
+        import torch
+
+        from zeroseg.losses import semantic_to_targets
+
+        t = semantic_to_targets(label.astype(np.int64), self.ignore)
+        ids = t["labels"].numpy()
+        keep = (ids < len(self.head_index)) & (self.head_index[np.minimum(ids, len(self.head_index) - 1)] >= 0)
+        k = torch.from_numpy(keep)
+        return {"labels": torch.from_numpy(self.head_index[ids[keep]]), "masks": t["masks"][k]}
+
+    def __call__(self, inputs: Mapping[str, list[Any]]) -> dict[str, Any]:
+        import torch
+        import torch.nn.functional as F
+
+        from zeroseg.models.pading import query_labels
+
+        xs = []
+        for image in inputs["images"]:
+            a = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
+            x = torch.from_numpy(a).to(self.device).permute(2, 0, 1)[None].float().div_(255.0)
+            if tuple(x.shape[-2:]) != self.size:
+                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            xs.append((x - self.mean) / self.std)
+        with torch.inference_mode():
+            out = self.model(torch.cat(xs))
+        targets = [self.targets(lab) for lab in inputs["labels"]]
+        head = query_labels(out["pred_logits"], out["pred_masks"], targets, self.matcher).numpy()
+        labels = np.where(head >= 0, self.seen[np.maximum(head, 0)], NO_OBJECT).astype(np.int32)
+        return {"embeddings": out["query_embed"].float().cpu().numpy(), "labels": labels}
+
+
+class FeatureWriter:
+    """Evaluator (``pipeline.inference``) that writes each batch's rows into the artifact's
+    memory-mapped arrays on the driver as its partial state arrives (nothing accumulates).
+
+    Args:
+        directory: the artifact directory (written on the driver).
+        rows / queries / dim: ``N`` images, ``Q`` queries, ``d`` embedding size.
+
+    ``finalize() -> {"images", "written", "matched", "matched_per_class": {id: n},
+    "images_without_match"}``.
+    """
+
+    def __init__(self, directory: str, rows: int, queries: int, dim: int) -> None:
+        self.directory, self.rows, self.queries, self.dim = str(directory), int(rows), int(queries), int(dim)
+        self.parts: list[tuple[list[int], np.ndarray, np.ndarray]] = []
+        self._emb = self._lab = self._written = None
+
+    def reset(self) -> None:
+        self.parts = []
+
+    def process(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        self.parts.append((list(inputs["rows"]), outputs["embeddings"], outputs["labels"]))
+
+    def _open(self) -> None:
+        d = Path(self.directory)
+        (d / EMBEDDINGS).parent.mkdir(parents=True, exist_ok=True)
+        shape = (self.rows, self.queries)
+        self._emb = np.lib.format.open_memmap(d / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(*shape, self.dim))
+        self._lab = np.lib.format.open_memmap(d / LABELS, mode="w+", dtype=np.int32, shape=shape)
+        self._written = np.zeros(self.rows, bool)
+
+    def merge(self, other: FeatureWriter) -> None:
+        if self._emb is None:
+            self._open()
+        for rows, emb, lab in other.parts:
+            if emb.shape[1:] != (self.queries, self.dim):
+                raise DataError(
+                    f"extract_features: embeddings {emb.shape[1:]} but the model has {self.queries} x {self.dim}"
+                )
+            self._emb[rows] = emb
+            self._lab[rows] = lab
+            self._written[rows] = True
+
+    def finalize(self) -> dict[str, Any]:
+        if self._emb is None:
+            self._open()
+        self._emb.flush()
+        self._lab.flush()
+        lab = np.asarray(self._lab)
+        ids, counts = np.unique(lab[lab >= 0], return_counts=True)
+        out = {
+            "images": self.rows,
+            "written": int(self._written.sum()),
+            "matched": int((lab >= 0).sum()),
+            "matched_per_class": {int(i): int(n) for i, n in zip(ids, counts)},
+            "images_without_match": int(((lab >= 0).sum(1) == 0).sum()),
+        }
+        self._emb = self._lab = None
+        return out
+
+
+def read_features_json(artifact: Any) -> tuple[dict[str, Any], str]:
+    """The feature artifact's ``features.json`` and its name for messages
+    (``"feature artifact <stage>/<key[:12]>"``).
+
+    Raises:
+        DataError: missing or malformed.
+    """
+    where = f"feature artifact {artifact.stage}/{artifact.key[:12]}"
+    try:
+        doc = json.loads(Path(artifact.file(FEATURES_JSON)).read_text())
+        for k in ("proposals_key", "hidden_dim", "num_queries", "seen", "images", "matched"):
+            doc[k]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{where}: {FEATURES_JSON} is missing or malformed ({type(e).__name__}: {e}); re-run extract_features"
+        ) from None
+    return doc, where
+
+
+class ExtractFeatures(Stage):
+    """The real-feature artifact of PADing's generator (see module docstring)."""
+
+    name = "extract_features"
+    Config = ExtractFeaturesConfig
+    INPUTS = {
+        "splits": Input(("build_splits",), doc="the training manifest and classes.json"),
+        "proposals": Input(
+            ("pretrain_proposals",), doc="the mask model with the linear class head (PADing's backbone)"
+        ),
+    }
+
+    def run(self, ctx: StageContext) -> dict[str, float]:
+        import pyarrow as pa
+        import ray
+
+        from pipeline.inference import reduce
+        from stages.feeds import URI_COLUMNS, manifest_table
+        from stages.methods._proposals import bound_proposals, check_seen
+
+        cfg: ExtractFeaturesConfig = ctx.config
+        train = vocabularies(ctx.inputs["splits"])[TRAIN_VOCAB]
+        prop = ctx.inputs["proposals"]
+        doc, where = bound_proposals(prop)
+        head = doc.get("class_head", (doc.get("model") or {}).get("class_head"))
+        if head != "linear":
+            raise DataError(
+                f"{where}: the proposal model has class head {head!r}; PADing's backbone classifies query "
+                "embeddings with a linear head: train pretrain_proposals with model.class_head: linear"
+            )
+        check_seen(doc, train.seen, where)
+        table = manifest_table(ctx.inputs["splits"], TRAIN_VOCAB).select(list(URI_COLUMNS))
+        if cfg.max_images is not None:
+            table = table.slice(0, cfg.max_images)
+        if table.num_rows == 0:
+            raise DataError("extract_features: the training manifest has no images")
+        table = table.append_column(ROW_COLUMN, pa.array(np.arange(table.num_rows), pa.int64()))
+        out = Path(ctx.output_dir)
+        q, d = int(doc["num_queries"]), int(doc["hidden_dim"])
+        device = cfg.device
+        gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        if device == "auto":
+            device = "cuda" if gpus > 0 else "cpu"
+        elif device.startswith("cuda") and gpus == 0:
+            raise ConfigError(f"extract_features.device is {device!r} but the Ray cluster has no GPUs; set device: cpu")
+        ctx.log(f"extract_features: {table.num_rows} training images x {q} queries ({d}-d) from {where} on {device}")
+        bar = ctx.progress(table.num_rows, "images")
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            bar.update(completed=done[0])
+
+        t0 = time.perf_counter()
+        merged, timing = reduce(
+            ray.data.from_arrow(table),
+            FeaturePredictor,
+            {
+                "artifact_uri": prop.uri,
+                "costs": (cfg.cost_class, cfg.cost_mask, cfg.cost_dice),
+                "ignore_index": train.ignore_index,
+                "device": device,
+            },
+            {"features": FeatureWriter(str(out), table.num_rows, q, d)},
+            batch_size=cfg.batch_size,
+            concurrency=cfg.concurrency,
+            num_gpus=1.0 if device.startswith("cuda") else 0.0,
+            progress=advance,
+        )
+        res = merged["features"].finalize()
+        seconds = time.perf_counter() - t0
+        if res["written"] != table.num_rows:
+            raise DataError(f"extract_features: {res['written']} of {table.num_rows} images came back from the pass")
+        if res["matched"] == 0:
+            raise DataError(
+                f"extract_features: no query of {where} matched a seen segment in {table.num_rows} training images "
+                "(no seen class in the labels?); the generator has no real feature to learn from"
+            )
+        ids = pa.array(table.column("image_id").to_pylist(), pa.string())
+        lab = np.load(out / LABELS, mmap_mode="r")
+        pa_table = pa.table(
+            {ROW_COLUMN: table.column(ROW_COLUMN), "image_id": ids, "matched": pa.array((lab >= 0).sum(1), pa.int32())}
+        )
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa_table, out / IMAGES)
+        names = train.names
+        record = {
+            "proposals_key": prop.key,
+            "proposals_class_head": head,
+            "hidden_dim": d,
+            "num_queries": q,
+            "seen": [int(s) for s in doc["seen"]],
+            "input_size": doc["input"]["size"],
+            "costs": {"class": cfg.cost_class, "mask": cfg.cost_mask, "dice": cfg.cost_dice},
+            "images": res["images"],
+            "matched": res["matched"],
+            "images_without_match": res["images_without_match"],
+            "matched_per_class": {names[i]: n for i, n in res["matched_per_class"].items()},
+            "no_object_label": NO_OBJECT,
+            "files": {"embeddings": EMBEDDINGS, "labels": LABELS, "images": IMAGES},
+        }
+        (out / FEATURES_JSON).write_text(json.dumps(record, indent=1) + "\n")
+        ctx.log(
+            f"extract_features: {res['matched']} matched seen queries in {res['images']} images "
+            f"({len(res['matched_per_class'])} classes) in {seconds:.1f} s"
+        )
+        return {
+            "images": float(res["images"]),
+            "matched": float(res["matched"]),
+            "matched_classes": float(len(res["matched_per_class"])),
+            "images_without_match": float(res["images_without_match"]),
+            "images_per_second": float(timing.rows_per_second or 0.0),
+        }
+
+    def note(self, metrics: Mapping[str, Any]) -> str:
+        if "matched" not in metrics:
+            return ""
+        return f"{int(metrics['matched'])} matched queries in {int(metrics['images'])} images"
+
+
+__all__ = ["ExtractFeatures", "ExtractFeaturesConfig", "FeaturePredictor", "FeatureWriter", "read_features_json"]
