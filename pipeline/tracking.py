@@ -71,7 +71,8 @@ def headline_params(hashed: Mapping[str, Any]) -> dict[str, str]:
 
     Returns:
         ``{"method": .., "clip_model": .., "clip_weights": .., "split": .., "seed": ..}`` with the
-        entries the config has: ``method`` from the first stage that names one, the CLIP
+        entries the config has: ``method`` from the first stage that names one (``pading`` when
+        train_generator is planned, ``<method>+st`` with self_train), the CLIP
         architecture (without its config digest) and weights identity from the first stage
         that takes ``clip``, ``split`` as compact JSON of the set fields of ``build_splits.split``,
         and ``seed``: the one value when every ``seed`` / ``train.seed`` agrees, else
@@ -96,6 +97,11 @@ def headline_params(hashed: Mapping[str, Any]) -> dict[str, str]:
         train = cfg.get("train")
         if isinstance(train, Mapping) and "seed" in train:
             seeds[f"{stage}.train.seed"] = train["seed"]
+    # the method of the model evaluate scores: a later training stage names it over train_classifier
+    if "train_generator" in hashed:
+        out["method"] = "pading"
+    elif "self_train" in hashed and "method" in out:
+        out["method"] += "+st"  # ZegCLIP+ST: the inductive method, self-trained
     if seeds:
         values = set(map(str, seeds.values()))
         out["seed"] = values.pop() if len(values) == 1 else ",".join(f"{k}={v}" for k, v in seeds.items())

@@ -128,6 +128,10 @@ def test_headline_params_name_method_clip_split_and_seed():
     }
     hashed["train_classifier"]["train"]["seed"] = 0
     assert tracking.headline_params(hashed)["seed"] == "0"
+    # the evaluated model's method: self-trained ZegCLIP, PADing's retrained head
+    assert tracking.headline_params({**hashed, "self_train": {"pixels": "unseen_only"}})["method"] == "zegclip+st"
+    pading = {**hashed, "train_classifier": {"method": "maskclip"}, "train_generator": {"generator": "primitive"}}
+    assert tracking.headline_params(pading)["method"] == "pading"
 
 
 def test_every_run_of_an_invocation_carries_the_headline(store, tmp_path):
