@@ -40,7 +40,12 @@ def test_sweep_file_errors_name_the_key(tmp_path):
 
 def test_shipped_sweep_files_load():
     names = sorted(p.name for p in (REPO / "configs" / "sweeps").glob("*.yaml"))
-    assert names == ["sample_gamma.yaml", "zegclip_prompt_lr.yaml", "zegformer_gamma_lambda.yaml"]
+    assert names == [
+        "pading_weight_primitives.yaml",
+        "sample_gamma.yaml",
+        "zegclip_prompt_lr.yaml",
+        "zegformer_gamma_lambda.yaml",
+    ]
     for n in names:
         sw = load_sweep(REPO / "configs" / "sweeps" / n)
         assert sw.target == f"evaluate/{sw.eval_set}/hIoU"
@@ -70,6 +75,11 @@ def _plans(config: str, sweep_text: str, tmp_path, extra=()):
             ["build_splits", "embed_text", "pretrain_proposals"],
         ),
         ("zegclip_prompt_lr", "configs/sample_zegclip.yaml", ["build_splits", "embed_text"]),
+        (
+            "pading_weight_primitives",
+            "configs/sample_pading.yaml",
+            ["build_splits", "embed_text", "pretrain_proposals", "extract_features", "train_classifier"],
+        ),
     ],
 )
 def test_shipped_sweeps_plan_against_their_methods(sweep, config, shared, tmp_path):
