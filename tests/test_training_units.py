@@ -82,6 +82,27 @@ def test_progress_line_and_durations():
     assert hms(247) == "4m07s" and hms(-1) == "0m00s" and hms(float("inf")) == "0m00s"
 
 
+def test_progress_listeners_get_every_record_and_a_failing_one_does_not_silence_the_display():
+    from pipeline.training.progress import forward_progress, with_listeners
+
+    rec = Progress(
+        step=2, max_steps=4, epoch=0, loss=1.0, lr=0.1, images_per_s=1, step_time_s=1, data_wait_s=0, eta_s=1
+    )
+    shown, heard = [], []
+    show = shown.append
+    assert with_listeners(show, "run") is show  # no listener: the display alone
+
+    def broken(name, record):
+        raise RuntimeError("listener bug")
+
+    with forward_progress(lambda name, record: heard.append((name, record.step))), forward_progress(broken):
+        both = with_listeners(show, "run-a")
+    both(rec)
+    both(rec)
+    assert shown == [rec, rec] and heard == [("run-a", 2), ("run-a", 2)]
+    assert with_listeners(show, "run") is show  # the listeners ended with their contexts
+
+
 # -- precision --------------------------------------------------------------------------------------
 def test_precision_resolution(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)

@@ -19,7 +19,7 @@ from .checkpoint import CheckpointInfo, latest_checkpoint, load_model_state, swe
 from .config import MlflowTarget, ScalingSection, TrainSection, check_cpus_left_for_data, global_batch_and_lr
 from .loop import Loop, worker_main
 from .metrics import Progress
-from .progress import relay
+from .progress import relay, with_listeners
 
 
 @dataclasses.dataclass
@@ -99,7 +99,8 @@ def fit(
             ``progress`` is None, one line per progress report.
         progress: called on the driver with each :class:`~.metrics.Progress` record (every
             ``log_every`` steps and at the last), from a helper thread while workers train
-            (never two calls at a time), directly in-process.
+            (never two calls at a time), directly in-process. Listeners of
+            ``progress.forward_progress`` get each record too (with ``name``).
 
     Returns:
         The :class:`FitResult`.
@@ -174,7 +175,7 @@ def fit(
     exec_opts = copy.deepcopy(DataContext.get_current().execution_options)  # resource limits etc.
     exec_opts.preserve_order = train.deterministic_data
     t0 = time.perf_counter()
-    show = progress if progress is not None else (lambda p: log(p.line()))
+    show = with_listeners(progress if progress is not None else (lambda p: log(p.line())), name)
     with relay(scaling.num_workers > 0, show, log) as channel:
 
         def train_fn(config: dict[str, Any]) -> dict[str, Any]:

@@ -12,17 +12,55 @@ note (resumed from ..., world size changed ...) to a channel:
 
 A callback that raises is reported once (stderr) and then skipped: progress display never stops
 training.
+
+:func:`forward_progress` adds process-wide listeners that every :func:`~.fit.fit` started while
+it is active calls too, with its Ray Train run name and each record (a sweep's trial forwards
+them to Ray Tune: ``pipeline.sweep``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .metrics import Progress
+
+#: listeners of :func:`forward_progress`, called by every fit started while they are active
+_listeners: list[Callable[[str, Progress], None]] = []
+
+
+@contextlib.contextmanager
+def forward_progress(listener: Callable[[str, Progress], None]) -> Iterator[None]:
+    """While active, every :func:`~.fit.fit` started in this process also calls
+    ``listener(name, record)`` with its Ray Train run name (``RunConfig.name``) and each
+    :class:`Progress` record, on the same thread as its ``progress`` callback (the relay's thread
+    with workers; the training loop's in-process). An exception other than ``Exception``
+    subclasses (e.g. ``SystemExit`` from Ray Tune stopping a trial) propagates."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def with_listeners(show: Callable[[Progress], None], name: str) -> Callable[[Progress], None]:
+    """``show`` followed by each active :func:`forward_progress` listener (fixed at call time),
+    each guarded on its own: a failing listener does not silence the display."""
+    listeners = [_guarded(functools.partial(fn, name)) for fn in _listeners]
+    if not listeners:
+        return show
+    show = _guarded(show)
+
+    def both(record: Progress) -> None:
+        show(record)
+        for fn in listeners:
+            fn(record)
+
+    return both
 
 
 class DirectChannel:
@@ -140,7 +178,7 @@ def _guarded(fn: Callable[[Any], None]) -> Callable[[Any], None]:
         except Exception as e:  # noqa: BLE001 - a display error must not stop training
             failed = True
             print(
-                f"warning: training progress callback {getattr(fn, '__name__', fn)!r} failed and is no longer "
+                f"warning: training progress callback {getattr(fn, '__name__', getattr(fn, 'func', fn))!r} failed and is no longer "
                 f"called: {type(e).__name__}: {e}",
                 file=sys.stderr,
                 flush=True,
