@@ -384,6 +384,9 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
     for r in out.rows:
         if r["status"] == "error":
             console.line(f"trial {r['trial_id']} {r['params']} seed {r['seed']}: {r['error']}", "error")
+    stopped = sum(r["status"] == "stopped" for r in out.rows)
+    if stopped:
+        console.line(f"ASHA stopped {stopped} trial(s) during training (not in the table: no {sw.target})")
     unfinished = sum(r["status"] == "unfinished" for r in out.rows)
     if unfinished:
         console.line(f"interrupted: {unfinished} trial(s) unfinished; run the same command again to continue", "warn")

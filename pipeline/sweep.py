@@ -20,9 +20,12 @@ How a sweep runs (:func:`run_sweep`):
    whichever node Tune placed it, against the same store, and reports the evaluate metrics with
    ``ray.tune.report``. A training stage inside a trial is a TorchTrainer whose Ray Train run
    name is derived from its artifact key (``ArtifactStore.checkpoint_dir``): deterministic per
-   trial, so a retried or resumed trial continues from its checkpoints. (Not yet: forwarding a
-   training stage's intermediate reports to Tune, so that ASHA could stop a trial mid-training;
-   today a trial reports once, at its end, and ASHA ranks trials on that result.)
+   trial, so a retried or resumed trial continues from its checkpoints. While a training stage
+   runs, each of its progress reports (every ``log_every`` steps) is forwarded to Tune as an
+   intermediate result ``{<stage>/step, <stage>/loss, <stage>/lr}`` (:func:`training_reports`),
+   so ASHA can stop a trial mid-training: with ``asha_metric: train_classifier/loss`` ASHA's
+   rungs are in that stage's steps (``time_attr`` ``train_classifier/step``). The final result
+   (the evaluate metrics) is what the sweep ranks trials on (``metric``), by our own code.
 3. *Resume.* The Tune experiment lives in the store (``<store>/_sweeps/<name>-<id>``; the id
    digests the resolved base config and the sweep file): re-running the same command restores it
    (``Tuner.restore``); finished trials are not re-run, unfinished and errored ones are.
@@ -112,11 +115,14 @@ class Dist(BaseModel):
 
 
 class AshaSection(BaseModel):
-    """ASHA (``ray.tune.schedulers.ASHAScheduler``), ``time_attr`` = Tune results of a trial
-    (today one per trial: its final metrics)."""
+    """ASHA (``ray.tune.schedulers.ASHAScheduler``). ``time_attr``: with the sweep's
+    ``asha_metric`` (``<stage>/loss``) the stage's training steps (``<stage>/step``), ``max_t``
+    defaulting to the stage's ``train.max_steps``; without it, Tune's ``training_iteration`` (the
+    count of a trial's results) and ``max_t`` 100. A trial that reaches ``max_t`` is not stopped
+    by ASHA (``stop_last_trials=False``): it ends itself, after its evaluation."""
 
     model_config = ConfigDict(extra="forbid")
-    max_t: int = Field(100, gt=0)
+    max_t: int | None = Field(None, gt=0)
     grace_period: int = Field(1, gt=0)
     reduction_factor: float = Field(4, gt=1)
 
@@ -134,6 +140,11 @@ class SweepFile(BaseModel):
             ``evaluate/<eval_set>/hIoU``.
         eval_set: the evaluate set of the default metric.
         mode: ``max`` or ``min``.
+        asha_metric: the intermediate result ASHA compares trials on, ``<training stage>/loss``
+            (or ``/lr``), reported every ``log_every`` steps while that stage trains; None: ASHA
+            uses ``metric``, which only a trial's final result carries (so it stops no trial
+            mid-training).
+        asha_mode: ``min`` or ``max`` for ``asha_metric`` (default ``min``).
         scheduler: ``asha`` (default) or ``none`` (FIFO: every trial runs to its end).
         asha: ASHA's settings.
         num_samples: Tune's ``num_samples`` (each grid point is sampled that often).
@@ -155,6 +166,8 @@ class SweepFile(BaseModel):
     metric: str | None = None
     eval_set: str = "val"
     mode: Literal["max", "min"] = "max"
+    asha_metric: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+/(loss|lr)$")
+    asha_mode: Literal["max", "min"] = "min"
     scheduler: Literal["asha", "none"] = "asha"
     asha: AshaSection = AshaSection()
     num_samples: int = Field(1, gt=0)
@@ -288,7 +301,8 @@ def trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     )
     tracker.open()
     out = None
-    with open(log, "a") as f:
+    stages = {store.checkpoint_dir(n.name, n.key): n.name for n in p}
+    with open(log, "a") as f, training_reports(stages):
         console = Console(file=f)
         try:
             out = execute([p], store, console, work_dir=work_dir.resolve(), tracker=tracker)
@@ -310,6 +324,39 @@ def trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         }
     )
     tune.report(metrics)
+
+
+def training_reports(stages: dict[str, str]) -> Any:
+    """A context in which every training stage's progress report (every ``log_every`` steps and
+    at the last step; ``pipeline.training.progress.forward_progress``) becomes a Tune result of
+    this trial: ``{<stage>/step, <stage>/loss, <stage>/lr}``, what ASHA's ``asha_metric`` reads.
+
+    Args:
+        stages: Ray Train run names (``ArtifactStore.checkpoint_dir``) -> stage names; a fit
+            whose name is not listed is not forwarded.
+
+    ``ray.tune.report`` may come from any thread of the trial's process (Tune's function session
+    is process-wide: a queue to the trial actor, then a wait until Tune takes the result), here
+    the fit's progress relay thread. (A trial's fit needs workers: Train V2 refuses an in-process
+    fit, ``num_workers=0``, in a Tune session.) When Tune stops the trial (ASHA), the actor is
+    stopped; a report waiting then ends with ``SystemExit``, which no progress guard swallows.
+    """
+    from ray import tune
+
+    from pipeline.training.progress import forward_progress
+
+    def report(name: str, record: Any) -> None:
+        stage = stages.get(name)
+        if stage is not None:
+            tune.report(
+                {
+                    f"{stage}/step": int(record.step),
+                    f"{stage}/loss": float(record.loss),
+                    f"{stage}/lr": float(record.lr),
+                }
+            )
+
+    return forward_progress(report)
 
 
 def _metrics(p: Any) -> dict[str, float]:
@@ -399,10 +446,12 @@ class SweepOutcome:
     """What :func:`run_sweep` did.
 
     Attributes:
-        ok: every trial finished (False after an interruption: re-run to continue).
+        ok: every trial finished or was stopped by ASHA (False after an interruption: re-run
+            to continue).
         restored: the experiment was continued (``Tuner.restore``).
         shared: the shared prefix's nodes (from the driver's plan), with their status.
-        rows: per trial ``{"trial_id", "params", "seed", "metrics", "status", "error"}``.
+        rows: per trial ``{"trial_id", "params", "seed", "metrics", "status", "error"}``
+            (status ``finished``, ``stopped``, ``error`` or ``unfinished``).
         results: :func:`aggregate` of ``rows``.
         sweep_run_id: the sweep's MLflow run.
         experiment_path: the Tune experiment directory (store URI).
@@ -585,6 +634,9 @@ def run_sweep(
         "cwd": os.getcwd(),
     }
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials resolve relative paths as the driver does
+    # a trial's training reports carry one stage's metrics, its final result the evaluate ones:
+    # ASHA skips a result without its metric; Tune's strict check would fail the trial instead
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables (ours: one line per trial)
     trainable = tune.with_resources(tune.with_parameters(trial, spec=spec), _resources(sw.resources))
     storage = sweep_storage(store)
@@ -595,24 +647,15 @@ def run_sweep(
         console.line(f"sweep {sw.name}: continuing the experiment in {exp_path} (finished trials are kept)")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:
-        scheduler = None
-        if sw.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=sw.asha.max_t,
-                grace_period=sw.asha.grace_period,
-                reduction_factor=sw.asha.reduction_factor,
-            )
+        scheduler = asha_scheduler(sw, base.sections) if sw.scheduler == "asha" else None
         space: dict[str, Any] = {"params": {k: d.tune() for k, d in sw.space.items()}}
         space["seed"] = tune.grid_search(list(sw.seeds)) if sw.seeds else None
         tuner = tune.Tuner(
             trainable,
             param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=sw.target,
-                mode=sw.mode,
+            tune_config=tune.TuneConfig(  # ASHA's metric and mode are the scheduler's (setting both raises)
+                metric=None if scheduler is not None else sw.target,
+                mode=None if scheduler is not None else sw.mode,
                 scheduler=scheduler,
                 num_samples=sw.num_samples,
                 max_concurrent_trials=sw.max_concurrent_trials,
@@ -641,14 +684,62 @@ def run_sweep(
                 "params": {k: _plain(v) for k, v in (c.get("params") or {}).items()},
                 "seed": c.get("seed"),
                 "metrics": {k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float, str))},
-                "status": "error" if r.error else "finished" if sw.target in (r.metrics or {}) else "unfinished",
+                "status": _status(r, sw.target),
                 "error": str(r.error).splitlines()[0] if r.error else None,
             }
         )
     results = aggregate(rows, sw.target, sw.mode)
-    ok = all(r["status"] == "finished" for r in rows)
+    ok = all(r["status"] in ("finished", "stopped") for r in rows)
     _log_summary(sweep_run_id, tracking_uri, sw, rows, results, ok, work_dir)
     return SweepOutcome(ok, restored, shared_nodes_out, rows, results, sweep_run_id, exp_path)
+
+
+def _status(r: Any, target: str) -> str:
+    """``error``; ``finished`` (its final result has the target); ``stopped`` (ASHA stopped it
+    mid-training: its last result is marked done, without the target); ``unfinished``
+    (interrupted: re-run the sweep to continue it)."""
+    m = r.metrics or {}
+    if r.error:
+        return "error"
+    if target in m:
+        return "finished"
+    return "stopped" if m.get("done") else "unfinished"
+
+
+def asha_scheduler(sw: SweepFile, sections: dict[str, Any]) -> Any:
+    """The sweep's ``ASHAScheduler`` (metric and mode set on it; see :class:`AshaSection`).
+
+    Raises:
+        ConfigError: ``asha_metric`` names a stage the config has not, or one without
+            ``train.max_steps`` while ``asha.max_t`` is not given.
+    """
+    from ray.tune.schedulers import ASHAScheduler
+
+    if sw.asha_metric:
+        stage = sw.asha_metric.split("/", 1)[0]
+        if stage not in sections:
+            raise ConfigError(
+                f"sweep {sw.name}: asha_metric {sw.asha_metric!r} names stage {stage!r}, which the config has not"
+            )
+        max_t = sw.asha.max_t or ((sections[stage] or {}).get("train") or {}).get("max_steps")
+        if not max_t:
+            raise ConfigError(
+                f"sweep {sw.name}: asha_metric {sw.asha_metric!r}: {stage}.train.max_steps is not set; give asha.max_t"
+            )
+        time_attr, metric, mode = f"{stage}/step", sw.asha_metric, sw.asha_mode
+    else:
+        time_attr, metric, mode, max_t = "training_iteration", sw.target, sw.mode, sw.asha.max_t or 100
+    if sw.asha.grace_period > max_t:
+        raise ConfigError(f"sweep {sw.name}: asha.grace_period {sw.asha.grace_period} exceeds max_t {max_t}")
+    return ASHAScheduler(
+        time_attr=time_attr,
+        metric=metric,
+        mode=mode,
+        max_t=int(max_t),
+        grace_period=sw.asha.grace_period,
+        reduction_factor=sw.asha.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 class _Progress:
@@ -659,8 +750,16 @@ class _Progress:
 
         class Progress(Callback):
             def on_trial_complete(self, iteration, trials, trial, **info):
-                v = (trial.last_result or {}).get(metric)
-                shown = f"{metric} {v:.3f}" if isinstance(v, (int, float)) else "no result"
+                last = trial.last_result or {}
+                v = last.get(metric)
+                step = next((f"{k} {last[k]}" for k in last if k.endswith("/step")), "")
+                shown = (
+                    f"{metric} {v:.3f}"
+                    if isinstance(v, (int, float))
+                    else f"stopped by ASHA at {step}"
+                    if step
+                    else "no result"
+                )
                 console.line(
                     f"  trial {trial.trial_id} {_describe(trial.config.get('params') or {}, trial.config.get('seed'))}: {shown}",
                     "ok",
@@ -782,6 +881,7 @@ __all__ = [
     "SweepFile",
     "SweepOutcome",
     "aggregate",
+    "asha_scheduler",
     "experiment_id",
     "format_results",
     "load_sweep",
@@ -789,5 +889,6 @@ __all__ = [
     "run_sweep",
     "shared_nodes",
     "sweep_storage",
+    "training_reports",
     "trial",
 ]

@@ -9,12 +9,13 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.sweep import ConfigResult, aggregate, load_sweep, probe_overrides, shared_nodes
+from pipeline.sweep import AshaSection, ConfigResult, aggregate, load_sweep, probe_overrides, shared_nodes
 
 REPO = Path(__file__).resolve().parent.parent
 #: the sample cut down as the other sample tests do (12 training images, 2 CamVid frames)
@@ -49,6 +50,29 @@ def test_shipped_sweep_files_load():
     for n in names:
         sw = load_sweep(REPO / "configs" / "sweeps" / n)
         assert sw.target == f"evaluate/{sw.eval_set}/hIoU"
+
+
+def test_asha_on_a_training_loss_has_its_rungs_in_that_stages_steps():
+    import yaml
+
+    from pipeline.sweep import asha_scheduler
+
+    sw = load_sweep(REPO / "configs" / "sweeps" / "zegclip_prompt_lr.yaml")
+    sw = sw.model_copy(
+        update={"asha_metric": "train_classifier/loss", "asha": AshaSection(grace_period=2000, reduction_factor=3)}
+    )
+    sections = yaml.safe_load((REPO / "configs" / "voc_zegclip.yaml").read_text())  # train_classifier: 20000 steps
+    asha = asha_scheduler(sw, sections)
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == (
+        "train_classifier/step",
+        "train_classifier/loss",
+        "min",
+        20000,
+    )
+    # grace 2000, reduction factor 3: rungs at 2000, 6000, 18000 steps (a rung below max_t each)
+    assert sorted(m for m, _ in asha._brackets[0]._rungs) == [2000, 6000, 18000]
+    with pytest.raises(ConfigError, match="train_generator"):
+        asha_scheduler(sw.model_copy(update={"asha_metric": "train_generator/loss"}), sections)
 
 
 def _plans(config: str, sweep_text: str, tmp_path, extra=()):
@@ -419,3 +443,103 @@ def test_compare_ranks_the_sweeps_runs_and_logs_a_report(sample_sweep, tmp_path)
     (run,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`zeroseg.kind` = 'compare'").run_id
     names = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run, "report")}
     assert names == {"report/report.html", "report/seen_unseen.png", "report/unseen_per_class.png"}
+
+
+# -- intermediate training reports reach Tune; ASHA stops a worse trial mid-training ----------
+def _toy_loop(loop) -> None:
+    """Least squares y = 2x with an ``offset`` added to every step's loss: a trial with a larger
+    offset has the higher loss at every step, by construction."""
+    import torch
+
+    if loop.config["wait_for"]:  # start once the other trial's step-2 result reached Tune
+        deadline = time.monotonic() + 300
+        while not os.path.exists(loop.config["wait_for"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    model = loop.prepare(torch.nn.Linear(1, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=loop.lr)
+    loop.restore(model, opt)
+    for batch in loop.batches("train"):
+        x = batch["x"].float().unsqueeze(1)
+        loss = torch.nn.functional.mse_loss(model(x), 2 * x) + loop.config["offset"]
+        loop.step(loss, images=len(x))
+
+
+def _toy_trial(config: dict, storage: str, marker: str) -> None:
+    """A Tune function trainable as ``pipeline.sweep.trial`` is one: a real fit with one Ray Train
+    worker inside ``training_reports``, then one final result of its own. (An in-process fit,
+    ``num_workers=0``, cannot run inside a Tune trial: Train V2 refuses ``ray.train.get_context``
+    in a Tune session.)"""
+    import ray.data
+    from ray import tune
+
+    from pipeline.sweep import training_reports
+    from pipeline.training import ScalingSection, TrainSection, fit
+    from pipeline.training.progress import forward_progress
+
+    def reached_tune(name, record) -> None:  # called after training_reports' tune.report returned
+        if config["offset"] == 0 and record.step >= 2:
+            Path(marker).touch()
+
+    name = f"toy-{tune.get_context().get_trial_id()}"
+    train = TrainSection(max_steps=8, batch_size=2, lr=0.05, log_every=2, checkpoint_every=8, keep_checkpoints=1)
+    ds = ray.data.from_items([{"x": float(i) / 8} for i in range(8)])
+    loop_config = {"offset": config["offset"], "wait_for": marker if config["offset"] else None}
+    scaling = ScalingSection(num_workers=1, resources_per_worker={"CPU": 0.25})
+    with training_reports({name: "train_classifier"}), forward_progress(reached_tune):
+        res = fit(_toy_loop, loop_config, {"train": ds}, scaling, train, storage, name)
+    tune.report({"final/loss": float(res.metrics["loss"]), "final/steps": res.steps})
+
+
+def test_training_reports_reach_tune_and_asha_stops_the_worse_trial(ray_local, tmp_path, monkeypatch):
+    """Two concurrent trials: offset 0, and offset 10 (a higher training loss at every step),
+    whose training starts once the first trial's step-2 result has reached Tune.
+    The first trial's results are its training reports every log_every=2 steps (step 2, 4, 6, 8
+    with their losses), then its final result. ASHA on train_classifier/loss (min, rungs at
+    steps 2 and 4) stops the second trial at its first rung (step 2): its loss exceeds the
+    first trial's there; it never reaches its final result. (Not asserted: that the stopped trial's
+    Train worker group is released; in Ray 2.60 its placement group stays CREATED after the stop,
+    see docs/architecture.md.)"""
+    import ray.cloudpickle
+    from ray import tune
+
+    from pipeline.sweep import SweepFile, _start_ray_data_services, asha_scheduler
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial actor cannot import tests/
+    _start_ray_data_services()
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # as run_sweep sets it
+    sw = SweepFile.model_validate(
+        {
+            "name": "toy",
+            "space": {"x.offset": {"grid": [0.0]}},
+            "metric": "final/loss",
+            "mode": "min",
+            "asha_metric": "train_classifier/loss",
+            "asha": {"grace_period": 2, "reduction_factor": 2},
+        }
+    )
+    scheduler = asha_scheduler(sw, {"train_classifier": {"train": {"max_steps": 8}}})
+    assert (scheduler._time_attr, scheduler._max_t) == ("train_classifier/step", 8)
+    tuner = tune.Tuner(
+        tune.with_resources(
+            tune.with_parameters(_toy_trial, storage=str(tmp_path / "train"), marker=str(tmp_path / "good-at-2")),
+            {"cpu": 0.25},
+        ),
+        param_space={"offset": tune.grid_search([0.0, 10.0])},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=2),
+        run_config=tune.RunConfig(name="toy", storage_path=str(tmp_path / "tune"), verbose=0),
+    )
+    grid = tuner.fit()
+    by_offset = {r.config["offset"]: r for r in grid}
+    assert not any(r.error for r in grid)
+    good, bad = by_offset[0.0].metrics_dataframe, by_offset[10.0].metrics_dataframe
+
+    training = good[good["train_classifier/step"].notna()]
+    assert list(training["train_classifier/step"]) == [2, 4, 6, 8]
+    assert (training["train_classifier/loss"] >= 0).all() and (training["train_classifier/loss"] < 10).all()
+    final = good.iloc[-1]
+    assert final["final/steps"] == 8 and math.isnan(final["train_classifier/step"])
+    assert list(good["training_iteration"]) == [1, 2, 3, 4, 5]  # 4 training reports, then the final
+
+    assert list(bad["train_classifier/step"]) == [2]  # stopped at the first rung
+    assert bad["train_classifier/loss"].iloc[0] >= 10
+    assert "final/loss" not in bad or bad["final/loss"].isna().all()
