@@ -560,6 +560,14 @@ def run_sweep(
             f"sweep {sw.name}: no searched value changes any stage's key ({', '.join(sw.space)}): "
             "runtime settings (resources, batch sizes of inference, ...) cannot be swept"
         )
+    for n in base_plan:
+        scaling = getattr(n.config, "scaling", None)
+        if n.name in tuned and scaling is not None and getattr(scaling, "num_workers", 1) == 0:
+            raise ConfigError(
+                f"sweep {sw.name}: {n.name}.scaling.num_workers is 0 (training in process), which Ray Train "
+                f"cannot do inside a Tune trial; set {n.name}.scaling.num_workers to 1 or more for the sweep "
+                f"(e.g. a `set:` entry in the sweep file: {n.name}.scaling.num_workers=1)"
+            )
     sweep_id = experiment_id(base, sw)
     console.line(
         f"sweep {sw.name} ({sweep_id}): shared upstream {', '.join(shared) or 'none'}; tuned {', '.join(tuned)}"

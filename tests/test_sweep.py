@@ -543,3 +543,26 @@ def test_training_reports_reach_tune_and_asha_stops_the_worse_trial(ray_local, t
     assert list(bad["train_classifier/step"]) == [2]  # stopped at the first rung
     assert bad["train_classifier/loss"].iloc[0] >= 10
     assert "final/loss" not in bad or bad["final/loss"].isna().all()
+
+
+def test_a_sweep_refuses_in_process_training_in_its_trials(shared_data, monkeypatch, tmp_path):
+    # Ray Train V2 cannot train in process (num_workers 0) inside a Tune trial: refused before any
+    # cluster starts or MLflow run opens, naming the key and the fix
+    from pipeline.cli import load_catalog
+    from pipeline.config import load_config
+    from pipeline.sweep import run_sweep
+
+    monkeypatch.setenv("ZEROSEG_DATA", str(shared_data))
+    cfg = load_config(REPO / "configs" / "sample_pading.yaml", [*SAMPLE_OVERRIDES, f"run.work_dir={tmp_path}"])
+    sw = load_sweep(REPO / "configs" / "sweeps" / "pading_weight_primitives.yaml")
+
+    class Console:
+        def line(self, text):
+            pass
+
+    def no_cluster(uri):
+        pytest.fail("the cluster must not start")
+
+    with pytest.raises(ConfigError, match=r"train_generator\.scaling\.num_workers is 0.*num_workers=1"):
+        run_sweep(cfg, sw, Console(), catalog=load_catalog(), init_cluster=no_cluster)
+    assert not (tmp_path / "mlflow.db").exists()
