@@ -194,6 +194,36 @@ def test_leakage_guard_fires_on_a_poisoned_inductive_feed(tmp_path, ray_local):
         leakage_guard(art, make_lut({0: 0, 1: 1, 2: 2}, source_classes=4))
 
 
+def test_leakage_guard_fires_in_extract_features_load(tmp_path):
+    from stages.extract_features import FeaturePredictor, decode_feature_batch
+
+    poisoned = np.zeros((8, 8), np.uint8)
+    poisoned[5, 1] = poisoned[6, 1] = 2  # two pixels of unseen class c in a training label
+    art = _split_artifact(tmp_path / "a", poisoned)
+    guard = leakage_guard(art, make_lut([0, 1], source_classes=4))
+    batch = {
+        "row": np.array([0]),
+        "image_id": np.array(["x"], dtype=object),
+        "image_uri": np.array([str(art.path / "img.png")], dtype=object),
+        "label_uri": np.array([str(art.path / "labels/train/x.png")], dtype=object),
+    }
+    with pytest.raises(
+        LeakageError, match=r"training image 'x' .*2 pixel\(s\) labelled with unseen class id\(s\) \[2\]"
+    ):
+        decode_feature_batch(batch, guard)
+    # the inference actor's load checks with the table it was given (no model needed to decode)
+    actor = object.__new__(FeaturePredictor)
+    actor.forbidden = guard
+    with pytest.raises(LeakageError, match=r"unseen class id\(s\) \[2\]"):
+        actor.load(batch)
+    clean = np.zeros((8, 8), np.uint8)
+    clean[0, 0] = 1
+    ok = _split_artifact(tmp_path / "b", clean)
+    batch["label_uri"] = np.array([str(ok.path / "labels/train/x.png")], dtype=object)
+    got = decode_feature_batch(batch, guard)
+    assert got["rows"] == [0] and int(got["labels"][0][0, 0]) == 1 and got["images"][0].shape == (8, 8, 3)
+
+
 # ------------------------------------------------------------------ the leakage guard (plan time)
 def test_self_train_on_an_inductive_split_is_a_plan_time_error():
     cfg = load_config(CONFIG, ["build_splits.transductive=false"])
