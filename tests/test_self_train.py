@@ -40,7 +40,7 @@ from zeroseg.data.splits import (
 )
 from zeroseg.data.transforms import AugmentConfig, make_lut
 from zeroseg.errors import ConfigError as VocabularyError
-from zeroseg.errors import LeakageError
+from zeroseg.errors import DataError, LeakageError
 from zeroseg.self_training import PseudoLabelStats, eligible_pixels, pseudo_label_targets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -376,3 +376,23 @@ def test_self_train_feed_carries_heldout_labels_and_the_padding_apart(tmp_path):
     t = torch.from_numpy(out["label"]).long()
     e = eligible_pixels(t, "all_unlabeled", unlabeled_index=U, ignore_index=IG, valid=torch.from_numpy(out["valid"]))
     assert e[0].int().tolist() == [[0, 0, 1, 1, 1, 0]] * 4 + [[0] * 6] * 2
+
+
+def test_a_missing_heldout_label_is_a_data_error_naming_the_file(tmp_path):
+    """Local path or ``file://`` URI (the store branch of decode_pair): a DataError naming the image
+    and the missing held-out file, never a bare OSError."""
+    Image.fromarray(np.full((4, 6, 3), 90, np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(np.zeros((4, 6), np.uint8)).save(tmp_path / "lab.png")
+    lut = make_lut({0: 0, 1: 1}, source_classes=4)
+    aug = AugmentConfig(crop_size=(6, 6), ratio_range=(1, 1), flip_prob=0)
+    missing = tmp_path / "gone.png"
+    for uri in (str(missing), f"file://{missing}"):
+        batch = {
+            "image_id": np.array(["x"], dtype=object),
+            "image_uri": np.array([str(tmp_path / "img.png")], dtype=object),
+            "label_uri": np.array([str(tmp_path / "lab.png")], dtype=object),
+            "heldout_uri": np.array([uri], dtype=object),
+        }
+        with pytest.raises(DataError, match=r"training image 'x': .*gone\.png") as e:
+            decode_train_batch(batch, lut=lut, augment=aug, seed=0, epoch=0, heldout=True)
+        assert not isinstance(e.value, LeakageError)
