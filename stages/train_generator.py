@@ -123,18 +123,28 @@ def generator_train_loop(loop: Any) -> None:
     ``warmup_factor``. Batches: ``id`` (image rows of the feature arrays). Checkpoints hold the
     whole :class:`FeatureGenerator`, the generator's Adam + schedule and the head's SGD.
     """
+    from pipeline.uri import local_copy
+
+    cfg = loop.config
+    # Memory-mapped (the COCO-Stuff artifact is ~12 GB): each step reads only its batch's rows; the
+    # files stay available (a remote artifact's local copy too) for the loop's lifetime.
+    with local_copy(cfg["features_uri"]) as d:
+        emb = np.load(Path(d) / "features/embeddings.npy", mmap_mode="r")  # [N, Q, d]
+        lab = np.load(Path(d) / "features/labels.npy", mmap_mode="r")  # [N, Q]
+        _generator_steps(loop, emb, lab)
+
+
+def _generator_steps(loop: Any, emb: np.ndarray, lab: np.ndarray) -> None:
+    """The body of :func:`generator_train_loop` over the (memory-mapped) feature arrays
+    ``emb [N, Q, d]`` and ``lab [N, Q]``."""
     import functools
 
     import torch
 
-    from pipeline.uri import local_copy
     from zeroseg.models.pading import FeatureGenerator
     from zeroseg.models.proposals import poly_lr_factor
 
     cfg = loop.config
-    with local_copy(cfg["features_uri"]) as d:
-        emb = np.load(Path(d) / "features/embeddings.npy")
-        lab = np.load(Path(d) / "features/labels.npy")
     text = torch.tensor(np.asarray(cfg["class_text"], np.float32))
     c = len(text)
     model = FeatureGenerator(cfg["model"], c, cfg["seen"], cfg["unseen"], text)
