@@ -282,6 +282,8 @@ def test_sample_dag_self_trains_evaluates_both_and_is_cached(tmp_path, ray_local
     splits = _artifact(tmp_path, "build_splits")
     classes = json.loads((splits / "classes.json").read_text())
     assert classes["transductive"] == {"unlabeled_index": 254, "heldout": "heldout/train"}
+    stats = json.loads((splits / "stats.json").read_text())  # the policy the training labels were written with
+    assert stats["unseen_policy"] == stats["splits"]["train"]["policy"] == "unlabeled"
     unseen = set(classes["train"]["unseen"])
     table = pq.read_table(splits / "manifests" / "train.parquet").to_pylist()
     marked = 0
