@@ -346,17 +346,19 @@ class TrainGenerator(Stage):
     @staticmethod
     def _synthetic_check(m: GeneratorConfig, state: Mapping[str, Any], emb: np.ndarray, train: Any) -> dict[str, float]:
         """How the retrained head classifies fresh synthetic unseen features (10 per unseen class, eval
-        mode): ``synthetic_unseen_acc`` (its own class), ``synthetic_unseen_as_seen`` (a seen class)."""
+        mode): ``synthetic_unseen_acc`` (its own class), ``synthetic_unseen_as_seen`` (a seen class).
+        Seeded (0) on a forked CPU RNG: the driver's global torch RNG is left as it was."""
         import torch
 
         from zeroseg.models.pading import FeatureGenerator
 
-        g = FeatureGenerator(m, len(train.names), train.seen, train.unseen, torch.from_numpy(emb))
-        g.load_state_dict(state, strict=True)
-        g.eval()
-        torch.manual_seed(0)
         ids = torch.tensor(list(train.unseen)).repeat(10)
-        with torch.no_grad():
+        # the module's initialisation and the generator's noise draw from the global RNG
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            g = FeatureGenerator(m, len(train.names), train.seen, train.unseen, torch.from_numpy(emb))
+            g.load_state_dict(state, strict=True)
+            g.eval()
             pred = g.head(g.generate(ids)[0]).argmax(-1)
         seen = torch.tensor(list(train.seen))
         return {
