@@ -442,7 +442,7 @@ class BuildSplits(Stage):
         # 5. manifests, classes.json, stats.json
         stats: dict[str, Any] = {
             "transductive": cfg.transductive,
-            "unseen_policy": cfg.unseen_policy,
+            "unseen_policy": train_policy,  # the training split's: "unlabeled" when transductive
             "val_fraction": cfg.val_fraction,
             "seed": cfg.seed,
             "on_bad_image": cfg.on_bad_image,

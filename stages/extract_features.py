@@ -78,6 +78,36 @@ class ExtractFeaturesConfig(StageConfig):
         return v
 
 
+def decode_feature_batch(batch: Mapping[str, np.ndarray], forbidden: np.ndarray | None) -> dict[str, list[Any]]:
+    """Decode a batch of training manifest rows for :class:`FeaturePredictor` and run the leakage
+    guard on each label (``stages.feeds.check_leakage``) before anything reads it.
+
+    Args:
+        batch: columns ``row`` (artifact row), ``image_id``, ``image_uri``, ``label_uri``.
+        forbidden: ``stages.feeds.leakage_guard``'s table (None: no check).
+
+    Returns:
+        ``{"images": [uint8 [H, W, 3]], "labels": [uint8 or uint16 [H, W]] (vocabulary ids),
+        "rows": [int]}``, in order.
+
+    Raises:
+        LeakageError: a training label holds an unseen class id (naming the image and file).
+        DataError: an image or label cannot be read or decoded (naming the file).
+    """
+    from stages.feeds import check_leakage, decode_pair
+
+    out: dict[str, list[Any]] = {"images": [], "labels": [], "rows": []}
+    for row, image_id, img_uri, lbl_uri in zip(
+        batch[ROW_COLUMN], batch["image_id"], batch["image_uri"], batch["label_uri"]
+    ):
+        image, label = decode_pair(str(img_uri), str(lbl_uri))
+        check_leakage(label, forbidden, str(image_id), str(lbl_uri))
+        out["images"].append(image)
+        out["labels"].append(label)
+        out["rows"].append(int(row))
+    return out
+
+
 class FeaturePredictor:
     """Inference-actor model (``pipeline.inference``): decoded images and labels -> every query's
     embedding and label.
@@ -87,16 +117,27 @@ class FeaturePredictor:
         costs: ``(class, mask, dice)`` matching costs.
         ignore_index: the label PNGs' ignore value (classes.json ``train.ignore_index``).
         device: torch device string.
+        forbidden: the leakage guard's table (``stages.feeds.leakage_guard``, built on the driver;
+            None: no check).
 
-    ``load(batch)``: ``{"images", "labels", "rows"}``; ``__call__(inputs)``: ``{"embeddings": float32
-    [B, Q, d], "labels": int32 [B, Q]}`` (training-vocabulary class ids, -1 = no-object).
+    ``load(batch)``: ``{"images", "labels", "rows"}`` (:func:`decode_feature_batch`);
+    ``__call__(inputs)``: ``{"embeddings": float32 [B, Q, d], "labels": int32 [B, Q]}``
+    (training-vocabulary class ids, -1 = no-object).
 
     Raises:
         ConfigError: a CUDA device on an actor without one.
         DataError: an unreadable artifact, image or label.
+        LeakageError: a training label holds an unseen class id.
     """
 
-    def __init__(self, artifact_uri: str, costs: tuple[float, float, float], ignore_index: int, device: str = "cpu"):
+    def __init__(
+        self,
+        artifact_uri: str,
+        costs: tuple[float, float, float],
+        ignore_index: int,
+        device: str = "cpu",
+        forbidden: np.ndarray | None = None,
+    ):
         import torch
 
         from pipeline.uri import local_copy
@@ -119,17 +160,10 @@ class FeaturePredictor:
         self.std = torch.tensor(self.doc["input"]["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.info = {"input_size": list(self.size)}
+        self.forbidden = None if forbidden is None else np.asarray(forbidden, dtype=bool)
 
     def load(self, batch: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
-        from stages.feeds import decode_pair
-
-        out: dict[str, list[Any]] = {"images": [], "labels": [], "rows": []}
-        for row, img_uri, lbl_uri in zip(batch[ROW_COLUMN], batch["image_uri"], batch["label_uri"]):
-            image, label = decode_pair(str(img_uri), str(lbl_uri))
-            out["images"].append(image)
-            out["labels"].append(label)
-            out["rows"].append(int(row))
-        return out
+        return decode_feature_batch(batch, self.forbidden)
 
     def targets(self, label: np.ndarray) -> dict[str, Any]:
         """One target per seen class present, labelled with its head index (unseen / other ids are
@@ -262,8 +296,9 @@ class ExtractFeatures(Stage):
         import ray
 
         from pipeline.inference import reduce
-        from stages.feeds import URI_COLUMNS, manifest_table
+        from stages.feeds import URI_COLUMNS, leakage_guard, manifest_table
         from stages.methods._proposals import bound_proposals, check_seen
+        from zeroseg.data.transforms import make_lut
 
         cfg: ExtractFeaturesConfig = ctx.config
         train = vocabularies(ctx.inputs["splits"])[TRAIN_VOCAB]
@@ -276,6 +311,9 @@ class ExtractFeatures(Stage):
                 "embeddings with a linear head: train pretrain_proposals with model.class_head: linear"
             )
         check_seen(doc, train.seen, where)
+        # the leakage guard of every training feed: no training label may hold an unseen class id
+        lut = make_lut({int(c): i for i, c in enumerate(train.seen)}, source_classes=len(train.names))
+        forbidden = leakage_guard(ctx.inputs["splits"], lut)
         table = manifest_table(ctx.inputs["splits"], TRAIN_VOCAB).select(list(URI_COLUMNS))
         if cfg.max_images is not None:
             table = table.slice(0, cfg.max_images)
@@ -307,6 +345,7 @@ class ExtractFeatures(Stage):
                 "costs": (cfg.cost_class, cfg.cost_mask, cfg.cost_dice),
                 "ignore_index": train.ignore_index,
                 "device": device,
+                "forbidden": forbidden,
             },
             {"features": FeatureWriter(str(out), table.num_rows, q, d)},
             batch_size=cfg.batch_size,

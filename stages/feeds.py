@@ -35,7 +35,7 @@ are independent of how many decode tasks run and where.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -110,20 +110,25 @@ def decode_pair(image_uri: str, label_uri: str) -> tuple[np.ndarray, np.ndarray]
     Raises:
         DataError: a missing, unreadable or undecodable file, naming its URI.
     """
-    out = []
-    for uri, decode in ((image_uri, decode_image), (label_uri, decode_label)):
-        if "://" not in uri:
-            out.append(decode(uri))  # a local path: decode_* name it in their errors
-            continue
-        try:
-            data = read_bytes(uri)
-        except OSError as e:  # FileNotFoundError, permission, store errors
-            raise DataError(f"{uri} cannot be read ({type(e).__name__}: {e})") from None
-        try:
-            out.append(decode(data))
-        except DataError as e:
-            raise DataError(f"{uri}: {e}") from None
-    return out[0], out[1]
+    return _decode_uri(image_uri, decode_image), _decode_uri(label_uri, decode_label)
+
+
+def _decode_uri(uri: str, decode: Callable[[Any], np.ndarray]) -> np.ndarray:
+    """``decode`` (``decode_image`` / ``decode_label``) of one file, a local path or a store URI.
+
+    Raises:
+        DataError: a missing, unreadable or undecodable file, naming ``uri``.
+    """
+    if "://" not in uri:
+        return decode(uri)  # a local path: decode_* name it in their errors
+    try:
+        data = read_bytes(uri)
+    except OSError as e:  # FileNotFoundError, permission, store errors
+        raise DataError(f"{uri} cannot be read ({type(e).__name__}: {e})") from None
+    try:
+        return decode(data)
+    except DataError as e:
+        raise DataError(f"{uri}: {e}") from None
 
 
 def leakage_guard(splits: Artifact, lut: np.ndarray) -> np.ndarray:
@@ -255,7 +260,7 @@ def decode_train_batch(
                 images[i], labels[i] = train_transform(image, label, augment, rng)
             else:
                 h_uri = str(batch["heldout_uri"][i])
-                h = decode_label(h_uri if "://" not in h_uri else read_bytes(h_uri))
+                h = _decode_uri(h_uri, decode_label)
                 # inside the image "not unseen" becomes ignore - 1 (no class of a transductive
                 # vocabulary), so that ignore after the transform is exactly the padding
                 hi = 255 if h.dtype == np.uint8 else 65535

@@ -57,18 +57,21 @@ from zeroseg.errors import ConfigError, DataError
 
 ZEGCLIP_CLASS = "zeroseg.models.zegclip:ZegCLIP"
 PSEUDO_LABELS_JSON = "pseudo_labels.json"
+#: The self-trained artifact's ``default_gamma``: the released self-trained inference applies no
+#: seen-class calibration (``semantic_inference(..., weight=0.0)``; released-code.md section 4).
+#: A constant, not a training field: ``evaluate.gamma`` overrides it without re-training.
+SELF_TRAINED_GAMMA = 0.0
 
 
 class SelfTrainConfig(ZegCLIPSolver):
     """``self_train`` section: ``init_from: train_classifier`` (required), ``pixels``
-    (``unseen_only`` | ``all_unlabeled``), ``threshold`` (None or a sigmoid score in (0, 1)),
-    ``gamma`` (the artifact's ``default_gamma``: evaluate's seen-class calibration when
-    ``evaluate.gamma`` is unset; 0 as released), and :class:`ZegCLIPSolver`'s training sections
-    (``train.max_steps`` default 10000: VOC's second half)."""
+    (``unseen_only`` | ``all_unlabeled``), ``threshold`` (None or a sigmoid score in (0, 1)), and
+    :class:`ZegCLIPSolver`'s training sections (``train.max_steps`` default 10000: VOC's second
+    half). The artifact's ``default_gamma`` is :data:`SELF_TRAINED_GAMMA` (set ``evaluate.gamma``
+    for another calibration)."""
 
     pixels: Literal["unseen_only", "all_unlabeled"] = "unseen_only"
     threshold: float | None = Field(None, gt=0.0, lt=1.0)
-    gamma: float = Field(0.0, ge=0.0)
     train: TrainSection = TrainSection(max_steps=10000, batch_size=4, lr=2e-5, reference_batch_size=16)
 
 
@@ -301,7 +304,7 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
     trainable = seg.trainable_state_dict()
     out = Path(ctx.output_dir)
     extra = {
-        "default_gamma": cfg.gamma,
+        "default_gamma": SELF_TRAINED_GAMMA,
         "self_training": {
             "pixels": cfg.pixels,
             "threshold": cfg.threshold,

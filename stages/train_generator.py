@@ -123,18 +123,28 @@ def generator_train_loop(loop: Any) -> None:
     ``warmup_factor``. Batches: ``id`` (image rows of the feature arrays). Checkpoints hold the
     whole :class:`FeatureGenerator`, the generator's Adam + schedule and the head's SGD.
     """
+    from pipeline.uri import local_copy
+
+    cfg = loop.config
+    # Memory-mapped (the COCO-Stuff artifact is ~12 GB): each step reads only its batch's rows; the
+    # files stay available (a remote artifact's local copy too) for the loop's lifetime.
+    with local_copy(cfg["features_uri"]) as d:
+        emb = np.load(Path(d) / "features/embeddings.npy", mmap_mode="r")  # [N, Q, d]
+        lab = np.load(Path(d) / "features/labels.npy", mmap_mode="r")  # [N, Q]
+        _generator_steps(loop, emb, lab)
+
+
+def _generator_steps(loop: Any, emb: np.ndarray, lab: np.ndarray) -> None:
+    """The body of :func:`generator_train_loop` over the (memory-mapped) feature arrays
+    ``emb [N, Q, d]`` and ``lab [N, Q]``."""
     import functools
 
     import torch
 
-    from pipeline.uri import local_copy
     from zeroseg.models.pading import FeatureGenerator
     from zeroseg.models.proposals import poly_lr_factor
 
     cfg = loop.config
-    with local_copy(cfg["features_uri"]) as d:
-        emb = np.load(Path(d) / "features/embeddings.npy")
-        lab = np.load(Path(d) / "features/labels.npy")
     text = torch.tensor(np.asarray(cfg["class_text"], np.float32))
     c = len(text)
     model = FeatureGenerator(cfg["model"], c, cfg["seen"], cfg["unseen"], text)
@@ -336,17 +346,19 @@ class TrainGenerator(Stage):
     @staticmethod
     def _synthetic_check(m: GeneratorConfig, state: Mapping[str, Any], emb: np.ndarray, train: Any) -> dict[str, float]:
         """How the retrained head classifies fresh synthetic unseen features (10 per unseen class, eval
-        mode): ``synthetic_unseen_acc`` (its own class), ``synthetic_unseen_as_seen`` (a seen class)."""
+        mode): ``synthetic_unseen_acc`` (its own class), ``synthetic_unseen_as_seen`` (a seen class).
+        Seeded (0) on a forked CPU RNG: the driver's global torch RNG is left as it was."""
         import torch
 
         from zeroseg.models.pading import FeatureGenerator
 
-        g = FeatureGenerator(m, len(train.names), train.seen, train.unseen, torch.from_numpy(emb))
-        g.load_state_dict(state, strict=True)
-        g.eval()
-        torch.manual_seed(0)
         ids = torch.tensor(list(train.unseen)).repeat(10)
-        with torch.no_grad():
+        # the module's initialisation and the generator's noise draw from the global RNG
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            g = FeatureGenerator(m, len(train.names), train.seen, train.unseen, torch.from_numpy(emb))
+            g.load_state_dict(state, strict=True)
+            g.eval()
             pred = g.head(g.generate(ids)[0]).argmax(-1)
         seen = torch.tensor(list(train.seen))
         return {

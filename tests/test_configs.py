@@ -166,6 +166,22 @@ def test_zegclip_benchmark_configs_are_the_released_settings(
     assert p.nodes["evaluate"].config.gamma == 0.1
 
 
+def _zegclip_lr(section):
+    """The learning rate of the prompts / head at optimizer step s under ``section``'s schedule, from
+    ``zegclip_optimizer`` (one parameter stands in for the model's groups)."""
+    import types
+
+    import torch
+
+    from stages.methods.zegclip import zegclip_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    seg = types.SimpleNamespace(optimizer_param_groups=lambda wd: [{"params": [p], "weight_decay": wd}])
+    loop = types.SimpleNamespace(lr=section.train.lr, train=section.train, config=section.solver())
+    opt, sched = zegclip_optimizer(loop, seg)
+    return lambda s: opt.param_groups[0]["initial_lr"] * sched.lr_lambdas[0](s)
+
+
 @pytest.mark.parametrize(
     "name, inductive, base, steps",
     [
@@ -185,16 +201,22 @@ def test_zegclip_st_configs_are_the_papers_schedule(name, inductive, base, steps
     tc, st = p.nodes["train_classifier"].config, p.nodes["self_train"].config
     assert ind.nodes["train_classifier"].config.train.max_steps == base
     assert tc.train.max_steps == st.train.max_steps == steps == base // 2
+    # the inductive half is the first half of the full run's poly schedule (released: iter_10000 /
+    # iter_40000 of the 20k / 80k run); self-training starts a fresh schedule with its warm-up
+    # (released --load-from: a new 10k / 40k schedule_*k run)
+    assert (tc.schedule_steps, st.schedule_steps) == (base, None)
+    lr_t, lr_s = _zegclip_lr(tc), _zegclip_lr(st)
+    b, m = 2e-5 * 10, 1e-6  # lr x lr_mult, min_lr: mmcv poly (b - m) (1 - s / T) ** 0.9 + m
+    assert lr_t(steps) == pytest.approx((b - m) * 0.5**0.9 + m, rel=1e-9)  # ~0.54 b at the hand-over
+    assert lr_t(1500) == pytest.approx((b - m) * (1 - 1500 / base) ** 0.9 + m, rel=1e-9)
+    assert lr_s(0) == pytest.approx(b * 1e-6, rel=1e-6) and lr_s(steps) == pytest.approx(m, rel=1e-9)
     assert tc.model == ind.nodes["train_classifier"].config.model  # the same network, only the schedule halves
     solver = ("weight_decay", "head_lr_mult", "warmup_steps", "warmup_ratio", "poly_power", "min_lr", "augment")
     assert {k: getattr(st, k) for k in solver} == {k: getattr(tc, k) for k in solver}
     same = ("batch_size", "lr", "reference_batch_size", "lr_scaling", "precision", "grad_accum_steps")
     assert {k: getattr(st.train, k) for k in same} == {k: getattr(tc.train, k) for k in same}
-    assert st.scaling.num_workers == tc.scaling.num_workers and (st.pixels, st.threshold, st.gamma) == (
-        "unseen_only",
-        None,
-        0.0,
-    )
+    assert st.scaling.num_workers == tc.scaling.num_workers and (st.pixels, st.threshold) == ("unseen_only", None)
+    assert "gamma" not in type(st).model_fields  # the artifact's default gamma is not a training field
     assert p.nodes["self_train"].bindings["init_from"] == "train_classifier"
     ev = p.nodes["evaluate"]
     assert ev.bindings["model"] == "self_train" and ev.bindings["compare"] == "train_classifier"

@@ -126,6 +126,21 @@ def test_generator_shapes_and_the_primitives_receive_gradients():
         g.generator_losses(real[:1], torch.tensor([1]))
 
 
+def test_synthetic_check_leaves_the_global_rng_alone():
+    from stages.train_generator import TrainGenerator
+    from zeroseg.config.pading import GeneratorConfig
+
+    g = _generator()
+    train = types.SimpleNamespace(names=("a", "b", "c"), seen=(0, 2), unseen=(1,))
+    cfg = GeneratorConfig(**GEN)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = TrainGenerator._synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
+    assert torch.equal(torch.get_rng_state(), before)  # the driver's RNG did not move
+    again = TrainGenerator._synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
+    assert first == again and 0.0 <= first["synthetic_unseen_acc"] <= 1.0  # seeded: reproducible
+
+
 def test_text_embeddings_of_another_size_are_refused():
     from zeroseg.errors import ConfigError
 

@@ -40,7 +40,7 @@ from zeroseg.data.splits import (
 )
 from zeroseg.data.transforms import AugmentConfig, make_lut
 from zeroseg.errors import ConfigError as VocabularyError
-from zeroseg.errors import LeakageError
+from zeroseg.errors import DataError, LeakageError
 from zeroseg.self_training import PseudoLabelStats, eligible_pixels, pseudo_label_targets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,6 +194,36 @@ def test_leakage_guard_fires_on_a_poisoned_inductive_feed(tmp_path, ray_local):
         leakage_guard(art, make_lut({0: 0, 1: 1, 2: 2}, source_classes=4))
 
 
+def test_leakage_guard_fires_in_extract_features_load(tmp_path):
+    from stages.extract_features import FeaturePredictor, decode_feature_batch
+
+    poisoned = np.zeros((8, 8), np.uint8)
+    poisoned[5, 1] = poisoned[6, 1] = 2  # two pixels of unseen class c in a training label
+    art = _split_artifact(tmp_path / "a", poisoned)
+    guard = leakage_guard(art, make_lut([0, 1], source_classes=4))
+    batch = {
+        "row": np.array([0]),
+        "image_id": np.array(["x"], dtype=object),
+        "image_uri": np.array([str(art.path / "img.png")], dtype=object),
+        "label_uri": np.array([str(art.path / "labels/train/x.png")], dtype=object),
+    }
+    with pytest.raises(
+        LeakageError, match=r"training image 'x' .*2 pixel\(s\) labelled with unseen class id\(s\) \[2\]"
+    ):
+        decode_feature_batch(batch, guard)
+    # the inference actor's load checks with the table it was given (no model needed to decode)
+    actor = object.__new__(FeaturePredictor)
+    actor.forbidden = guard
+    with pytest.raises(LeakageError, match=r"unseen class id\(s\) \[2\]"):
+        actor.load(batch)
+    clean = np.zeros((8, 8), np.uint8)
+    clean[0, 0] = 1
+    ok = _split_artifact(tmp_path / "b", clean)
+    batch["label_uri"] = np.array([str(ok.path / "labels/train/x.png")], dtype=object)
+    got = decode_feature_batch(batch, guard)
+    assert got["rows"] == [0] and int(got["labels"][0][0, 0]) == 1 and got["images"][0].shape == (8, 8, 3)
+
+
 # ------------------------------------------------------------------ the leakage guard (plan time)
 def test_self_train_on_an_inductive_split_is_a_plan_time_error():
     cfg = load_config(CONFIG, ["build_splits.transductive=false"])
@@ -252,6 +282,8 @@ def test_sample_dag_self_trains_evaluates_both_and_is_cached(tmp_path, ray_local
     splits = _artifact(tmp_path, "build_splits")
     classes = json.loads((splits / "classes.json").read_text())
     assert classes["transductive"] == {"unlabeled_index": 254, "heldout": "heldout/train"}
+    stats = json.loads((splits / "stats.json").read_text())  # the policy the training labels were written with
+    assert stats["unseen_policy"] == stats["splits"]["train"]["policy"] == "unlabeled"
     unseen = set(classes["train"]["unseen"])
     table = pq.read_table(splits / "manifests" / "train.parquet").to_pylist()
     marked = 0
@@ -346,3 +378,23 @@ def test_self_train_feed_carries_heldout_labels_and_the_padding_apart(tmp_path):
     t = torch.from_numpy(out["label"]).long()
     e = eligible_pixels(t, "all_unlabeled", unlabeled_index=U, ignore_index=IG, valid=torch.from_numpy(out["valid"]))
     assert e[0].int().tolist() == [[0, 0, 1, 1, 1, 0]] * 4 + [[0] * 6] * 2
+
+
+def test_a_missing_heldout_label_is_a_data_error_naming_the_file(tmp_path):
+    """Local path or ``file://`` URI (the store branch of decode_pair): a DataError naming the image
+    and the missing held-out file, never a bare OSError."""
+    Image.fromarray(np.full((4, 6, 3), 90, np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(np.zeros((4, 6), np.uint8)).save(tmp_path / "lab.png")
+    lut = make_lut({0: 0, 1: 1}, source_classes=4)
+    aug = AugmentConfig(crop_size=(6, 6), ratio_range=(1, 1), flip_prob=0)
+    missing = tmp_path / "gone.png"
+    for uri in (str(missing), f"file://{missing}"):
+        batch = {
+            "image_id": np.array(["x"], dtype=object),
+            "image_uri": np.array([str(tmp_path / "img.png")], dtype=object),
+            "label_uri": np.array([str(tmp_path / "lab.png")], dtype=object),
+            "heldout_uri": np.array([uri], dtype=object),
+        }
+        with pytest.raises(DataError, match=r"training image 'x': .*gone\.png") as e:
+            decode_train_batch(batch, lut=lut, augment=aug, seed=0, epoch=0, heldout=True)
+        assert not isinstance(e.value, LeakageError)

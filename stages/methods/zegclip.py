@@ -47,7 +47,10 @@ class ZegCLIPSolver(StageConfig):
     resources); ``augment``: the training crops. Schedule (``zeroseg.models.zegclip.zegclip_lr_factor``,
     the released mmcv one): ``warmup_steps`` of linear warm-up from ``warmup_ratio`` (0: none), then
     poly decay to the absolute ``min_lr`` (0: to zero). ``poly_power``: exponent ``p`` of the
-    poly decay ``(1 - s / max_steps) ** p``. ``head_lr_mult``: lr multiplier of every trained
+    poly decay ``(1 - s / T) ** p``. ``schedule_steps``: the schedule's horizon ``T`` (None:
+    ``train.max_steps``); a larger value trains the first ``train.max_steps`` steps of a longer
+    run, as the released transductive runs' inductive half (``iter_10000`` of the 20k VOC run,
+    ``iter_40000`` of the 80k COCO run; released-code.md section 4). ``head_lr_mult``: lr multiplier of every trained
     parameter (the released ``lr_mult`` 10). ``block_rows``: images per Ray Data decode task
     (32 keeps the feed level with a PyTorch DataLoader on 2 CPUs: ``benchmarks/bench_train_feed.py``).
     """
@@ -61,11 +64,22 @@ class ZegCLIPSolver(StageConfig):
     warmup_ratio: float = Field(1e-6, ge=0, le=1)
     poly_power: float = Field(0.9, ge=0)
     min_lr: float = Field(1e-6, ge=0)
+    schedule_steps: int | None = Field(None, ge=1)
     block_rows: Annotated[int, Runtime(why="decode task size")] = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _horizon(self) -> ZegCLIPSolver:
+        if self.schedule_steps is not None and self.schedule_steps < self.train.max_steps:
+            raise ValueError(
+                f"schedule_steps {self.schedule_steps} is shorter than train.max_steps {self.train.max_steps}: the "
+                "schedule's horizon must cover the steps trained (unset it to use train.max_steps)"
+            )
+        return self
 
     def solver(self) -> dict[str, Any]:
         """The loop config entries of :func:`zegclip_optimizer`."""
         return {
+            "schedule_steps": self.schedule_steps or self.train.max_steps,
             "weight_decay": self.weight_decay,
             "head_lr_mult": self.head_lr_mult,
             "warmup_steps": self.warmup_steps,
@@ -156,7 +170,7 @@ def zegclip_train_loop(loop: Any) -> None:
 def zegclip_optimizer(loop: Any, seg: Any) -> tuple[Any, Any]:
     """ZegCLIP's released optimiser and schedule for ``seg`` in a worker: AdamW over
     ``seg.optimizer_param_groups`` at ``loop.lr x head_lr_mult`` and the poly schedule with linear
-    warm-up (``zegclip_lr_factor``) over ``loop.train.max_steps``, from ``loop.config``'s
+    warm-up (``zegclip_lr_factor``) over ``schedule_steps`` (default ``loop.train.max_steps``), from ``loop.config``'s
     :meth:`ZegCLIPSolver.solver` entries. Returns ``(optimizer, scheduler)``."""
     import torch
 
@@ -172,7 +186,7 @@ def zegclip_optimizer(loop: Any, seg: Any) -> tuple[Any, Any]:
         opt,
         functools.partial(
             zegclip_lr_factor,
-            max_steps=loop.train.max_steps,
+            max_steps=int(cfg.get("schedule_steps") or loop.train.max_steps),
             base_lr=base,
             min_lr=cfg["min_lr"],
             power=cfg["poly_power"],
