@@ -501,7 +501,7 @@ class PretrainProposals(Stage):
         import ray
 
         from pipeline.inference import reduce
-        from pipeline.training import fit
+        from pipeline.training import fit_stage
         from pipeline.uri import join
         from stages.feeds import leakage_guard, train_dataset
         from zeroseg.data.transforms import lut_ignore_index, make_lut
@@ -560,19 +560,7 @@ class PretrainProposals(Stage):
         ds = train_dataset(
             splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
         )
-        bar = ctx.progress(cfg.train.max_steps, "steps")
-        result = fit(
-            proposals_train_loop,
-            loop_config,
-            {"train": ds},
-            cfg.scaling,
-            cfg.train,
-            ctx.train_storage,
-            ctx.train_name,
-            ctx.tracking,
-            log=ctx.log,
-            progress=lambda p: bar.update(completed=p.step, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}"),
-        )
+        result = fit_stage(ctx, proposals_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
         model.load_state_dict(result.model_state(), strict=True)
         out = Path(ctx.output_dir)
         save_proposals(

@@ -225,7 +225,7 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
     """
     import torch
 
-    from pipeline.training import fit
+    from pipeline.training import fit_stage
     from pipeline.training.checkpoint import load_train_state
     from stages.feeds import leakage_guard, train_dataset
     from stages.methods.zegclip import build_model
@@ -286,19 +286,7 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
         "threshold": cfg.threshold,
         **cfg.solver(),
     }
-    bar = ctx.progress(cfg.train.max_steps, "steps")
-    result = fit(
-        self_train_loop,
-        loop_config,
-        {"train": ds},
-        cfg.scaling,
-        cfg.train,
-        ctx.train_storage,
-        ctx.train_name,
-        ctx.tracking,
-        log=ctx.log,
-        progress=lambda p: bar.update(completed=p.step, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}"),
-    )
+    result = fit_stage(ctx, self_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
     seg = build_model(clip, doc["model"])
     seg.load_trainable_state_dict(result.model_state(), source=result.checkpoint_uri)
     trainable = seg.trainable_state_dict()

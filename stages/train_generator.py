@@ -233,7 +233,7 @@ class TrainGenerator(Stage):
         import ray
         import torch
 
-        from pipeline.training import fit
+        from pipeline.training import fit_stage
         from stages.extract_features import read_features_json
         from stages.methods._proposals import bound_proposals, check_seen
         from zeroseg.models import WEIGHTS_PT, save_segmenter
@@ -310,19 +310,7 @@ class TrainGenerator(Stage):
             f"queries from {fwhere}; {len(train.seen)} seen / {len(train.unseen)} unseen classes"
         )
         ds = ray.data.range(n)
-        bar = ctx.progress(cfg.train.max_steps, "steps")
-        result = fit(
-            generator_train_loop,
-            loop_config,
-            {"train": ds},
-            cfg.scaling,
-            cfg.train,
-            ctx.train_storage,
-            ctx.train_name,
-            ctx.tracking,
-            log=ctx.log,
-            progress=lambda p: bar.update(completed=p.step, loss=f"{p.loss:.4f}"),
-        )
+        result = fit_stage(ctx, generator_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
         state = result.model_state()
         seg = PADing(None, {"proposals": pdoc, "classes": len(train.names), "text_dim": m.text_dim})
         seg.proposals.load_state_dict(sd, strict=True)

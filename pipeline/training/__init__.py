@@ -49,7 +49,7 @@ from pipeline.errors import CheckpointMismatchError, NonFiniteLossError, Trainin
 
 from .checkpoint import CheckpointInfo, latest_checkpoint, list_checkpoints, load_model_state
 from .config import MlflowTarget, ScalingSection, TrainSection, check_cpus_left_for_data, global_batch_and_lr
-from .fit import FitResult, fit
+from .fit import FitResult, fit, fit_stage
 from .loop import Loop, unwrap
 from .metrics import Progress
 from .precision import resolve_precision
@@ -68,6 +68,7 @@ __all__ = [
     "TrainingError",
     "check_cpus_left_for_data",
     "fit",
+    "fit_stage",
     "global_batch_and_lr",
     "latest_checkpoint",
     "list_checkpoints",

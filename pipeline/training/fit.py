@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import uri as uri_
 from pipeline.errors import ConfigError, NonFiniteLossError, RemoteUserError, carrier_key, find_user_error
@@ -20,6 +20,9 @@ from .config import MlflowTarget, ScalingSection, TrainSection, check_cpus_left_
 from .loop import Loop, worker_main
 from .metrics import Progress
 from .progress import relay, with_listeners
+
+if TYPE_CHECKING:
+    from pipeline.dag import StageContext
 
 
 @dataclasses.dataclass
@@ -308,3 +311,33 @@ def prepare_dataset(ds: Any, deterministic: bool, start_epoch: int) -> Any:
     ds.context.execution_options.preserve_order = deterministic
     set_pass_index(ds.context, start_epoch)
     return ds
+
+
+def fit_stage(
+    ctx: StageContext,
+    train_loop: Callable[[Loop], Any],
+    loop_config: dict[str, Any],
+    datasets: Mapping[str, Any],
+    scaling: ScalingSection,
+    train: TrainSection,
+) -> FitResult:
+    """:func:`fit` for a pipeline stage: Ray Train's storage and run name (the artifact key's:
+    the same key resumes), the MLflow run and the output from the stage's context, and one
+    progress display of ``train.max_steps`` steps showing the loss and learning rate.
+
+    Raises:
+        what :func:`fit` raises.
+    """
+    bar = ctx.progress(train.max_steps, "steps")
+    return fit(
+        train_loop,
+        loop_config,
+        datasets,
+        scaling,
+        train,
+        ctx.train_storage,
+        ctx.train_name,
+        ctx.tracking,
+        log=ctx.log,
+        progress=lambda p: bar.update(completed=p.step, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}"),
+    )

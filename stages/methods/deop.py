@@ -195,7 +195,7 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
     """
     import torch
 
-    from pipeline.training import fit
+    from pipeline.training import fit_stage
     from stages.feeds import leakage_guard, train_dataset
     from zeroseg.data.transforms import lut_ignore_index, make_lut
     from zeroseg.models import save_segmenter
@@ -230,19 +230,7 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
         "weight_decay": cfg.weight_decay,
         "poly_power": cfg.poly_power,
     }
-    bar = ctx.progress(cfg.train.max_steps, "steps")
-    result = fit(
-        deop_train_loop,
-        loop_config,
-        {"train": ds},
-        cfg.scaling,
-        cfg.train,
-        ctx.train_storage,
-        ctx.train_name,
-        ctx.tracking,
-        log=ctx.log,
-        progress=lambda p: bar.update(completed=p.step, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}"),
-    )
+    result = fit_stage(ctx, deop_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
     seg = build_model(spec, model_cfg)
     load_proposals(seg, proposals.uri)
     seg.load_learned_state_dict(result.model_state(), source=result.checkpoint_uri)

@@ -214,7 +214,7 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
     """
     import torch
 
-    from pipeline.training import fit
+    from pipeline.training import fit_stage
     from stages.feeds import leakage_guard, train_dataset
     from zeroseg.data.transforms import lut_ignore_index, make_lut
     from zeroseg.models import save_segmenter
@@ -240,19 +240,7 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
         "seen_text": seen_text.tolist(),
         **cfg.solver(),
     }
-    bar = ctx.progress(cfg.train.max_steps, "steps")
-    result = fit(
-        zegclip_train_loop,
-        loop_config,
-        {"train": ds},
-        cfg.scaling,
-        cfg.train,
-        ctx.train_storage,
-        ctx.train_name,
-        ctx.tracking,
-        log=ctx.log,
-        progress=lambda p: bar.update(completed=p.step, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}"),
-    )
+    result = fit_stage(ctx, zegclip_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
     seg = build_model(spec, model_cfg)
     seg.load_trainable_state_dict(result.model_state(), source=result.checkpoint_uri)
     trainable = seg.trainable_state_dict()
