@@ -490,6 +490,20 @@ def _toy_trial(config: dict, storage: str, marker: str) -> None:
     tune.report({"final/loss": float(res.metrics["loss"]), "final/steps": res.steps})
 
 
+def _remove_placement_groups_since(before: set[str]) -> None:
+    """Remove the placement groups created since ``before`` (ids of ``placement_group_table``)
+    that are still held: Ray 2.60 keeps an ASHA-stopped trial's Train worker group CREATED until
+    the driver exits, and this test's driver is the session's (its CPUs would starve the later
+    2-worker fits of tests/test_training.py)."""
+    import ray.util
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id, info in ray.util.placement_group_table().items():
+        if pg_id not in before and info.get("state") != "REMOVED":
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+
+
 def test_training_reports_reach_tune_and_asha_stops_the_worse_trial(ray_local, tmp_path, monkeypatch):
     """Two concurrent trials: offset 0, and offset 10 (a higher training loss at every step),
     whose training starts once the first trial's step-2 result has reached Tune.
@@ -500,6 +514,7 @@ def test_training_reports_reach_tune_and_asha_stops_the_worse_trial(ray_local, t
     Train worker group is released; in Ray 2.60 its placement group stays CREATED after the stop,
     see docs/architecture.md.)"""
     import ray.cloudpickle
+    import ray.util
     from ray import tune
 
     from pipeline.sweep import SweepFile, _start_ray_data_services, asha_scheduler
@@ -528,7 +543,11 @@ def test_training_reports_reach_tune_and_asha_stops_the_worse_trial(ray_local, t
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=2),
         run_config=tune.RunConfig(name="toy", storage_path=str(tmp_path / "tune"), verbose=0),
     )
-    grid = tuner.fit()
+    before = set(ray.util.placement_group_table())
+    try:
+        grid = tuner.fit()
+    finally:
+        _remove_placement_groups_since(before)  # the stopped trial's workers would hold CPUs for later tests
     by_offset = {r.config["offset"]: r for r in grid}
     assert not any(r.error for r in grid)
     good, bad = by_offset[0.0].metrics_dataframe, by_offset[10.0].metrics_dataframe
