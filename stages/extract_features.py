@@ -180,19 +180,12 @@ class FeaturePredictor:
 
     def __call__(self, inputs: Mapping[str, list[Any]]) -> dict[str, Any]:
         import torch
-        import torch.nn.functional as F
 
+        from stages.pretrain_proposals import model_input
         from zeroseg.models.pading import query_labels
 
-        xs = []
-        for image in inputs["images"]:
-            a = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
-            x = torch.from_numpy(a).to(self.device).permute(2, 0, 1)[None].float().div_(255.0)
-            if tuple(x.shape[-2:]) != self.size:
-                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-            xs.append((x - self.mean) / self.std)
         with torch.inference_mode():
-            out = self.model(torch.cat(xs))
+            out = self.model(model_input(inputs["images"], self.size, self.mean, self.std))
         targets = [self.targets(lab) for lab in inputs["labels"]]
         head = query_labels(out["pred_logits"], out["pred_masks"], targets, self.matcher).numpy()
         labels = np.where(head >= 0, self.seen[np.maximum(head, 0)], NO_OBJECT).astype(np.int32)

@@ -321,6 +321,24 @@ def proposals_train_loop(loop: Any) -> None:
 # =============================================================================================
 # the recall pass (runs in inference actors)
 # =============================================================================================
+def model_input(images: list[np.ndarray], size: tuple[int, int], mean: Any, std: Any) -> Any:
+    """uint8 ``[H, W, 3]`` RGB images -> the proposal model's input ``float [B, 3, *size]`` on the
+    device of ``mean``: scaled to [0, 1], resized bilinearly with antialiasing when the size
+    differs (the recall protocol squashes to the training crop), normalised by ``mean`` / ``std``
+    (``[1, 3, 1, 1]``)."""
+    import torch
+    import torch.nn.functional as F
+
+    xs = []
+    for image in images:
+        a = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
+        x = torch.from_numpy(a).to(mean.device).permute(2, 0, 1)[None].float().div_(255.0)
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        xs.append((x - mean) / std)
+    return torch.cat(xs)
+
+
 class ProposalPredictor:
     """Inference-actor model (``pipeline.inference``): decoded images -> mask logits of every query.
 
@@ -408,17 +426,9 @@ class ProposalPredictor:
 
     def __call__(self, inputs: Mapping[str, list[Any]]) -> dict[str, Any]:
         import torch
-        import torch.nn.functional as F
 
-        xs = []
-        for image in inputs["images"]:
-            a = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
-            x = torch.from_numpy(a).to(self.device).permute(2, 0, 1)[None].float().div_(255.0)
-            if tuple(x.shape[-2:]) != self.size:
-                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-            xs.append((x - self.mean) / self.std)
         with torch.inference_mode():
-            out = self.model(torch.cat(xs), self.text)
+            out = self.model(model_input(inputs["images"], self.size, self.mean, self.std), self.text)
         return {"mask_logits": out["pred_masks"]}
 
 
