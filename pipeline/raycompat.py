@@ -1,4 +1,10 @@
-"""Ray Data's pass counter, the one place that touches it.
+"""Ray's private fields that zeroseg relies on, the one place that touches them.
+
+1. Ray Data's pass counter (:func:`pass_index`, :func:`set_pass_index`).
+2. A Ray Train V2 run's controller actor and worker placement group, seen from a worker
+   (:func:`train_run_handles`): what a stopped sweep trial needs to end its fit.
+
+Ray Data's pass counter:
 
 Ray Data counts complete executions ("passes", one per epoch of a training feed) of a dataset in
 the private field ``DataContext._execution_idx`` (Ray 2.60: ``ExecutionIdxUpdateCallback`` adds 1
@@ -18,7 +24,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-__all__ = ["ATTRIBUTE", "pass_index", "set_pass_index"]
+__all__ = ["ATTRIBUTE", "pass_index", "set_pass_index", "train_run_handles"]
 
 #: The private ``DataContext`` field (Ray 2.60).
 ATTRIBUTE = "_execution_idx"
@@ -69,3 +75,34 @@ def set_pass_index(context: Any, index: int) -> bool:
         return False
     setattr(context, ATTRIBUTE, int(index))
     return True
+
+
+def train_run_handles() -> dict[str, Any]:
+    """The running Ray Train V2 fit's controller actor and its workers' placement group, as seen
+    from one of its workers: ``{"controller": ActorHandle | None, "placement_group":
+    PlacementGroup | None}`` (both picklable; None where Ray no longer offers it).
+
+    Used to end a fit whose driver was told to stop (a sweep trial that ASHA stopped,
+    ``pipeline.training.progress.relay``): Ray Tune then kills the trial's actor, and the Train
+    controller it owns dies with it, ungracefully, so the controller never removes its worker
+    group's placement group. Ray Train's own ``PlacementGroupCleaner`` would, but it watches the
+    controller through Ray's state API, which needs the dashboard (off in our embedded clusters)
+    and a correct ``/tmp/ray/ray_current_cluster``; without it the group holds its CPUs/GPUs until
+    the job ends. The controller handle is the private ``TrainContext.controller_actor`` (Ray
+    2.60; ``tests/test_raycompat.py`` fails loudly if it moves); its ``abort`` is what Ray Train
+    itself calls on Ctrl-C. The placement group is public (``get_current_placement_group``).
+    """
+    import ray.util
+
+    handles: dict[str, Any] = {"controller": None, "placement_group": None}
+    try:
+        handles["placement_group"] = ray.util.get_current_placement_group()
+    except Exception:  # noqa: BLE001 - not in a placement group / not in Ray
+        pass
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        handles["controller"] = get_train_context().controller_actor
+    except Exception:  # noqa: BLE001 - Train V1, in-process, or a Ray upgrade moved it
+        pass
+    return handles

@@ -53,3 +53,22 @@ def test_missing_counter_warns_and_falls_back():
         warnings.simplefilter("always")
         assert pass_index(NoCounter()) == 0 and set_pass_index(NoCounter(), 3) is False
     assert len(caught) == 1 and "Ray upgrade" in str(caught[0].message)
+
+
+def test_train_v2_context_still_names_its_controller():
+    # pipeline.raycompat.train_run_handles reads TrainContext.controller_actor (private, Ray 2.60)
+    # so a stopped sweep trial can abort its fit; a Ray upgrade that moves it must fail here
+    import dataclasses
+
+    from ray.train.v2._internal.execution import context
+
+    assert "controller_actor" in {f.name for f in dataclasses.fields(context.TrainContext)}, (
+        "Ray Train's TrainContext has no controller_actor any more: update pipeline/raycompat.py"
+    )
+    assert callable(context.get_train_context)
+
+
+def test_train_run_handles_outside_a_fit_are_empty(ray_local):
+    from pipeline.raycompat import train_run_handles
+
+    assert train_run_handles() == {"controller": None, "placement_group": None}

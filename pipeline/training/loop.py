@@ -43,6 +43,7 @@ from pipeline.errors import (
     TrainingDataError,
     is_user_error,
 )
+from pipeline.raycompat import train_run_handles
 
 from . import in_process
 from .checkpoint import dir_name, load_model_state, load_train_state, step_of, write_checkpoint
@@ -640,6 +641,8 @@ def worker_main(
     """
     try:
         loop = Loop(config, meta, channel)
+        if loop.rank == 0 and not loop._local:
+            channel.attach(train_run_handles())  # lets the driver end this run if it is stopped
         train_loop(loop)
         loop._finish()
     except NonFiniteLossError as e:

@@ -11,7 +11,12 @@ note (resumed from ..., world size changed ...) to a channel:
   is drained on exit.
 
 A callback that raises is reported once (stderr) and then skipped: progress display never stops
-training.
+training. A callback that raises a ``BaseException`` that is not an ``Exception`` (``SystemExit``:
+Ray Tune stopping the sweep trial this fit runs in, from ``tune.report``) ends the fit instead:
+the relay aborts the Train run and removes its workers' placement group (rank 0 sends the
+handles at start, :meth:`ActorChannel.attach`), so a stopped trial's workers free their
+CPUs/GPUs for the next trial (see :func:`pipeline.raycompat.train_run_handles` for why Ray does
+not do it itself here).
 
 :func:`forward_progress` adds process-wide listeners that every :func:`~.fit.fit` started while
 it is active calls too, with its Ray Train run name and each record (a sweep's trial forwards
@@ -69,6 +74,9 @@ class DirectChannel:
     def __init__(self, progress: Callable[[Progress], None], note: Callable[[str], None]):
         self._progress, self._note = _guarded(progress), _guarded(note)
 
+    def attach(self, handles: dict[str, Any]) -> None:
+        """Nothing to end from elsewhere in process (see :meth:`ActorChannel.attach`)."""
+
     def progress(self, record: Progress) -> None:
         self._progress(record)
 
@@ -101,6 +109,12 @@ class ActorChannel:
 
     def note(self, text: str) -> None:
         self._put(("note", text))
+
+    def attach(self, handles: dict[str, Any]) -> None:
+        """Rank 0, at the start of every worker group (again after a restart): the run's
+        controller and placement group (:func:`pipeline.raycompat.train_run_handles`), with
+        which the driver's relay ends the fit if a callback stops it."""
+        self._put(("run", handles))
 
 
 class _Mailbox:
@@ -141,10 +155,14 @@ def relay(
     mailbox = ray.remote(num_cpus=0)(_Mailbox).remote()
     deliver_progress, deliver_note = _guarded(progress), _guarded(note)
     stop = threading.Event()
+    run: dict[str, Any] = {}
 
     def deliver(items: list[tuple[str, Any]]) -> None:
         for kind, payload in items:
-            (deliver_progress if kind == "progress" else deliver_note)(payload)
+            if kind == "run":
+                run.update(payload)
+            else:
+                (deliver_progress if kind == "progress" else deliver_note)(payload)
 
     def poll() -> None:
         while not stop.wait(poll_s):
@@ -152,6 +170,9 @@ def relay(
                 deliver(ray.get(mailbox.drain.remote(), timeout=30))
             except Exception:  # noqa: BLE001 - a slow or restarting cluster: try again
                 continue
+            except BaseException:  # a callback stopped the fit (Tune stopped this trial)
+                end_run(run, deliver_note)
+                raise
 
     thread = threading.Thread(target=poll, name="train-progress", daemon=True)
     thread.start()
@@ -164,6 +185,50 @@ def relay(
             deliver(ray.get(mailbox.drain.remote(), timeout=30))
         with contextlib.suppress(Exception):
             ray.kill(mailbox)
+
+
+def end_run(run: dict[str, Any], note: Callable[[str], None] = lambda _: None, wait_s: float = 10.0) -> bool:
+    """End a running Ray Train fit from its driver's process, as Ray Train's own Ctrl-C path
+    does, and make sure its workers' resources are free when this returns.
+
+    1. Ask the controller to abort (not waited for yet): it stops its placement-group cleaner,
+       shuts the worker group down and exits; an aborted run is never restarted.
+    2. Remove the workers' placement group (synchronous in the GCS: its CPUs/GPUs are free when
+       the call returns and the workers in it are killed). Done before any wait: the caller (a
+       stopped Tune trial) may be killed at any moment once Tune frees the trial's resources,
+       and the controller it owns with it.
+    3. Wait up to ``wait_s`` seconds for the abort.
+
+    Args:
+        run: what rank 0 attached (:func:`pipeline.raycompat.train_run_handles`); may be empty
+            when the stop came before the workers started.
+        note: called with one line saying what was done.
+        wait_s: how long to wait for the controller's abort.
+
+    Returns:
+        True if a placement group was removed.
+    """
+    import ray
+    import ray.util
+
+    controller, pg = run.get("controller"), run.get("placement_group")
+    aborted = None
+    if controller is not None:
+        with contextlib.suppress(Exception):
+            aborted = controller.abort.remote()
+    removed = False
+    if pg is not None:
+        with contextlib.suppress(Exception):
+            ray.util.remove_placement_group(pg)
+            removed = True
+    if aborted is not None:
+        with contextlib.suppress(Exception):
+            ray.wait([aborted], timeout=wait_s)
+    note(
+        "the fit was stopped (its trial was stopped): aborted the Train run"
+        + (f" and removed its workers' placement group {pg.id.hex()}" if removed else "")
+    )
+    return removed
 
 
 def _guarded(fn: Callable[[Any], None]) -> Callable[[Any], None]:
