@@ -5,7 +5,10 @@ Wiring only: the readers, class splits and the per-image function live in ``zero
 1. list the training dataset and every eval dataset (driver: json / directory listing);
 2. resolve the seen/unseen split of the training vocabulary and each eval vocabulary
    (``class_map`` for cross-dataset evaluation); with ``split.rule: frequency`` the split is
-   counted on the training images first (an extra Ray Data pass, see :class:`SplitConfig`);
+   counted on the training images first (an extra Ray Data pass, see :class:`SplitConfig`); with
+   ``split.pseudo_unseen`` / ``pseudo_unseen_count`` (seen-class validation, ZegFormer Sec. 4.1)
+   the split becomes the validation split: pseudo-unseen seen classes play unseen, the real
+   unseen classes leave the vocabulary (``zeroseg.data.splits.pseudo_unseen_split``);
 3. truncate to ``max_images`` (first N by sorted image id), hold out ``val_fraction`` of the
    training images as eval set ``val`` (hash of image id + seed; done before step 2 so that the
    frequency rule counts exactly the ``train`` images);
@@ -58,6 +61,8 @@ from zeroseg.data.splits import (
     label_path,
     make_records,
     process_batch,
+    pseudo_unseen_record,
+    pseudo_unseen_split,
     summarize,
     truncate,
     write_classes_json,
@@ -138,6 +143,16 @@ class SplitConfig(BaseModel):
     count), over the images that end up in the ``train`` split: after ``max_images``, without the
     held-out ``val`` images and without images skipped as unreadable. The count costs one more
     Ray Data pass over the training images (decode-check + rasterise, no label written).
+
+    Seen-class validation (ZegFormer Sec. 4.1: hyperparameters tuned on "a subset of the training
+    classes as a validation set", SPNet's cross-validation procedure): ``pseudo_unseen`` (seen
+    class names) or ``pseudo_unseen_count`` (that many seen classes drawn from
+    ``build_splits.seed``, ``zeroseg.data.splits.draw_pseudo_unseen``) play unseen, and the split's
+    real unseen classes are excluded from the run: no vocabulary holds them and every label has
+    their pixels as ignore (``zeroseg.data.splits.pseudo_unseen_split``). Training then sees the
+    other seen classes only; the held-out set ``val`` (``val_fraction`` > 0) is scored with
+    unseen = the pseudo-unseen classes. Eval datasets are refused (their GZS3 numbers would be
+    neither the benchmark's protocol nor the validation's).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -149,9 +164,32 @@ class SplitConfig(BaseModel):
     min_images: int | None = Field(
         None, ge=0, description="rule frequency: seen = classes present in more than min_images training images"
     )
+    pseudo_unseen: list[str] | None = Field(
+        None, description="seen-class validation: these seen classes play unseen; the real unseen ones are excluded"
+    )
+    pseudo_unseen_count: int | None = Field(
+        None,
+        ge=1,
+        description="seen-class validation: this many seen classes, drawn from build_splits.seed, play unseen",
+    )
+
+    @property
+    def validation(self) -> bool:
+        """A seen-class validation split (``pseudo_unseen`` or ``pseudo_unseen_count`` set)."""
+        return self.pseudo_unseen is not None or self.pseudo_unseen_count is not None
 
     @model_validator(mode="after")
     def _one_way(self) -> SplitConfig:
+        if self.pseudo_unseen is not None and self.pseudo_unseen_count is not None:
+            raise ValueError(
+                "give either split.pseudo_unseen (seen class names) or split.pseudo_unseen_count (how many seen "
+                "classes to draw), not both"
+            )
+        if self.pseudo_unseen == []:
+            raise ValueError(
+                "split.pseudo_unseen: [] makes no seen-class validation split (no class would play unseen); name "
+                "seen classes, or remove the key"
+            )
         named = [k for k in ("builtin", "unseen", "seen") if getattr(self, k) is not None]
         if self.rule == "frequency":
             if named:
@@ -189,6 +227,10 @@ class BuildSplitsConfig(StageConfig):
     does. Needs ``unseen_policy: ignore``. Inductive stages (train_classifier, pretrain_proposals)
     train on such a split exactly as on an inductive one: their lookup table maps the marker to
     ignore.
+
+    ``split.pseudo_unseen`` / ``split.pseudo_unseen_count``: a seen-class validation run
+    (:class:`SplitConfig`); it needs ``val_fraction`` > 0 (the held-out training images it is
+    scored on) and no ``eval`` datasets.
     """
 
     train: DatasetConfig
@@ -212,6 +254,20 @@ class BuildSplitsConfig(StageConfig):
                 "transductive: true keeps the training images with unseen pixels (marked unlabelled, for "
                 f"self-training); unseen_policy {self.unseen_policy!r} contradicts it: set unseen_policy: ignore"
             )
+        if self.split.validation:
+            key = "split.pseudo_unseen" if self.split.pseudo_unseen is not None else "split.pseudo_unseen_count"
+            if self.val_fraction <= 0:
+                raise ValueError(
+                    f"{key}: a seen-class validation split is scored on held-out training images (eval set "
+                    "'val'), but val_fraction is 0; set val_fraction > 0 (e.g. 0.1)"
+                )
+            if self.eval:
+                raise ValueError(
+                    f"{key}: a seen-class validation run scores the held-out set 'val' only; eval dataset(s) "
+                    f"{[e.name for e in self.eval]} would be scored without the benchmark's unseen classes and with "
+                    "seen classes counted as unseen, which is not the benchmark's protocol. Remove them "
+                    "(--set build_splits.eval=[]); evaluate the test set in a run without the pseudo-unseen keys"
+                )
         taken = {TRAIN_SPLIT} | ({VAL_SPLIT} if self.val_fraction > 0 else set())
         for e in self.eval:
             if e.name in taken:
@@ -318,8 +374,10 @@ class BuildSplits(Stage):
             check_paths(d)
         names = class_names(config.train)
         train = named_split(config, names)
+        if config.split.validation:  # with rule frequency: the names exist (seen is known after counting)
+            train = validation_split(config, train)[0]
         if config.transductive:
-            check_transductive_vocabulary(len(names), config.train.name)
+            check_transductive_vocabulary(len(train.names), config.train.name)
         for e in config.eval:
             eval_vocabulary(class_names(e), dataset=e.name, train=train, class_map=e.class_map)
 
@@ -382,10 +440,30 @@ class BuildSplits(Stage):
         else:
             train_vocab = named_split(cfg, train_list.names)
             split_doc = cfg.split.model_dump(mode="json", exclude_none=True)
+        # seen-class validation: pseudo-unseen seen classes play unseen, the real unseen ones leave the run
+        excluded: tuple[int, ...] = ()
+        validation_doc = None
+        if cfg.split.validation:
+            benchmark = train_vocab
+            train_vocab, excluded = validation_split(cfg, benchmark)
+            validation_doc = pseudo_unseen_record(
+                train_vocab,
+                benchmark,
+                {
+                    **cfg.split.model_dump(
+                        mode="json", include={"pseudo_unseen", "pseudo_unseen_count"}, exclude_none=True
+                    ),
+                    "seed": cfg.seed,
+                },
+            )
+            ctx.log(
+                f"seen-class validation: pseudo-unseen {list(train_vocab.unseen_names)}; excluded (the benchmark's "
+                f"unseen, ignore in every label) {list(benchmark.unseen_names)}"
+            )
         evals: dict[str, Vocabulary] = {}
         split_records: dict[str, list[dict[str, Any]]] = {}
         train_policy = UNLABELED_POLICY if cfg.transductive else cfg.unseen_policy
-        unlabeled = check_transductive_vocabulary(n, cfg.train.name) if cfg.transductive else None
+        unlabeled = check_transductive_vocabulary(len(train_vocab.names), cfg.train.name) if cfg.transductive else None
         policies: dict[str, str] = {TRAIN_SPLIT: train_policy}
         split_records[TRAIN_SPLIT] = make_records(
             train_recs,
@@ -394,9 +472,10 @@ class BuildSplits(Stage):
             policy=train_policy,
             unseen=train_vocab.unseen,
             num_classes=n,
+            excluded=excluded,
         )
         if cfg.val_fraction > 0:
-            evals[VAL_SPLIT] = eval_vocabulary(train_list.names, dataset=cfg.train.name, train=train_vocab)
+            evals[VAL_SPLIT] = eval_vocabulary(train_vocab.names, dataset=cfg.train.name, train=train_vocab)
             split_records[VAL_SPLIT] = make_records(
                 [r for r in recs if r["image_id"] in val_ids],
                 split=VAL_SPLIT,
@@ -404,6 +483,7 @@ class BuildSplits(Stage):
                 policy=EVAL_POLICY,
                 unseen=evals[VAL_SPLIT].unseen,
                 num_classes=n,
+                excluded=excluded,
             )
             policies[VAL_SPLIT] = EVAL_POLICY
         for e in cfg.eval:
@@ -447,6 +527,7 @@ class BuildSplits(Stage):
             "seed": cfg.seed,
             "on_bad_image": cfg.on_bad_image,
             "split": split_doc,
+            **({"pseudo_unseen": validation_doc} if validation_doc else {}),
             "splits": {},
         }
         metrics: dict[str, float] = {}
@@ -467,7 +548,14 @@ class BuildSplits(Stage):
                 r.get("unlabeled_pixels", 0) for r in results[TRAIN_SPLIT] if r["status"] == "kept"
             )
         transductive = {"unlabeled_index": unlabeled, "heldout": f"heldout/{TRAIN_SPLIT}"} if cfg.transductive else None
-        write_classes_json(out / "classes.json", train_vocab, evals, split=split_doc, transductive=transductive)
+        write_classes_json(
+            out / "classes.json",
+            train_vocab,
+            evals,
+            split=split_doc,
+            transductive=transductive,
+            pseudo_unseen=validation_doc,
+        )
         (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         metrics["skipped_images"] = sum(s["skipped"] for s in stats["splits"].values())
         metrics["dropped_images"] = sum(s["dropped_total"] for s in stats["splits"].values())
@@ -496,6 +584,24 @@ def named_split(config: BuildSplitsConfig, names: list[str]) -> Vocabulary:
     if s.rule == "frequency":
         return resolve_split(names, dataset=config.train.name, unseen=[])
     return resolve_split(names, dataset=config.train.name, builtin=s.builtin, unseen=s.unseen, seen=s.seen)
+
+
+def validation_split(config: BuildSplitsConfig, benchmark: Vocabulary) -> tuple[Vocabulary, tuple[int, ...]]:
+    """The seen-class validation vocabulary of ``config`` over the benchmark split ``benchmark``
+    and the excluded class ids (``zeroseg.data.splits.pseudo_unseen_split``, seeded by
+    ``build_splits.seed``).
+
+    Raises:
+        ConfigError: as ``pseudo_unseen_split``, naming ``build_splits.split``.
+    """
+    s = config.split
+    return pseudo_unseen_split(
+        benchmark,
+        pseudo_unseen=s.pseudo_unseen,
+        count=s.pseudo_unseen_count,
+        seed=config.seed,
+        key="build_splits.split",
+    )
 
 
 def _ray_pass(records: list[dict[str, Any]], on_bad_image: str, labels: bool = True):

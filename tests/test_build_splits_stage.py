@@ -3,6 +3,7 @@ outputs, the path-free manifests and how they resolve (stages.feeds.manifest_tab
 stage's runtime outputs), plan-time checks, keys (Runtime data paths + content fingerprint) and
 typed errors carried back from the Ray workers."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,10 +18,11 @@ import stages.catalog  # noqa: F401 - registers zeroseg's errors as user errors 
 from pipeline.config import digest, hashed_view, runtime_view
 from pipeline.dag import Artifact, StageContext
 from pipeline.errors import find_user_error
-from stages.build_splits import BuildSplits, BuildSplitsConfig
-from stages.feeds import manifest_table
+from stages.build_splits import BuildSplits, BuildSplitsConfig, named_split, validation_split
+from stages.feeds import leakage_guard, manifest_table
 from zeroseg.data.splits import assign_val
-from zeroseg.errors import BadImageError, ConfigError, DataError
+from zeroseg.data.transforms import make_lut
+from zeroseg.errors import BadImageError, ConfigError, DataError, LeakageError
 
 KEY = "ab" * 32
 UNSEEN = ["cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors"]
@@ -412,3 +414,119 @@ def test_train_and_eval_datasets_of_the_same_name_resolve_their_own_images(ray_s
     for split, root in (("train", train["images"]), ("tiny", other["images"])):
         for r in manifest_table(art, split).to_pylist():
             assert r["image_uri"] == f"{Path(root).resolve()}/{r['image']}", split
+
+
+# -- seen-class validation (split.pseudo_unseen, ZegFormer Sec. 4.1) ------------------------------
+#: classes a, x, b, c; x is the benchmark's unseen class, b plays unseen (pseudo-unseen)
+VAL_CLASSES = ["a", "x", "b", "c"]
+ALL = [[0, 0, 1, 1, 2, 3], [0, 1, 1, 2, 3, 3], [9, 0, 1, 2, 2, 3], [0, 0, 1, 2, 3, 9]]  # 9 = void
+#: by hand: the run's vocabulary is a, b, c (x leaves it, c moves from 3 to 2); in training b is
+#: ignored like an unseen class; on val b is the unseen class 1; x and void are ignore everywhere
+TRAIN_MAP = {0: 0, 1: 255, 2: 255, 3: 2, 9: 255}
+VAL_MAP = {0: 0, 1: 255, 2: 1, 3: 2, 9: 255}
+
+
+def _validation_dataset(root):
+    """Six 4x6 mask-folder images. With seed 0 and val_fraction 0.5, r and s are held out
+    (sha256("0:r"), sha256("0:s") -> 0.214, 0.365 < 0.5; p 0.511, q 0.894, t 0.722, v 0.588)."""
+    img, lbl = root / "img", root / "lbl"
+    img.mkdir(parents=True)
+    lbl.mkdir()
+    labels = {
+        "p": ALL,
+        "r": ALL,
+        "q": [[1, 1, 2, 2, 9, 9]] * 4,  # x and b only
+        "s": [[1, 1, 1, 3, 3, 3]] * 4,  # x and c
+        "t": [[0, 0, 0, 2, 2, 2]] * 4,  # a and b
+        "v": [[0, 0, 3, 3, 3, 0]] * 4,  # a and c
+    }
+    for stem, lab in labels.items():
+        Image.new("RGB", (6, 4), (10, 20, 30)).save(img / f"{stem}.png")
+        Image.fromarray(np.asarray(lab, np.uint8), mode="L").save(lbl / f"{stem}.png")
+    train = {"name": "tiny", "format": "mask_folder", "images": str(img), "labels": str(lbl)}
+    return {**train, "classes": VAL_CLASSES, "ignore_index": 9}, labels
+
+
+def _by_hand(lab, mapping):
+    return np.vectorize(mapping.get)(np.asarray(lab)).astype(np.uint8)
+
+
+def test_seen_class_validation_split(ray_session, shared_data, tmp_path):
+    train, labels = _validation_dataset(tmp_path / "ds")
+    split = {"unseen": ["x"], "pseudo_unseen": ["b"]}
+    cfg = make_config(shared_data, train=train, split=split, val_fraction=0.5, seed=0, eval=[])
+    assert BuildSplits().check(cfg) is None
+    metrics, out = run_stage(cfg, tmp_path / "out")
+    classes = json.loads((out / "classes.json").read_text())
+    for vocab in (classes["train"], classes["eval"]["val"]):  # x is in no vocabulary: nothing embeds or scores it
+        assert vocab["names"] == vocab["prompt_names"] == ["a", "b", "c"]
+        assert vocab["seen"] == [0, 2] and vocab["unseen"] == [1] and vocab["ignore_index"] == 255
+    assert classes["pseudo_unseen"]["pseudo_unseen"] == ["b"] and classes["pseudo_unseen"]["excluded"] == ["x"]
+    assert classes["pseudo_unseen"]["how"] == {"pseudo_unseen": ["b"], "seed": 0}
+    art = artifact(cfg, out, out)
+    got = {
+        split: {r["image_id"]: np.asarray(Image.open(r["label_uri"])) for r in manifest_table(art, split).to_pylist()}
+        for split in ("train", "val")
+    }
+    # q (x and b only) has nothing left to train on: dropped, as an image of unseen classes only is
+    assert set(got["train"]) == {"p", "t", "v"} and set(got["val"]) == {"r", "s"}
+    for split, mapping in (("train", TRAIN_MAP), ("val", VAL_MAP)):
+        for stem, label in got[split].items():
+            np.testing.assert_array_equal(label, _by_hand(labels[stem], mapping), err_msg=f"{split}/{stem}")
+    stats = json.loads((out / "stats.json").read_text())
+    tr, va = stats["splits"]["train"], stats["splits"]["val"]
+    assert tr["dropped"] == {"no_labelled_pixels": 1} and metrics["train_images"] == 3
+    # pixels of x (excluded) and of b (pseudo-unseen, before the policy), counted by hand in the labels above
+    assert (tr["excluded_pixels"], va["excluded_pixels"]) == (6 + 8, 6 + 12)
+    assert (tr["unseen_pixels"], tr["images_with_unseen"]) == (5 + 8 + 12, 3)
+    assert (
+        tr["unseen_present"] == [] and va["unseen_present"] == ["b"] and set(tr["pixels_per_class"]) == {"a", "b", "c"}
+    )
+    assert stats["pseudo_unseen"] == classes["pseudo_unseen"]
+    # the training stages' leakage guard forbids the pseudo-unseen id in a training label, as an unseen one
+    assert np.flatnonzero(leakage_guard(art, make_lut({0: 0, 2: 1}, source_classes=3))).tolist() == [1]
+    with pytest.raises(LeakageError, match=r"unseen class\(es\) \['b'\]"):
+        leakage_guard(art, make_lut({0: 0, 1: 1, 2: 2}, source_classes=3))
+
+
+def test_seen_class_validation_errors_name_the_key_and_the_fix(shared_data, tmp_path):
+    train, _ = _validation_dataset(tmp_path / "ds")
+
+    def cfg(**split):
+        return make_config(shared_data, train=train, split={"unseen": ["x"], **split}, val_fraction=0.5, eval=[])
+
+    stage = BuildSplits()
+    with pytest.raises(ConfigError, match=r"split\.pseudo_unseen: 'bb' is not a class of dataset 'tiny'; nearest: 'b'"):
+        stage.check(cfg(pseudo_unseen=["bb"]))
+    with pytest.raises(ConfigError, match=r"split\.pseudo_unseen: \['x'\] is an unseen class .*remove it"):
+        stage.check(cfg(pseudo_unseen=["a", "x"]))
+    with pytest.raises(ConfigError, match=r"pseudo_unseen names all 3 seen classes of 'tiny'.*leave at least one"):
+        stage.check(cfg(pseudo_unseen=["c", "a", "b"]))
+    with pytest.raises(ConfigError, match=r"pseudo_unseen names \['b'\] more than once"):
+        stage.check(cfg(pseudo_unseen=["b", "b"]))
+    with pytest.raises(ConfigError, match=r"pseudo_unseen_count = 3, but .* has 3 seen classes.*set it below 3"):
+        stage.check(cfg(pseudo_unseen_count=3))
+    # drawn from build_splits.seed: the seen class whose sha256("<seed>:<name>") is smallest
+    unit = {n: hashlib.sha256(f"0:{n}".encode()).digest()[:8] for n in ("a", "b", "c")}
+    assert validation_split(cfg(pseudo_unseen_count=1), named_split(cfg(), VAL_CLASSES))[0].unseen_names == (
+        min(unit, key=unit.get),
+    )
+    with pytest.raises(ValidationError, match="either split.pseudo_unseen .* or split.pseudo_unseen_count"):
+        cfg(pseudo_unseen=["b"], pseudo_unseen_count=1)
+    with pytest.raises(ValidationError, match=r"pseudo_unseen: \[\] makes no seen-class validation split"):
+        cfg(pseudo_unseen=[])
+    with pytest.raises(ValidationError, match=r"split\.pseudo_unseen: .*val_fraction is 0; set val_fraction > 0"):
+        make_config(
+            shared_data, train=train, split={"unseen": ["x"], "pseudo_unseen": ["b"]}, val_fraction=0.0, eval=[]
+        )
+    # the benchmark's test set is refused: its scores would be neither protocol
+    with pytest.raises(
+        ValidationError, match=r"split\.pseudo_unseen_count: .*\['camvid'\].*--set build_splits\.eval=\[\]"
+    ):
+        make_config(shared_data, split={"unseen": UNSEEN, "pseudo_unseen_count": 2})
+    # hashed: the validation split re-keys build_splits, and with it everything downstream
+    views = {
+        digest(hashed_view(c))
+        for c in (cfg(), cfg(pseudo_unseen=["b"]), cfg(pseudo_unseen=["a"]), cfg(pseudo_unseen_count=1))
+    }
+    assert len(views) == 4

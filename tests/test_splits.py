@@ -270,3 +270,64 @@ def test_write_manifest_schema_and_inductive_guard(tmp_path, coco):
 def test_label_path_is_relative_to_the_output_dir(tmp_path):
     assert label_path(tmp_path, "val", "000000000025") == tmp_path / "labels" / "val" / "000000000025.png"
     assert label_path("", "camvid", "0001TP_008550").as_posix() == "labels/camvid/0001TP_008550.png"
+
+
+def test_seen_class_validation_under_drop_and_transductive_policies(coco):
+    """Seen-class validation (pseudo_unseen_split) on the toy: dog (the benchmark's unseen class) is
+    excluded, car plays unseen. By hand from the fixture's rectangles."""
+    from zeroseg.data.splits import process_record_heldout, pseudo_unseen_split
+
+    lst, vocab = coco
+    work, excluded = pseudo_unseen_split(vocab, pseudo_unseen=["car"])
+    assert (work.names, work.seen, work.unseen, excluded) == (("person", "car"), (PERSON,), (CAR,), (DOG,))
+
+    def go(policy):
+        recs = make_records(
+            lst.records,
+            split="train",
+            dataset="toy",
+            policy=policy,
+            unseen=work.unseen,
+            num_classes=3,
+            excluded=excluded,
+        )
+        return {r["image_id"]: process_record_heldout(r) for r in recs}
+
+    # drop (PADing): an image with a dog pixel, its crowd region included, is dropped as the benchmark
+    # run drops it; one with a car pixel (pseudo-unseen) as an unseen image
+    out = go("drop")
+    assert {k: (r["status"], r["reason"], r.get("excluded_pixels")) for k, (r, _, _) in out.items()} == {
+        "0001": ("dropped", "unseen_pixels", 0),
+        "0002": ("dropped", "excluded_pixels", 4),
+        "0003": ("dropped", "excluded_pixels", 4),
+        "0004": ("dropped", "excluded_pixels", 24),  # the crowd of dogs, rect 4x6
+        "0005": ("dropped", "no_labelled_pixels", 0),
+    }
+    # transductive: car pixels carry the unlabelled marker 254 and go to the held-out label; dog
+    # pixels are plain ignore and in no held-out label (self-training never learns where they are)
+    out = go("unlabeled")
+    res, png, held = out["0001"]
+    label, held = (np.asarray(Image.open(io.BytesIO(b))) for b in (png, held))
+    want = np.full((H, W), 255, np.uint8)
+    want[:, 0:4] = PERSON
+    want[0:3, 4:8] = 254
+    np.testing.assert_array_equal(label, want)
+    assert (held[0:3, 4:8] == CAR).all() and (held == 255).sum() == H * W - 12 and res["unlabeled_pixels"] == 12
+    res, png, held = out["0002"]
+    label, held = (np.asarray(Image.open(io.BytesIO(b))) for b in (png, held))
+    assert (label[2:4, 2:4] == 255).all() and (held == 255).all() and res["excluded_pixels"] == 4
+
+
+def test_exclude_classes_renumbers_and_narrows_the_labels():
+    from zeroseg.data.splits import exclude_classes
+
+    # 5 classes, class 1 excluded: 0 -> 0, 1 -> ignore, 2 -> 1, 3 -> 2, 4 -> 3; crowd ids follow
+    label = np.array([[0, 1, 2, 3, 4, 255]], np.uint8)
+    got, crowd, n = exclude_classes(label, [1], 5, crowd=[(1, 7), (3, 2), (255, 5)])
+    np.testing.assert_array_equal(got, [[0, 255, 1, 2, 3, 255]])
+    assert got.dtype == np.uint8 and crowd == [(2, 2)] and n == 1 + 7
+    # 300 classes (16-bit labels, 65535 ignore) less 100 -> 200 classes: 8-bit labels, 255 ignore
+    label = np.array([[0, 99, 100, 199, 200, 299, 65535]], np.uint16)
+    got, _, n = exclude_classes(label, range(100, 200), 300)
+    np.testing.assert_array_equal(got, [[0, 99, 255, 255, 100, 199, 255]])
+    assert got.dtype == np.uint8 and n == 2

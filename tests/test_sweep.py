@@ -111,6 +111,37 @@ def test_shipped_sweeps_plan_against_their_methods(sweep, config, shared, tmp_pa
     assert _plans(config, text, tmp_path, extra=sw.set) == shared
 
 
+def test_the_zegformer_sweep_tunes_on_seen_classes_of_coco_stuff(monkeypatch, tmp_path):
+    """ZegFormer Sec. 4.1 (SPNet's cross-validation): planned against the config it is for, the
+    sweep's split holds out SPNet's 12 seen validation classes and excludes the 15 unseen ones."""
+    from pipeline.config import load_config
+    from pipeline.plan import plan
+    from stages.build_splits import named_split, validation_split
+    from stages.catalog import STAGES
+    from zeroseg.data.classes import COCO_STUFF_171, COCO_STUFF_SPNET_VAL, COCO_STUFF_UNSEEN
+
+    class EverythingCached:  # no stage's data checks: the benchmark's data is not on this machine
+        def exists(self, stage, key):
+            return True
+
+        def latest(self, stage):
+            return None
+
+    monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
+    sw = load_sweep(REPO / "configs" / "sweeps" / "zegformer_gamma_lambda.yaml")
+    p = plan(
+        load_config(REPO / "configs" / "coco_stuff_zegformer.yaml", list(sw.set)), STAGES, store=EverythingCached()
+    )
+    bs = p.nodes["build_splits"].config
+    assert bs.eval == [] and 0 < bs.val_fraction < 1  # the test set "val" gives way to the held-out images
+    vocab, excluded = validation_split(bs, named_split(bs, list(COCO_STUFF_171)))
+    assert (len(vocab.names), len(vocab.seen), len(vocab.unseen)) == (171 - 15, 156 - 12, 12)
+    assert set(vocab.unseen_names) == set(COCO_STUFF_SPNET_VAL)
+    assert {COCO_STUFF_171[i] for i in excluded} == set(COCO_STUFF_UNSEEN) and not set(vocab.names) & set(
+        COCO_STUFF_UNSEEN
+    )
+
+
 def test_the_shared_prefix_is_what_no_searched_value_rekeys(tmp_path):
     # gamma is read by evaluate only: everything before it is shared by every trial
     assert _plans("configs/sample.yaml", "name: a\nspace: {evaluate.gamma: {uniform: [0, 0.5]}}\n", tmp_path) == [

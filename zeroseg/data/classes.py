@@ -254,6 +254,26 @@ COCO_STUFF_UNSEEN: tuple[str, ...] = (
     "wall-concrete",
 )
 
+#: SPNet's 12 validation classes of COCO-Stuff (subhc/SPNet ``splits.ipynb``: "Training classes:
+#: 155+12", the ``seenval_cls`` after the seen ones in its training class list), all seen in
+#: ``coco_stuff171``: the seen-class validation split that ZegFormer Sec. 4.1 refers to ("a subset of
+#: the training classes as a validation set, following the cross-validation procedure [54, 55]";
+#: [54] = SPNet). ``build_splits.split.pseudo_unseen`` of configs/sweeps/zegformer_gamma_lambda.yaml.
+COCO_STUFF_SPNET_VAL: tuple[str, ...] = (
+    "motorcycle",
+    "elephant",
+    "baseball bat",
+    "wine glass",
+    "banana",
+    "chair",
+    "keyboard",
+    "refrigerator",
+    "branch",
+    "light",
+    "napkin",
+    "pavement",
+)
+
 #: PASCAL VOC 2012 object classes in label-id order, background excluded (== class_names.json "voc20").
 VOC20: tuple[str, ...] = (
     "aeroplane",

@@ -36,6 +36,16 @@ results of a policy-free pass over the training images (the labels before the un
 Held-out validation: for a training dataset with a single set, ``val_fraction`` of its images
 (chosen by :func:`split_unit`, a hash of image id and seed: the same for any input order) form
 the evaluation set ``val`` with ALL classes (unseen ones included).
+
+Seen-class validation (:func:`pseudo_unseen_split`, ZegFormer Sec. 4.1: hyperparameters are tuned
+on "a subset of the training classes as a validation set", the cross-validation procedure of
+SPNet): some *seen* classes of the benchmark split play unseen (*pseudo-unseen*), and the
+benchmark's real unseen classes are *excluded*: they leave the vocabulary, and every label of the
+run (training and ``val``) is rewritten into the smaller vocabulary with their pixels as ignore
+(:func:`exclude_classes`, before the unseen policy; under ``drop`` an image with an excluded pixel
+is dropped too, reason ``excluded_pixels``, as the benchmark run would drop it). The run then is an
+ordinary GZS3 split of the remaining classes: the pseudo-unseen classes are its unseen classes
+(kept out of training by the policy and the leakage guard, scored as unseen on ``val``).
 """
 
 from __future__ import annotations
@@ -73,6 +83,9 @@ VAL_SPLIT = "val"
 #: Reasons a training image is left out (``stats.json`` ``dropped``).
 DROP_UNSEEN = "unseen_pixels"
 DROP_EMPTY = "no_labelled_pixels"
+#: Policy ``drop`` under seen-class validation: the image holds a pixel of an excluded class (a
+#: real unseen class of the benchmark, :func:`pseudo_unseen_split`).
+DROP_EXCLUDED = "excluded_pixels"
 
 
 def manifest_schema(heldout: bool = False):
@@ -151,7 +164,14 @@ def truncate(records: Sequence[dict[str, Any]], max_images: int | None) -> list[
 
 
 def make_records(
-    records: Iterable[dict[str, Any]], *, split: str, dataset: str, policy: str, unseen: Iterable[int], num_classes: int
+    records: Iterable[dict[str, Any]],
+    *,
+    split: str,
+    dataset: str,
+    policy: str,
+    unseen: Iterable[int],
+    num_classes: int,
+    excluded: Iterable[int] = (),
 ) -> list[dict[str, Any]]:
     """Tag listed records (``readers.read_*``) with what :func:`process_record` needs.
 
@@ -159,14 +179,26 @@ def make_records(
         split: the output split name (``train``, ``val`` or an eval set name).
         dataset: the dataset name written into the manifest.
         policy: ``ignore`` or ``drop`` for training, ``eval`` for evaluation sets.
-        unseen: the unseen vocabulary ids of this split's vocabulary.
-        num_classes: the vocabulary size.
+        unseen: the unseen vocabulary ids of this split's vocabulary (after ``excluded`` is
+            removed: ids of the label written).
+        num_classes: the dataset's vocabulary size (of the labels as read).
+        excluded: dataset class ids removed from the vocabulary (seen-class validation,
+            :func:`pseudo_unseen_split`): :func:`exclude_classes` rewrites the label first.
     """
     if policy not in (*TRAIN_POLICIES, EVAL_POLICY):
         raise ConfigError(f"unseen_policy {policy!r} is unknown; use one of {', '.join(POLICIES)}")
     u = sorted(int(i) for i in unseen)
+    x = sorted(int(i) for i in excluded)
     return [
-        {**r, "split": split, "dataset": dataset, "policy": policy, "unseen": u, "num_classes": int(num_classes)}
+        {
+            **r,
+            "split": split,
+            "dataset": dataset,
+            "policy": policy,
+            "unseen": u,
+            "num_classes": int(num_classes),
+            **({"excluded": x} if x else {}),
+        }
         for r in records
     ]
 
@@ -203,6 +235,40 @@ def apply_unseen_policy(
         ignore = label_ignore(label)
         label[mask] = ignore if policy == "ignore" else unlabeled_index(ignore)
     return label, n + n_crowd
+
+
+def exclude_classes(
+    label: np.ndarray, excluded: Sequence[int], num_classes: int, crowd: Sequence[tuple[int, int]] = ()
+) -> tuple[np.ndarray, list[tuple[int, int]], int]:
+    """Remove classes from a label map's vocabulary (seen-class validation, :func:`pseudo_unseen_split`).
+
+    The remaining classes keep their order: class ``c`` becomes ``c - (number of excluded ids
+    below c)``; excluded pixels become ignore. The result's dtype and ignore follow the smaller
+    vocabulary (``uint8`` / 255 up to 255 classes, else ``uint16`` / 65535).
+
+    Args:
+        label: ``uint8`` or ``uint16 [H, W]`` ids of a vocabulary of ``num_classes`` classes.
+        excluded: the dataset class ids to remove.
+        num_classes: the vocabulary size before the removal.
+        crowd: ``(class id, pixels)`` of the image's crowd regions (``readers.rasterize_coco``).
+
+    Returns:
+        ``(label, crowd, excluded pixels)``: the rewritten label; the crowd regions of the kept
+        classes with their new ids; the pixels of excluded classes in the label plus those of
+        excluded crowd regions (counted as the unseen policy counts unseen pixels).
+    """
+    from zeroseg.data.classes import label_ignore_index
+
+    gone = sorted({int(i) for i in excluded})
+    keep = [i for i in range(int(num_classes)) if i not in set(gone)]
+    new_ignore = label_ignore_index(len(keep))
+    lut = np.full(int(label_ignore(label)) + 1, new_ignore, dtype=np.uint8 if new_ignore == IGNORE_INDEX else np.uint16)
+    lut[keep] = np.arange(len(keep))
+    n = int(np.isin(label, np.asarray(gone, dtype=label.dtype)).sum()) if gone else 0
+    new_id = {c: k for k, c in enumerate(keep)}
+    kept_crowd = [(new_id[int(c)], px) for c, px in crowd if int(c) in new_id]  # a class-less region counts nowhere
+    n += sum(px for c, px in crowd if int(c) in set(gone))
+    return lut[label], kept_crowd, n
 
 
 def heldout_label(label: np.ndarray, unseen: Sequence[int]) -> np.ndarray:
@@ -254,7 +320,9 @@ def process_record_heldout(
         ``image_uri``, ``status`` (``kept`` / ``dropped`` / ``skipped``), ``reason`` (drop
         reason or the skip error), ``height``, ``width`` (pixels), ``classes`` (sorted ids present
         after the policy), ``pixels`` (``{id: count}`` after the policy, kept images only),
-        ``unseen_pixels`` (before the policy), ``no_annotations``, ``empty`` (all-ignore label);
+        ``unseen_pixels`` (before the policy), ``no_annotations``, ``empty`` (all-ignore label),
+        with ``excluded`` in the record ``excluded_pixels`` (:func:`exclude_classes`; under ``drop``
+        an image with one is dropped, reason ``excluded_pixels``);
         ``png`` is the encoded label (vocabulary ids; ``uint8`` with 255 ignore, or 16-bit with
         65535 ignore for a vocabulary of more than 255 classes) for kept images, else None;
         third, under policy ``unlabeled``, the encoded :func:`heldout_label` of a kept image (else
@@ -314,6 +382,11 @@ def process_record_heldout(
         raise
     res.update(height=int(h), width=int(w))
     policy = record["policy"]
+    if record.get("excluded"):  # seen-class validation: the benchmark's unseen classes leave the vocabulary
+        label, crowd, res["excluded_pixels"] = exclude_classes(label, record["excluded"], record["num_classes"], crowd)
+        if policy == "drop" and res["excluded_pixels"]:
+            res.update(status="dropped", reason=DROP_EXCLUDED)
+            return res, None, None
     held = heldout_label(label, record.get("unseen", ())) if policy == UNLABELED_POLICY else None
     label, n_unseen = apply_unseen_policy(label, record.get("unseen", ()), policy, crowd)
     res["unseen_pixels"] = n_unseen
@@ -472,6 +545,130 @@ def frequency_record(vocab: Vocabulary, counts: Sequence[int], *, min_images: in
     }
 
 
+# -- seen-class validation -------------------------------------------------------------------
+#: What a seen-class validation run is, for ``classes.json`` / ``stats.json`` and messages.
+PSEUDO_UNSEEN_PROTOCOL = (
+    "seen-class validation (ZegFormer Sec. 4.1, SPNet's cross-validation): pseudo-unseen seen classes play "
+    "unseen; the benchmark's unseen classes are excluded (not in any vocabulary, their pixels ignore); not the "
+    "benchmark's test protocol"
+)
+
+
+def draw_pseudo_unseen(names: Sequence[str], count: int, seed: int) -> list[str]:
+    """``count`` of ``names`` drawn deterministically: those with the smallest
+    :func:`split_unit` ``(name, seed)`` (a hash of the class name and the seed), in ``names`` order.
+
+    Depends only on the names, ``count`` and ``seed``, not on their order or the rest of the vocabulary.
+    """
+    drawn = set(sorted(names, key=lambda n: (split_unit(n, seed), n))[: int(count)])
+    return [n for n in names if n in drawn]
+
+
+def pseudo_unseen_split(
+    train: Vocabulary,
+    *,
+    pseudo_unseen: Sequence[str] | None = None,
+    count: int | None = None,
+    seed: int = 0,
+    key: str = "build_splits.split",
+) -> tuple[Vocabulary, tuple[int, ...]]:
+    """The vocabulary of a seen-class validation run of the benchmark split ``train``.
+
+    ZegFormer Sec. 4.1 tunes its hyperparameters on "a subset of the training classes as a
+    validation set, following the cross-validation procedure" of SPNet (Xian et al., CVPR 2019,
+    whose released split holds out 12 of the seen COCO-Stuff classes and 2000 training images;
+    ``zeroseg.data.classes.COCO_STUFF_SPNET_VAL``): some seen classes play unseen, and the real
+    unseen classes are never looked at. Here:
+
+    * the *pseudo-unseen* classes are the seen classes named in ``pseudo_unseen``, or ``count``
+      seen classes drawn with :func:`draw_pseudo_unseen` (``seed``: ``build_splits.seed``);
+    * the benchmark's unseen classes are *excluded*: the returned vocabulary is ``train``'s
+      without them (the other classes in their order, ids renumbered; labels are rewritten by
+      :func:`exclude_classes`), so no stage sees their names or their pixels;
+    * seen = the other seen classes, unseen = the pseudo-unseen ones.
+
+    Args:
+        train: the benchmark's training vocabulary (``resolve_split`` / ``frequency_split``).
+        pseudo_unseen: seen class names; or ``count``: how many to draw (exactly one of both).
+        seed: the draw's seed.
+        key: the config key named by the errors.
+
+    Returns:
+        ``(vocabulary, excluded)``: the run's training vocabulary (``ignore_index`` by its size) and
+        the excluded class ids of ``train`` (its unseen ids).
+
+    Raises:
+        ConfigError: naming ``key``: an unknown or repeated name (with the nearest names), a name
+            that is an unseen class of the benchmark split, every seen class pseudo-unseen (or
+            ``count`` not below the number of seen classes), both or neither of the two ways.
+    """
+    from zeroseg.data.classes import label_ignore_index, nearest_names
+
+    if (pseudo_unseen is None) == (count is None):
+        raise ConfigError(f"{key}: give either pseudo_unseen (class names) or pseudo_unseen_count, exactly one")
+    seen_names = train.seen_names
+    if pseudo_unseen is not None:
+        index = {n: i for i, n in enumerate(train.names)}
+        for n in pseudo_unseen:
+            if n not in index:
+                near = nearest_names(n, train.names)
+                hint = f"; nearest: {', '.join(repr(x) for x in near)}" if near else ""
+                raise ConfigError(
+                    f"{key}.pseudo_unseen: {n!r} is not a class of dataset {train.dataset!r}{hint}; name seen classes "
+                    "of its vocabulary"
+                )
+        dup = sorted({n for n in pseudo_unseen if list(pseudo_unseen).count(n) > 1})
+        if dup:
+            raise ConfigError(f"{key}.pseudo_unseen names {dup} more than once; list each class once")
+        real = [n for n in pseudo_unseen if index[n] in set(train.unseen)]
+        if real:
+            raise ConfigError(
+                f"{key}.pseudo_unseen: {real} {'is an unseen class' if len(real) == 1 else 'are unseen classes'} of "
+                f"the benchmark split of {train.dataset!r}; a seen-class validation never looks at the unseen "
+                "classes (they are excluded from the run), so pseudo-unseen classes must be seen ones: remove "
+                f"{'it' if len(real) == 1 else 'them'} (seen classes: {', '.join(seen_names[:8])}"
+                f"{', ...' if len(seen_names) > 8 else ''})"
+            )
+        if len(set(pseudo_unseen)) >= len(seen_names):
+            raise ConfigError(
+                f"{key}.pseudo_unseen names all {len(seen_names)} seen classes of {train.dataset!r}: no class would "
+                "be left to train on; leave at least one seen class out of the list"
+            )
+        chosen = set(pseudo_unseen)
+    else:
+        if int(count) >= len(seen_names):
+            raise ConfigError(
+                f"{key}.pseudo_unseen_count = {count}, but the benchmark split of {train.dataset!r} has "
+                f"{len(seen_names)} seen classes: no class would be left to train on; set it below {len(seen_names)}"
+            )
+        chosen = set(draw_pseudo_unseen(seen_names, int(count), seed))
+    excluded = tuple(train.unseen)
+    keep = [i for i in range(len(train.names)) if i not in set(excluded)]
+    names = tuple(train.names[i] for i in keep)
+    vocab = Vocabulary(
+        dataset=train.dataset,
+        names=names,
+        prompt_names=tuple(train.prompt_names[i] for i in keep),
+        seen=tuple(k for k, i in enumerate(keep) if i in set(train.seen) and train.names[i] not in chosen),
+        unseen=tuple(k for k, i in enumerate(keep) if train.names[i] in chosen),
+        ignore_index=label_ignore_index(len(names)),
+    )
+    return vocab, excluded
+
+
+def pseudo_unseen_record(vocab: Vocabulary, benchmark: Vocabulary, how: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``pseudo_unseen`` entry of ``classes.json`` / ``stats.json``: ``{"protocol", "how"
+    (the config's pseudo_unseen / pseudo_unseen_count and seed), "pseudo_unseen": [names],
+    "excluded": [the benchmark's unseen names], "benchmark_classes": n}``."""
+    return {
+        "protocol": PSEUDO_UNSEEN_PROTOCOL,
+        "how": dict(how),
+        "pseudo_unseen": list(vocab.unseen_names),
+        "excluded": list(benchmark.unseen_names),
+        "benchmark_classes": len(benchmark.names),
+    }
+
+
 # -- statistics and outputs ------------------------------------------------------------------
 def summarize(results: Iterable[Mapping[str, Any]], vocab: Vocabulary, *, policy: str) -> dict[str, Any]:
     """``stats.json`` entry of one split.
@@ -485,7 +682,8 @@ def summarize(results: Iterable[Mapping[str, Any]], vocab: Vocabulary, *, policy
         ``{"dataset", "policy", "images_total", "kept", "dropped": {reason: n}, "dropped_total",
         "skipped", "skipped_files": [{"file", "error"}], "no_annotations", "no_labelled_pixels"
         (kept all-ignore images: eval sets only), "images_with_unseen" (before the policy),
-        "unseen_pixels" (before the policy), "pixels_per_class": {name: pixels} (kept images),
+        "unseen_pixels" (before the policy), "excluded_pixels" (seen-class validation only: pixels
+        of excluded classes, :func:`exclude_classes`), "pixels_per_class": {name: pixels} (kept images),
         "unseen_present": [unseen class names with pixels in the kept labels]}``.
     """
     results = list(results)
@@ -512,6 +710,11 @@ def summarize(results: Iterable[Mapping[str, Any]], vocab: Vocabulary, *, policy
         "no_labelled_pixels": sum(r["status"] == "kept" and bool(r.get("empty")) for r in results),
         "images_with_unseen": sum(r.get("unseen_pixels", 0) > 0 for r in results if r["status"] != "skipped"),
         "unseen_pixels": sum(r.get("unseen_pixels", 0) for r in results if r["status"] != "skipped"),
+        **(
+            {"excluded_pixels": sum(r.get("excluded_pixels", 0) for r in results if r["status"] != "skipped")}
+            if any("excluded_pixels" in r for r in results)
+            else {}
+        ),
         "pixels_per_class": {vocab.names[i]: pixels.get(i, 0) for i in range(len(vocab.names))},
         "unseen_present": [vocab.names[i] for i in vocab.unseen if pixels.get(i, 0) > 0],
     }
@@ -589,16 +792,20 @@ def write_classes_json(
     evals: Mapping[str, Vocabulary],
     split: Mapping[str, Any] | None = None,
     transductive: Mapping[str, Any] | None = None,
+    pseudo_unseen: Mapping[str, Any] | None = None,
 ) -> None:
     """``classes.json``: ``{"train": vocab, "eval": {name: vocab}}`` (docs/architecture.md), plus
-    ``"split"``: how the seen/unseen split was made, when given (:func:`frequency_record`), and
+    ``"split"``: how the seen/unseen split was made, when given (:func:`frequency_record`),
     ``"transductive"``: ``{"unlabeled_index", "heldout"}`` for a transductive split
-    (:func:`read_transductive`)."""
+    (:func:`read_transductive`), and ``"pseudo_unseen"`` for a seen-class validation run
+    (:func:`pseudo_unseen_record`)."""
     data: dict[str, Any] = {"train": train.to_json(), "eval": {k: v.to_json() for k, v in evals.items()}}
     if split is not None:
         data["split"] = dict(split)
     if transductive is not None:
         data["transductive"] = dict(transductive)
+    if pseudo_unseen is not None:
+        data["pseudo_unseen"] = dict(pseudo_unseen)
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
