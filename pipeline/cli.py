@@ -13,12 +13,13 @@ store, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,41 @@ def check_store_reachable(store_uri: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def tracking_store(cfg: LoadedConfig, console: Console, log_dir: Path, needed: bool = True) -> Iterator[str]:
+    """The MLflow tracking URI an invocation logs to while the context lasts.
+
+    ``run.mlflow_uri()``, except with ``run.tracking_server`` (:meth:`RunSection.local_tracking_server`)
+    when ``needed`` (something is logged before the invocation ends): then the URL of a real
+    ``mlflow server`` over that sqlite store (:func:`pipeline.tracking.local_server`), started
+    here (its URL and log printed) and stopped when the context ends, also on an error or a
+    Ctrl-C. Its output goes to ``<log_dir>/mlflow-server-<time>-<pid>.log``.
+
+    Raises:
+        PipelineError: the server did not start (names its command and log).
+    """
+    from pipeline.config import TRACKING_URI_ENV
+
+    store = cfg.run.mlflow_uri()
+    if cfg.run.tracking_server and not cfg.run.local_tracking_server():
+        console.line(
+            f"NOTE: run.tracking_server not started: {TRACKING_URI_ENV} names the tracking server {store}", "note"
+        )
+    if not cfg.run.local_tracking_server():
+        yield store
+        return
+    if not needed:
+        console.line(f"mlflow: every stage is cached: no tracking server started; runs go to {store}", "dim")
+        yield store
+        return
+    from pipeline import tracking
+
+    log = log_dir / f"mlflow-server-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    with tracking.local_server(store, log) as url:
+        console.line(f"mlflow: tracking server {url} (store {store}; server log {log})")
+        yield url
+
+
 def print_plan(console: Console, p: Plan, store_uri: str) -> None:
     """The plan table (stage, what it reads, key, action), then one line per stage that runs
     saying why it is not cached."""
@@ -295,45 +331,50 @@ def _run(
     if store is None:
         store = _open_store(cfg, False)
 
-    tracking_uri = cfg.run.mlflow_uri()
-    tracker = tracking.Invocation(
-        tracking_uri,
-        cfg.run.experiment or cfg.run.name,
-        cfg.run.name,
-        {"config": str(cfg.path), "argv": " ".join(sys.argv[1:])},
-        {f"{n.name}.": n.components.get("config", {}) for n in p},
-        work_dir / "tracking-journal",
-        t_start,
-        tracking.headline_params({n.name: n.components.get("config", {}) for n in p}),
-    )
-    if any(n.action == "run" for n in p):
-        tracker.open()  # MLflow now: not after a stage has already started
+    runs_any = any(n.action == "run" for n in p)
     started: list[bool] = []
     out = None
-    try:
-        out = execute(
-            [p],
-            store,
-            console,
-            work_dir=work_dir.resolve(),
-            tracker=tracker,
-            start_cluster=lambda: (
-                started.append(init_ray(cfg, console, args.verbose)),
-                check_store_reachable(cfg.run.store_uri()),
-            ),
+    with tracking_store(cfg, console, log_file.parent, needed=runs_any) as tracking_uri:
+        tracker = tracking.Invocation(
+            tracking_uri,
+            cfg.run.experiment or cfg.run.name,
+            cfg.run.name,
+            {"config": str(cfg.path), "argv": " ".join(sys.argv[1:])},
+            {f"{n.name}.": n.components.get("config", {}) for n in p},
+            work_dir / "tracking-journal",
+            t_start,
+            tracking.headline_params({n.name: n.components.get("config", {}) for n in p}),
         )
-    finally:
-        tracker.finish(
-            {"stages." + n.name: f"{n.status} {n.key[:12]}" for n in p},
-            {**{f"{n.name}/{k}": v for n in p for k, v in n.metrics.items()}, "wall_seconds": time.time() - t_start},
-            failed=out is None or not out.ok,
-        )
+        if runs_any:
+            tracker.open()  # MLflow now: not after a stage has already started
+        try:
+            out = execute(
+                [p],
+                store,
+                console,
+                work_dir=work_dir.resolve(),
+                tracker=tracker,
+                start_cluster=lambda: (
+                    started.append(init_ray(cfg, console, args.verbose)),
+                    check_store_reachable(cfg.run.store_uri()),
+                ),
+            )
+        finally:
+            tracker.finish(
+                {"stages." + n.name: f"{n.status} {n.key[:12]}" for n in p},
+                {
+                    **{f"{n.name}/{k}": v for n in p for k, v in n.metrics.items()},
+                    "wall_seconds": time.time() - t_start,
+                },
+                failed=out is None or not out.ok,
+            )
     if tracker.reaped:
         console.line(f"mlflow: marked {tracker.reaped} run(s) of killed invocations KILLED", "dim")
     if any(started):  # a cluster this invocation started: stop it here, so the wall time printed includes it
         sys.modules["ray"].shutdown()
     print_summary(console, p)
-    console.line(f"MLflow runs: {tracking.ui_command(tracking_uri)}")
+    served = " (the store the stopped tracking server served)" if runs_any and cfg.run.local_tracking_server() else ""
+    console.line(f"MLflow runs: {tracking.ui_command(cfg.run.mlflow_uri())}{served}")
     if not out.ok:
         console.line(f"library logs of this run: {log_file}")
     console.line(f"total wall time {time.time() - t_start:.1f} s")
@@ -363,11 +404,12 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
     setup_logging(log_file, args.verbose)
     started: list[bool] = []
 
-    def init_cluster(store_uri: str) -> None:
-        started.append(init_ray(cfg, console, args.verbose))
-        check_store_reachable(store_uri)
+    with library_output_to(log_file, not args.verbose), tracking_store(cfg, console, log_file.parent) as tracking_uri:
 
-    with library_output_to(log_file, not args.verbose):
+        def init_cluster(store_uri: str) -> None:
+            started.append(init_ray(cfg, console, args.verbose))
+            check_store_reachable(store_uri)
+
         try:
             out = run_sweep(
                 cfg,
@@ -376,6 +418,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
                 catalog=catalog or load_catalog(),
                 init_cluster=init_cluster,
                 sweep_path=str(args.sweep),
+                tracking_uri=tracking_uri,
             )
         finally:
             if any(started):
@@ -392,7 +435,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
         console.line(f"interrupted: {unfinished} trial(s) unfinished; run the same command again to continue", "warn")
     from pipeline import tracking
 
-    console.line(f"MLflow: sweep run {out.sweep_run_id}; {tracking.ui_command(cfg.run.mlflow_uri())}")
+    served = " (the store the stopped tracking server served)" if cfg.run.local_tracking_server() else ""
+    console.line(f"MLflow: sweep run {out.sweep_run_id}; {tracking.ui_command(cfg.run.mlflow_uri())}{served}")
     console.line(f"total wall time {time.time() - t_start:.1f} s")
     return 0 if out.ok else 130 if unfinished else 1
 
@@ -479,4 +523,5 @@ __all__ = [
     "load_catalog",
     "main",
     "run_main",
+    "tracking_store",
 ]

@@ -156,3 +156,29 @@ def test_every_run_of_an_invocation_carries_the_headline(store, tmp_path):
     assert parent.data.metrics["evaluate/val/hIoU"] == 12.5
     (child,) = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{inv.run_id}'")
     assert child.data.params == {"method": "maskclip", "seed": "0", "gamma": "0.1"}
+
+
+def test_run_tracking_server_choices(tmp_path, monkeypatch):
+    """run.tracking_server: a config error beside run.tracking_uri; ZEROSEG_TRACKING_URI (a cluster's
+    server) wins, with a NOTE; an invocation that logs nothing (every stage cached) starts no server.
+    (tests/test_pipeline_sample.py runs one.)"""
+    import io
+
+    from pipeline.cli import tracking_store
+    from pipeline.config import load_config
+    from pipeline.console import Console
+    from pipeline.errors import ConfigError
+
+    sample = "configs/sample.yaml"
+    with pytest.raises(ConfigError, match=r"set one of run\.tracking_server and run\.tracking_uri"):
+        load_config(sample, ["run.tracking_server=true", "run.tracking_uri=http://10.0.1.23:5000"])
+    cfg = load_config(sample, ["run.tracking_server=true", f"run.work_dir={tmp_path}"])
+    out = io.StringIO()
+    with tracking_store(cfg, Console(file=out), tmp_path / "logs", needed=False) as uri:
+        assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert "every stage is cached: no tracking server started" in out.getvalue()
+    monkeypatch.setenv("ZEROSEG_TRACKING_URI", "http://10.0.1.23:5000")
+    with tracking_store(cfg, Console(file=out), tmp_path / "logs") as uri:
+        assert uri == "http://10.0.1.23:5000"
+    assert "NOTE: run.tracking_server not started: ZEROSEG_TRACKING_URI names the tracking server" in out.getvalue()
+    assert not (tmp_path / "logs").exists()  # no server log: none was started
