@@ -209,6 +209,84 @@ def check_store_reachable(store_uri: str) -> None:
         )
 
 
+#: Set by Ray's job supervisor for a ``ray job submit`` driver: the job's runtime env (JSON).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_copy_notes(cfg: LoadedConfig) -> list[str]:
+    """Lines for people when this is a ``ray job submit --working-dir`` driver (it runs in Ray's
+    copy of that directory) and the work dir, or a plain-path store, resolves inside the copy:
+    a relative ``run.work_dir`` (configs default to ``${ZEROSEG_WORK:-work}``) puts results,
+    the sqlite tracking store and logs in a temporary folder that Ray manages (and deletes when it
+    needs the room), where nobody looks for them. Empty outside such a job."""
+    import json
+
+    try:
+        runtime_env = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return []
+    if not runtime_env.get("working_dir"):
+        return []
+    copy = Path.cwd().resolve()
+    paths = [("work dir", cfg.run.work_dir, "ZEROSEG_WORK (configs read ${ZEROSEG_WORK}) or --work-dir")]
+    if cfg.run.store and "://" not in cfg.run.store:
+        paths.append(("artifact store", cfg.run.store, "--store"))
+    return [
+        f"the {what} {Path(path).resolve()} is inside this job's copy of the working directory ({copy}), "
+        f"a temporary folder that Ray manages: set {fix} to a lasting (shared) path"
+        for what, path, fix in paths
+        if Path(path).resolve().is_relative_to(copy)
+    ]
+
+
+def machine_local_tracking(tracking_uri: str) -> bool:
+    """Whether only processes on this machine reach ``tracking_uri``: a sqlite file, a local path
+    (``file:``, a plain path), or a server on a loopback address (``127.0.0.1``, ``localhost``)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(tracking_uri)
+    if tracking_uri == "databricks":  # MLflow's name for the Databricks workspace, not a path
+        return False
+    if parts.scheme in ("", "file", "sqlite"):
+        return True
+    if parts.scheme not in ("http", "https"):
+        return False  # a database server (postgresql://...) names its own host
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_tracking_reachable(tracking_uri: str) -> None:
+    """Refuse a tracking store that only this machine reaches (:func:`machine_local_tracking`)
+    when Ray has alive nodes on other machines (another node IP than this one's): stages, Ray
+    Train workers and sweep trials placed there log to MLflow too, and would fail (a server on
+    127.0.0.1 there is not this one) or write a sqlite file of their own. Nodes started on this
+    machine (``ray start`` twice here) share its address and reach it.
+
+    Raises:
+        PipelineError: naming the store, the other machines and the fix.
+    """
+    import ray
+
+    if not ray.is_initialized() or not machine_local_tracking(tracking_uri):
+        return
+    here = ray.util.get_node_ip_address()
+    others = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")} - {here})
+    if others:
+        raise PipelineError(
+            f"the MLflow tracking store {tracking_uri} is reachable from this machine ({here}) only, but this "
+            f"Ray cluster has nodes on {', '.join(others)}: stages and trials placed there could not log their "
+            "runs. Use a tracking server every node reaches: ZEROSEG_TRACKING_URI=http://<address of the "
+            "server's host as the nodes see it>:5000 (not 127.0.0.1; see docs/cluster.md), without "
+            "run.tracking_server"
+        )
+
+
 @contextlib.contextmanager
 def tracking_store(cfg: LoadedConfig, console: Console, log_dir: Path, needed: bool = True) -> Iterator[str]:
     """The MLflow tracking URI an invocation logs to while the context lasts.
@@ -323,7 +401,7 @@ def _run(
     store = _open_store(cfg, args.dry_run)
     sel = Selection(stages=args.stages, from_stage=args.from_stage, force=args.force)
     p = plan(cfg, catalog.stages, sel, store, code_packages=catalog.code_packages)
-    for line in p.notices:
+    for line in [*job_copy_notes(cfg), *p.notices]:
         console.line(f"NOTE: {line}", "note")
     print_plan(console, p, cfg.run.store_uri())
     if args.dry_run:
@@ -357,6 +435,7 @@ def _run(
                 start_cluster=lambda: (
                     started.append(init_ray(cfg, console, args.verbose)),
                     check_store_reachable(cfg.run.store_uri()),
+                    check_tracking_reachable(tracking_uri),
                 ),
             )
         finally:
@@ -402,6 +481,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
     sw = load_sweep(args.sweep)
     log_file = Path(cfg.run.work_dir) / "logs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     setup_logging(log_file, args.verbose)
+    for line in job_copy_notes(cfg):
+        console.line(f"NOTE: {line}", "note")
     started: list[bool] = []
 
     with library_output_to(log_file, not args.verbose), tracking_store(cfg, console, log_file.parent) as tracking_uri:
@@ -409,6 +490,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
         def init_cluster(store_uri: str) -> None:
             started.append(init_ray(cfg, console, args.verbose))
             check_store_reachable(store_uri)
+            check_tracking_reachable(tracking_uri)
 
         try:
             out = run_sweep(
@@ -519,7 +601,10 @@ __all__ = [
     "cmd_run",
     "cmd_sweep",
     "check_store_reachable",
+    "check_tracking_reachable",
+    "machine_local_tracking",
     "init_ray",
+    "job_copy_notes",
     "load_catalog",
     "main",
     "run_main",
