@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	touch $@
 
 sample: install
-	$(PY) pipeline/run.py --config configs/sample.yaml
+	$(PY) pipeline/run.py --config configs/sample.yaml --set run.tracking_server=true
 
 lint: install
 	$(VENV)/bin/ruff check .

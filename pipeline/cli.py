@@ -13,12 +13,13 @@ store, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,119 @@ def check_store_reachable(store_uri: str) -> None:
         )
 
 
+#: Set by Ray's job supervisor for a ``ray job submit`` driver: the job's runtime env (JSON).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_copy_notes(cfg: LoadedConfig) -> list[str]:
+    """Lines for people when this is a ``ray job submit --working-dir`` driver (it runs in Ray's
+    copy of that directory) and the work dir, or a plain-path store, resolves inside the copy:
+    a relative ``run.work_dir`` (configs default to ``${ZEROSEG_WORK:-work}``) puts results,
+    the sqlite tracking store and logs in a temporary folder that Ray manages (and deletes when it
+    needs the room), where nobody looks for them. Empty outside such a job."""
+    import json
+
+    try:
+        runtime_env = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return []
+    if not runtime_env.get("working_dir"):
+        return []
+    copy = Path.cwd().resolve()
+    paths = [("work dir", cfg.run.work_dir, "ZEROSEG_WORK (configs read ${ZEROSEG_WORK}) or --work-dir")]
+    if cfg.run.store and "://" not in cfg.run.store:
+        paths.append(("artifact store", cfg.run.store, "--store"))
+    return [
+        f"the {what} {Path(path).resolve()} is inside this job's copy of the working directory ({copy}), "
+        f"a temporary folder that Ray manages: set {fix} to a lasting (shared) path"
+        for what, path, fix in paths
+        if Path(path).resolve().is_relative_to(copy)
+    ]
+
+
+def machine_local_tracking(tracking_uri: str) -> bool:
+    """Whether only processes on this machine reach ``tracking_uri``: a sqlite file, a local path
+    (``file:``, a plain path), or a server on a loopback address (``127.0.0.1``, ``localhost``)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(tracking_uri)
+    if tracking_uri == "databricks":  # MLflow's name for the Databricks workspace, not a path
+        return False
+    if parts.scheme in ("", "file", "sqlite"):
+        return True
+    if parts.scheme not in ("http", "https"):
+        return False  # a database server (postgresql://...) names its own host
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_tracking_reachable(tracking_uri: str) -> None:
+    """Refuse a tracking store that only this machine reaches (:func:`machine_local_tracking`)
+    when Ray has alive nodes on other machines (another node IP than this one's): stages, Ray
+    Train workers and sweep trials placed there log to MLflow too, and would fail (a server on
+    127.0.0.1 there is not this one) or write a sqlite file of their own. Nodes started on this
+    machine (``ray start`` twice here) share its address and reach it.
+
+    Raises:
+        PipelineError: naming the store, the other machines and the fix.
+    """
+    import ray
+
+    if not ray.is_initialized() or not machine_local_tracking(tracking_uri):
+        return
+    here = ray.util.get_node_ip_address()
+    others = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")} - {here})
+    if others:
+        raise PipelineError(
+            f"the MLflow tracking store {tracking_uri} is reachable from this machine ({here}) only, but this "
+            f"Ray cluster has nodes on {', '.join(others)}: stages and trials placed there could not log their "
+            "runs. Use a tracking server every node reaches: ZEROSEG_TRACKING_URI=http://<address of the "
+            "server's host as the nodes see it>:5000 (not 127.0.0.1; see docs/cluster.md), without "
+            "run.tracking_server"
+        )
+
+
+@contextlib.contextmanager
+def tracking_store(cfg: LoadedConfig, console: Console, log_dir: Path, needed: bool = True) -> Iterator[str]:
+    """The MLflow tracking URI an invocation logs to while the context lasts.
+
+    ``run.mlflow_uri()``, except with ``run.tracking_server`` (:meth:`RunSection.local_tracking_server`)
+    when ``needed`` (something is logged before the invocation ends): then the URL of a real
+    ``mlflow server`` over that sqlite store (:func:`pipeline.tracking.local_server`), started
+    here (its URL and log printed) and stopped when the context ends, also on an error or a
+    Ctrl-C. Its output goes to ``<log_dir>/mlflow-server-<time>-<pid>.log``.
+
+    Raises:
+        PipelineError: the server did not start (names its command and log).
+    """
+    from pipeline.config import TRACKING_URI_ENV
+
+    store = cfg.run.mlflow_uri()
+    if cfg.run.tracking_server and not cfg.run.local_tracking_server():
+        console.line(
+            f"NOTE: run.tracking_server not started: {TRACKING_URI_ENV} names the tracking server {store}", "note"
+        )
+    if not cfg.run.local_tracking_server():
+        yield store
+        return
+    if not needed:
+        console.line(f"mlflow: every stage is cached: no tracking server started; runs go to {store}", "dim")
+        yield store
+        return
+    from pipeline import tracking
+
+    log = log_dir / f"mlflow-server-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    with tracking.local_server(store, log) as url:
+        console.line(f"mlflow: tracking server {url} (store {store}; server log {log})")
+        yield url
+
+
 def print_plan(console: Console, p: Plan, store_uri: str) -> None:
     """The plan table (stage, what it reads, key, action), then one line per stage that runs
     saying why it is not cached."""
@@ -287,7 +401,7 @@ def _run(
     store = _open_store(cfg, args.dry_run)
     sel = Selection(stages=args.stages, from_stage=args.from_stage, force=args.force)
     p = plan(cfg, catalog.stages, sel, store, code_packages=catalog.code_packages)
-    for line in p.notices:
+    for line in [*job_copy_notes(cfg), *p.notices]:
         console.line(f"NOTE: {line}", "note")
     print_plan(console, p, cfg.run.store_uri())
     if args.dry_run:
@@ -295,45 +409,51 @@ def _run(
     if store is None:
         store = _open_store(cfg, False)
 
-    tracking_uri = cfg.run.mlflow_uri()
-    tracker = tracking.Invocation(
-        tracking_uri,
-        cfg.run.experiment or cfg.run.name,
-        cfg.run.name,
-        {"config": str(cfg.path), "argv": " ".join(sys.argv[1:])},
-        {f"{n.name}.": n.components.get("config", {}) for n in p},
-        work_dir / "tracking-journal",
-        t_start,
-        tracking.headline_params({n.name: n.components.get("config", {}) for n in p}),
-    )
-    if any(n.action == "run" for n in p):
-        tracker.open()  # MLflow now: not after a stage has already started
+    runs_any = any(n.action == "run" for n in p)
     started: list[bool] = []
     out = None
-    try:
-        out = execute(
-            [p],
-            store,
-            console,
-            work_dir=work_dir.resolve(),
-            tracker=tracker,
-            start_cluster=lambda: (
-                started.append(init_ray(cfg, console, args.verbose)),
-                check_store_reachable(cfg.run.store_uri()),
-            ),
+    with tracking_store(cfg, console, log_file.parent, needed=runs_any) as tracking_uri:
+        tracker = tracking.Invocation(
+            tracking_uri,
+            cfg.run.experiment or cfg.run.name,
+            cfg.run.name,
+            {"config": str(cfg.path), "argv": " ".join(sys.argv[1:])},
+            {f"{n.name}.": n.components.get("config", {}) for n in p},
+            work_dir / "tracking-journal",
+            t_start,
+            tracking.headline_params({n.name: n.components.get("config", {}) for n in p}),
         )
-    finally:
-        tracker.finish(
-            {"stages." + n.name: f"{n.status} {n.key[:12]}" for n in p},
-            {**{f"{n.name}/{k}": v for n in p for k, v in n.metrics.items()}, "wall_seconds": time.time() - t_start},
-            failed=out is None or not out.ok,
-        )
+        if runs_any:
+            tracker.open()  # MLflow now: not after a stage has already started
+        try:
+            out = execute(
+                [p],
+                store,
+                console,
+                work_dir=work_dir.resolve(),
+                tracker=tracker,
+                start_cluster=lambda: (
+                    started.append(init_ray(cfg, console, args.verbose)),
+                    check_store_reachable(cfg.run.store_uri()),
+                    check_tracking_reachable(tracking_uri),
+                ),
+            )
+        finally:
+            tracker.finish(
+                {"stages." + n.name: f"{n.status} {n.key[:12]}" for n in p},
+                {
+                    **{f"{n.name}/{k}": v for n in p for k, v in n.metrics.items()},
+                    "wall_seconds": time.time() - t_start,
+                },
+                failed=out is None or not out.ok,
+            )
     if tracker.reaped:
         console.line(f"mlflow: marked {tracker.reaped} run(s) of killed invocations KILLED", "dim")
     if any(started):  # a cluster this invocation started: stop it here, so the wall time printed includes it
         sys.modules["ray"].shutdown()
     print_summary(console, p)
-    console.line(f"MLflow runs: {tracking.ui_command(tracking_uri)}")
+    served = " (the store the stopped tracking server served)" if runs_any and cfg.run.local_tracking_server() else ""
+    console.line(f"MLflow runs: {tracking.ui_command(cfg.run.mlflow_uri())}{served}")
     if not out.ok:
         console.line(f"library logs of this run: {log_file}")
     console.line(f"total wall time {time.time() - t_start:.1f} s")
@@ -361,13 +481,17 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
     sw = load_sweep(args.sweep)
     log_file = Path(cfg.run.work_dir) / "logs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     setup_logging(log_file, args.verbose)
+    for line in job_copy_notes(cfg):
+        console.line(f"NOTE: {line}", "note")
     started: list[bool] = []
 
-    def init_cluster(store_uri: str) -> None:
-        started.append(init_ray(cfg, console, args.verbose))
-        check_store_reachable(store_uri)
+    with library_output_to(log_file, not args.verbose), tracking_store(cfg, console, log_file.parent) as tracking_uri:
 
-    with library_output_to(log_file, not args.verbose):
+        def init_cluster(store_uri: str) -> None:
+            started.append(init_ray(cfg, console, args.verbose))
+            check_store_reachable(store_uri)
+            check_tracking_reachable(tracking_uri)
+
         try:
             out = run_sweep(
                 cfg,
@@ -376,6 +500,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
                 catalog=catalog or load_catalog(),
                 init_cluster=init_cluster,
                 sweep_path=str(args.sweep),
+                tracking_uri=tracking_uri,
             )
         finally:
             if any(started):
@@ -392,7 +517,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
         console.line(f"interrupted: {unfinished} trial(s) unfinished; run the same command again to continue", "warn")
     from pipeline import tracking
 
-    console.line(f"MLflow: sweep run {out.sweep_run_id}; {tracking.ui_command(cfg.run.mlflow_uri())}")
+    served = " (the store the stopped tracking server served)" if cfg.run.local_tracking_server() else ""
+    console.line(f"MLflow: sweep run {out.sweep_run_id}; {tracking.ui_command(cfg.run.mlflow_uri())}{served}")
     console.line(f"total wall time {time.time() - t_start:.1f} s")
     return 0 if out.ok else 130 if unfinished else 1
 
@@ -475,8 +601,12 @@ __all__ = [
     "cmd_run",
     "cmd_sweep",
     "check_store_reachable",
+    "check_tracking_reachable",
+    "machine_local_tracking",
     "init_ray",
+    "job_copy_notes",
     "load_catalog",
     "main",
     "run_main",
+    "tracking_store",
 ]

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import to_jsonable_python
 
 from pipeline.errors import ConfigError
@@ -177,9 +177,23 @@ class RunSection(BaseModel):
     work_dir: str = "work"
     store: str | None = Field(None, description="artifact store: local path or s3:// / gs:// URI")
     tracking_uri: str | None = Field(None, description="MLflow URI; default sqlite in work_dir")
+    tracking_server: bool = Field(
+        False,
+        description="log through a real `mlflow server` that the invocation starts on 127.0.0.1 (a free port) "
+        "over the sqlite store in work_dir, and stops at its end (pipeline.tracking.local_server)",
+    )
     experiment: str | None = None
     verify: str = Field("sha256", pattern="^(sha256|size)$")
     ray: RaySection = RaySection()
+
+    @model_validator(mode="after")
+    def _one_tracking_store(self) -> RunSection:
+        if self.tracking_server and self.tracking_uri:
+            raise ValueError(
+                f"tracking_server starts a local server over sqlite in work_dir, but tracking_uri names "
+                f"{self.tracking_uri!r}: set one of run.tracking_server and run.tracking_uri"
+            )
+        return self
 
     def store_uri(self) -> str:
         """The artifact store: ``store``, else ``<work_dir>/store``."""
@@ -196,6 +210,12 @@ class RunSection(BaseModel):
         if os.environ.get(TRACKING_URI_ENV):
             return os.environ[TRACKING_URI_ENV]
         return "sqlite:///" + str(Path(self.work_dir, "mlflow.db").resolve())
+
+    def local_tracking_server(self) -> bool:
+        """Whether the invocation serves :meth:`mlflow_uri` (then the sqlite store) through a
+        local ``mlflow server``: ``tracking_server`` unless ``ZEROSEG_TRACKING_URI`` names a
+        (cluster's) tracking server, which every node reaches and a local one on 127.0.0.1 not."""
+        return self.tracking_server and not os.environ.get(TRACKING_URI_ENV)
 
 
 # =============================================================================================

@@ -501,6 +501,7 @@ def run_sweep(
     init_cluster: Any,
     sweep_path: str = "",
     callbacks: Sequence[Any] = (),
+    tracking_uri: str | None = None,
 ) -> SweepOutcome:
     """Run (or continue) a sweep (see the module docstring).
 
@@ -514,6 +515,9 @@ def run_sweep(
             reaches the store (``pipeline.cli``).
         sweep_path: the sweep file's path (recorded on the sweep run).
         callbacks: more ``ray.tune.Callback`` objects for this invocation.
+        tracking_uri: where the sweep, its shared upstream and its trials log (default
+            ``cfg.run.mlflow_uri()``; the CLI passes a local server's URL with
+            ``run.tracking_server``).
 
     Raises:
         ConfigError: a searched key that is not a config key of any stage (from the probes'
@@ -573,7 +577,7 @@ def run_sweep(
         f"sweep {sw.name} ({sweep_id}): shared upstream {', '.join(shared) or 'none'}; tuned {', '.join(tuned)}"
     )
 
-    tracking_uri, experiment = base.run.mlflow_uri(), base.run.experiment or base.run.name
+    tracking_uri, experiment = tracking_uri or base.run.mlflow_uri(), base.run.experiment or base.run.name
     sweep_run_id, reopened = _sweep_run(
         tracking_uri,
         experiment,

@@ -110,10 +110,17 @@ def test_cached_run_imports_neither_torch_nor_ray(first_run):
     assert out.stdout.count("cached") >= len(STAGES)
 
 
-def test_changing_an_evaluate_setting_reruns_evaluate_only(first_run):
+def test_changing_an_evaluate_setting_reruns_evaluate_only(first_run, capsys):
+    """... and, with run.tracking_server (as `make sample` runs), logs through a real local
+    `mlflow server` over the work dir's sqlite store, which is gone when the run ends."""
+    import re
+    import urllib.request
+
     work, _, plan1 = first_run
-    code, plan = _run(work, overrides=["evaluate.gamma=0.5"])
-    assert code == 0
+    capsys.readouterr()
+    code, plan = _run(work, overrides=["evaluate.gamma=0.5", "run.tracking_server=true"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
     assert _status(plan) == {
         "build_splits": "cached",
         "embed_text": "cached",
@@ -122,6 +129,25 @@ def test_changing_an_evaluate_setting_reruns_evaluate_only(first_run):
     }
     assert plan.nodes["evaluate"].key != plan1.nodes["evaluate"].key
     assert plan.nodes["evaluate"].reason == "config: gamma 0.0 -> 0.5"
+
+    m = re.search(r"mlflow: tracking server (http://127\.0\.0\.1:\d+) \(store (\S+); server log (\S+)\)", out)
+    assert m, out[-3000:]
+    url, store, log = m.group(1), m.group(2), Path(m.group(3))
+    assert store == f"sqlite:///{(work / 'mlflow.db').resolve()}" and log.parent == work / "logs"
+    # the evaluate run is in the sqlite store, and the server's own access log shows the requests
+    # that logged it (run ids appear in the query strings of its GETs)
+    client = mlflow.tracking.MlflowClient(store)
+    exp = client.get_experiment_by_name("zeroseg-sample")
+    (ev,) = client.search_runs([exp.experiment_id], f"tags.artifact_key = '{plan.nodes['evaluate'].key}'")
+    assert ev.info.status == "FINISHED" and ev.data.tags["status"] == "ran" and ev.data.params["gamma"] == "0.5"
+    assert ev.data.metrics["val/hIoU"] == pytest.approx(plan.nodes["evaluate"].metrics["val/hIoU"])
+    served = log.read_text()
+    assert re.search(rf'"GET /api/2\.0/mlflow/runs/get\?\S*run_id={ev.info.run_id}\S* HTTP/1\.1" 200', served)
+    assert re.search(r'"POST /api/2\.0/mlflow/runs/log-batch HTTP/1\.1" 200', served)
+    # stopped cleanly when the run ended: uvicorn finished, the port no longer answers
+    assert "Finished server process" in served.splitlines()[-1]
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=5)
 
 
 def test_force_and_from_select_stages(first_run):

@@ -156,3 +156,64 @@ def test_every_run_of_an_invocation_carries_the_headline(store, tmp_path):
     assert parent.data.metrics["evaluate/val/hIoU"] == 12.5
     (child,) = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{inv.run_id}'")
     assert child.data.params == {"method": "maskclip", "seed": "0", "gamma": "0.1"}
+
+
+def test_tracking_stores_only_this_machine_reaches():
+    from pipeline.cli import machine_local_tracking
+
+    local = [
+        "sqlite:////w/mlflow.db",
+        "file:///w/mlruns",
+        "work/mlruns",
+        "http://127.0.0.1:5000",
+        "http://localhost:5000",
+    ]
+    local += ["http://127.0.0.5:80", "http://[::1]:5000"]  # all of 127/8 and ::1 are loopback (RFC 5735, RFC 4291)
+    remote = ["http://10.0.1.23:5000", "https://mlflow.example.org", "postgresql://db.example.org/mlflow", "databricks"]
+    assert [u for u in local if not machine_local_tracking(u)] == []
+    assert [u for u in remote if machine_local_tracking(u)] == []
+
+
+def test_run_tracking_server_choices(tmp_path, monkeypatch):
+    """run.tracking_server: a config error beside run.tracking_uri; ZEROSEG_TRACKING_URI (a cluster's
+    server) wins, with a NOTE; an invocation that logs nothing (every stage cached) starts no server.
+    (tests/test_pipeline_sample.py runs one.)"""
+    import io
+
+    from pipeline.cli import tracking_store
+    from pipeline.config import load_config
+    from pipeline.console import Console
+    from pipeline.errors import ConfigError
+
+    sample = "configs/sample.yaml"
+    with pytest.raises(ConfigError, match=r"set one of run\.tracking_server and run\.tracking_uri"):
+        load_config(sample, ["run.tracking_server=true", "run.tracking_uri=http://10.0.1.23:5000"])
+    cfg = load_config(sample, ["run.tracking_server=true", f"run.work_dir={tmp_path}"])
+    out = io.StringIO()
+    with tracking_store(cfg, Console(file=out), tmp_path / "logs", needed=False) as uri:
+        assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert "every stage is cached: no tracking server started" in out.getvalue()
+    monkeypatch.setenv("ZEROSEG_TRACKING_URI", "http://10.0.1.23:5000")
+    with tracking_store(cfg, Console(file=out), tmp_path / "logs") as uri:
+        assert uri == "http://10.0.1.23:5000"
+    assert "NOTE: run.tracking_server not started: ZEROSEG_TRACKING_URI names the tracking server" in out.getvalue()
+    assert not (tmp_path / "logs").exists()  # no server log: none was started
+
+
+def test_a_relative_work_dir_under_ray_job_submit_gets_a_note(tmp_path, monkeypatch):
+    import json
+
+    from pipeline.cli import RAY_JOB_CONFIG_ENV, job_copy_notes
+    from pipeline.config import load_config
+
+    cfg = load_config("configs/sample.yaml", [f"run.work_dir={tmp_path / 'elsewhere'}"])
+    rel = load_config("configs/sample.yaml", ["run.work_dir=work/sample"])
+    monkeypatch.delenv(RAY_JOB_CONFIG_ENV, raising=False)
+    assert job_copy_notes(rel) == []  # not a job
+    copy = tmp_path / "copy"  # the job's working-dir copy: the driver's cwd
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv(RAY_JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
+    (note,) = job_copy_notes(rel)
+    assert f"the work dir {copy / 'work' / 'sample'} is inside this job's copy" in note and "ZEROSEG_WORK" in note
+    assert job_copy_notes(cfg) == []
