@@ -153,8 +153,8 @@ class SweepFile(BaseModel):
         seed_key: the config key the seeds set (default: the classifier's training seed).
         resources: a trial's resources (``{"CPU": 1, "GPU": 0.5, "<custom>": 1}``): the trial's
             driver; a training stage's workers ask for their own (``scaling``).
-        max_concurrent_trials: at most this many trials at once (default: what the cluster's
-            resources allow).
+        max_concurrent_trials: at most this many trials at once (default: as many as leave CPUs
+            for one trial's largest stage besides the trials themselves: :func:`trial_concurrency`).
         max_failures: times Tune retries a failed trial.
     """
 
@@ -524,6 +524,7 @@ def run_sweep(
             planning), the metric's stage absent from the config.
         PipelineError: the shared upstream failed.
     """
+    import ray
     from ray import tune
 
     from pipeline import tracking
@@ -651,6 +652,14 @@ def run_sweep(
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables (ours: one line per trial)
     trainable = tune.with_resources(tune.with_parameters(trial, spec=spec), _resources(sw.resources))
+    concurrent, why = trial_concurrency(
+        float(sw.resources.get("CPU", 0.0)),
+        stage_cpus(base_plan, tuned),
+        float(ray.cluster_resources().get("CPU", 0.0)),
+        sw.max_concurrent_trials,
+    )
+    if why:
+        console.line(f"sweep {sw.name}: {why}", "warn" if why.startswith("warning") else "dim")
     storage = sweep_storage(store)
     exp_name = f"{sw.name}-{sweep_id}"
     exp_path = f"{storage}/{exp_name}"
@@ -670,7 +679,7 @@ def run_sweep(
                 mode=None if scheduler is not None else sw.mode,
                 scheduler=scheduler,
                 num_samples=sw.num_samples,
-                max_concurrent_trials=sw.max_concurrent_trials,
+                max_concurrent_trials=concurrent or None,
             ),
             run_config=tune.RunConfig(
                 name=exp_name,
@@ -802,6 +811,62 @@ def _start_ray_data_services() -> None:
 
     ds = ray.data.range(1).map_batches(_Noop, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     ds.materialize()
+
+
+def stage_cpus(nodes: Sequence[Any], tuned: Sequence[str]) -> float:
+    """The most CPUs one of a trial's tuned stages asks for beyond the trial's own resources:
+    a training stage's Ray Train workers (``scaling.num_workers`` x ``resources_per_worker``
+    CPU, Ray Train's default 1 each), any other stage's Ray Data / actor work 1 CPU.
+
+    Args:
+        nodes: the base plan's nodes (``.name``, ``.config``).
+        tuned: the names of the stages a trial runs.
+    """
+    need = 1.0
+    for n in nodes:
+        scaling = getattr(n.config, "scaling", None)
+        if n.name in tuned and scaling is not None and getattr(scaling, "num_workers", 0) > 0:
+            per = (getattr(scaling, "resources_per_worker", None) or {}).get("CPU", 1.0)
+            need = max(need, scaling.num_workers * float(per))
+    return need
+
+
+def trial_concurrency(trial_cpus: float, need: float, cluster_cpus: float, requested: int | None) -> tuple[int, str]:
+    """How many trials may run at once without starving their own stages, and a line to print.
+
+    A trial holds ``trial_cpus`` for its driver while its stages start actors and workers of
+    their own (``need`` CPUs for the largest, :func:`stage_cpus`). If the trials take every CPU,
+    none of their stages can start and the sweep waits forever (Tune alone packs
+    ``cluster_cpus / trial_cpus`` trials). So, unless ``requested``, at most
+    ``floor((cluster_cpus - need) / trial_cpus)`` trials (at least 1) run at once. A requested
+    number (the sweep file's ``max_concurrent_trials``) is kept, with a warning when it cannot fit
+    the cluster as it is now (an autoscaling cluster may grow).
+
+    Returns:
+        ``(n, message)``: ``n`` is ``requested`` or the computed limit; ``message`` is empty
+        when nothing needs saying.
+    """
+    fits = max(1, math.floor((cluster_cpus - need) / trial_cpus + 1e-9)) if trial_cpus > 0 else None
+    alone = trial_cpus + need <= cluster_cpus + 1e-9
+    if requested is not None:
+        if fits is not None and (requested > fits or not alone):
+            return requested, (
+                f"warning: max_concurrent_trials {requested} x {trial_cpus:g} CPU per trial, plus {need:g} CPU for a "
+                f"trial's stage, exceeds the cluster's {cluster_cpus:g} CPUs: trials may wait for CPUs forever "
+                "unless the cluster grows"
+            )
+        return requested, ""
+    if fits is None:
+        return 0, ""
+    if not alone:
+        return 1, (
+            f"warning: one trial needs {trial_cpus:g} CPU plus {need:g} CPU for its stage, more than the cluster's "
+            f"{cluster_cpus:g} CPUs: it waits until the cluster grows"
+        )
+    return fits, (
+        f"at most {fits} trial(s) at once: each holds {trial_cpus:g} CPU and its stage needs up to {need:g} more "
+        f"({cluster_cpus:g} CPUs; set max_concurrent_trials in the sweep file to change it)"
+    )
 
 
 def _resources(res: dict[str, float]) -> dict[str, float]:

@@ -654,3 +654,40 @@ def test_a_sweep_refuses_in_process_training_in_its_trials(shared_data, monkeypa
     with pytest.raises(ConfigError, match=r"train_generator\.scaling\.num_workers is 0.*num_workers=1"):
         run_sweep(cfg, sw, Console(), catalog=load_catalog(), init_cluster=no_cluster)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_trial_concurrency_leaves_cpus_for_a_trials_own_stage():
+    from pipeline.sweep import trial_concurrency
+
+    # 2 CPUs, trials of 1 CPU whose evaluate needs 1 more: Tune alone would pack 2 trials and
+    # neither evaluate could start; (2 - 1) / 1 = 1 trial at a time
+    n, why = trial_concurrency(1.0, 1.0, 2.0, None)
+    assert n == 1 and "at most 1 trial(s)" in why
+    # the sample sweep: 0.25 CPU trials, evaluate 1 CPU: (2 - 1) / 0.25 = 4
+    assert trial_concurrency(0.25, 1.0, 2.0, None)[0] == 4
+    # a 2-worker training stage (2 x 1 CPU) on 8 CPUs with 1-CPU trials: (8 - 2) / 1 = 6
+    assert trial_concurrency(1.0, 2.0, 8.0, None)[0] == 6
+    # a requested number is kept; one that cannot fit is warned about, not changed
+    assert trial_concurrency(0.25, 1.0, 2.0, 2) == (2, "")
+    n, why = trial_concurrency(1.0, 1.0, 2.0, 2)
+    assert n == 2 and why.startswith("warning") and "may wait for CPUs forever" in why
+    # a trial that cannot run even alone (an autoscaling cluster may grow): 1, with a warning
+    n, why = trial_concurrency(1.0, 4.0, 2.0, None)
+    assert n == 1 and "until the cluster grows" in why
+
+
+def test_stage_cpus_counts_a_tuned_training_stages_workers():
+    from types import SimpleNamespace as Ns
+
+    from pipeline.sweep import stage_cpus
+    from pipeline.training import ScalingSection
+
+    nodes = [
+        Ns(name="build_splits", config=Ns()),
+        Ns(name="train_classifier", config=Ns(scaling=ScalingSection(num_workers=3, resources_per_worker={"CPU": 2}))),
+        Ns(name="evaluate", config=Ns()),
+    ]
+    assert stage_cpus(nodes, ["train_classifier", "evaluate"]) == 6.0  # 3 workers x 2 CPU
+    assert stage_cpus(nodes, ["evaluate"]) == 1.0  # training shared upstream: evaluate's 1 CPU
+    nodes[1].config.scaling = ScalingSection(num_workers=2)
+    assert stage_cpus(nodes, ["train_classifier"]) == 2.0  # Ray Train's default: 1 CPU per worker
