@@ -302,15 +302,19 @@ def trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     tracker.open()
     out = None
     stages = {store.checkpoint_dir(n.name, n.key): n.name for n in p}
-    with open(log, "a") as f, training_reports(stages):
+    state = {"stopped": False}
+    with open(log, "a") as f, training_reports(stages, state):
         console = Console(file=f)
         try:
             out = execute([p], store, console, work_dir=work_dir.resolve(), tracker=tracker)
         finally:
+            # a trial Tune stopped (ASHA) ended its fit on purpose: "stopped", not failed (if Tune
+            # kills the actor before this, the next invocation marks the run KILLED)
             tracker.finish(
-                {"stages." + n.name: f"{n.status} {n.key[:12]}" for n in p},
+                {"stages." + n.name: f"{n.status} {n.key[:12]}" for n in p}
+                | ({"status": "stopped"} if state["stopped"] else {}),
                 {**_metrics(p), "wall_seconds": time.time() - t0},
-                failed=out is None or not out.ok,
+                failed=(out is None or not out.ok) and not state["stopped"],
             )
     if not out.ok:
         failed = [f"{n.name}: {n.error}" for n in p if n.status == "failed"]
@@ -326,7 +330,7 @@ def trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     tune.report(metrics)
 
 
-def training_reports(stages: dict[str, str]) -> Any:
+def training_reports(stages: dict[str, str], state: dict[str, Any] | None = None) -> Any:
     """A context in which every training stage's progress report (every ``log_every`` steps and
     at the last step; ``pipeline.training.progress.forward_progress``) becomes a Tune result of
     this trial: ``{<stage>/step, <stage>/loss, <stage>/lr}``, what ASHA's ``asha_metric`` reads.
@@ -334,6 +338,8 @@ def training_reports(stages: dict[str, str]) -> Any:
     Args:
         stages: Ray Train run names (``ArtifactStore.checkpoint_dir``) -> stage names; a fit
             whose name is not listed is not forwarded.
+        state: if given, ``state["stopped"]`` is set True when Tune stops the trial during a
+            report (the fit is then ended by its relay: ``pipeline.training.progress.end_run``).
 
     ``ray.tune.report`` may come from any thread of the trial's process (Tune's function session
     is process-wide: a queue to the trial actor, then a wait until Tune takes the result), here
@@ -348,13 +354,20 @@ def training_reports(stages: dict[str, str]) -> Any:
     def report(name: str, record: Any) -> None:
         stage = stages.get(name)
         if stage is not None:
-            tune.report(
-                {
-                    f"{stage}/step": int(record.step),
-                    f"{stage}/loss": float(record.loss),
-                    f"{stage}/lr": float(record.lr),
-                }
-            )
+            try:
+                tune.report(
+                    {
+                        f"{stage}/step": int(record.step),
+                        f"{stage}/loss": float(record.loss),
+                        f"{stage}/lr": float(record.lr),
+                    }
+                )
+            except Exception:
+                raise
+            except BaseException:  # SystemExit: Tune stopped this trial
+                if state is not None:
+                    state["stopped"] = True
+                raise
 
     return forward_progress(report)
 
@@ -658,8 +671,6 @@ def run_sweep(
         float(ray.cluster_resources().get("CPU", 0.0)),
         sw.max_concurrent_trials,
     )
-    if why:
-        console.line(f"sweep {sw.name}: {why}", "warn" if why.startswith("warning") else "dim")
     storage = sweep_storage(store)
     exp_name = f"{sw.name}-{sweep_id}"
     exp_path = f"{storage}/{exp_name}"
@@ -667,7 +678,9 @@ def run_sweep(
     if restored:
         console.line(f"sweep {sw.name}: continuing the experiment in {exp_path} (finished trials are kept)")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, restart_errored=True)
-    else:
+    else:  # (a restored experiment keeps its first invocation's limit)
+        if why:
+            console.line(f"sweep {sw.name}: {why}", "warn" if why.startswith("warning") else "dim")
         scheduler = asha_scheduler(sw, base.sections) if sw.scheduler == "asha" else None
         space: dict[str, Any] = {"params": {k: d.tune() for k, d in sw.space.items()}}
         space["seed"] = tune.grid_search(list(sw.seeds)) if sw.seeds else None
@@ -816,7 +829,8 @@ def _start_ray_data_services() -> None:
 def stage_cpus(nodes: Sequence[Any], tuned: Sequence[str]) -> float:
     """The most CPUs one of a trial's tuned stages asks for beyond the trial's own resources:
     a training stage's Ray Train workers (``scaling.num_workers`` x ``resources_per_worker``
-    CPU, Ray Train's default 1 each), any other stage's Ray Data / actor work 1 CPU.
+    CPU; without a CPU entry Ray Train's default: 1 per CPU worker, none per GPU worker), any
+    other stage's Ray Data / actor work 1 CPU.
 
     Args:
         nodes: the base plan's nodes (``.name``, ``.config``).
@@ -826,7 +840,8 @@ def stage_cpus(nodes: Sequence[Any], tuned: Sequence[str]) -> float:
     for n in nodes:
         scaling = getattr(n.config, "scaling", None)
         if n.name in tuned and scaling is not None and getattr(scaling, "num_workers", 0) > 0:
-            per = (getattr(scaling, "resources_per_worker", None) or {}).get("CPU", 1.0)
+            default = 0.0 if getattr(scaling, "use_gpu", False) else 1.0
+            per = (getattr(scaling, "resources_per_worker", None) or {}).get("CPU", default)
             need = max(need, scaling.num_workers * float(per))
     return need
 
@@ -843,8 +858,10 @@ def trial_concurrency(trial_cpus: float, need: float, cluster_cpus: float, reque
     the cluster as it is now (an autoscaling cluster may grow).
 
     Returns:
-        ``(n, message)``: ``n`` is ``requested`` or the computed limit; ``message`` is empty
-        when nothing needs saying.
+        ``(n, message)``: ``n`` is ``requested`` or the computed limit, 0 for none (no CPUs in
+        the trial's resources, or the cluster cannot yet run even one trial: an autoscaling
+        cluster before it grows, where a limit fixed now would stay after it grew); ``message``
+        is empty when nothing needs saying.
     """
     fits = max(1, math.floor((cluster_cpus - need) / trial_cpus + 1e-9)) if trial_cpus > 0 else None
     alone = trial_cpus + need <= cluster_cpus + 1e-9
@@ -858,10 +875,11 @@ def trial_concurrency(trial_cpus: float, need: float, cluster_cpus: float, reque
         return requested, ""
     if fits is None:
         return 0, ""
-    if not alone:
-        return 1, (
+    if not alone:  # an autoscaling cluster that has not grown yet: no limit (Tune's packing)
+        return 0, (
             f"warning: one trial needs {trial_cpus:g} CPU plus {need:g} CPU for its stage, more than the cluster's "
-            f"{cluster_cpus:g} CPUs: it waits until the cluster grows"
+            f"{cluster_cpus:g} CPUs now: no limit on concurrent trials is set (the cluster must grow; set "
+            "max_concurrent_trials in the sweep file to bound it)"
         )
     return fits, (
         f"at most {fits} trial(s) at once: each holds {trial_cpus:g} CPU and its stage needs up to {need:g} more "

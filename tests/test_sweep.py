@@ -671,9 +671,10 @@ def test_trial_concurrency_leaves_cpus_for_a_trials_own_stage():
     assert trial_concurrency(0.25, 1.0, 2.0, 2) == (2, "")
     n, why = trial_concurrency(1.0, 1.0, 2.0, 2)
     assert n == 2 and why.startswith("warning") and "may wait for CPUs forever" in why
-    # a trial that cannot run even alone (an autoscaling cluster may grow): 1, with a warning
+    # a trial that cannot run even alone (an autoscaling cluster before it grows): no limit
+    # (0), with a warning: a limit fixed now would stay after the cluster grew
     n, why = trial_concurrency(1.0, 4.0, 2.0, None)
-    assert n == 1 and "until the cluster grows" in why
+    assert n == 0 and "the cluster must grow" in why
 
 
 def test_stage_cpus_counts_a_tuned_training_stages_workers():
@@ -691,3 +692,32 @@ def test_stage_cpus_counts_a_tuned_training_stages_workers():
     assert stage_cpus(nodes, ["evaluate"]) == 1.0  # training shared upstream: evaluate's 1 CPU
     nodes[1].config.scaling = ScalingSection(num_workers=2)
     assert stage_cpus(nodes, ["train_classifier"]) == 2.0  # Ray Train's default: 1 CPU per worker
+    nodes[1].config.scaling = ScalingSection(num_workers=4, use_gpu=True)
+    assert stage_cpus(nodes, ["train_classifier"]) == 1.0  # GPU workers ask for no CPU by default
+
+
+def test_a_trial_stopped_during_a_training_report_is_marked_stopped(monkeypatch):
+    # Tune stopping a trial surfaces as SystemExit from tune.report in the fit's relay thread:
+    # training_reports records it (the trial's MLflow run then says "stopped", not failed) and
+    # lets it through (the relay then ends the fit)
+    from ray import tune
+
+    from pipeline.sweep import training_reports
+    from pipeline.training.metrics import Progress
+    from pipeline.training.progress import with_listeners
+
+    def stopped(metrics):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(tune, "report", stopped)
+    state = {"stopped": False}
+    record = Progress(2, 8, 0, 1.5, 0.1, images_per_s=1.0, step_time_s=0.1, data_wait_s=0.0, eta_s=1.0)
+    with training_reports({"run-a": "train_classifier"}, state):
+        show = with_listeners(lambda r: None, "run-a")
+        with pytest.raises(SystemExit):
+            show(record)
+    assert state["stopped"] is True
+    state = {"stopped": False}
+    with training_reports({"run-a": "train_classifier"}, state):
+        with_listeners(lambda r: None, "run-b")(record)  # another fit's report is not forwarded
+    assert state["stopped"] is False
