@@ -159,7 +159,10 @@ def plot_class_bars(
 def find_runs(tracking_uri: str, experiment: str | None, run_ids: Sequence[str] | None = None) -> Any:
     """The invocations (parent runs with evaluate metrics) of ``experiment``, or ``run_ids``
     (a sweep's run id stands for its trials), from ``mlflow.search_runs``: ``(invocations,
-    every run of their experiments)`` as pandas DataFrames.
+    every run of their experiments)`` as pandas DataFrames. A sweep trial that ran twice (its
+    sweep was interrupted after the trial's MLflow run ended but before Tune took its result, so
+    the resumed sweep ran it again) counts once: its newest run (same ``zeroseg.sweep_id`` and
+    ``zeroseg.trial_id``).
 
     Raises:
         ConfigError: no such experiment, or no run with evaluate metrics.
@@ -193,6 +196,14 @@ def find_runs(tracking_uri: str, experiment: str | None, run_ids: Sequence[str] 
         parents = parents[parents[metric_cols].notna().any(axis=1)]
     if parents.empty or not metric_cols:
         raise ConfigError(f"no run with evaluate metrics among {'the given runs' if run_ids else repr(experiment)}")
+    if "tags.zeroseg.trial_id" in parents and "tags.zeroseg.sweep_id" in parents:
+        trial = parents["tags.zeroseg.trial_id"].notna() & parents["tags.zeroseg.sweep_id"].notna()
+        newest = (
+            parents[trial]
+            .sort_values("start_time")
+            .drop_duplicates(["tags.zeroseg.sweep_id", "tags.zeroseg.trial_id"], keep="last")
+        )
+        parents = parents[~trial | parents.index.isin(newest.index)]
     return parents.reset_index(drop=True), df
 
 

@@ -2,6 +2,7 @@
 needed: hand-made rows as mlflow.search_runs returns them)."""
 
 import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -54,3 +55,22 @@ def test_per_class_bars_show_the_top_and_bottom_of_171_classes(tmp_path):
     order = sorted(names, key=lambda n: -a[n])  # by the first run, best first
     assert drawn == order[:20] + order[-20:]
     assert path.stat().st_size > 10_000
+
+
+def test_a_sweep_trial_run_twice_counts_once(tmp_path):
+    # a resumed sweep may run a trial again whose first MLflow run had already ended: compare
+    # keeps the newest run of each (sweep, trial), so the configuration is not counted twice
+    import mlflow
+
+    from pipeline import compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("e")
+    for trial, hiou in (("t1", 0.1), ("t1", 0.3), ("t2", 0.2)):
+        with mlflow.start_run(tags={"zeroseg.sweep_id": "s", "zeroseg.trial_id": trial}):
+            mlflow.log_metric("evaluate/val/hIoU", hiou)
+        time.sleep(0.01)  # distinct start times
+    runs, _ = compare.find_runs(uri, "e")
+    got = sorted(zip(runs["tags.zeroseg.trial_id"], runs["metrics.evaluate/val/hIoU"]))
+    assert got == [("t1", 0.3), ("t2", 0.2)]

@@ -487,7 +487,9 @@ def test_compare_ranks_the_sweeps_runs_and_logs_a_report(sample_sweep, tmp_path)
     expected = sorted(by_gamma.values(), key=lambda m: -m["val/hIoU"])
     assert [r["hIoU"][0] for r in rows] == pytest.approx([m["val/hIoU"] for m in expected])
     assert [r["mIoU_unseen"][0] for r in rows] == pytest.approx([m["val/mIoU_unseen"] for m in expected])
-    assert all(r["n"] == 1 and r["label"].startswith("maskclip gamma=") for r in rows)
+    assert all(r["n"] == 1 and r["label"].startswith("maskclip gamma=") for r in rows), [
+        (r["n"], r["label"]) for r in rows
+    ]
     text = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("pipeline.cli.Console", lambda verbose=False: Console(file=text))
