@@ -248,7 +248,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist (configs live in configs/*.yaml)")
-    raw = _read_yaml(p)
+    raw = read_yaml(p)
     raw = _resolve_extends(p, raw, seen=(p.resolve(),))
     return config_from_raw(p, raw, overrides)
 
@@ -279,13 +279,18 @@ def config_from_raw(path: str | os.PathLike, raw: dict[str, Any], overrides: lis
     return LoadedConfig(p, raw, run, sections)
 
 
-def _read_yaml(p: Path) -> dict[str, Any]:
+def read_yaml(p: Path, what: str = "of sections") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (``{}`` if empty).
+
+    Raises:
+        ConfigError: not valid YAML, or not a mapping (the message says ``a mapping <what>``).
+    """
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{p}: top level must be a mapping {what}, got {type(raw).__name__}")
     return raw
 
 
@@ -302,7 +307,7 @@ def _resolve_extends(path: Path, raw: dict[str, Any], seen: tuple[Path, ...]) ->
         raise ConfigError(f"{path}: 'extends' cycle through {base_path}")
     if not base_path.is_file():
         raise ConfigError(f"{path}: extends {base_name!r}, but {base_path} does not exist")
-    base = _read_yaml(base_path)
+    base = read_yaml(base_path)
     return _deep_merge(_resolve_extends(base_path, base, seen + (base_path,)), raw)
 
 

@@ -50,10 +50,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config import LoadedConfig, config_from_raw, digest, explain
+from pipeline.config import LoadedConfig, config_from_raw, digest, explain, read_yaml
 from pipeline.errors import ConfigError, PipelineError
 
 #: Tune's experiment directories live under this folder of the store.
@@ -192,12 +191,7 @@ def load_sweep(path: str | os.PathLike) -> SweepFile:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file {str(p)!r} does not exist (sweeps live in configs/sweeps/*.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: a sweep file is a mapping (name, space, metric, ...)")
+    raw = read_yaml(p, "(a sweep file: name, space, metric, ...)")
     try:
         sw = SweepFile.model_validate(raw)
     except ValidationError as e:
