@@ -659,12 +659,6 @@ def run_sweep(
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables (ours: one line per trial)
     trainable = tune.with_resources(tune.with_parameters(trial, spec=spec), _resources(sw.resources))
-    concurrent, why = trial_concurrency(
-        float(sw.resources.get("CPU", 0.0)),
-        stage_cpus(base_plan, tuned),
-        float(ray.cluster_resources().get("CPU", 0.0)),
-        sw.max_concurrent_trials,
-    )
     storage = sweep_storage(store)
     exp_name = f"{sw.name}-{sweep_id}"
     exp_path = f"{storage}/{exp_name}"
@@ -673,6 +667,12 @@ def run_sweep(
         console.line(f"sweep {sw.name}: continuing the experiment in {exp_path} (finished trials are kept)")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:  # (a restored experiment keeps its first invocation's limit)
+        concurrent, why = trial_concurrency(
+            float(sw.resources.get("CPU", 0.0)),
+            stage_cpus(base_plan, tuned),
+            float(ray.cluster_resources().get("CPU", 0.0)),
+            sw.max_concurrent_trials,
+        )
         if why:
             console.line(f"sweep {sw.name}: {why}", "warn" if why.startswith("warning") else "dim")
         scheduler = asha_scheduler(sw, base.sections) if sw.scheduler == "asha" else None
