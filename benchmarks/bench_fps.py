@@ -279,7 +279,7 @@ def bench_models(args: argparse.Namespace) -> dict[str, Any]:
 # -- (b) evaluate against the bare forward ---------------------------------------------------------
 def bench_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the pipeline on the sample data, then time the bare forward of its segmenter."""
-    from pipeline.cli import load_catalog
+    from pipeline.catalogue import load_catalogue
     from pipeline.plan import plan
     from pipeline.store import ArtifactStore
     from stages.common import vocabularies
@@ -301,7 +301,7 @@ def bench_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         cfg = load_config(REPO / args.e2e_config, overrides)
         cfg.run.work_dir = work
         store = ArtifactStore(cfg.run.store_uri(), Path(work) / "cache", cfg.run.verify)
-        cat = load_catalog()
+        cat = load_catalogue()
         p = plan(cfg, cat.stages, store=store, code_packages=cat.code_packages)
         if any(n.action != "cached" for n in p):
             raise SystemExit("the pipeline run left stages to run; cannot find its artifacts")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import importlib
 import os
 import sys
 import time
@@ -26,31 +24,11 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.catalogue import STAGES_ENTRY, Catalogue, load_catalogue
 from pipeline.config import LoadedConfig, load_config
 from pipeline.console import Console, library_output_to, setup_logging
 from pipeline.errors import PipelineError, find_user_error, is_user_error
 from pipeline.plan import Plan, Selection, plan
-
-#: Where the stage list lives: ``module:attribute`` (a list of ``pipeline.dag.Stage`` classes).
-#: The module may also define ``CODE_PACKAGES`` (packages followed for code dependencies).
-STAGES_ENTRY = "stages.catalog:STAGES"
-
-
-@dataclasses.dataclass
-class Catalog:
-    """The project's stages and the packages followed for their code dependencies."""
-
-    stages: list[Any]
-    code_packages: tuple[str, ...]
-
-
-def load_catalog(entry: str = STAGES_ENTRY) -> Catalog:
-    """Import the stage catalogue named by ``entry`` (``module:attribute``)."""
-    mod_name, _, attr = entry.partition(":")
-    mod = importlib.import_module(mod_name)
-    from pipeline.plan import DEFAULT_CODE_PACKAGES
-
-    return Catalog(list(getattr(mod, attr)), tuple(getattr(mod, "CODE_PACKAGES", DEFAULT_CODE_PACKAGES)))
 
 
 # =============================================================================================
@@ -378,7 +356,7 @@ def _start_time() -> float:
         return time.time()
 
 
-def cmd_run(args: argparse.Namespace, console: Console, catalog: Catalog | None = None) -> tuple[int, Plan | None]:
+def cmd_run(args: argparse.Namespace, console: Console, catalog: Catalogue | None = None) -> tuple[int, Plan | None]:
     """``zeroseg run``: plan, print the plan, execute, print results. Returns (status, plan).
 
     Library output (Ray, MLflow) goes to ``<work_dir>/logs/run-<time>-<pid>.log``, not the
@@ -388,11 +366,11 @@ def cmd_run(args: argparse.Namespace, console: Console, catalog: Catalog | None 
     log_file = Path(cfg.run.work_dir) / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     setup_logging(log_file, args.verbose)
     with library_output_to(log_file, not args.verbose):
-        return _run(args, cfg, console, catalog or load_catalog(), t_start, log_file)
+        return _run(args, cfg, console, catalog or load_catalogue(), t_start, log_file)
 
 
 def _run(
-    args: argparse.Namespace, cfg: LoadedConfig, console: Console, catalog: Catalog, t_start: float, log_file: Path
+    args: argparse.Namespace, cfg: LoadedConfig, console: Console, catalog: Catalogue, t_start: float, log_file: Path
 ) -> tuple[int, Plan | None]:
     from pipeline import tracking
     from pipeline.execute import execute
@@ -472,7 +450,7 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
 # =============================================================================================
 # sweep
 # =============================================================================================
-def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | None = None) -> int:
+def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalogue | None = None) -> int:
     """``zeroseg sweep`` (see :mod:`pipeline.sweep`): 0 every trial finished, 1 some failed."""
     from pipeline.sweep import format_results, load_sweep, run_sweep
 
@@ -497,7 +475,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
                 cfg,
                 sw,
                 console,
-                catalog=catalog or load_catalog(),
+                catalog=catalog or load_catalogue(),
                 init_cluster=init_cluster,
                 sweep_path=str(args.sweep),
                 tracking_uri=tracking_uri,
@@ -526,16 +504,16 @@ def cmd_sweep(args: argparse.Namespace, console: Console, catalog: Catalog | Non
 # =============================================================================================
 # gc
 # =============================================================================================
-def cmd_gc(args: argparse.Namespace, console: Console, catalog: Catalog | None = None) -> int:
+def cmd_gc(args: argparse.Namespace, console: Console, catalog: Catalogue | None = None) -> int:
     """``zeroseg gc`` (see :mod:`pipeline.gc`)."""
     cfg = _load(args)
     log_file = Path(cfg.run.work_dir) / "logs" / f"gc-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     setup_logging(log_file, args.verbose)
     with library_output_to(log_file, not args.verbose):
-        return _gc(args, cfg, console, catalog or load_catalog())
+        return _gc(args, cfg, console, catalog or load_catalogue())
 
 
-def _gc(args: argparse.Namespace, cfg: LoadedConfig, console: Console, catalog: Catalog) -> int:
+def _gc(args: argparse.Namespace, cfg: LoadedConfig, console: Console, catalog: Catalogue) -> int:
     from pipeline.gc import collect, referenced_keys
 
     store = _open_store(cfg, False)
@@ -560,7 +538,7 @@ def _gc(args: argparse.Namespace, cfg: LoadedConfig, console: Console, catalog: 
 # =============================================================================================
 # entry points
 # =============================================================================================
-def main(argv: Sequence[str] | None = None, catalog: Catalog | None = None) -> int:
+def main(argv: Sequence[str] | None = None, catalog: Catalogue | None = None) -> int:
     """``zeroseg ...``; returns the exit status."""
     args = build_parser().parse_args(argv)
     console = Console(verbose=getattr(args, "verbose", False))
@@ -594,7 +572,6 @@ def run_main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "Catalog",
     "STAGES_ENTRY",
     "build_parser",
     "cmd_gc",
@@ -605,7 +582,6 @@ __all__ = [
     "machine_local_tracking",
     "init_ray",
     "job_copy_notes",
-    "load_catalog",
     "main",
     "run_main",
     "tracking_store",

@@ -21,14 +21,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pipeline import codehash
+from pipeline.catalogue import DEFAULT_CODE_PACKAGES
 from pipeline.config import LoadedConfig, digest, hashed_view, runtime_view, validate_section
 from pipeline.dag import Stage, bind, descendants, nearest, order, stage_index
 from pipeline.errors import ConfigError, find_user_error, is_user_error
-
-#: Packages whose imports are followed for code dependencies: the science, the stages, and the
-#: parts of the pipeline that determine outputs (the training loop, the batch-inference reduction,
-#: Ray Data's pass counter that seeds augmentation). A project's catalogue may name its own.
-DEFAULT_CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")
 
 
 @dataclasses.dataclass
@@ -324,4 +320,4 @@ def _short(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-__all__ = ["DEFAULT_CODE_PACKAGES", "Node", "Plan", "Selection", "plan", "plan_many", "why_not_cached"]
+__all__ = ["Node", "Plan", "Selection", "plan", "plan_many", "why_not_cached"]

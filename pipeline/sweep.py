@@ -252,7 +252,7 @@ def trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     from ray import tune
 
     from pipeline import tracking
-    from pipeline.cli import load_catalog
+    from pipeline.catalogue import load_catalogue
     from pipeline.console import Console
     from pipeline.execute import execute
     from pipeline.plan import plan
@@ -273,7 +273,7 @@ def trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     log = work_dir / "logs" / f"trial-{trial_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    catalog = load_catalog()
+    catalog = load_catalogue()
     store = ArtifactStore(spec["store"], work_dir / "cache", cfg.run.verify)
     p = plan(cfg, catalog.stages, None, store, code_packages=catalog.code_packages)
     tracker = tracking.Invocation(
@@ -517,7 +517,7 @@ def run_sweep(
             things go.
         sw: the sweep file.
         console: output for people.
-        catalog: the stage catalogue (``pipeline.cli.Catalog``).
+        catalog: the stage catalogue (``pipeline.catalogue.Catalogue``).
         init_cluster: ``(store_uri) -> None``: starts or joins Ray and checks that every node
             reaches the store (``pipeline.cli``).
         sweep_path: the sweep file's path (recorded on the sweep run).

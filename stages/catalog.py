@@ -1,6 +1,6 @@
 """The stages of zeroseg, in their natural order, and what the pipeline needs to know of them.
 
-``pipeline.cli`` loads ``STAGES`` from here (``pipeline.cli.STAGES_ENTRY``); the order breaks
+``pipeline.catalogue`` loads ``STAGES`` from here (``pipeline.catalogue.STAGES_ENTRY``); the order breaks
 ties of the topological order. ``CODE_PACKAGES``: the packages whose imports count as a stage's
 code dependencies (``pipeline.codehash``): the science, the stages, and the pieces of ``pipeline``
 that determine outputs (the training loop, the batch-inference reduction, the data pass counter).

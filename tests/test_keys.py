@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from pipeline.cli import load_catalog
+from pipeline.catalogue import load_catalogue
 from pipeline.config import hashed_view, is_runtime, load_config, runtime_view
 from pipeline.plan import plan
 from stages.methods import methods
 
 REPO = Path(__file__).resolve().parent.parent
-CATALOG = load_catalog()
+CATALOG = load_catalogue()
 
 
 def _plan(config="configs/sample.yaml", overrides=(), env=None):
@@ -324,8 +324,8 @@ def _copy_repo(dst: Path) -> Path:
 
 def _dry_keys(root: Path, work: Path, data: Path) -> dict[str, str]:
     code = (
-        "import sys; sys.path.insert(0, '.'); from pipeline.cli import load_catalog; "
-        "from pipeline.config import load_config; from pipeline.plan import plan; c = load_catalog(); "
+        "import sys; sys.path.insert(0, '.'); from pipeline.catalogue import load_catalogue; "
+        "from pipeline.config import load_config; from pipeline.plan import plan; c = load_catalogue(); "
         "p = plan(load_config('configs/sample.yaml'), c.stages, code_packages=c.code_packages); "
         "print('KEYS', ' '.join(f'{n.name}={n.key}' for n in p))"
     )

@@ -172,11 +172,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _plan(overrides=(), config="configs/sample_proposals.yaml"):
-    from pipeline.cli import load_catalog
+    from pipeline.catalogue import load_catalogue
     from pipeline.config import load_config
     from pipeline.plan import plan
 
-    cat = load_catalog()
+    cat = load_catalogue()
     return plan(load_config(REPO / config, list(overrides)), cat.stages, code_packages=cat.code_packages)
 
 

@@ -74,11 +74,11 @@ def test_asha_on_a_training_loss_has_its_rungs_in_that_stages_steps():
 
 
 def _plans(config: str, sweep_text: str, tmp_path, extra=()):
-    from pipeline.cli import load_catalog
+    from pipeline.catalogue import load_catalogue
     from pipeline.config import load_config
     from pipeline.plan import plan
 
-    cat = load_catalog()
+    cat = load_catalogue()
     sw = load_sweep(_write(tmp_path, sweep_text))
     base = plan(load_config(REPO / config, [*SAMPLE_OVERRIDES, *extra]), cat.stages, checks=False)
     probes = [
@@ -638,7 +638,7 @@ def test_training_reports_reach_tune_and_asha_stops_the_worse_trial(ray_local, t
 def test_a_sweep_refuses_in_process_training_in_its_trials(shared_data, monkeypatch, tmp_path):
     # Ray Train V2 cannot train in process (num_workers 0) inside a Tune trial: refused before any
     # cluster starts or MLflow run opens, naming the key and the fix
-    from pipeline.cli import load_catalog
+    from pipeline.catalogue import load_catalogue
     from pipeline.config import load_config
     from pipeline.sweep import run_sweep
 
@@ -654,7 +654,7 @@ def test_a_sweep_refuses_in_process_training_in_its_trials(shared_data, monkeypa
         pytest.fail("the cluster must not start")
 
     with pytest.raises(ConfigError, match=r"train_generator\.scaling\.num_workers is 0.*num_workers=1"):
-        run_sweep(cfg, sw, Console(), catalog=load_catalog(), init_cluster=no_cluster)
+        run_sweep(cfg, sw, Console(), catalog=load_catalogue(), init_cluster=no_cluster)
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from pipeline.cli import Catalog, main
+from pipeline.catalogue import Catalogue
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.dag import Stage, StageConfig
 from pipeline.errors import ConfigError
@@ -126,7 +127,7 @@ class Student(Stage):
         return {}
 
 
-CATALOG = Catalog([Teacher, Student], ())
+CATALOG = Catalogue([Teacher, Student], ())
 
 
 def _config(tmp_path, finetune: str):

@@ -1,0 +1,48 @@
+"""The project's stage catalogue, loaded by name: what ``pipeline`` knows of the stages.
+
+``pipeline`` imports no stage and knows no science: the catalogue module named by
+:data:`STAGES_ENTRY` (``module:attribute``, default ``stages.catalog:STAGES``) lists the stage
+classes, and may declare ``CODE_PACKAGES`` (the packages followed for code dependencies,
+:mod:`pipeline.codehash`). Everything else the orchestration needs to know about what the stages
+compute is declared there too and read through :class:`Catalogue`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+#: Where the stage list lives: ``module:attribute`` (a list of ``pipeline.dag.Stage`` classes).
+STAGES_ENTRY = "stages.catalog:STAGES"
+
+#: Packages followed for code dependencies when a catalogue declares none: the science, the
+#: stages and the parts of ``pipeline`` that determine outputs.
+DEFAULT_CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")
+
+
+@dataclasses.dataclass
+class Catalogue:
+    """The project's stages and the packages followed for their code dependencies.
+
+    Attributes:
+        stages: the stage classes, in their natural order (ties of the topological order).
+        code_packages: packages whose imports count as a stage's code dependencies.
+    """
+
+    stages: list[Any]
+    code_packages: tuple[str, ...] = DEFAULT_CODE_PACKAGES
+
+
+def load_catalogue(entry: str = STAGES_ENTRY) -> Catalogue:
+    """Import the stage catalogue named by ``entry`` (``module:attribute``).
+
+    Raises:
+        ModuleNotFoundError / AttributeError: the entry names no module or attribute.
+    """
+    mod_name, _, attr = entry.partition(":")
+    mod = importlib.import_module(mod_name)
+    return Catalogue(list(getattr(mod, attr)), tuple(getattr(mod, "CODE_PACKAGES", DEFAULT_CODE_PACKAGES)))
+
+
+__all__ = ["DEFAULT_CODE_PACKAGES", "STAGES_ENTRY", "Catalogue", "load_catalogue"]
