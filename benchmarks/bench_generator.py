@@ -89,8 +89,8 @@ def main() -> int:
 
     from stages.extract_features import ROW_COLUMN, FeaturePredictor
     from zeroseg.data.splits import read_classes_json
+    from zeroseg.models.maskformer import MaskFormer, save_proposals
     from zeroseg.models.pading import FeatureGenerator
-    from zeroseg.models.proposals import MaskFormer, save_proposals
 
     torch.manual_seed(0)
     paths = prepare(Path(args.work), args.data)

@@ -141,8 +141,7 @@ class FeaturePredictor:
         import torch
 
         from pipeline.uri import local_copy
-        from zeroseg.losses import HungarianMatcher
-        from zeroseg.models.proposals import load_proposal_model, read_proposals_json
+        from zeroseg.models.maskformer import HungarianMatcher, load_proposal_model, read_proposals_json
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"extract_features.device {device!r}: this worker has no CUDA device (set device: cpu)")
