@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.config import Runtime
 from pipeline.dag import Stage, StageConfig, StageContext
 from pipeline.errors import carry_user_errors
-from zeroseg.data.classes import BUILTIN_SPLITS, Vocabulary, eval_vocabulary, resolve_split
+from zeroseg.data.builtin_splits import BUILTIN_SPLITS
+from zeroseg.data.classes import Vocabulary, eval_vocabulary, resolve_split
 from zeroseg.data.readers import (
     DatasetListing,
     dataset_fingerprint,

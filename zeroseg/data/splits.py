@@ -577,7 +577,7 @@ def pseudo_unseen_split(
     ZegFormer Sec. 4.1 tunes its hyperparameters on "a subset of the training classes as a
     validation set, following the cross-validation procedure" of SPNet (Xian et al., CVPR 2019,
     whose released split holds out 12 of the seen COCO-Stuff classes and 2000 training images;
-    ``zeroseg.data.classes.COCO_STUFF_SPNET_VAL``): some seen classes play unseen, and the real
+    ``zeroseg.data.builtin_splits.COCO_STUFF_SPNET_VAL``): some seen classes play unseen, and the real
     unseen classes are never looked at. Here:
 
     * the *pseudo-unseen* classes are the seen classes named in ``pseudo_unseen``, or ``count``
