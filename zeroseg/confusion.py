@@ -350,7 +350,6 @@ def gzs3_zs3_confusion(
 
 
 __all__ = [
-    "IGNORE_INDEX",
     "calibrated_argmax",
     "check_split",
     "confusion_matrix",
