@@ -239,7 +239,8 @@ class LoadedConfig:
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> LoadedConfig:
-    """Read a YAML config, apply ``extends``, ``a.b=c`` overrides and ``${ENV:-default}``.
+    """Read a YAML config, apply ``extends`` (a base file or a list of them, merged left to right,
+    then the file over them: :func:`_resolve_extends`), ``a.b=c`` overrides and ``${ENV:-default}``.
 
     Raises:
         ConfigError: the file is missing, not YAML or not a mapping, an override is malformed,
@@ -295,20 +296,36 @@ def read_yaml(p: Path, what: str = "of sections") -> dict[str, Any]:
 
 
 def _resolve_extends(path: Path, raw: dict[str, Any], seen: tuple[Path, ...]) -> dict[str, Any]:
-    """``extends: other.yaml`` (relative to this file): deep-merge this file over that one.
+    """``extends: base.yaml`` or ``extends: [a.yaml, b.yaml, ...]`` (mmseg's ``_base_``; paths
+    relative to this file): the bases, each with its own ``extends`` resolved, deep-merged left to
+    right, then this file over them.
 
-    Mappings merge key by key; any other value (lists included) replaces the base's.
+    Mappings merge key by key; any other value (lists included) replaces the base's. A base
+    reached twice through different bases (a diamond) is fine; a file that extends itself,
+    directly or through its bases, is a cycle.
+
+    Raises:
+        ConfigError: ``extends`` is not a file name or a list of them, a base does not exist or is
+            not a YAML mapping, or a cycle (each message names the extending file).
     """
-    base_name = raw.pop("extends", None)
-    if base_name is None:
+    names = raw.pop("extends", None)
+    if names is None:
         return raw
-    base_path = (path.parent / str(base_name)).resolve()
-    if base_path in seen:
-        raise ConfigError(f"{path}: 'extends' cycle through {base_path}")
-    if not base_path.is_file():
-        raise ConfigError(f"{path}: extends {base_name!r}, but {base_path} does not exist")
-    base = read_yaml(base_path)
-    return _deep_merge(_resolve_extends(base_path, base, seen + (base_path,)), raw)
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{path}: 'extends' must be a file name or a list of file names, got {names!r}")
+    merged: dict[str, Any] = {}
+    for name in names:
+        base_path = (path.parent / name).resolve()
+        if base_path in seen:
+            chain = " -> ".join(str(p) for p in (*seen[seen.index(base_path) :], base_path))
+            raise ConfigError(f"{path}: 'extends' cycle: {chain}")
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: extends {name!r}, but {base_path} does not exist")
+        base = _resolve_extends(base_path, read_yaml(base_path), seen + (base_path,))
+        merged = _deep_merge(merged, base)
+    return _deep_merge(merged, raw)
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
