@@ -20,6 +20,7 @@ config serves a local run (defaults) and ``ray job submit`` (variables set throu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -27,7 +28,7 @@ import json
 import os
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +398,86 @@ def _interpolate(obj: Any) -> Any:
     return obj
 
 
+def stage_section(
+    config: LoadedConfig, name: str, roles: Iterable[str], shared: Iterable[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage ``name``'s section of ``config`` ready to validate, and its bindings.
+
+    Returns:
+        ``(section, given)``: a copy of the section without the keys named like one of the
+        stage's input ``roles`` (``given``: ``{role: upstream stage}``, e.g. ``evaluate.model:
+        self_train``), with each ``shared`` section the config has and the section does not set
+        itself injected (``clip``).
+    """
+    section = copy.deepcopy(config.sections[name])
+    given = {r: section.pop(r) for r in list(section) if r in set(roles)}
+    for s in shared:
+        if s in config.sections and s not in section:
+            section[s] = copy.deepcopy(config.sections[s])
+    return section, given
+
+
+def validated_config(config: LoadedConfig, stages: Sequence[type]) -> dict[str, Any]:
+    """The merged config (``extends``, overrides, ``${ENV}`` applied) with every section as its
+    stage validates it, defaults filled in (JSON values): ``run``, then the shared sections (as the
+    first stage that takes one validates it), then the stage sections in ``stages``' order. A
+    stage section lists its bindings first (then a ``method`` tag) and leaves out the shared
+    sections it takes from the top level. Plans nothing. (Not always loadable as a config again:
+    a section that refuses keys not applying to a choice, e.g. a dataset's ``annotations`` for
+    format ``mask_folder``, refuses them at their defaults too.)
+
+    Args:
+        config: a loaded config.
+        stages: the stage classes (``pipeline.catalogue.load_catalogue().stages``).
+
+    Raises:
+        ConfigError: an unknown section (the nearest named), or an invalid section (as
+            :func:`validate_section`).
+    """
+    by_name = {cls.name: cls for cls in stages}
+    shared_names = list(dict.fromkeys(s for cls in stages for s in cls.shared))
+    for name in config.sections:
+        if name not in by_name and name not in shared_names:
+            near = difflib.get_close_matches(name, [*by_name, *shared_names, RUN_SECTION], n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{config.path}: unknown section {name!r}{hint} (stages: {', '.join(by_name)})")
+    body: dict[str, Any] = {}
+    injected: dict[str, list[str]] = {}  # shared section -> the stages it was injected into
+    for name, cls in by_name.items():
+        if name not in config.sections:
+            continue
+        stage = cls()
+        section, given = stage_section(config, name, stage.all_roles(), stage.shared)
+        cfg = validate_section(name, stage.Config, section, config.path)
+        dumped = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else to_jsonable_python(cfg)
+        body[name] = {**given, **({"method": dumped.pop("method")} if "method" in dumped else {}), **dumped}
+        for s in stage.shared:
+            if s in config.sections and s not in config.sections[name]:
+                injected.setdefault(s, []).append(name)
+    shared: dict[str, Any] = {}
+    for s in shared_names:
+        if s not in config.sections:
+            continue
+        values = [body[n][s] for n in injected.get(s, []) if body[n].get(s) is not None]
+        shared[s] = values[0] if values else config.sections[s]
+        for n in injected.get(s, []):  # shown once, at the top, where a stage validated it so
+            if body[n].get(s) == shared[s]:
+                del body[n][s]
+    return {RUN_SECTION: config.run.model_dump(mode="json"), **shared, **body}
+
+
+def config_yaml(config: LoadedConfig, stages: Sequence[type]) -> str:
+    """:func:`validated_config` as YAML (``zeroseg run --print-config``), headed by a comment
+    naming the file.
+
+    Raises:
+        ConfigError: as :func:`validated_config`.
+    """
+    doc = validated_config(config, stages)
+    head = f"# {config.path}: merged (extends, --set, ${{ENV}}) and validated, defaults filled in\n"
+    return head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110)
+
+
 # =============================================================================================
 # validation
 # =============================================================================================
@@ -523,6 +604,7 @@ __all__ = [
     "apply_override",
     "config_from_raw",
     "canonical_json",
+    "config_yaml",
     "digest",
     "explain",
     "fields_at",
@@ -531,5 +613,7 @@ __all__ = [
     "is_runtime",
     "load_config",
     "runtime_view",
+    "stage_section",
     "validate_section",
+    "validated_config",
 ]

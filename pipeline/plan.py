@@ -15,14 +15,13 @@ same artifact and run once (``execute`` dedupes them).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pipeline import codehash
 from pipeline.catalogue import DEFAULT_CODE_PACKAGES
-from pipeline.config import LoadedConfig, digest, hashed_view, runtime_view, validate_section
+from pipeline.config import LoadedConfig, digest, hashed_view, runtime_view, stage_section, validate_section
 from pipeline.dag import Stage, bind, descendants, nearest, order, stage_index
 from pipeline.errors import ConfigError, find_user_error, is_user_error
 
@@ -153,11 +152,7 @@ def plan(
     nodes: dict[str, Node] = {}
     for name in present:
         stage = index[name]()
-        section = copy.deepcopy(config.sections[name])
-        given = {r: section.pop(r) for r in list(section) if r in stage.all_roles()}
-        for s in stage.shared:
-            if s in config.sections and s not in section:
-                section[s] = copy.deepcopy(config.sections[s])
+        section, given = stage_section(config, name, stage.all_roles(), stage.shared)
         try:
             cfg = validate_section(name, stage.Config, section, config.path)
             roles = stage.inputs(cfg)

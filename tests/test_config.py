@@ -152,6 +152,33 @@ def test_extends_errors_name_the_file(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+def test_print_config_prints_the_validated_config_and_creates_nothing(tmp_path, capsys):
+    """``zeroseg run --print-config``: the merged config (extends, --set) with every section as
+    validated, defaults filled in (YAML), exit 0; no work dir, store or log is created."""
+    import yaml
+
+    from pipeline.cli import main
+
+    work = tmp_path / "work"
+    argv = ["run", "--config", "configs/sample_zegclip_st.yaml", "--work-dir", str(work), "--print-config"]
+    assert main([*argv, "--set", "evaluate.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# configs/sample_zegclip_st.yaml: merged")
+    doc = yaml.safe_load(out)
+    assert doc["run"]["name"] == "sample_zegclip_st" and doc["run"]["work_dir"] == str(work)
+    assert doc["clip"]["model"] == "zeroseg-tiny-vit"
+    assert "clip" not in doc["train_classifier"]  # injected from the top level: printed there once
+    assert doc["train_classifier"]["method"] == "zegclip"
+    assert doc["train_classifier"]["train"]["max_steps"] == 6  # the file over its base
+    assert doc["train_classifier"]["weight_decay"] == 0.01  # a default, filled in
+    assert doc["self_train"]["init_from"] == "train_classifier"  # a binding, as written
+    assert doc["evaluate"]["model"] == "self_train" and doc["evaluate"]["batch_size"] == 2  # --set
+    assert list(doc) == ["run", "clip", "build_splits", "embed_text", "train_classifier", "self_train", "evaluate"]
+    assert not work.exists()
+    assert main([*argv, "--set", "evaluate.gama=0.1"]) == 2  # an invalid section: the usual error
+    assert "did you mean evaluate.gamma" in capsys.readouterr().out
+
+
 # =============================================================================================
 # validation errors
 # =============================================================================================

@@ -221,3 +221,29 @@ def test_zegclip_st_configs_are_the_papers_schedule(name, inductive, base, steps
     ev = p.nodes["evaluate"]
     assert ev.bindings["model"] == "self_train" and ev.bindings["compare"] == "train_classifier"
     assert ev.config.gamma is None and ev.config.protocol == "slide"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_printed_config_is_what_the_plan_validates(path, monkeypatch, tmp_path):
+    """``zeroseg run --print-config`` prints every stage section exactly as the plan validates it
+    (defaults filled in; the shared sections it takes printed once, at the top; its bindings as
+    written), plus the validated run section."""
+    import yaml
+
+    from pipeline.config import config_yaml, validated_config
+
+    monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
+    cfg = load_config(path)
+    doc = yaml.safe_load(config_yaml(cfg, STAGES))
+    assert doc == validated_config(cfg, STAGES)
+    assert list(doc)[:2] == ["run", "clip"] and "extends" not in doc
+    assert doc["run"] == cfg.run.model_dump(mode="json")
+    p = plan(cfg, STAGES, store=EverythingCached())
+    assert [s for s in doc if s not in ("run", "clip")] == list(p.nodes)
+    for n in p:
+        printed = dict(doc[n.name])
+        for role in n.stage.all_roles():
+            assert printed.pop(role, n.bindings.get(role)) == n.bindings.get(role)
+        if "clip" in n.stage.shared and "clip" not in printed:  # printed once, at the top
+            printed["clip"] = doc["clip"]
+        assert printed == n.config.model_dump(mode="json"), n.name
