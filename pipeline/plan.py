@@ -262,7 +262,19 @@ def plan(
     notices = list(
         dict.fromkeys(line for n in nodes.values() if n.action != "skip" for line in n.stage.notices(n.config))
     )
-    return Plan(config, nodes, notices)
+    return Plan(config, nodes, notices + unread_notices(nodes))
+
+
+def unread_notices(nodes: dict[str, Node]) -> list[str]:
+    """A notice for each node that no other node reads and whose stage is not terminal
+    (``Stage.terminal``): a section the config plans for nothing."""
+    read = {up for n in nodes.values() for up in n.upstream}
+    return [
+        f"{n.name}: nothing in this config reads its artifact (and it is not an end in itself); "
+        f"remove the {n.name!r} section, or bind a stage to it"
+        for n in nodes.values()
+        if n.name not in read and not n.stage.terminal(n.config)
+    ]
 
 
 def plan_many(
@@ -315,4 +327,4 @@ def _short(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-__all__ = ["Node", "Plan", "Selection", "plan", "plan_many", "why_not_cached"]
+__all__ = ["Node", "Plan", "Selection", "plan", "plan_many", "unread_notices", "why_not_cached"]

@@ -96,22 +96,39 @@ def test_config_plans(path, monkeypatch, tmp_path):
         assert p.nodes["train_classifier"].config.method == cfg.sections["train_classifier"]["method"]
 
 
-#: Stages whose artifact is an end in itself: evaluate's metrics; pretrain_proposals' proposal
-#: model when it reports its recall (sample_proposals.yaml). Every other node must have a reader.
-def _terminal(node) -> bool:
-    if node.name == "evaluate":
-        return True
-    return node.name == "pretrain_proposals" and node.config.recall_sets != []
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_no_config_plans_a_stage_nothing_reads(path, monkeypatch, tmp_path):
     """A node no other node binds is wasted work (e.g. a MaskCLIP train_classifier beside PADing's
-    train_generator, which evaluate reads instead), unless its stage is terminal by nature."""
+    train_generator, which evaluate reads instead), unless its stage is terminal by nature
+    (``Stage.terminal``: evaluate; pretrain_proposals with its recall pass, sample_proposals.yaml);
+    the plan would say so in a notice."""
     monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
     p = plan(load_config(path), STAGES, store=EverythingCached())
     read = {up for n in p for up in n.upstream}
-    assert [n.name for n in p if n.name not in read and not _terminal(n)] == []
+    assert [n.name for n in p if n.name not in read and not n.stage.terminal(n.config)] == []
+    assert not any("nothing in this config reads" in line for line in p.notices)
+
+
+def test_the_plan_names_a_stage_nothing_reads(shared_data, monkeypatch):
+    """The old PADing sample planned a MaskCLIP train_classifier beside train_generator: a notice
+    names it; a proposal model without its recall pass and without a reader too."""
+    monkeypatch.setenv("ZEROSEG_DATA", str(shared_data))
+    p = plan(
+        load_config(REPO / "configs/sample_pading.yaml", ["train_classifier.method=maskclip"]),
+        STAGES,
+        store=EverythingCached(),
+    )
+    assert [line.split(":")[0] for line in p.notices if "nothing in this config reads" in line] == ["train_classifier"]
+    q = plan(
+        load_config(REPO / "configs/sample_proposals.yaml", ["pretrain_proposals.recall_sets=[]"]),
+        STAGES,
+        store=EverythingCached(),
+    )
+    assert any(line.startswith("pretrain_proposals: nothing in this config reads") for line in q.notices)
+    assert not any(
+        "nothing in this config reads" in line
+        for line in plan(load_config(REPO / "configs/sample_proposals.yaml"), STAGES, store=EverythingCached()).notices
+    )
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
