@@ -222,6 +222,12 @@ class Stage:
         """Lines the plan prints once per invocation (deduplicated across stages)."""
         return []
 
+    def terminal(self, config: Any) -> bool:
+        """Whether this node's artifact is an end in itself (e.g. evaluation metrics), so that no
+        other node of the plan reading it is fine. A non-terminal node nothing reads is wasted
+        work: the plan prints a notice naming it (``pipeline.plan.unread_notices``)."""
+        return False
+
     def summary(self, metrics: Mapping[str, Any]) -> list[Any]:
         """Renderables (rich tables or strings) printed after the run from this stage's metrics."""
         return []

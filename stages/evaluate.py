@@ -591,6 +591,10 @@ class Evaluate(Stage):
         ),
     }
 
+    def terminal(self, config: EvaluateConfig) -> bool:
+        """Evaluation metrics are an end in themselves: nothing needs to read them."""
+        return True
+
     def run(self, ctx: StageContext) -> dict[str, float]:
         import ray
 
