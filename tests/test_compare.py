@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.compare import fmt, plot_class_bars, table
+from pipeline.compare import fmt, table
+from zeroseg.plots import plot_class_bars
 
 
 def _runs():
