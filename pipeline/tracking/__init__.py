@@ -34,6 +34,7 @@ stage runs, params, metrics, tags, artifacts, reaping killed runs), :mod:`~pipel
 :mod:`~pipeline.tracking.server` (a local ``mlflow server``, ``run.tracking_server``).
 """
 
+from pipeline.tracking import runs
 from pipeline.tracking.headline import headline_names, headline_params
 from pipeline.tracking.invocation import Invocation
 from pipeline.tracking.journal import flush_journal
@@ -58,24 +59,11 @@ from pipeline.tracking.runs import (  # noqa: F401 - sweep and the tests use the
 from pipeline.tracking.server import TrackingServer, local_server
 
 __all__ = [
-    "HOST_TAG",
-    "PID_START_TAG",
-    "PID_TAG",
     "Invocation",
     "TrackingServer",
-    "artifact_root_for",
     "flush_journal",
     "headline_names",
     "headline_params",
     "local_server",
-    "log_artifact",
-    "log_artifacts",
-    "log_metrics",
-    "log_params",
-    "parent_run",
-    "reap_dead_runs",
-    "set_tags",
-    "setup",
-    "stage_run",
-    "ui_command",
+    *runs.__all__,
 ]
