@@ -405,7 +405,7 @@ def _run(
             {f"{n.name}.": n.components.get("config", {}) for n in p},
             work_dir / "tracking-journal",
             t_start,
-            tracking.headline_params({n.name: n.components.get("config", {}) for n in p}),
+            tracking.headline_params({n.name: n.components.get("config", {}) for n in p}, catalog.headline),
         )
         if runs_any:
             tracker.open()  # MLflow now: not after a stage has already started
@@ -556,7 +556,7 @@ def main(argv: Sequence[str] | None = None, catalog: Catalogue | None = None) ->
         if args.command == "compare":
             from pipeline.compare import cmd_compare
 
-            return cmd_compare(args, console)
+            return cmd_compare(args, console, catalog)
         return cmd_gc(args, console, catalog)
     except KeyboardInterrupt:
         console.line("interrupted", "error")

@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import codehash
 from pipeline.catalogue import DEFAULT_CODE_PACKAGES
 from pipeline.config import LoadedConfig, digest, hashed_view, runtime_view, stage_section, validate_section
-from pipeline.dag import Stage, bind, descendants, nearest, order, stage_index
+from pipeline.dag import Stage, bind, descendants, nearest, order, resolve_kinds, stage_index
 from pipeline.errors import ConfigError, find_user_error, is_user_error
 
 
@@ -155,7 +155,7 @@ def plan(
         section, given = stage_section(config, name, stage.all_roles(), stage.shared)
         try:
             cfg = validate_section(name, stage.Config, section, config.path)
-            roles = stage.inputs(cfg)
+            roles = resolve_kinds(stage.inputs(cfg), stages)
         except Exception as e:
             if is_user_error(e) or find_user_error(e) is not None:
                 raise _user(e) from None
