@@ -18,7 +18,6 @@ from zeroseg.config import validated
 from zeroseg.config.proposals import ProposalConfig
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.losses import mask_dice_loss, mask_focal_loss, semantic_to_targets
-from zeroseg.metrics import RecallCounts, proposal_recall, segment_max_iou
 from zeroseg.models import WeightsMismatchError
 from zeroseg.models.clip import TINY_MODEL, ClipSpec, load_clip
 from zeroseg.models.maskformer import (
@@ -37,6 +36,7 @@ from zeroseg.models.maskformer import (
     vit_pyramid_layers,
 )
 from zeroseg.models.position import sine_position_encoding
+from zeroseg.proposal_recall import RecallCounts, proposal_recall, segment_max_iou
 
 TINY = ClipSpec(model=TINY_MODEL, random_init=True)
 #: a small model: 5 queries, hidden 32, 2 decoder layers
