@@ -131,10 +131,9 @@ def warm_start(seg: Any, artifact_uri: str) -> None:
         DataError: the artifact is not a segmenter, is of another class, or holds no weights.
         WeightsMismatchError: its weights do not fit ``seg`` (keys and shapes listed).
     """
-    import torch
 
     from pipeline.uri import local_copy
-    from zeroseg.models import WEIGHTS_PT, class_path, read_segmenter_json
+    from zeroseg.models import WEIGHTS_PT, class_path, read_segmenter_json, read_state_dict
 
     with local_copy(artifact_uri) as d:
         doc = read_segmenter_json(d)
@@ -147,7 +146,7 @@ def warm_start(seg: Any, artifact_uri: str) -> None:
         if not w.is_file():
             raise DataError(f"init_from {artifact_uri}: the artifact has no {WEIGHTS_PT} (a training-free method)")
         seg.load_trainable_state_dict(
-            torch.load(w, map_location="cpu", weights_only=True), source=f"{artifact_uri}/{WEIGHTS_PT}"
+            read_state_dict(w, f"{artifact_uri}/{WEIGHTS_PT}"), source=f"{artifact_uri}/{WEIGHTS_PT}"
         )
 
 

@@ -281,6 +281,7 @@ def proposals_train_loop(loop: Any) -> None:
     import torch
 
     from zeroseg.losses import semantic_to_targets
+    from zeroseg.models import load_strict
     from zeroseg.models.maskformer import poly_lr_factor
 
     cfg = loop.config
@@ -304,7 +305,7 @@ def proposals_train_loop(loop: Any) -> None:
     )
     # SetCriterion with the config's weights; class_agnostic for objectness (every seen segment is class 0)
     criterion = model.criterion()
-    loop.restore(ddp, opt, sched, model_state=(model.state_dict, lambda sd: model.load_state_dict(sd, strict=True)))
+    loop.restore(ddp, opt, sched, model_state=(model.state_dict, lambda sd: load_strict(model, sd, "the checkpoint")))
     ddp.train()
     for batch in loop.batches("train"):
         images, labels = batch["image"], batch["label"]
@@ -522,6 +523,7 @@ class PretrainProposals(Stage):
         from zeroseg.data.transforms import lut_ignore_index, make_lut
         from zeroseg.evaluation import RECALL_GROUPS, ProposalRecallEvaluator
         from zeroseg.metrics import json_safe
+        from zeroseg.models import load_strict
         from zeroseg.models.maskformer import METRICS_JSON, read_proposals_json, save_proposals
 
         cfg: PretrainProposalsConfig = ctx.config
@@ -576,7 +578,7 @@ class PretrainProposals(Stage):
             splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
         )
         result = fit_stage(ctx, proposals_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
-        model.load_state_dict(result.model_state(), strict=True)
+        load_strict(model, result.model_state(), "the trained model state", "the MaskFormer proposal model")
         out = Path(ctx.output_dir)
         save_proposals(
             out, model, m, seen=seen, input_size=tuple(cfg.augment.crop_size), clip_spec=cfg.clip

@@ -236,7 +236,7 @@ class TrainGenerator(Stage):
         from pipeline.training import fit_stage
         from stages.extract_features import read_features_json
         from stages.methods._proposals import bound_proposals, check_seen
-        from zeroseg.models import WEIGHTS_PT, save_segmenter
+        from zeroseg.models import WEIGHTS_PT, load_strict, save_segmenter
         from zeroseg.models.maskformer import read_proposal_weights
         from zeroseg.models.pading import PADing, extend_head
 
@@ -313,7 +313,7 @@ class TrainGenerator(Stage):
         result = fit_stage(ctx, generator_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
         state = result.model_state()
         seg = PADing(None, {"proposals": pdoc, "classes": len(train.names), "text_dim": m.text_dim})
-        seg.proposals.load_state_dict(sd, strict=True)
+        load_strict(seg.proposals, sd, f"{pwhere} {WEIGHTS_PT}", "the proposal model")
         with torch.no_grad():
             seg.head.weight.copy_(state["head.weight"])
             seg.head.bias.copy_(state["head.bias"])
@@ -338,6 +338,7 @@ class TrainGenerator(Stage):
         Seeded (0) on a forked CPU RNG: the driver's global torch RNG is left as it was."""
         import torch
 
+        from zeroseg.models import load_strict
         from zeroseg.models.pading import FeatureGenerator
 
         ids = torch.tensor(list(train.unseen)).repeat(10)
@@ -345,7 +346,7 @@ class TrainGenerator(Stage):
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(0)
             g = FeatureGenerator(m, len(train.names), train.seen, train.unseen, torch.from_numpy(emb))
-            g.load_state_dict(state, strict=True)
+            load_strict(g, state, "the trained generator state")
             g.eval()
             pred = g.head(g.generate(ids)[0]).argmax(-1)
         seen = torch.tensor(list(train.seen))

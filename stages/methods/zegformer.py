@@ -87,7 +87,7 @@ def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]
     """
     import torch
 
-    from zeroseg.models import WEIGHTS_PT, check_state_dict, save_segmenter
+    from zeroseg.models import WEIGHTS_PT, load_strict, save_segmenter
     from zeroseg.models.clip import load_clip
     from zeroseg.models.maskformer import read_proposal_weights
     from zeroseg.models.zegformer import ZegFormer, seen_from_text
@@ -108,8 +108,7 @@ def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]
     check_seen(doc, train.seen, where)
     seg = ZegFormer(load_clip(cfg.clip), {**cfg.model.model_dump(mode="json"), "proposals": doc})
     sd = read_proposal_weights(prop.file(WEIGHTS_PT))
-    check_state_dict(seg.proposals.state_dict(), sd, f"{where} {WEIGHTS_PT}", "the proposal model")
-    seg.proposals.load_state_dict(sd, strict=True)
+    load_strict(seg.proposals, sd, f"{where} {WEIGHTS_PT}", "the proposal model")
     seg.seen_text.copy_(torch.from_numpy(seen_text))
     for name, v in vocabs.items():
         if name == "train":
