@@ -489,6 +489,7 @@ def test_zegformer_sample_dag_reports_three_variants_and_caches(
     tc_manifest, tc_dir = _artifact(tmp_path, "train_classifier")
     doc = json.loads((tc_dir / "segmenter.json").read_text())
     assert doc["method"] == "zegformer" and doc["class"] == "zeroseg.models.zegformer:ZegFormer"
+    assert doc["default_gamma"] == 0.1  # train_classifier.gamma: Eq. 2's calibration, the one source evaluate applies
     assert doc["model"]["proposals"]["num_queries"] == 16 and tc_manifest["metrics"]["num_queries"] == 16
     weights = torch.load(tc_dir / "weights.pt", map_location="cpu", weights_only=True)
     proposal_weights = torch.load(prop_dir / "weights.pt", map_location="cpu", weights_only=True)
