@@ -29,7 +29,6 @@ A run resumes from the newest checkpoint (by step) of the two; normally only one
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,45 +36,8 @@ from typing import Any
 
 from pipeline import uri as uri_
 
-CHECKPOINT_PREFIX = "checkpoint_"
-MODEL_PT = "model.pt"
-STATE_PT = "train_state.pt"
-STATE_JSON = "train_state.json"
-
-
-@dataclasses.dataclass
-class CheckpointInfo:
-    """A checkpoint a record lists.
-
-    Attributes:
-        uri: its directory (local absolute path or URI under the storage path).
-        step: optimisation steps done when it was written.
-        state: what was recorded with it: ``step``, ``epoch``, ``batch_in_epoch``,
-            ``world_size``, ``global_batch_size``, ``precision``, ``loss``, ... (Ray's reported
-            metrics for a worker run; the index entry for an in-process one).
-        source: ``"ray"`` (Ray Train's record) or ``"in_process"``.
-    """
-
-    uri: str
-    step: int
-    state: dict[str, Any]
-    source: str = "ray"
-
-    @property
-    def dir_name(self) -> str:
-        return self.uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-
-
-def dir_name(step: int) -> str:
-    """``checkpoint_<step:08d>``."""
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def step_of(path: str) -> int:
-    """The step in a checkpoint directory's name (``.../checkpoint_00000012`` -> 12; -1: none)."""
-    leaf = str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    tail = leaf[len(CHECKPOINT_PREFIX) :] if leaf.startswith(CHECKPOINT_PREFIX) else ""
-    return int(tail) if tail.isdigit() else -1
+from . import in_process
+from .layout import CHECKPOINT_PREFIX, MODEL_PT, STATE_JSON, STATE_PT, CheckpointInfo, dir_name, run_dir, step_of
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,11 +80,6 @@ def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # records
 # ------------------------------------------------------------------------------------------------
-def run_dir(storage_path: str, name: str) -> tuple[Any, str]:
-    """``(filesystem, path)`` of the run directory ``<storage_path>/<name>``."""
-    return uri_.filesystem(uri_.join(storage_path, name))
-
-
 def _cannot_list(storage_path: str, name: str, e: BaseException) -> OSError:
     return OSError(
         f"cannot list the checkpoints under {uri_.join(storage_path, name)} "
@@ -171,8 +128,6 @@ def list_checkpoints(storage_path: str, name: str) -> list[CheckpointInfo]:
     Raises:
         OSError: the storage cannot be listed, naming the path (see :func:`ray_checkpoints`).
     """
-    from . import in_process
-
     found = {c.dir_name: c for c in ray_checkpoints(storage_path, name)}
     for c in in_process.record(storage_path, name):
         found.setdefault(c.dir_name, c)
@@ -213,3 +168,17 @@ def sweep_unrecorded(storage_path: str, name: str) -> list[str]:
             fs.delete_dir(info.path)
             gone.append(info.base_name)
     return gone
+
+
+__all__ = [
+    "CheckpointInfo",
+    "dir_name",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_model_state",
+    "load_train_state",
+    "ray_checkpoints",
+    "step_of",
+    "sweep_unrecorded",
+    "write_checkpoint",
+]
