@@ -3,7 +3,7 @@
 ``pipeline`` imports no stage and knows no science: the catalogue module named by
 :data:`STAGES_ENTRY` (``module:attribute``, default ``stages.catalog:STAGES``) lists the stage
 classes, and may declare ``CODE_PACKAGES`` (the packages followed for code dependencies,
-:mod:`pipeline.codehash`). Everything else the orchestration needs to know about what the stages
+:mod:`pipeline.codehash`) and ``SWEEP_DEFAULTS`` (:class:`SweepDefaults`). Everything else the orchestration needs to know about what the stages
 compute is declared there too and read through :class:`Catalogue`.
 """
 
@@ -21,6 +21,26 @@ STAGES_ENTRY = "stages.catalog:STAGES"
 DEFAULT_CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepDefaults:
+    """What a sweep file (:mod:`pipeline.sweep`) that does not say uses; a catalogue declares
+    them as ``SWEEP_DEFAULTS`` (a mapping of these fields). Neutral by default: a sweep file then
+    names its metric, and its seed key when it has seeds.
+
+    Attributes:
+        metric: the metric trials are ranked on, a template with ``{eval_set}`` filled in from
+            the sweep file's ``eval_set`` (e.g. ``"evaluate/{eval_set}/score"``); None: none.
+        mode: ``"max"`` or ``"min"``: whether a larger metric is better.
+        eval_set: the ``eval_set`` of a sweep file that names none; None: none.
+        seed_key: the config key a sweep's ``seeds`` set; None: none.
+    """
+
+    metric: str | None = None
+    mode: str = "max"
+    eval_set: str | None = None
+    seed_key: str | None = None
+
+
 @dataclasses.dataclass
 class Catalogue:
     """The project's stages and the packages followed for their code dependencies.
@@ -28,10 +48,12 @@ class Catalogue:
     Attributes:
         stages: the stage classes, in their natural order (ties of the topological order).
         code_packages: packages whose imports count as a stage's code dependencies.
+        sweep_defaults: what a sweep file that does not say uses (``SWEEP_DEFAULTS``).
     """
 
     stages: list[Any]
     code_packages: tuple[str, ...] = DEFAULT_CODE_PACKAGES
+    sweep_defaults: SweepDefaults = SweepDefaults()
 
 
 def load_catalogue(entry: str = STAGES_ENTRY) -> Catalogue:
@@ -42,7 +64,11 @@ def load_catalogue(entry: str = STAGES_ENTRY) -> Catalogue:
     """
     mod_name, _, attr = entry.partition(":")
     mod = importlib.import_module(mod_name)
-    return Catalogue(list(getattr(mod, attr)), tuple(getattr(mod, "CODE_PACKAGES", DEFAULT_CODE_PACKAGES)))
+    return Catalogue(
+        list(getattr(mod, attr)),
+        tuple(getattr(mod, "CODE_PACKAGES", DEFAULT_CODE_PACKAGES)),
+        sweep_defaults=SweepDefaults(**getattr(mod, "SWEEP_DEFAULTS", {})),
+    )
 
 
-__all__ = ["DEFAULT_CODE_PACKAGES", "STAGES_ENTRY", "Catalogue", "load_catalogue"]
+__all__ = ["DEFAULT_CODE_PACKAGES", "STAGES_ENTRY", "Catalogue", "SweepDefaults", "load_catalogue"]

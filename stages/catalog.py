@@ -4,6 +4,7 @@
 ties of the topological order. ``CODE_PACKAGES``: the packages whose imports count as a stage's
 code dependencies (``pipeline.codehash``): the science, the stages, and the pieces of ``pipeline``
 that determine outputs (the training loop, the batch-inference reduction, the data pass counter).
+``SWEEP_DEFAULTS``: what a sweep file that does not say optimises, and what its seeds set.
 """
 
 from stages.build_splits import BuildSplits
@@ -26,3 +27,13 @@ STAGES = [
     Evaluate,
 ]
 CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")
+
+#: A sweep file (``zeroseg sweep``) that does not say ranks trials on evaluate's harmonic mean of
+#: seen and unseen mIoU on the held-out set ``val`` (larger is better), and its ``seeds`` set the
+#: classifier's training seed (``pipeline.catalogue.SweepDefaults``).
+SWEEP_DEFAULTS = {
+    "metric": "evaluate/{eval_set}/hIoU",
+    "mode": "max",
+    "eval_set": "val",
+    "seed_key": "train_classifier.train.seed",
+}

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (pipeline/sweep.py): the sweep file, the shared prefix, aggregation over seeds,
+"""Ray Tune sweeps (pipeline/sweep/): the sweep file, the shared prefix, aggregation over seeds,
 and a real 4-trial ASHA sweep of the sample (evaluate-only: gamma) that is interrupted after a
 trial and continued."""
 
@@ -580,10 +580,10 @@ def test_training_reports_reach_tune_and_asha_stops_the_worse_trial(ray_local, t
     import ray.util
     from ray import tune
 
-    from pipeline.sweep import SweepFile, _start_ray_data_services, asha_scheduler
+    from pipeline.sweep import SweepFile, asha_scheduler, start_ray_data_services
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial actor cannot import tests/
-    _start_ray_data_services()
+    start_ray_data_services()
     monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # as run_sweep sets it
     sw = SweepFile.model_validate(
         {
