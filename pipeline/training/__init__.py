@@ -11,6 +11,7 @@ Layout (recipe, checkpointing and metric logging apart, as torchtune and detectr
 * ``config.py``: the sections, the global batch / lr rule, the CPU check;
 * ``fit.py``: the driver (trainer, resume decision, result, sweeping unrecorded checkpoints);
 * ``loop.py``: the worker's :class:`Loop` (see its docstring for a method's loop);
+* ``worker.py``: what every worker runs (the loop, the final checkpoint, the status it returns);
 * ``checkpoint.py``: checkpoint files and the records (Ray Train's, in-process) that list them;
 * ``in_process.py``: the in-process record (``num_workers=0``, where Ray persists nothing);
 * ``layout.py``: a checkpoint's directory names and record entry (:class:`CheckpointInfo`), shared
