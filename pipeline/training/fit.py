@@ -129,16 +129,19 @@ def fit(
             world = int(latest.state.get("world_size", setup.world))
             return _result_from(latest, {}, setup.global_batch, setup.lr, latest.step, world, local_dir)
     t0 = time.perf_counter()
-    status = _train(train_loop, loop_config, datasets, scaling, train, name, setup, latest, log, progress)
-    return _final_result(status, scaling, train, name, setup, t0, log, local_dir)
+    status = _train(train_loop, loop_config, datasets, setup, latest, log, progress)
+    return _final_result(status, setup, t0, log, local_dir)
 
 
 @dataclasses.dataclass
 class _Setup:
-    """What :func:`fit` derived from its arguments: the storage path (absolute when local), the
-    MLflow target (a sqlite path made absolute), the global batch, the learning rate and the
-    world size."""
+    """What :func:`fit` was given and derived from its arguments: the sections, the run name, the
+    storage path (absolute when local), the MLflow target (a sqlite path made absolute), the
+    global batch, the learning rate and the world size."""
 
+    scaling: ScalingSection
+    train: TrainSection
+    name: str
     storage: str
     target: MlflowTarget | None
     global_batch: int
@@ -185,16 +188,13 @@ def _setup(
         f"precision {train.precision}{clip}, {train.max_steps} steps, checkpoint every {train.checkpoint_every} "
         f"(keep {train.keep_checkpoints}) under {uri_.join(storage, name)}"
     )
-    return _Setup(storage, target, global_batch, lr, world)
+    return _Setup(scaling, train, name, storage, target, global_batch, lr, world)
 
 
 def _train(
     train_loop: Callable[[Loop], Any],
     loop_config: dict[str, Any],
     datasets: Mapping[str, Any],
-    scaling: ScalingSection,
-    train: TrainSection,
-    name: str,
     setup: _Setup,
     latest: CheckpointInfo | None,
     log: Callable[[str], None],
@@ -206,7 +206,7 @@ def _train(
     Raises:
         a user error a worker raised (unwrapped), or Ray Train's error.
     """
-    storage = setup.storage
+    scaling, train, name, storage = setup.scaling, setup.train, setup.name, setup.storage
     prepared = {k: _DatasetAtResume(v, train.deterministic_data, storage, name) for k, v in datasets.items()}
     meta = {
         "train": train.model_dump(),
@@ -280,9 +280,6 @@ def _trainer(
 
 def _final_result(
     status: dict[str, Any],
-    scaling: ScalingSection,
-    train: TrainSection,
-    name: str,
     setup: _Setup,
     t0: float,
     log: Callable[[str], None],
@@ -295,7 +292,7 @@ def _final_result(
         NonFiniteLossError, a worker's user error (from ``status``), RuntimeError: no final
             checkpoint at ``max_steps``.
     """
-    storage = setup.storage
+    scaling, train, name, storage = setup.scaling, setup.train, setup.name, setup.storage
     if status.get("status") == "error":
         raise find_user_error(RemoteUserError(status["error"])) or RuntimeError(status["error"])
     if status.get("status") == "nonfinite":
