@@ -181,10 +181,6 @@ def test_a_cycle_is_found_and_named():
 
 
 # -- function length ---------------------------------------------------------------------------
-#: Files of another part of issue 18 that still have longer functions (xfail until merged).
-PENDING: dict[str, str] = {}
-
-
 def _long_functions(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), str(path))
     return [
@@ -195,9 +191,6 @@ def _long_functions(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "pipeline").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
-def test_no_function_in_pipeline_is_longer_than_80_lines(path, request):
-    rel = str(path.relative_to(REPO))
-    if rel in PENDING:
-        request.applymarker(pytest.mark.xfail(reason=PENDING[rel], strict=False))
+def test_no_function_in_pipeline_is_longer_than_80_lines(path):
     long = _long_functions(path)
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
