@@ -21,9 +21,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import compare
 from pipeline.catalogue import STAGES_ENTRY, Catalogue, load_catalogue
 from pipeline.cluster import job_copy_notes
-from pipeline.config import load_config
+from pipeline.config import config_yaml, load_config
 from pipeline.console import Console
 from pipeline.errors import find_user_error, is_user_error
 from pipeline.invocation import config_of, invocation_log, open_store, run_dag, session, start_time
@@ -49,14 +50,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's own logs")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``zeroseg`` argument parser (subcommands ``run``, ``gc``, ``sweep`` and ``compare``)."""
+def build_parser(catalog: Catalogue | None = None) -> argparse.ArgumentParser:
+    """The ``zeroseg`` argument parser (subcommands ``run``, ``gc``, ``sweep`` and ``compare``;
+    ``compare``'s help and default metric are the ``catalog``'s report's, None: the project's)."""
     ap = argparse.ArgumentParser(prog="zeroseg", description="zero-shot semantic segmentation pipeline")
     sub = ap.add_subparsers(dest="command", required=True)
     _run_arguments(sub)
     _gc_arguments(sub)
     _sweep_arguments(sub)
-    _compare_arguments(sub)
+    compare.add_parser(sub, catalog)
     return ap
 
 
@@ -77,6 +79,9 @@ def _run_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="re-run even if cached: the named stages, or every selected stage when none is named",
     )
     r.add_argument("--dry-run", action="store_true", help="print the plan (stages, keys, what would run, why) and exit")
+    r.add_argument(
+        "--print-config", action="store_true", help="print the merged, validated config (YAML) and exit; plans nothing"
+    )
     return r
 
 
@@ -118,26 +123,6 @@ def _sweep_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     return s
 
 
-def _compare_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    c = sub.add_parser(
-        "compare",
-        help="a table and an HTML report of MLflow runs",
-        description="Compare invocations (parent runs) of an MLflow experiment: method, key params, "
-        "the report's metrics, FPS, mean +- std over seeds; writes an HTML report with PNG "
-        "plots and logs it as an artifact.",
-    )
-    c.add_argument("--config", help="a config whose run section names the tracking store and experiment")
-    c.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, else sqlite in ./work)")
-    c.add_argument("--experiment", help="experiment name (default: the config's)")
-    c.add_argument("--runs", nargs="+", metavar="RUN_ID", help="only these runs (parent or sweep runs)")
-    c.add_argument("--metric", default=None, help="the metric to rank by (default: the report's)")
-    c.add_argument("--eval-set", help="the evaluate set (default: val, else the first set the runs report)")
-    c.add_argument("--out", help="report directory (default <work_dir>/reports/compare-<time>)")
-    c.add_argument("--top", type=int, default=3, help="runs whose per-class results are plotted (default 3)")
-    c.add_argument("--verbose", action="store_true", help="also show MLflow's own logs")
-    return c
-
-
 # =============================================================================================
 # commands
 # =============================================================================================
@@ -149,9 +134,12 @@ def cmd_run(args: argparse.Namespace, console: Console, catalog: Catalogue | Non
     terminal (``--verbose`` shows it)."""
     t_start = start_time()
     cfg = config_of(args)
+    catalog = catalog or load_catalogue()
+    if args.print_config:  # before anything is created
+        sys.stdout.write(config_yaml(cfg, catalog.stages))
+        return 0, None
     with invocation_log(cfg, "run", args.verbose) as log_file:
         selection = Selection(stages=args.stages, from_stage=args.from_stage, force=args.force)
-        catalog = catalog or load_catalogue()
         return run_dag(
             cfg,
             console,
@@ -215,7 +203,7 @@ def cmd_gc(args: argparse.Namespace, console: Console, catalog: Catalogue | None
 # =============================================================================================
 def main(argv: Sequence[str] | None = None, catalog: Catalogue | None = None) -> int:
     """``zeroseg ...``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(catalog).parse_args(argv)
     console = Console(verbose=getattr(args, "verbose", False))
     try:
         if args.command == "run":
@@ -223,9 +211,7 @@ def main(argv: Sequence[str] | None = None, catalog: Catalogue | None = None) ->
         if args.command == "sweep":
             return cmd_sweep(args, console, catalog)
         if args.command == "compare":
-            from pipeline.compare import cmd_compare
-
-            return cmd_compare(args, console)
+            return compare.cmd_compare(args, console, catalog)
         return cmd_gc(args, console, catalog)
     except KeyboardInterrupt:
         console.line("interrupted", "error")

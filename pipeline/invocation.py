@@ -153,11 +153,14 @@ def tracked(
     work_dir: Path,
     t_start: float,
     nodes: Collection[str] | None = None,
+    headline: Any = None,
 ) -> Any:
     """The MLflow records of executing plan ``p``: a :class:`pipeline.tracking.Invocation` (an
     invocation run ``name`` in ``experiment`` with ``tags``, started at ``t_start``) whose params
-    are the stages' hashed configs (``<stage>.<key>``) and the headline params, of every node or
-    only of ``nodes``. Records wait in ``<work_dir>/tracking-journal`` while MLflow is not opened."""
+    are the stages' hashed configs (``<stage>.<key>``) and the headline params (``headline``: the
+    catalogue's, :attr:`pipeline.catalogue.Catalogue.headline`; None: the project's), of every
+    node or only of ``nodes``. Records wait in ``<work_dir>/tracking-journal`` while MLflow is
+    not opened."""
     from pipeline import tracking
 
     configs = {n.name: n.components.get("config", {}) for n in p if nodes is None or n.name in nodes}
@@ -169,7 +172,7 @@ def tracked(
         {f"{stage}.": c for stage, c in configs.items()},
         work_dir / "tracking-journal",
         t_start,
-        tracking.headline_params(configs),
+        tracking.headline_params(configs, headline),
     )
 
 
@@ -268,6 +271,7 @@ def run_dag(
             {"config": str(cfg.path), "argv": " ".join(sys.argv[1:])},
             work_dir,
             t_start,
+            headline=catalog.headline,
         )
         out = execute_tracked(
             p,

@@ -16,15 +16,14 @@ same artifact and run once (``execute`` dedupes them).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from pipeline import codehash
 from pipeline.catalogue import DEFAULT_CODE_PACKAGES
-from pipeline.config import LoadedConfig, digest, hashed_view, runtime_view, validate_section
-from pipeline.dag import Stage, bind, descendants, nearest, order, stage_index
+from pipeline.config import LoadedConfig, digest, hashed_view, runtime_view, stage_section, validate_section
+from pipeline.dag import Stage, bind, descendants, nearest, order, resolve_kinds, stage_index
 from pipeline.errors import ConfigError, find_user_error, is_user_error
 
 
@@ -141,7 +140,7 @@ def plan(
     index = stage_index(stages)
     rank = {name: i for i, name in enumerate(index)}
     present = _stage_sections(config, index, {s for cls in stages for s in cls.shared})
-    nodes: dict[str, Node] = {name: _node(config, name, index[name](), present) for name in present}
+    nodes: dict[str, Node] = {name: _node(config, name, index[name](), present, stages) for name in present}
     for node in nodes.values():  # the bound inputs' facts (e.g. the leakage guard), every node
         with _user_errors():
             node.stage.check_inputs(
@@ -170,7 +169,7 @@ def plan(
     notices = list(
         dict.fromkeys(line for n in nodes.values() if n.action != "skip" for line in n.stage.notices(n.config))
     )
-    return Plan(config, nodes, notices)
+    return Plan(config, nodes, notices + unread_notices(nodes))
 
 
 @contextlib.contextmanager
@@ -203,22 +202,18 @@ def _stage_sections(config: LoadedConfig, index: dict[str, type[Stage]], shared:
     return present
 
 
-def _node(config: LoadedConfig, name: str, stage: Stage, present: list[str]) -> Node:
+def _node(config: LoadedConfig, name: str, stage: Stage, present: list[str], stages: Sequence[type[Stage]]) -> Node:
     """The node of section ``name``: its validated config (shared sections copied in), and its
-    input roles bound to upstream nodes.
+    input roles (an input kind resolved over ``stages``) bound to upstream nodes.
 
     Raises:
         ConfigError: an invalid section, an input binding the config does not read, or a missing
             or ambiguous binding.
     """
-    section = copy.deepcopy(config.sections[name])
-    given = {r: section.pop(r) for r in list(section) if r in stage.all_roles()}
-    for s in stage.shared:
-        if s in config.sections and s not in section:
-            section[s] = copy.deepcopy(config.sections[s])
+    section, given = stage_section(config, name, stage.all_roles(), stage.shared)
     with _user_errors(nested=True):
         cfg = validate_section(name, stage.Config, section, config.path)
-        roles = stage.inputs(cfg)
+        roles = resolve_kinds(stage.inputs(cfg), stages)
     stray = sorted(set(given) - set(roles))
     if stray:
         raise ConfigError(
@@ -307,6 +302,18 @@ def _check_upstream(nodes: dict[str, Node], selection: Selection) -> None:
                 )
 
 
+def unread_notices(nodes: dict[str, Node]) -> list[str]:
+    """A notice for each node that no other node reads and whose stage is not terminal
+    (``Stage.terminal``): a section the config plans for nothing."""
+    read = {up for n in nodes.values() for up in n.upstream}
+    return [
+        f"{n.name}: nothing in this config reads its artifact (and it is not an end in itself); "
+        f"remove the {n.name!r} section, or bind a stage to it"
+        for n in nodes.values()
+        if n.name not in read and not n.stage.terminal(n.config)
+    ]
+
+
 def plan_many(
     configs: Iterable[LoadedConfig],
     stages: Sequence[type[Stage]],
@@ -357,4 +364,4 @@ def _short(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-__all__ = ["Node", "Plan", "Selection", "plan", "plan_many", "why_not_cached"]
+__all__ = ["Node", "Plan", "Selection", "plan", "plan_many", "unread_notices", "why_not_cached"]

@@ -136,7 +136,8 @@ def run_shared(
             n.action = "skip"
     nodes = [n for n in sp if n.name in shared]
     work_dir = Path(base.run.work_dir)
-    tracker = tracked(sp, tracking_uri, experiment, f"{sw.name} shared upstream", tags, work_dir, time.time(), shared)
+    name = f"{sw.name} shared upstream"
+    tracker = tracked(sp, tracking_uri, experiment, name, tags, work_dir, time.time(), shared, catalog.headline)
     out = execute_tracked(sp, store, console, tracker, work_dir=work_dir, nodes=shared, start_cluster=start)
     if not out.ok:
         raise PipelineError(

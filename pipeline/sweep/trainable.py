@@ -58,7 +58,7 @@ def trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         "config": spec["config_path"],
     }
     name = f"{spec['name']} {describe(params, seed)}"
-    tracker = tracked(p, spec["tracking_uri"], spec["experiment"], name, tags, work_dir, t0)
+    tracker = tracked(p, spec["tracking_uri"], spec["experiment"], name, tags, work_dir, t0, headline=catalog.headline)
     stages = {store.checkpoint_dir(n.name, n.key): n.name for n in p}
     state = {"stopped": False}
     with open(log, "a") as f, training_reports(stages, state):
