@@ -135,7 +135,7 @@ def _plans(config: str, sweep_text: str, tmp_path, extra=()):
         (
             "pading_weight_primitives",
             "configs/sample_pading.yaml",
-            ["build_splits", "embed_text", "pretrain_proposals", "extract_features", "train_classifier"],
+            ["build_splits", "embed_text", "pretrain_proposals", "extract_features"],  # no train_classifier
         ),
     ],
 )
