@@ -4,7 +4,7 @@ every selected eval set, the metrics and the files.
 
 ::
 
-    manifest rows of every set (+ set column; stages.jobs.rows.set_rows) -> ray.data.from_arrow
+    manifest rows of every set (+ set column; stages.jobs.sets.set_rows) -> ray.data.from_arrow
       -> actor pool of SegmenterPredictor (the model loaded once per actor; decode, then
          zeroseg.inference.infer per set of the batch)
       -> VariantsGZS3Evaluator partial states, merged on the driver (pipeline.inference.reduce)
@@ -34,7 +34,7 @@ from stages.common import text_embeddings, vocabularies
 from stages.evaluate import SET_COLUMN, EvaluateConfig
 from stages.feeds import decode_set_batch
 from stages.jobs.device import actor_device, resolve_device
-from stages.jobs.rows import set_rows
+from stages.jobs.sets import set_rows, set_specs
 from zeroseg import models  # by attribute: a test (or notebook) may replace load_segmenter / import_class
 from zeroseg.config.clip import model_embed_dim
 from zeroseg.errors import ConfigError, DataError
@@ -261,17 +261,8 @@ def score_model(
     t0 = time.perf_counter()
     table = set_rows(ctx.inputs["splits"], names, cfg.max_images, SET_COLUMN, "eval set")
     ds = ray.data.from_arrow(table)
-    set_specs = {
-        n: {
-            "num_classes": len(vocabs[n].names),
-            "seen": vocabs[n].seen,
-            "unseen": vocabs[n].unseen,
-            "ignore_index": vocabs[n].ignore_index,
-        }
-        for n in names
-    }
     # one GZS3Evaluator per variant the segmenter reports (its variants may depend on its config)
-    evaluators = {"gzs3": VariantsGZS3Evaluator(set_specs, gamma=gamma)}
+    evaluators = {"gzs3": VariantsGZS3Evaluator(set_specs(vocabs, names), gamma=gamma)}
     predictor_kwargs: dict[str, Any] = {
         "cfg": cfg,
         "segmenter_uri": model.uri,

@@ -1,12 +1,17 @@
-"""The rows of an inference pass over several sets of a build_splits artifact (evaluate's eval
-sets, pretrain_proposals' recall sets)."""
+"""An inference pass over several sets of a build_splits artifact (evaluate's eval sets,
+pretrain_proposals' recall sets): its rows (:func:`set_rows`) and what its evaluators need to know
+of each set (:func:`set_specs`)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 
 from pipeline.dag import Artifact
 from stages.feeds import URI_COLUMNS, manifest_table
+from zeroseg.data.classes import Vocabulary
 from zeroseg.errors import DataError
 
 
@@ -32,4 +37,18 @@ def set_rows(splits: Artifact, sets: list[str], max_images: int | None, set_colu
     return pa.concat_tables(parts)
 
 
-__all__ = ["set_rows"]
+def set_specs(vocabs: Mapping[str, Vocabulary], sets: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{set: {"num_classes", "seen", "unseen", "ignore_index"}}`` of the sets' vocabularies: the
+    per-set argument of the ``zeroseg.evaluation`` evaluators (and of the proposal recall's)."""
+    return {
+        n: {
+            "num_classes": len(vocabs[n].names),
+            "seen": vocabs[n].seen,
+            "unseen": vocabs[n].unseen,
+            "ignore_index": vocabs[n].ignore_index,
+        }
+        for n in sets
+    }
+
+
+__all__ = ["set_rows", "set_specs"]
