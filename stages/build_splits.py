@@ -40,20 +40,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.config import Runtime
 from pipeline.dag import StageConfig
 from stages.common import JobStage
-from zeroseg.data.classes import BUILTIN_SPLITS, Vocabulary, eval_vocabulary, resolve_split
+from zeroseg.data.builtin_splits import BUILTIN_SPLITS
+from zeroseg.data.classes import Vocabulary, eval_vocabulary, resolve_split
+from zeroseg.data.coco import read_coco
+from zeroseg.data.label_policy import check_transductive_vocabulary
+from zeroseg.data.mask_folder import read_mask_folder
 from zeroseg.data.readers import (
     DatasetListing,
     dataset_fingerprint,
     load_json,
     read_class_file,
-    read_coco,
-    read_mask_folder,
 )
+from zeroseg.data.split_rules import pseudo_unseen_split
 from zeroseg.data.splits import (
     TRAIN_SPLIT,
     VAL_SPLIT,
-    check_transductive_vocabulary,
-    pseudo_unseen_split,
 )
 from zeroseg.errors import ConfigError, DataError
 

@@ -231,7 +231,7 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
     from stages.methods.zegclip import build_model
     from zeroseg.config.clip import model_embed_dim
     from zeroseg.data.classes import label_ignore_index
-    from zeroseg.data.splits import read_transductive
+    from zeroseg.data.split_files import read_transductive
     from zeroseg.data.transforms import make_lut
     from zeroseg.metrics import json_safe
     from zeroseg.models import read_segmenter_json, save_segmenter

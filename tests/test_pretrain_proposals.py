@@ -243,12 +243,13 @@ def test_the_text_input_is_bound_for_the_text_head_only():
 def test_plan_time_errors(tmp_path):
     import yaml
 
+    from pipeline.config import load_config
     from pipeline.errors import ConfigError
     from zeroseg.errors import ConfigError as ZerosegConfigError
 
     # the text head without an embed_text section
-    raw = yaml.safe_load((REPO / "configs/sample.yaml").read_text())
-    prop = yaml.safe_load((REPO / "configs/sample_proposals.yaml").read_text())["pretrain_proposals"]
+    raw = load_config(REPO / "configs/sample_proposals.yaml").raw  # merged: extends resolved
+    prop = raw["pretrain_proposals"]
     cfg = tmp_path / "no_text.yaml"
     cfg.write_text(yaml.safe_dump({k: raw[k] for k in ("run", "clip", "build_splits")} | {"pretrain_proposals": prop}))
     with pytest.raises(
@@ -273,7 +274,7 @@ def _ctx(tmp_path, seen, config_overrides, evals=("val",)):
     from pipeline.dag import Artifact, StageContext
     from stages.pretrain_proposals import PretrainProposalsConfig
     from zeroseg.data.classes import Vocabulary
-    from zeroseg.data.splits import write_classes_json
+    from zeroseg.data.split_files import write_classes_json
 
     names = ("cat", "dog", "sky")
     unseen = tuple(i for i in range(3) if i not in seen)
@@ -404,7 +405,7 @@ def test_sample_stage_trains_writes_a_loadable_artifact_measures_recall_and_cach
 
     import mlflow
 
-    from zeroseg.data.splits import read_classes_json
+    from zeroseg.data.split_files import read_classes_json
     from zeroseg.models.proposals import load_proposal_model, read_proposals_json
 
     first = sample_proposals.first

@@ -17,25 +17,17 @@ from pipeline.dag import StageContext
 from pipeline.errors import carry_user_errors
 from stages.build_splits import BuildSplitsConfig, image_roots, list_dataset, named_split, validation_split
 from zeroseg.data.classes import Vocabulary, eval_vocabulary
+from zeroseg.data.label_policy import EVAL_POLICY, UNLABELED_POLICY, check_transductive_vocabulary
+from zeroseg.data.split_files import heldout_path, label_path, write_classes_json, write_manifest
+from zeroseg.data.split_rules import frequency_record, frequency_split, images_per_class, pseudo_unseen_record
 from zeroseg.data.splits import (
-    EVAL_POLICY,
     TRAIN_SPLIT,
-    UNLABELED_POLICY,
     VAL_SPLIT,
     assign_val,
-    check_transductive_vocabulary,
-    frequency_record,
-    frequency_split,
-    heldout_path,
-    images_per_class,
-    label_path,
     make_records,
     process_batch,
-    pseudo_unseen_record,
     summarize,
     truncate,
-    write_classes_json,
-    write_manifest,
 )
 from zeroseg.errors import DataError
 

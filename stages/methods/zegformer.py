@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from pipeline.dag import Input, StageConfig, StageContext
 from stages.common import seen_rows, text_embeddings, vocabularies
 from stages.methods import Method
@@ -24,15 +26,22 @@ from zeroseg.config.clip import ClipSpec, model_embed_dim
 from zeroseg.config.zegformer import ZegFormerConfig
 from zeroseg.errors import DataError
 
+#: ZegFormer Eq. 2's seen-class calibration in the released configs for COCO-Stuff and VOC
+#: (``GZERO_CALIBRATE 0.1``; 0.0 for ADE-847): the default of ``train_classifier.gamma``.
+RELEASED_GAMMA = 0.1
+
 
 class ZegFormerMethod(StageConfig):
     """``train_classifier`` with ``method: zegformer`` (``model``: :class:`ZegFormerConfig`;
     ``clip`` comes from the top-level ``clip:`` section: the image branch's encoder and the text
-    embeddings' model)."""
+    embeddings' model). ``gamma``: Eq. 2's seen-class calibration, in probability units, written
+    into ``segmenter.json`` as the segmenter's ``default_gamma`` (evaluate applies it when
+    ``evaluate.gamma`` is unset; :data:`RELEASED_GAMMA` by default, 0.0 for ADE-847)."""
 
     method: Literal["zegformer"]
     clip: ClipSpec
     model: ZegFormerConfig = ZegFormerConfig()
+    gamma: float = Field(RELEASED_GAMMA, ge=0.0)
 
 
 def check_proposals(doc: dict[str, Any], clip_dim: int, clip_model: str, where: str) -> None:
@@ -116,7 +125,7 @@ def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]
                 "embeddings, or embeddings of another embed_text?); the fusion of Eq. 3 needs the seen set"
             )
     state = seg.trainable_state_dict()
-    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegformer", state)
+    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegformer", state, extra={"default_gamma": cfg.gamma})
     n_prop = sum(p.numel() for p in seg.proposals.parameters())
     ctx.log(
         f"zegformer: {doc['num_queries']} proposals per image from {where} ({n_prop} parameters, "
