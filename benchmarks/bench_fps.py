@@ -125,7 +125,7 @@ def proposals_doc(
     weights) with the ``pretrain_proposals.model`` section of the ZegFormer config, trained on the
     156 seen COCO-Stuff classes with a ``size`` x ``size`` crop. Shared by ZegFormer and DeOP."""
     from zeroseg.data.classes import resolve_split
-    from zeroseg.models.proposals import MaskFormer, read_proposals_json, save_proposals
+    from zeroseg.models.maskformer import MaskFormer, read_proposals_json, save_proposals
 
     sections, where = config_sections("zegformer", tiny)
     cfg = dict((sections.get("pretrain_proposals") or {}).get("model") or {})

@@ -90,8 +90,8 @@ def main() -> int:
     from stages.extract_features import ROW_COLUMN, ExtractFeaturesConfig
     from stages.jobs.extract_features import FeaturePredictor
     from zeroseg.data.split_files import read_classes_json
+    from zeroseg.models.maskformer import MaskFormer, save_proposals
     from zeroseg.models.pading import FeatureGenerator
-    from zeroseg.models.proposals import MaskFormer, save_proposals
 
     torch.manual_seed(0)
     paths = prepare(Path(args.work), args.data)

@@ -233,7 +233,7 @@ def build_model(cfg: Mapping[str, Any], device: Any = "cpu", load_backbone_weigh
     Raises:
         ConfigError: a bad model config or CLIP spec.
     """
-    from zeroseg.models.proposals import MaskFormer
+    from zeroseg.models.maskformer import MaskFormer
 
     clip_visual = None
     if cfg["model"]["backbone"] == "clip":
@@ -281,7 +281,7 @@ def proposals_train_loop(loop: Any) -> None:
     import torch
 
     from zeroseg.losses import semantic_to_targets
-    from zeroseg.models.proposals import poly_lr_factor
+    from zeroseg.models.maskformer import poly_lr_factor
 
     cfg = loop.config
     mcfg = cfg["model"]
@@ -379,7 +379,7 @@ class ProposalPredictor:
         import torch
 
         from pipeline.uri import local_copy, read_bytes
-        from zeroseg.models.proposals import PROPOSALS_JSON, WEIGHTS_PT, load_proposal_model, read_proposals_json
+        from zeroseg.models.maskformer import PROPOSALS_JSON, WEIGHTS_PT, load_proposal_model, read_proposals_json
 
         if (artifact_uri is None) == (proposals is None or weights_uri is None):
             raise ConfigError("ProposalPredictor needs artifact_uri, or proposals and weights_uri (not both)")
@@ -522,7 +522,7 @@ class PretrainProposals(Stage):
         from zeroseg.data.transforms import lut_ignore_index, make_lut
         from zeroseg.evaluation import RECALL_GROUPS, ProposalRecallEvaluator
         from zeroseg.metrics import json_safe
-        from zeroseg.models.proposals import METRICS_JSON, read_proposals_json, save_proposals
+        from zeroseg.models.maskformer import METRICS_JSON, read_proposals_json, save_proposals
 
         cfg: PretrainProposalsConfig = ctx.config
         m = cfg.model

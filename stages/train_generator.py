@@ -141,8 +141,8 @@ def _generator_steps(loop: Any, emb: np.ndarray, lab: np.ndarray) -> None:
 
     import torch
 
+    from zeroseg.models.maskformer import poly_lr_factor
     from zeroseg.models.pading import FeatureGenerator
-    from zeroseg.models.proposals import poly_lr_factor
 
     cfg = loop.config
     text = torch.tensor(np.asarray(cfg["class_text"], np.float32))
@@ -237,8 +237,8 @@ class TrainGenerator(Stage):
         from stages.extract_features import read_features_json
         from stages.methods._proposals import bound_proposals, check_seen
         from zeroseg.models import WEIGHTS_PT, save_segmenter
+        from zeroseg.models.maskformer import read_proposal_weights
         from zeroseg.models.pading import PADing, extend_head
-        from zeroseg.models.proposals import read_proposal_weights
 
         cfg: TrainGeneratorConfig = ctx.config
         m = cfg.model

@@ -1,4 +1,4 @@
-"""DeOP (zeroseg/models/deop.py, stages/methods/deop.py) on the tiny random-weight CLIP.
+"""DeOP (zeroseg/models/deop/, stages/methods/deop.py) on the tiny random-weight CLIP.
 
 Every expected value comes from outside the code under test: open_clip's own forward, a copy of a
 block with the query weights zeroed (uniform attention), hand computation on tiny tensors, or the
@@ -24,12 +24,12 @@ from zeroseg.models.deop import (
     deop_semantic_scores,
     heatmap_pool,
     mask_guided_attention,
-    poly_lr_factor,
     proposal_patch_weights,
     proposal_token_masks,
     severance_hook,
-    sine_position_encoding,
 )
+from zeroseg.models.maskformer import poly_lr_factor
+from zeroseg.models.position import sine_position_encoding
 from zeroseg.models.trunk import forward_trunk, project, standard_attention
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -310,7 +310,7 @@ def test_text_prompt_context_trains_and_is_placed_after_sos(tiny):
 
 @pytest.fixture(scope="module")
 def proposal_model():
-    from zeroseg.models.proposals import MaskFormer
+    from zeroseg.models.maskformer import MaskFormer
 
     cfg = dict(backbone="resnet18", num_queries=6, hidden_dim=32, dec_layers=2, nheads=2, dim_feedforward=64)
     torch.manual_seed(0)
@@ -339,9 +339,9 @@ def test_deop_trains_only_its_own_tensors_and_scores_as_maskformer(tiny, proposa
     """One loss step: gradients reach the learned tensors (decoder, no-object, visual prompts, text
     context) and nothing of CLIP or the proposals, which stay in eval mode; bf16 autocast leaves
     the logits and the loss in float32; the scores are MaskFormer's semantic inference
-    (zeroseg.models.proposals.semantic_scores: softmax without no-object, sigmoid masks, einsum) of
+    (zeroseg.models.maskformer.semantic_scores: softmax without no-object, sigmoid masks, einsum) of
     the segment logits and the proposals' mask logits upsampled to the input size."""
-    from zeroseg.models.proposals import semantic_scores
+    from zeroseg.models.maskformer import semantic_scores
 
     seg = _deop(tiny, proposal_model, **kw)
     seg.train()
@@ -397,7 +397,7 @@ def test_config_checks_name_the_key():
 
 def _doc(q=100, text_dim=64, head="text"):
     return {
-        "class": "zeroseg.models.proposals:MaskFormer",
+        "class": "zeroseg.models.maskformer:MaskFormer",
         "model": {"backbone": "resnet18", "num_queries": q, "class_head": head, "size_divisibility": 32},
         "num_classes": 5,
         "text_dim": text_dim,

@@ -203,7 +203,7 @@ def test_retraining_teaches_the_head_the_unseen_class_on_two_clusters():
 
 # ------------------------------------------------------------------ matching and the segmenter
 def test_query_labels_take_the_matched_segment_or_no_object():
-    from zeroseg.losses import HungarianMatcher
+    from zeroseg.models.maskformer import HungarianMatcher
 
     masks = torch.full((1, 2, 4, 4), -8.0)
     masks[0, 0, :, 2:] = 8.0  # query 0: the right half
@@ -261,7 +261,7 @@ PROPOSAL_MODEL = {
 def test_segmenter_scores_training_classes_and_maps_eval_classes_by_their_embedding(tmp_path):
     from zeroseg.models import load_segmenter, save_segmenter
     from zeroseg.models.clip import TINY_MODEL, ClipSpec
-    from zeroseg.models.proposals import MaskFormer, read_proposals_json, save_proposals
+    from zeroseg.models.maskformer import MaskFormer, read_proposals_json, save_proposals
 
     torch.manual_seed(0)
     mf = MaskFormer(PROPOSAL_MODEL, 2, load_backbone_weights=False).eval()

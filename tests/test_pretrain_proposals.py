@@ -118,7 +118,7 @@ def test_recall_evaluator_errors():
 
 # -- the solver: schedule and parameter groups ----------------------------------------------------
 def test_poly_lr_factor_is_detectron2_warmup_poly_by_hand():
-    from zeroseg.models.proposals import poly_lr_factor
+    from zeroseg.models.maskformer import poly_lr_factor
 
     f = functools.partial(poly_lr_factor, max_steps=10, power=0.9, warmup_steps=0, warmup_factor=1.0)
     assert f(0) == 1.0
@@ -305,7 +305,7 @@ def test_run_refuses_no_seen_class_and_unknown_recall_sets_before_training(tmp_p
 
 def test_param_groups_of_the_proposal_model():
     from stages.pretrain_proposals import param_groups
-    from zeroseg.models.proposals import MaskFormer
+    from zeroseg.models.maskformer import MaskFormer
 
     cfg = {"backbone": "resnet18", "num_queries": 4, "hidden_dim": 16, "dec_layers": 1, "nheads": 2}
     model = MaskFormer({**cfg, "dim_feedforward": 16, "conv_dim": 16, "mask_dim": 16}, 3, text_dim=8)
@@ -326,7 +326,7 @@ def test_param_groups_give_the_clip_pyramids_new_layers_the_full_lr():
     frozen and left out. Expected values from the parameter names alone."""
     from stages.pretrain_proposals import param_groups
     from zeroseg.models.clip import TINY_MODEL, ClipSpec, load_clip
-    from zeroseg.models.proposals import MaskFormer
+    from zeroseg.models.maskformer import MaskFormer
 
     visual = load_clip(ClipSpec(model=TINY_MODEL, random_init=True)).visual
     cfg = {"backbone": "clip", "num_queries": 4, "hidden_dim": 16, "dec_layers": 1, "nheads": 2}
@@ -406,7 +406,7 @@ def test_sample_stage_trains_writes_a_loadable_artifact_measures_recall_and_cach
     import mlflow
 
     from zeroseg.data.split_files import read_classes_json
-    from zeroseg.models.proposals import load_proposal_model, read_proposals_json
+    from zeroseg.models.maskformer import load_proposal_model, read_proposals_json
 
     first = sample_proposals.first
     # `--stages` the three: the rest of the sample's DAG (maskclip, evaluate) is left out

@@ -17,29 +17,25 @@ import torch.nn.functional as F
 from zeroseg.config import validated
 from zeroseg.config.proposals import ProposalConfig
 from zeroseg.errors import ConfigError, DataError
-from zeroseg.losses import (
+from zeroseg.losses import mask_dice_loss, mask_focal_loss, semantic_to_targets
+from zeroseg.models import WeightsMismatchError
+from zeroseg.models.clip import TINY_MODEL, ClipSpec, load_clip
+from zeroseg.models.maskformer import (
+    IMAGENET_MEAN,
     HungarianMatcher,
+    MaskFormer,
     SetCriterion,
     batch_dice_cost,
     batch_sigmoid_focal_cost,
     hungarian_match,
-    mask_dice_loss,
-    mask_focal_loss,
-    num_masks_across_workers,
-    semantic_to_targets,
-)
-from zeroseg.models import WeightsMismatchError
-from zeroseg.models.clip import TINY_MODEL, ClipSpec, load_clip
-from zeroseg.models.proposals import (
-    IMAGENET_MEAN,
-    MaskFormer,
     load_proposal_model,
+    num_masks_across_workers,
     read_proposals_json,
     save_proposals,
     semantic_scores,
-    sine_position_encoding,
     vit_pyramid_layers,
 )
+from zeroseg.models.position import sine_position_encoding
 from zeroseg.proposal_recall import RecallCounts, proposal_recall, segment_max_iou
 
 TINY = ClipSpec(model=TINY_MODEL, random_init=True)
@@ -331,15 +327,37 @@ def test_semantic_scores_by_hand():
 
 
 def test_sine_position_encoding_values():
-    pos = sine_position_encoding(1, 2, 3, 8, torch.device("cpu"), torch.float32)
-    assert pos.shape == (1, 8, 2, 3)
+    pos = sine_position_encoding(2, 3, 8, torch.device("cpu"), torch.float64)
+    assert pos.shape == (6, 8) and pos.dtype == torch.float64
     # y half (channels 0-3), frequency i: y_n / 10000^(2 floor(i/2) / 4); y_n = n / (h + 1e-6) * 2 pi
     y1 = 1 / (2 + 1e-6) * 2 * math.pi  # row 0
     x2 = 3 / (3 + 1e-6) * 2 * math.pi  # column 2
-    assert float(pos[0, 0, 0, 2]) == pytest.approx(math.sin(y1), abs=1e-5)
-    assert float(pos[0, 1, 0, 2]) == pytest.approx(math.cos(y1), abs=1e-5)
-    assert float(pos[0, 2, 0, 2]) == pytest.approx(math.sin(y1 / 100), abs=1e-5)
-    assert float(pos[0, 7, 0, 2]) == pytest.approx(math.cos(x2 / 100), abs=1e-5)
+    assert float(pos[2, 0]) == pytest.approx(math.sin(y1), abs=1e-5)  # token 2: row 0, column 2
+    assert float(pos[2, 1]) == pytest.approx(math.cos(y1), abs=1e-5)
+    assert float(pos[2, 2]) == pytest.approx(math.sin(y1 / 100), abs=1e-5)
+    assert float(pos[2, 7]) == pytest.approx(math.cos(x2 / 100), abs=1e-5)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_position_encoding(2, 3, 6)
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (2, 3), (7, 5), (32, 40), (40, 40)])
+def test_sine_position_encoding_is_the_former_deop_one_bit_for_bit(h, w):
+    """DeOP's heatmap decoder had its own copy, normalising by the Python number ``n + 1e-6``
+    instead of the tensor ``y[-1] + 1e-6``: the same float32 divisor, so on the CPU the shared
+    encoding equals it bit for bit (the copy below is that code)."""
+    npf, eps, scale = 8, 1e-6, 2 * math.pi
+    y = torch.arange(1, h + 1, dtype=torch.float32) / (h + eps) * scale
+    x = torch.arange(1, w + 1, dtype=torch.float32) / (w + eps) * scale
+    k = torch.arange(npf, dtype=torch.float32)
+    dim_t = 10000.0 ** (2 * torch.div(k, 2, rounding_mode="floor") / npf)
+
+    def enc(p):
+        a = p[:, None] / dim_t
+        return torch.stack([a[:, 0::2].sin(), a[:, 1::2].cos()], dim=2).flatten(1)
+
+    ey, ex = enc(y), enc(x)
+    want = torch.cat([ey[:, None].expand(h, w, npf), ex[None].expand(h, w, npf)], dim=2).reshape(h * w, 16)
+    assert torch.equal(sine_position_encoding(h, w, 16), want)
 
 
 # --------------------------------------------------------------------------- artifact and weights
@@ -355,7 +373,7 @@ def test_save_and_load_roundtrip(tmp_path, clip_model):
         d = tmp_path / cfg["backbone"]
         save_proposals(d, m, cfg, seen=[0, 4, 7], input_size=[64, 64], clip_spec=spec, metrics={"recall": 0.5})
         doc = read_proposals_json(d)
-        assert doc["class"] == "zeroseg.models.proposals:MaskFormer" and doc["seen"] == [0, 4, 7]
+        assert doc["class"] == "zeroseg.models.maskformer:MaskFormer" and doc["seen"] == [0, 4, 7]
         assert doc["num_queries"] == 5 and doc["hidden_dim"] == 32 and doc["input"]["size"] == [64, 64]
         assert doc["model"] == validated(ProposalConfig, cfg, "model").model_dump(mode="json")
         assert json.loads((d / "metrics.json").read_text()) == {"recall": 0.5}

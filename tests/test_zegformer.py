@@ -256,7 +256,7 @@ def tiny_clip():
 def proposals_dir(tmp_path_factory, tiny_clip):
     """A proposals artifact as pretrain_proposals writes it: a tiny text-head MaskFormer trained on
     the seen classes 0 and 2 (of 5), random weights."""
-    from zeroseg.models.proposals import MaskFormer, save_proposals
+    from zeroseg.models.maskformer import MaskFormer, save_proposals
 
     torch.manual_seed(0)
     model = MaskFormer(PROPOSAL_MODEL, num_classes=2, text_dim=64, load_backbone_weights=False)
@@ -266,7 +266,7 @@ def proposals_dir(tmp_path_factory, tiny_clip):
 
 
 def _zegformer(tiny_clip, proposals_dir, **cfg):
-    from zeroseg.models.proposals import read_proposals_json
+    from zeroseg.models.maskformer import read_proposals_json
     from zeroseg.models.zegformer import ZegFormer
 
     seg = ZegFormer(tiny_clip, {**cfg, "proposals": read_proposals_json(proposals_dir)})
@@ -276,7 +276,7 @@ def _zegformer(tiny_clip, proposals_dir, **cfg):
 
 def test_segmenter_variants_and_artifact_round_trip(tiny_clip, proposals_dir, tmp_path):
     from zeroseg.models import load_segmenter, save_segmenter
-    from zeroseg.models.proposals import semantic_scores
+    from zeroseg.models.maskformer import semantic_scores
 
     seg = _zegformer(tiny_clip, proposals_dir)
     torch.manual_seed(1)
@@ -319,7 +319,7 @@ def test_segmenter_variants_and_artifact_round_trip(tiny_clip, proposals_dir, tm
 
 def test_segmenter_refuses_what_does_not_fit(tiny_clip, proposals_dir):
     from zeroseg.errors import ConfigError
-    from zeroseg.models.proposals import read_proposals_json
+    from zeroseg.models.maskformer import read_proposals_json
     from zeroseg.models.zegformer import ZegFormer
 
     doc = read_proposals_json(proposals_dir)
@@ -344,7 +344,7 @@ def test_method_refuses_a_proposals_artifact_that_does_not_fit(tiny_clip, tmp_pa
 
     from pipeline.dag import Artifact
     from stages.methods.zegformer import ZegFormerMethod, build_zegformer
-    from zeroseg.models.proposals import MaskFormer, save_proposals
+    from zeroseg.models.maskformer import MaskFormer, save_proposals
 
     cfg = ZegFormerMethod(method="zegformer", clip=TINY)
     for name, head, dim, pattern in (

@@ -45,9 +45,9 @@ from stages.methods._proposals import bound_proposals, check_seen
 from zeroseg.data.transforms import make_lut
 from zeroseg.errors import DataError
 from zeroseg.inference import prepare_images
-from zeroseg.losses import HungarianMatcher, semantic_to_targets
+from zeroseg.losses import semantic_to_targets
+from zeroseg.models.maskformer import HungarianMatcher, load_proposal_model, read_proposals_json
 from zeroseg.models.pading import query_labels
-from zeroseg.models.proposals import load_proposal_model, read_proposals_json
 
 
 def decode_feature_batch(batch: Mapping[str, np.ndarray], forbidden: np.ndarray | None) -> dict[str, list[Any]]:

@@ -22,7 +22,7 @@ def bound_proposals(artifact: Any) -> tuple[dict[str, Any], str]:
         MissingFileError: the artifact has no ``proposals.json`` (naming the files it has).
         DataError: unreadable, not JSON, or lacking a key (``zeroseg.models.proposals.read_proposals_json``).
     """
-    from zeroseg.models.proposals import PROPOSALS_JSON, read_proposals_json
+    from zeroseg.models.maskformer import PROPOSALS_JSON, read_proposals_json
 
     where = f"proposals artifact {artifact.stage}/{artifact.key[:12]}"
     return read_proposals_json(artifact.file(PROPOSALS_JSON).parent), where

@@ -120,7 +120,7 @@ def load_proposals(seg: Any, proposals_uri: str) -> None:
         DataError: the file is missing or unreadable; WeightsMismatchError: it does not fit.
     """
     from pipeline.uri import join, local_copy
-    from zeroseg.models.proposals import WEIGHTS_PT, read_proposal_weights
+    from zeroseg.models.maskformer import WEIGHTS_PT, read_proposal_weights
 
     name = join(proposals_uri, WEIGHTS_PT)
     with local_copy(proposals_uri) as d:
@@ -156,7 +156,7 @@ def deop_train_loop(loop: Any) -> None:
     """
     import torch
 
-    from zeroseg.models.deop import poly_lr_factor
+    from zeroseg.models.maskformer import poly_lr_factor
 
     cfg = loop.config
     seg = build_model(cfg["clip"], cfg["model"])

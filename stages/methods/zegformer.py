@@ -60,7 +60,7 @@ def check_proposals(doc: dict[str, Any], clip_dim: int, clip_model: str, where: 
             ``D``, a query count that disagrees with the model it describes); each message names
             both values.
     """
-    from zeroseg.models.proposals import check_proposals_doc
+    from zeroseg.models.maskformer import check_proposals_doc
 
     head = doc.get("class_head", (doc.get("model") or {}).get("class_head"))
     if head != "text":
@@ -89,7 +89,7 @@ def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]
 
     from zeroseg.models import WEIGHTS_PT, check_state_dict, save_segmenter
     from zeroseg.models.clip import load_clip
-    from zeroseg.models.proposals import read_proposal_weights
+    from zeroseg.models.maskformer import read_proposal_weights
     from zeroseg.models.zegformer import ZegFormer, seen_from_text
 
     prop = ctx.inputs["proposals"]

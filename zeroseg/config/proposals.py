@@ -6,8 +6,8 @@ released ZegFormer setting (dingjiansw101/ZegFormer, ``configs/coco-stuff/*.yaml
 ``mask_former/config.py``; ``../shared/papers/released-code.md`` section 1.1): 100 queries, hidden
 256, 6 decoder layers, 8 heads, FFN 2048, dropout 0.1, FPN pixel decoder with 256 channels and
 256-d mask embeddings, deep supervision; matcher and loss weights class 1 / focal 20 / dice 1,
-no-object weight 0.1. See ``zeroseg.models.proposals`` for the network and
-``zeroseg.losses`` (section "Mask classification") for the matcher and the criterion.
+no-object weight 0.1. See ``zeroseg.models.maskformer`` for the network, the matcher and the
+criterion (``zeroseg.models.maskformer.criterion``).
 
 Imports neither torch nor Ray.
 """
@@ -24,7 +24,7 @@ from zeroseg.config.clip import file_sha256
 from zeroseg.errors import ConfigError
 
 #: Backbones: torchvision ResNets (the papers' family: ZegFormer R50/R101, DeOP R101c) or the
-#: open_clip image tower of the ``clip`` section (our departure; see ``zeroseg.models.proposals``).
+#: open_clip image tower of the ``clip`` section (our departure; see ``zeroseg.models.maskformer``).
 BACKBONES = ("resnet18", "resnet50", "resnet101", "clip")
 #: torchvision weight tags per ResNet (``torchvision.models.get_model_weights(name)``, torchvision
 #: 0.28). MaskFormer/ZegFormer's ``detectron2://ImageNetPretrained/torchvision/R-50.pkl`` is the

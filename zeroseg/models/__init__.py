@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,81 @@ def check_state_dict(
     )
     if missing or unexpected or mismatched:
         raise WeightsMismatchError(source, missing, unexpected, mismatched, model)
+
+
+def load_strict(
+    module: nn.Module,
+    state_dict: Mapping[str, Any],
+    source: str,
+    model: str | None = None,
+    names: Iterable[str] | None = None,
+) -> None:
+    """The one strict load of a state dict into a module: :func:`check_state_dict` against the
+    module's own tensors, then ``module.load_state_dict``.
+
+    Args:
+        module: the module loaded into.
+        state_dict: its state dict, or exactly the part ``names`` says.
+        source: what ``state_dict`` is (a file, a checkpoint URI), for the message.
+        model: how the message names the module (default ``the <Class> model``).
+        names: the state-dict keys expected (a trainable part: the other tensors are left as
+            they are); default all of them (``strict=True``).
+
+    Raises:
+        WeightsMismatchError: any missing or unexpected key, or a shape mismatch (all listed).
+    """
+    own = module.state_dict()
+    model = model or f"the {type(module).__name__} model"
+    if names is None:
+        check_state_dict(own, state_dict, source, model)
+        module.load_state_dict(state_dict, strict=True)
+    else:
+        check_state_dict({k: own[k] for k in names}, state_dict, source, model)
+        module.load_state_dict(dict(state_dict), strict=False)
+
+
+def read_state_dict(path: str | Path, name: str | None = None, error: type[Exception] = DataError) -> dict[str, Any]:
+    """A state-dict file, on the CPU (``torch.load(map_location="cpu", weights_only=True)``).
+
+    Args:
+        path: the file.
+        name: how messages name it (default: its path).
+        error: the exception type raised (``DataError`` for an artifact's file, ``ConfigError`` for
+            a file a config names).
+
+    Returns:
+        the state dict as a ``dict``.
+
+    Raises:
+        error: the file cannot be read, or it does not hold a mapping (naming it).
+    """
+    name = name or str(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for an unreadable file
+        raise error(f"cannot read {name}: {type(e).__name__}: {e}") from None
+    if not isinstance(sd, Mapping):
+        raise error(f"{name} must hold a state dict, got {type(sd).__name__}")
+    return dict(sd)
+
+
+def decay_groups(params: Iterable[tuple[nn.Parameter, bool]], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups by weight decay, in the order the parameters come:
+    ``[{"params": with decay, "weight_decay": weight_decay}]`` plus, when any,
+    ``{"params": without, "weight_decay": 0.0}``.
+
+    Args:
+        params: ``(parameter, no_decay)`` pairs (``no_decay`` True: a norm, an embedding...).
+        weight_decay: the decay of the first group.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p, skip in params:
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
 
 
 class Segmenter(nn.Module):
@@ -174,8 +250,19 @@ class Segmenter(nn.Module):
 
 
 def class_path(obj: Any) -> str:
-    """``module:Class`` of a segmenter class or instance."""
+    """``module:Class`` of a segmenter class or instance (what an artifact records).
+
+    The module is the outermost package under :data:`CLASS_PREFIX` that re-exports the class,
+    else the module defining it: ``zeroseg.models.deop:DeOP`` for ``DeOP`` of
+    ``zeroseg/models/deop/model.py``, so a model package may move a class between its files
+    without changing the artifacts it writes.
+    """
     cls = obj if isinstance(obj, type) else type(obj)
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts)):
+        pkg = ".".join(parts[:i])
+        if pkg.startswith(CLASS_PREFIX) and getattr(sys.modules.get(pkg), cls.__qualname__, None) is cls:
+            return f"{pkg}:{cls.__qualname__}"
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
@@ -250,17 +337,27 @@ def save_segmenter(
     return path
 
 
+def artifact_file(artifact_dir: str | Path, name: str, kind: str) -> Path:
+    """The path of file ``name`` of an artifact directory, which must exist.
+
+    Raises:
+        DataError: no such file: "not a ``kind`` artifact", listing what the directory holds.
+    """
+    d = Path(artifact_dir)
+    path = d / name
+    if not path.is_file():
+        have = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+        raise DataError(f"{path} not found: not a {kind} artifact (directory has {have[:20]})")
+    return path
+
+
 def read_segmenter_json(segmenter_dir: str | Path) -> dict[str, Any]:
     """The parsed ``segmenter.json`` of an artifact directory.
 
     Raises:
         DataError: missing or malformed (naming the file and the keys it needs).
     """
-    d = Path(segmenter_dir)
-    jpath = d / SEGMENTER_JSON
-    if not jpath.is_file():
-        have = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
-        raise DataError(f"{jpath} not found: not a segmenter artifact (directory has {have[:20]})")
+    jpath = artifact_file(segmenter_dir, SEGMENTER_JSON, "segmenter")
     try:
         doc = json.loads(jpath.read_text())
         for k in ("method", "class", "clip", "input"):
@@ -294,13 +391,7 @@ def load_segmenter(segmenter_dir: str | Path, device: str | torch.device = "cpu"
     seg = cls(load_clip(as_spec(doc["clip"]), device="cpu"), dict(doc.get("model") or {}))
     wpath = d / WEIGHTS_PT
     if wpath.exists():
-        try:
-            sd = torch.load(wpath, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many kinds for an unreadable file
-            raise DataError(f"cannot read {wpath}: {type(e).__name__}: {e}") from None
-        if not isinstance(sd, Mapping):
-            raise DataError(f"{wpath} must hold a state dict, got {type(sd).__name__}")
-        load_trainable(seg, sd, where=str(wpath))
+        load_trainable(seg, read_state_dict(wpath), where=str(wpath))
     inp = doc["input"]
     got = {
         "size": [int(s) for s in seg.input_size],
@@ -325,10 +416,7 @@ def load_trainable(seg: nn.Module, state_dict: Mapping[str, torch.Tensor], where
         WeightsMismatchError: missing or unexpected keys or a shape mismatch (all listed).
     """
     names = getattr(seg, "trainable_names", None)
-    own = seg.state_dict()
-    expected = {k: own[k] for k in (names() if callable(names) else own)}
-    check_state_dict(expected, state_dict, where, f"the {type(seg).__name__} model")
-    seg.load_state_dict(dict(state_dict), strict=False)
+    load_strict(seg, state_dict, where, names=names() if callable(names) else list(seg.state_dict()))
 
 
 __all__ = [
@@ -336,11 +424,15 @@ __all__ = [
     "WEIGHTS_PT",
     "Segmenter",
     "WeightsMismatchError",
+    "artifact_file",
     "check_state_dict",
     "class_path",
+    "decay_groups",
     "import_class",
     "load_segmenter",
+    "load_strict",
     "load_trainable",
     "read_segmenter_json",
+    "read_state_dict",
     "save_segmenter",
 ]

@@ -4,7 +4,7 @@ model whose linear class head is retrained on real seen plus synthetic unseen em
 Algorithm 1 of the paper, as this project splits it:
 
 1. the mask classification model is ``pretrain_proposals`` with ``class_head: linear``
-   (``zeroseg.models.proposals.MaskFormer``: ``Linear(hidden, K + 1)`` over its query embeddings);
+   (``zeroseg.models.maskformer.MaskFormer``: ``Linear(hidden, K + 1)`` over its query embeddings);
 2. its query embeddings on the training images, matched to the seen ground-truth segments, are an
    artifact (stage ``extract_features``; :func:`query_labels`);
 3. a generator maps class text embeddings to query embeddings (:class:`PrimitiveGenerator`, Eq. 1;
@@ -34,6 +34,7 @@ from zeroseg.config import validated
 from zeroseg.config.pading import GeneratorConfig, RetrainConfig
 from zeroseg.errors import ConfigError
 from zeroseg.models import Segmenter
+from zeroseg.models.maskformer import DecoderLayer, MaskFormer
 
 # =============================================================================================
 # losses
@@ -143,7 +144,7 @@ def gaussian_kl(x: torch.Tensor) -> torch.Tensor:
 # =============================================================================================
 
 
-class NoisyDecoderLayer(nn.Module):
+class NoisyDecoderLayer(DecoderLayer):
     """DETR's post-norm decoder layer with PADing's noise (released ``TransformerDecoderLayer(...,
     noise=True)``), for one query token per sample::
 
@@ -152,16 +153,12 @@ class NoisyDecoderLayer(nn.Module):
         t = norm2(t)
         t = norm3(t + drop(linear2(drop(relu(linear1(t))))))
 
-    ``forward(t [N, 1, d], memory [N, P, d]) -> [N, 1, d]``.
+    ``forward(t [N, 1, d], memory [N, P, d]) -> [N, 1, d]``. The layers (and their names) are
+    MaskFormer's :class:`~zeroseg.models.maskformer.DecoderLayer`'s; no query / key positions.
     """
 
     def __init__(self, d: int, heads: int, ffn: int, dropout: float, noise: bool) -> None:
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop, self.drop1, self.drop2, self.drop3 = (nn.Dropout(dropout) for _ in range(4))
+        super().__init__(d, heads, ffn, dropout)
         self.noise = noise
 
     def forward(self, t: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -481,7 +478,7 @@ def query_labels(
     Args:
         pred_logits: ``[B, Q, K + 1]``; pred_masks: ``[B, Q, h, w]``.
         targets: per image ``{"labels": int64 [N] (head indices 0..K-1), "masks": [N, H, W]}``.
-        matcher: ``zeroseg.losses.HungarianMatcher``.
+        matcher: ``zeroseg.models.maskformer.HungarianMatcher``.
 
     Returns:
         ``int64 [B, Q]``: the matched target's label, ``-1`` for unmatched queries.
@@ -522,8 +519,6 @@ class PADing(Segmenter):
     scores_are_probabilities = True
 
     def __init__(self, clip_model: nn.Module | None, cfg: Mapping[str, Any] | None = None) -> None:
-        from zeroseg.models.proposals import MaskFormer
-
         super().__init__()
         cfg = dict(cfg or {})
         for k in ("proposals", "classes", "text_dim"):

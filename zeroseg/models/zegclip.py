@@ -37,7 +37,7 @@ from torch import nn
 from zeroseg.config import validated
 from zeroseg.config.zegclip import ZegCLIPConfig
 from zeroseg.losses import segmentation_loss_terms
-from zeroseg.models import Segmenter
+from zeroseg.models import Segmenter, decay_groups
 from zeroseg.models.clip import check_input_size, image_norm
 from zeroseg.models.prompt import PromptedVisionTransformer
 
@@ -415,16 +415,14 @@ class ZegCLIP(Segmenter):
         ``ln``) without weight decay, the rest with ``weight_decay`` (released config's
         ``decay_mult=0`` for ``norm`` / ``ln``). Learning rates are left to the caller."""
         names = set(self.trainable_names())
-        decay, no_decay = [], []
-        for n, p in self.named_parameters():
-            if n not in names:
-                continue
-            leaf = n.split(".")
-            (no_decay if any(s.startswith("norm") or s.startswith("ln") for s in leaf) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        return decay_groups(
+            (
+                (p, any(s.startswith("norm") or s.startswith("ln") for s in n.split(".")))
+                for n, p in self.named_parameters()
+                if n in names
+            ),
+            weight_decay,
+        )
 
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; a frozen image tower (dpt/fix) stays in eval mode."""

@@ -4,7 +4,7 @@ class-agnostic grouping into segments, then zero-shot classification of each seg
 Pipeline of :class:`ZegFormer` at inference (ZegFormer Sec. 3.2, Fig. 2):
 
 1. proposals (``self.proposals``: the MaskFormer of stage ``pretrain_proposals`` with
-   ``class_head: text``, :mod:`zeroseg.models.proposals`): ``Q`` mask logits per image and, per
+   ``class_head: text``, :mod:`zeroseg.models.maskformer`): ``Q`` mask logits per image and, per
    segment, the logits of Eq. 1: ``100 * cos(G_q, T_c)`` against the class text embeddings plus the
    learned no-object logit (released: the raw ``bg_feature``, see ``zeroseg.config.proposals``).
    ``p_q(c) = softmax(SSE logits)[c]`` over the C classes and no-object; no-object is dropped.
@@ -308,7 +308,7 @@ class ZegFormer(Segmenter):
     scores_are_probabilities = True
 
     def __init__(self, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> None:
-        from zeroseg.models.proposals import MaskFormer
+        from zeroseg.models.maskformer import MaskFormer
 
         super().__init__()
         self.cfg = resolve_zegformer_config(clip_model, cfg)
