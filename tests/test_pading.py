@@ -217,7 +217,8 @@ def test_query_labels_take_the_matched_segment_or_no_object():
 def test_feature_writer_puts_each_batch_at_its_rows_whatever_the_order(tmp_path):
     """The driver-side merge of extract_features: partial states arriving out of order land at their
     manifest rows; the counts are those of the labels written (-1 = no-object)."""
-    from stages.extract_features import EMBEDDINGS, LABELS, FeatureWriter
+    from stages.extract_features import EMBEDDINGS, LABELS
+    from stages.jobs.extract_features import FeatureWriter
 
     w = FeatureWriter(str(tmp_path), rows=3, queries=2, dim=1)
     parts = []
