@@ -290,7 +290,7 @@ class ExtractFeatures(Stage):
 
         from pipeline.inference import reduce
         from stages.feeds import URI_COLUMNS, leakage_guard, manifest_table
-        from stages.methods._proposals import bound_proposals, check_seen
+        from stages.jobs.methods._proposals import bound_proposals, check_seen
         from zeroseg.data.transforms import make_lut
 
         cfg: ExtractFeaturesConfig = ctx.config

@@ -235,7 +235,7 @@ class TrainGenerator(Stage):
 
         from pipeline.training import fit_stage
         from stages.extract_features import read_features_json
-        from stages.methods._proposals import bound_proposals, check_seen
+        from stages.jobs.methods._proposals import bound_proposals, check_seen
         from zeroseg.models import WEIGHTS_PT, save_segmenter
         from zeroseg.models.pading import PADing, extend_head
         from zeroseg.models.proposals import read_proposal_weights

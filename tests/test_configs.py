@@ -173,7 +173,7 @@ def _zegclip_lr(section):
 
     import torch
 
-    from stages.methods.zegclip import zegclip_optimizer
+    from stages.jobs.methods.zegclip import zegclip_optimizer
 
     p = torch.nn.Parameter(torch.zeros(1))
     seg = types.SimpleNamespace(optimizer_param_groups=lambda wd: [{"params": [p], "weight_decay": wd}])

@@ -215,7 +215,7 @@ def test_class_names_split_into_synonyms():
 
 
 def test_check_proposals_refuses_what_does_not_fit():
-    from stages.methods.zegformer import check_proposals
+    from stages.jobs.methods.zegformer import check_proposals
 
     good = {"class_head": "text", "text_dim": 64, "num_queries": 10, "model": {"class_head": "text", "num_queries": 10}}
     check_proposals(good, 64, TINY_MODEL, "proposals artifact x")
