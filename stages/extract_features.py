@@ -181,7 +181,7 @@ class FeaturePredictor:
     def __call__(self, inputs: Mapping[str, list[Any]]) -> dict[str, Any]:
         import torch
 
-        from stages.pretrain_proposals import model_input
+        from stages.jobs.pretrain_proposals import model_input
         from zeroseg.models.pading import query_labels
 
         with torch.inference_mode():
