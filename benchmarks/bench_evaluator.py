@@ -7,9 +7,9 @@ Real label maps: ``../shared/data/camvid-val/labels/*.png`` (101 CamVid frames, 
 Implementations timed:
 
 - ``textbook``: per image, ``m = gt != 255; np.bincount(C * gt[m] + pred[m], minlength=C*C)``;
-- ``zeroseg.metrics.confusion_matrix`` (NumPy): one bincount per batch, ignore routed to a dropped
+- ``zeroseg.confusion.confusion_matrix`` (NumPy): one bincount per batch, ignore routed to a dropped
   extra row through a lookup table (no masked copies);
-- ``zeroseg.metrics.confusion_matrix_torch`` on CPU (and CUDA when present): what evaluate's
+- ``zeroseg.confusion.confusion_matrix_torch`` on CPU (and CUDA when present): what evaluate's
   workers run, ``torch.bincount`` per batch on the scores' device.
 
 Each implementation runs over the whole label set ``--repeats`` times, interleaved (so machine
@@ -37,7 +37,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from zeroseg.metrics import confusion_matrix, confusion_matrix_torch  # noqa: E402
+from zeroseg.confusion import confusion_matrix, confusion_matrix_torch  # noqa: E402
 
 DEFAULT_LABELS = REPO.parent / "shared" / "data" / "camvid-val" / "labels"
 NUM_CLASSES, VOID, IGNORE = 11, 11, 255
@@ -85,10 +85,10 @@ def main() -> None:
 
     impls = {
         "textbook (per-image np.bincount, masked)": lambda: textbook(preds, gts, c),
-        "zeroseg.metrics.confusion_matrix (numpy, batched)": lambda: sum(
+        "zeroseg.confusion.confusion_matrix (numpy, batched)": lambda: sum(
             confusion_matrix(p, g, c) for p, g in np_batches
         ),
-        "zeroseg.metrics.confusion_matrix_torch (cpu, batched)": lambda: sum(
+        "zeroseg.confusion.confusion_matrix_torch (cpu, batched)": lambda: sum(
             confusion_matrix_torch(p, g, c) for p, g in t_batches
         ).numpy(),
     }
@@ -100,7 +100,7 @@ def main() -> None:
             torch.cuda.synchronize()
             return out.cpu().numpy()
 
-        impls["zeroseg.metrics.confusion_matrix_torch (cuda, batched)"] = on_cuda
+        impls["zeroseg.confusion.confusion_matrix_torch (cuda, batched)"] = on_cuda
 
     ref = textbook(preds, gts, c)
     for name, fn in impls.items():  # correctness + warm-up

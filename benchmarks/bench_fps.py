@@ -69,7 +69,7 @@ from PIL import Image  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from zeroseg.config.clip import TINY_MODEL  # noqa: E402
-from zeroseg.data.classes import COCO_STUFF_171  # noqa: E402
+from zeroseg.data.builtin_splits import COCO_STUFF_171  # noqa: E402
 
 #: The fused ZegFormer: every ratio is relative to it.
 BASELINE = "zegformer"

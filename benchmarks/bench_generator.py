@@ -88,7 +88,7 @@ def main() -> int:
     import yaml
 
     from stages.extract_features import ROW_COLUMN, FeaturePredictor
-    from zeroseg.data.splits import read_classes_json
+    from zeroseg.data.split_files import read_classes_json
     from zeroseg.models.pading import FeatureGenerator
     from zeroseg.models.proposals import MaskFormer, save_proposals
 

@@ -46,7 +46,7 @@ from _measure import run_measured, tree_cpu_seconds  # noqa: E402
 from pipeline.dag import Artifact  # noqa: E402
 from stages.feeds import decode_train_batch, manifest_table  # noqa: E402
 from stages.methods.zegclip import ZegCLIPMethod  # noqa: E402
-from zeroseg.data.splits import manifest_schema  # noqa: E402
+from zeroseg.data.split_files import manifest_schema  # noqa: E402
 from zeroseg.data.transforms import AugmentConfig, make_lut  # noqa: E402
 
 LUT = make_lut(list(range(11)))  # CamVid: 11 classes, 11 = void -> 255

@@ -38,35 +38,33 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.config import Runtime
 from pipeline.dag import Stage, StageConfig, StageContext
 from pipeline.errors import carry_user_errors
-from zeroseg.data.classes import BUILTIN_SPLITS, Vocabulary, eval_vocabulary, resolve_split
+from zeroseg.data.builtin_splits import BUILTIN_SPLITS
+from zeroseg.data.classes import Vocabulary, eval_vocabulary, resolve_split
+from zeroseg.data.coco import read_coco
+from zeroseg.data.label_policy import EVAL_POLICY, UNLABELED_POLICY, check_transductive_vocabulary
+from zeroseg.data.mask_folder import read_mask_folder
 from zeroseg.data.readers import (
     DatasetListing,
     dataset_fingerprint,
     load_json,
     read_class_file,
-    read_coco,
-    read_mask_folder,
 )
-from zeroseg.data.splits import (
-    EVAL_POLICY,
-    TRAIN_SPLIT,
-    UNLABELED_POLICY,
-    VAL_SPLIT,
-    assign_val,
-    check_transductive_vocabulary,
+from zeroseg.data.split_files import heldout_path, label_path, write_classes_json, write_manifest
+from zeroseg.data.split_rules import (
     frequency_record,
     frequency_split,
-    heldout_path,
     images_per_class,
-    label_path,
-    make_records,
-    process_batch,
     pseudo_unseen_record,
     pseudo_unseen_split,
+)
+from zeroseg.data.splits import (
+    TRAIN_SPLIT,
+    VAL_SPLIT,
+    assign_val,
+    make_records,
+    process_batch,
     summarize,
     truncate,
-    write_classes_json,
-    write_manifest,
 )
 from zeroseg.errors import ConfigError, DataError
 

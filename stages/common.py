@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.dag import Artifact, Input
 from zeroseg.config.clip import ClipSpec
 from zeroseg.data.classes import Vocabulary
-from zeroseg.data.splits import read_classes_json
+from zeroseg.data.split_files import read_classes_json
 from zeroseg.errors import ConfigError, DataError
 
 TRAIN_VOCAB = "train"

@@ -43,7 +43,7 @@ import numpy as np
 from pipeline.dag import Artifact
 from pipeline.errors import carry_user_errors
 from pipeline.uri import read_bytes
-from zeroseg.data.splits import manifest_schema
+from zeroseg.data.split_files import manifest_schema
 from zeroseg.data.transforms import (
     AugmentConfig,
     check_lut,

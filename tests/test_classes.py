@@ -4,15 +4,8 @@ import json
 
 import pytest
 
-from zeroseg.data.classes import (
-    BUILTIN_SPLITS,
-    COCO_STUFF_171,
-    PASCAL_CONTEXT_59,
-    VOC20,
-    Vocabulary,
-    eval_vocabulary,
-    resolve_split,
-)
+from zeroseg.data.builtin_splits import BUILTIN_SPLITS, COCO_STUFF_171, PASCAL_CONTEXT_59, VOC20
+from zeroseg.data.classes import Vocabulary, eval_vocabulary, resolve_split
 from zeroseg.errors import ConfigError
 
 CAMVID = [

@@ -15,7 +15,7 @@ import stages.catalog  # noqa: F401 - registers zeroseg's errors as user errors 
 from pipeline.config import hashed_view
 from pipeline.dag import StageContext
 from stages.build_splits import BuildSplits, BuildSplitsConfig
-from zeroseg.data.splits import frequency_split, images_per_class
+from zeroseg.data.split_rules import frequency_split, images_per_class
 from zeroseg.errors import ConfigError
 
 KEY = "cd" * 32

@@ -12,8 +12,11 @@ from PIL import Image
 
 from stages.feeds import decode_train_batch
 from zeroseg.data.classes import eval_vocabulary, resolve_split
-from zeroseg.data.readers import encode_png, read_mask_folder, read_mask_label
-from zeroseg.data.splits import images_per_class, make_records, process_record, write_manifest
+from zeroseg.data.mask_folder import read_mask_folder, read_mask_label
+from zeroseg.data.readers import encode_png
+from zeroseg.data.split_files import write_manifest
+from zeroseg.data.split_rules import images_per_class
+from zeroseg.data.splits import make_records, process_record
 from zeroseg.data.transforms import AugmentConfig, decode_label, lut_ignore_index, make_lut, remap_label
 from zeroseg.errors import DataError
 from zeroseg.evaluation import GZS3Evaluator

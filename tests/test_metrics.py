@@ -1,4 +1,4 @@
-"""zeroseg.metrics against hand-computed confusion matrices, and zeroseg.plots."""
+"""zeroseg.confusion and zeroseg.metrics against hand-computed confusion matrices, and zeroseg.plots."""
 
 import math
 import warnings
@@ -8,11 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zeroseg.confusion import calibrated_argmax, confusion_matrix, confusion_matrix_torch, gzs3_zs3_confusion
 from zeroseg.metrics import (
-    calibrated_argmax,
-    confusion_matrix,
-    confusion_matrix_torch,
-    gzs3_zs3_confusion,
     harmonic_iou,
     nanmean,
     per_class_accuracy,
@@ -59,9 +56,9 @@ NAMES = ["sky", "road", "cat", "dog", "cow"]
 def counting(request, monkeypatch):
     """Run a test through both counting back ends of the torch functions (torch.bincount is
     the path CUDA tensors take)."""
-    import zeroseg.metrics
+    import zeroseg.confusion
 
-    monkeypatch.setattr(zeroseg.metrics, "NUMPY_ON_CPU", request.param == "numpy-on-cpu")
+    monkeypatch.setattr(zeroseg.confusion, "NUMPY_ON_CPU", request.param == "numpy-on-cpu")
     return request.param
 
 

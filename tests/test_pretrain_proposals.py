@@ -273,7 +273,7 @@ def _ctx(tmp_path, seen, config_overrides, evals=("val",)):
     from pipeline.dag import Artifact, StageContext
     from stages.pretrain_proposals import PretrainProposalsConfig
     from zeroseg.data.classes import Vocabulary
-    from zeroseg.data.splits import write_classes_json
+    from zeroseg.data.split_files import write_classes_json
 
     names = ("cat", "dog", "sky")
     unseen = tuple(i for i in range(3) if i not in seen)
@@ -404,7 +404,7 @@ def test_sample_stage_trains_writes_a_loadable_artifact_measures_recall_and_cach
 
     import mlflow
 
-    from zeroseg.data.splits import read_classes_json
+    from zeroseg.data.split_files import read_classes_json
     from zeroseg.models.proposals import load_proposal_model, read_proposals_json
 
     first = sample_proposals.first

@@ -28,7 +28,6 @@ from zeroseg.losses import (
     num_masks_across_workers,
     semantic_to_targets,
 )
-from zeroseg.metrics import RecallCounts, proposal_recall, segment_max_iou
 from zeroseg.models import WeightsMismatchError
 from zeroseg.models.clip import TINY_MODEL, ClipSpec, load_clip
 from zeroseg.models.proposals import (
@@ -41,6 +40,7 @@ from zeroseg.models.proposals import (
     sine_position_encoding,
     vit_pyramid_layers,
 )
+from zeroseg.proposal_recall import RecallCounts, proposal_recall, segment_max_iou
 
 TINY = ClipSpec(model=TINY_MODEL, random_init=True)
 #: a small model: 5 queries, hidden 32, 2 decoder layers

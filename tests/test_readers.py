@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zeroseg.data.readers import (
-    check_image,
-    dataset_fingerprint,
-    rasterize_coco,
-    read_class_file,
-    read_coco,
-    read_mask_folder,
-    read_mask_label,
-    read_panoptic_label,
-)
+from zeroseg.data.coco import rasterize_coco, read_coco, read_panoptic_label
+from zeroseg.data.mask_folder import read_mask_folder, read_mask_label
+from zeroseg.data.readers import check_image, dataset_fingerprint, read_class_file
 from zeroseg.errors import BadImageError, DataError
 
 W, H = 8, 6

@@ -31,13 +31,8 @@ from pipeline.plan import plan
 from stages.catalog import STAGES
 from stages.feeds import decode_train_batch, leakage_guard, train_dataset
 from zeroseg.data.classes import Vocabulary
-from zeroseg.data.splits import (
-    apply_unseen_policy,
-    check_transductive_vocabulary,
-    heldout_label,
-    manifest_schema,
-    write_classes_json,
-)
+from zeroseg.data.label_policy import apply_unseen_policy, check_transductive_vocabulary, heldout_label
+from zeroseg.data.split_files import manifest_schema, write_classes_json
 from zeroseg.data.transforms import AugmentConfig, make_lut
 from zeroseg.errors import ConfigError as VocabularyError
 from zeroseg.errors import DataError, LeakageError

@@ -11,19 +11,10 @@ import pytest
 from PIL import Image
 
 from zeroseg.data.classes import resolve_split
-from zeroseg.data.readers import read_coco, read_mask_folder
-from zeroseg.data.splits import (
-    assign_val,
-    label_path,
-    make_records,
-    manifest_schema,
-    process_batch,
-    process_record,
-    split_unit,
-    summarize,
-    truncate,
-    write_manifest,
-)
+from zeroseg.data.coco import read_coco
+from zeroseg.data.mask_folder import read_mask_folder
+from zeroseg.data.split_files import label_path, manifest_schema, write_manifest
+from zeroseg.data.splits import assign_val, make_records, process_batch, process_record, split_unit, summarize, truncate
 from zeroseg.errors import BadImageError, DataError
 
 W, H = 8, 6
@@ -275,7 +266,8 @@ def test_label_path_is_relative_to_the_output_dir(tmp_path):
 def test_seen_class_validation_under_drop_and_transductive_policies(coco):
     """Seen-class validation (pseudo_unseen_split) on the toy: dog (the benchmark's unseen class) is
     excluded, car plays unseen. By hand from the fixture's rectangles."""
-    from zeroseg.data.splits import process_record_heldout, pseudo_unseen_split
+    from zeroseg.data.split_rules import pseudo_unseen_split
+    from zeroseg.data.splits import process_record_heldout
 
     lst, vocab = coco
     work, excluded = pseudo_unseen_split(vocab, pseudo_unseen=["car"])
@@ -319,7 +311,7 @@ def test_seen_class_validation_under_drop_and_transductive_policies(coco):
 
 
 def test_exclude_classes_renumbers_and_narrows_the_labels():
-    from zeroseg.data.splits import exclude_classes
+    from zeroseg.data.label_policy import exclude_classes
 
     # 5 classes, class 1 excluded: 0 -> 0, 1 -> ignore, 2 -> 1, 3 -> 2, 4 -> 3; crowd ids follow
     label = np.array([[0, 1, 2, 3, 4, 255]], np.uint8)

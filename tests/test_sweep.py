@@ -118,7 +118,7 @@ def test_the_zegformer_sweep_tunes_on_seen_classes_of_coco_stuff(monkeypatch, tm
     from pipeline.plan import plan
     from stages.build_splits import named_split, validation_split
     from stages.catalog import STAGES
-    from zeroseg.data.classes import COCO_STUFF_171, COCO_STUFF_SPNET_VAL, COCO_STUFF_UNSEEN
+    from zeroseg.data.builtin_splits import COCO_STUFF_171, COCO_STUFF_SPNET_VAL, COCO_STUFF_UNSEEN
 
     class EverythingCached:  # no stage's data checks: the benchmark's data is not on this machine
         def exists(self, stage, key):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zeroseg.confusion import calibrated_argmax
 from zeroseg.errors import DataError
-from zeroseg.metrics import calibrated_argmax
 from zeroseg.models.clip import TINY_MODEL, ClipSpec, get_tokenizer, load_clip
 from zeroseg.models.zegformer import combine, mask_boxes, renormalise, seen_from_text, segment_probabilities, sub_images
 from zeroseg.text import TEMPLATES, encode_class_names

@@ -36,6 +36,16 @@ import numpy as np
 from zeroseg.errors import DataError
 
 
+def _merge_per_set(dst: Any, src: Any, fields: Sequence[str]) -> None:
+    """Add ``src``'s per-set partial state into ``dst`` (evaluators of one class): for each set
+    ``src`` has (the keys of its first field), ``dst._ensure(set)``, then
+    ``getattr(dst, f)[set] += getattr(src, f)[set]`` for every field ``f``, in order."""
+    for n in getattr(src, fields[0]):
+        dst._ensure(n)
+        for f in fields:
+            getattr(dst, f)[n] += getattr(src, f)[n]
+
+
 class GZS3Evaluator:
     """GZS3 and ZS3 confusion matrices per evaluation set.
 
@@ -47,7 +57,7 @@ class GZS3Evaluator:
 
     Per image: scores bilinearly upsampled to the label size (``align_corners=False``), then the
     batch's ``activation`` if any, then the calibrated argmax (gamma subtracted from
-    probabilities, ``zeroseg.metrics.calibrated_argmax``) and the counting.
+    probabilities, ``zeroseg.confusion.calibrated_argmax``) and the counting.
 
     ``finalize()`` returns ``{name: {"gzs3": int64 [C, C], "zs3": int64 [U, U], "images": n,
     "pixels": labelled + ignored pixels}}``; ``zeroseg.metrics.segmentation_metrics`` /
@@ -91,7 +101,7 @@ class GZS3Evaluator:
         import torch
         import torch.nn.functional as F
 
-        from zeroseg.metrics import gzs3_zs3_confusion
+        from zeroseg.confusion import gzs3_zs3_confusion
         from zeroseg.protocols import activate
 
         probabilities = bool(outputs.get("probabilities", False))
@@ -160,12 +170,7 @@ class GZS3Evaluator:
 
     def merge(self, other: GZS3Evaluator) -> None:
         """Add another partial state (the sets it has)."""
-        for n in other.gzs3:
-            self._ensure(n)
-            self.gzs3[n] += other.gzs3[n]
-            self.zs3[n] += other.zs3[n]
-            self.images[n] += other.images[n]
-            self.pixels[n] += other.pixels[n]
+        _merge_per_set(self, other, ("gzs3", "zs3", "images", "pixels"))
 
     def finalize(self) -> dict[str, dict[str, Any]]:
         """``{set: {"gzs3", "zs3", "images", "pixels"}}`` for every configured set."""
@@ -256,7 +261,7 @@ def segment_best_iou(mask_logits: Any, label: np.ndarray, ignore_index: int = 25
     import torch
     import torch.nn.functional as F
 
-    from zeroseg.metrics import segment_max_iou
+    from zeroseg.proposal_recall import segment_max_iou
 
     if mask_logits.ndim != 3:
         raise ValueError(f"mask_logits must be [Q, h, w], got {tuple(mask_logits.shape)}")
@@ -348,11 +353,7 @@ class ProposalRecallEvaluator:
 
     def merge(self, other: ProposalRecallEvaluator) -> None:
         """Add another partial state (the sets it has)."""
-        for n in other.hits:
-            self._ensure(n)
-            self.hits[n] += other.hits[n]
-            self.totals[n] += other.totals[n]
-            self.images[n] += other.images[n]
+        _merge_per_set(self, other, ("hits", "totals", "images"))
 
     def finalize(self) -> dict[str, dict[str, Any]]:
         """Counts and recall per configured set (see class docstring)."""

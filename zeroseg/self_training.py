@@ -11,7 +11,7 @@ loss on them is the ground-truth loss (all class channels). No confidence thresh
 * ``unseen_only`` (released; the paper's dagger variant, "pseudo labels merely annotated on
   unseen pixels excluding the ignore part"): the pixels whose hidden label is an unseen class.
   This uses *where* the unseen pixels are (not which unseen class they hold): the training label
-  carries them as the unlabelled-unseen value (``zeroseg.data.splits.unlabeled_index``);
+  carries them as the unlabelled-unseen value (``zeroseg.data.label_policy.unlabeled_index``);
 * ``all_unlabeled`` (the paper's plain ZegCLIP+ST: "pseudo labels on all unlabeled pixels"):
   every pixel without a seen label, ignore included; padding added by the augmentation is not a
   pixel of the image and is left out.

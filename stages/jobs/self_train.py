@@ -26,7 +26,7 @@ from stages.jobs.methods.zegclip import build_model, zegclip_optimizer
 from stages.self_train import PSEUDO_LABELS_JSON, SELF_TRAINED_GAMMA, ZEGCLIP_CLASS, SelfTrainConfig
 from zeroseg.config.clip import model_embed_dim
 from zeroseg.data.classes import label_ignore_index
-from zeroseg.data.splits import read_transductive
+from zeroseg.data.split_files import read_transductive
 from zeroseg.data.transforms import make_lut
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.metrics import json_safe
