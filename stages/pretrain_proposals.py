@@ -52,7 +52,6 @@ from zeroseg.errors import ConfigError
 #: 123.675, 116.28, 103.53 / 58.395, 57.12, 57.375 divided by 255): the ResNet backbones' input.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SET_COLUMN = "eval_set"
 #: The held-out set of the training dataset (build_splits ``val_fraction``): the default recall set.
 HELD_OUT = "val"
 
@@ -264,7 +263,6 @@ __all__ = [
     "HELD_OUT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "SET_COLUMN",
     "PretrainProposals",
     "PretrainProposalsConfig",
     "backbone_normalisation",

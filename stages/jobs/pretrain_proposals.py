@@ -3,8 +3,7 @@ proposal model trained as a Ray Train job, then its recall pass.
 
 Training (runs in Ray Train workers): :func:`param_groups`, :func:`build_model`, the forward
 module and :func:`proposals_train_loop`. The recall pass (inference actors):
-:func:`model_input`, :class:`ProposalPredictor`. The driver side: :func:`recall_rows`,
-:func:`resolve_recall_device` and :func:`pretrain_proposals`.
+:func:`model_input`, :class:`ProposalPredictor`. The driver side: :func:`resolve_recall_device` and :func:`pretrain_proposals`.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
 import torch.nn as nn
@@ -31,10 +29,10 @@ from pipeline.inference import reduce
 from pipeline.training import fit_stage
 from pipeline.uri import join, local_copy, read_bytes
 from stages.common import TRAIN_VOCAB, seen_rows, text_embeddings, vocabularies
-from stages.feeds import URI_COLUMNS, decode_set_batch, leakage_guard, manifest_table, train_dataset
-from stages.pretrain_proposals import SET_COLUMN, PretrainProposals, PretrainProposalsConfig, recall_key
+from stages.feeds import SET_COLUMN, decode_set_batch, set_rows, set_specs, training_feed
+from stages.jobs._training import fit_metrics, tensor_count
+from stages.pretrain_proposals import PretrainProposals, PretrainProposalsConfig, recall_key
 from zeroseg.config.clip import model_embed_dim
-from zeroseg.data.transforms import lut_ignore_index, make_lut
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.evaluation import RECALL_GROUPS, ProposalRecallEvaluator
 from zeroseg.losses import semantic_to_targets
@@ -267,23 +265,6 @@ class ProposalPredictor:
         return {"mask_logits": out["pred_masks"]}
 
 
-def recall_rows(ctx: StageContext, sets: list[str], max_images: int | None) -> Any:
-    """One pyarrow table of the recall sets' manifest rows (URIs resolved) with the set column.
-
-    Raises:
-        DataError: a set whose manifest has no images.
-    """
-    parts = []
-    for name in sets:
-        t = manifest_table(ctx.inputs["splits"], name).select(list(URI_COLUMNS))
-        if max_images is not None:
-            t = t.slice(0, max_images)
-        if t.num_rows == 0:
-            raise DataError(f"recall set {name!r}: its manifest has no images")
-        parts.append(t.append_column(SET_COLUMN, pa.array([name] * t.num_rows, pa.string())))
-    return pa.concat_tables(parts)
-
-
 def resolve_recall_device(device: str) -> tuple[str, float]:
     """``(torch device, GPUs per actor)`` of the recall pass (``auto``: cuda when the Ray cluster
     has GPUs).
@@ -357,46 +338,23 @@ def pretrain_proposals(ctx: StageContext, cfg: PretrainProposalsConfig) -> dict[
             f"{list(model.std)}, but pretrain_proposals.augment.mean/std are {list(mean)} / {list(std)}: set "
             "them to the model's"
         )
-    # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
-    lut = make_lut({c: i for i, c in enumerate(seen)}, source_classes=len(train_vocab.names))
-    loop_config["ignore_index"] = lut_ignore_index(lut)
-    ds = train_dataset(
-        splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
-    )
-    result = fit_stage(ctx, proposals_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
+    feed = training_feed(splits, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows)  # seen classes only
+    loop_config["ignore_index"] = feed.ignore_index
+    result = fit_stage(ctx, proposals_train_loop, loop_config, {"train": feed.dataset}, cfg.scaling, cfg.train)
     model.load_state_dict(result.model_state(), strict=True)
     out = Path(ctx.output_dir)
     save_proposals(
         out, model, m, seen=seen, input_size=tuple(cfg.augment.crop_size), clip_spec=cfg.clip
     )  # metrics.json is written below, after the recall pass
-    metrics: dict[str, float] = {
-        "steps": result.steps,
-        "global_batch_size": result.global_batch_size,
-        "base_lr": result.effective_lr,
-        "backbone_lr": result.effective_lr * cfg.backbone_lr_mult,
-        "resumed_from_step": result.resumed_from_step,
-        "params": int(sum(p.numel() for p in model.parameters())),
-        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-    }
+    metrics = fit_metrics(result, {"backbone": cfg.backbone_lr_mult}, params=tensor_count(model.parameters()))
     doc: dict[str, Any] = {"train": dict(metrics), "precision": result.precision, "recall": {}}
 
     if sets:
         if not ray.is_initialized():  # the driver initialises Ray before a stage runs
             raise RuntimeError("pretrain_proposals needs an initialised Ray (ray.init) for its recall pass")
         device, gpus = resolve_recall_device(cfg.recall_device)
-        table = recall_rows(ctx, sets, cfg.recall_max_images)
-        evaluator = ProposalRecallEvaluator(
-            {
-                n: {
-                    "num_classes": len(vocabs[n].names),
-                    "seen": vocabs[n].seen,
-                    "unseen": vocabs[n].unseen,
-                    "ignore_index": vocabs[n].ignore_index,
-                }
-                for n in sets
-            },
-            thresholds=cfg.recall_ious,
-        )
+        table = set_rows(splits, sets, cfg.recall_max_images, what="recall set")
+        evaluator = ProposalRecallEvaluator(set_specs(vocabs, sets), thresholds=cfg.recall_ious)
         ctx.log(f"recall pass: {table.num_rows} images of {', '.join(sets)} on {device}")
         t0 = time.perf_counter()
         merged, _ = reduce(
@@ -447,6 +405,5 @@ __all__ = [
     "param_groups",
     "pretrain_proposals",
     "proposals_train_loop",
-    "recall_rows",
     "resolve_recall_device",
 ]

@@ -21,7 +21,8 @@ from pipeline.dag import StageContext
 from pipeline.training import fit_stage
 from pipeline.training.checkpoint import load_train_state
 from stages.common import text_embeddings, vocabularies, warm_start
-from stages.feeds import leakage_guard, train_dataset
+from stages.feeds import training_feed
+from stages.jobs._training import fit_metrics, tensor_count
 from stages.jobs.methods.zegclip import build_model, zegclip_optimizer
 from stages.self_train import PSEUDO_LABELS_JSON, SELF_TRAINED_GAMMA, ZEGCLIP_CLASS, SelfTrainConfig
 from zeroseg.config.clip import model_embed_dim
@@ -164,8 +165,7 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
     lut = make_lut(
         {**{int(c): int(c) for c in vocab.seen}, unlabeled: unlabeled}, ignore_index=ignore, source_classes=num_classes
     )
-    guard = leakage_guard(splits, lut)
-    ds = train_dataset(splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, guard=guard, heldout=True)
+    feed = training_feed(splits, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, lut=lut, heldout=True)
     loop_config = {
         "clip": clip,
         "model": doc["model"],
@@ -179,7 +179,7 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
         "threshold": cfg.threshold,
         **cfg.solver(),
     }
-    result = fit_stage(ctx, self_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
+    result = fit_stage(ctx, self_train_loop, loop_config, {"train": feed.dataset}, cfg.scaling, cfg.train)
     seg = build_model(clip, doc["model"])
     seg.load_trainable_state_dict(result.model_state(), source=result.checkpoint_uri)
     trainable = seg.trainable_state_dict()
@@ -217,19 +217,15 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
     per_class = {f"pseudo_iou/{r['name']}": r["iou"] for r in summary["per_class"] if r["iou"] is not None}
     if ctx.mlflow_run_id and per_class:
         tracking.log_metrics(per_class, run_id=ctx.mlflow_run_id)
-    return {
-        "steps": result.steps,
-        "global_batch_size": result.global_batch_size,
-        "base_lr": result.effective_lr,
-        "effective_lr": result.effective_lr * cfg.head_lr_mult,
-        "resumed_from_step": result.resumed_from_step,
-        "precision": result.precision,
-        "trainable_params": int(sum(v.numel() for v in trainable.values() if torch.is_tensor(v))),
-        "pseudo_miou": summary["miou"],
-        "pseudo_accuracy": summary["accuracy"],
-        "pseudo_coverage": summary["coverage"],
-        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-    }
+    return fit_metrics(
+        result,
+        {"head": cfg.head_lr_mult},
+        precision=result.precision,
+        trainable_params=tensor_count(trainable),
+        pseudo_miou=summary["miou"],
+        pseudo_accuracy=summary["accuracy"],
+        pseudo_coverage=summary["coverage"],
+    )
 
 
 __all__ = ["SelfTrainLoss", "self_train_loop", "self_train_zegclip", "student_model"]

@@ -24,6 +24,7 @@ from pipeline.training import fit_stage
 from pipeline.uri import local_copy
 from stages.common import TRAIN_VOCAB, text_embeddings, vocabularies
 from stages.extract_features import read_features_json
+from stages.jobs._training import fit_metrics
 from stages.jobs.methods._proposals import bound_proposals, check_seen
 from stages.train_generator import GENERATOR_PT, TrainGeneratorConfig
 from zeroseg.config.pading import GeneratorConfig
@@ -129,8 +130,9 @@ def train_generator(ctx: StageContext, cfg: TrainGeneratorConfig) -> dict[str, f
     artifact plus ``generator.pt`` (see ``stages.train_generator``).
 
     Returns:
-        metrics: steps, generator steps, global batch, final loss terms, the synthetic check
-        (:func:`synthetic_check`); non-finite values left out.
+        metrics (``stages.jobs._training.fit_metrics``): steps, global batch, ``base_lr`` (the
+        head's SGD lr) and ``generator_lr`` (the generator's Adam lr), generator steps, final loss
+        terms, the synthetic check (:func:`synthetic_check`); floats, non-finite values left out.
 
     Raises:
         DataError: classes.json without seen or unseen training classes; unseen classes without an
@@ -216,15 +218,9 @@ def train_generator(ctx: StageContext, cfg: TrainGeneratorConfig) -> dict[str, f
     out = Path(ctx.output_dir)
     save_segmenter(out, seg, cfg.clip, "pading", seg.trainable_state_dict())
     torch.save({k: v for k, v in state.items() if not k.startswith("head.")}, out / GENERATOR_PT)
-    metrics = {
-        "steps": float(result.steps),
-        "generator_steps": float(phase),
-        "global_batch_size": float(result.global_batch_size),
-        "resumed_from_step": float(result.resumed_from_step),
-        **{f"final_{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
-        **synthetic_check(m, state, emb, train),
-    }
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+    metrics = fit_metrics(result, {"generator": cfg.generator_lr / cfg.train.lr}, generator_steps=phase)
+    metrics.update(synthetic_check(m, state, emb, train))
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
 def synthetic_check(m: GeneratorConfig, state: Mapping[str, Any], emb: np.ndarray, train: Any) -> dict[str, float]:

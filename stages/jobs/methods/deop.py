@@ -19,11 +19,11 @@ from pipeline.dag import StageContext
 from pipeline.training import fit_stage
 from pipeline.uri import join, local_copy
 from stages.common import seen_rows, vocabularies
-from stages.feeds import leakage_guard, train_dataset
+from stages.feeds import training_feed
+from stages.jobs._training import fit_metrics, supervised_steps, tensor_count
 from stages.jobs.methods._proposals import bound_proposals, check_seen
 from stages.methods.deop import DeOPMethod
 from zeroseg.config.clip import model_embed_dim
-from zeroseg.data.transforms import lut_ignore_index, make_lut
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.models import save_segmenter
 from zeroseg.models.clip import as_spec, load_clip
@@ -122,21 +122,16 @@ def deop_train_loop(loop: Any) -> None:
         opt, functools.partial(poly_lr_factor, max_steps=loop.train.max_steps, power=cfg["poly_power"])
     )
     loop.restore(model, opt, sched, model_state=(seg.learned_state_dict, seg.load_learned_state_dict))
-    model.train()
-    for batch in loop.batches("train"):
-        images = batch["image"]
-        target = batch["label"].long()
-        with loop.autocast():
-            out = model(images, target)
-        loop.step(out["loss"], images=len(images), **{k: float(v.detach()) for k, v in out.items() if k != "loss"})
+    supervised_steps(loop, model)
 
 
 def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
     """Train DeOP for ``ctx`` and save the segmenter artifact into ``ctx.output_dir``.
 
     Returns:
-        metrics: steps, global batch, effective learning rate, learned parameter count, the
-        proposals' query count.
+        metrics (``stages.jobs._training.fit_metrics``): steps, global batch, ``base_lr`` (every
+        learned parameter's lr), precision, learned parameter count, the proposals' query count,
+        final loss terms.
 
     Raises:
         DataError: no seen class; a proposals artifact that does not fit (query count or
@@ -160,14 +155,10 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
             "std": tuple(float(v) for v in doc["input"]["std"]),
         }
     )
-    # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
-    lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)}, source_classes=len(train_vocab.names))
-    ds = train_dataset(
-        splits, lut, augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
-    )
+    feed = training_feed(splits, augment, cfg.train.seed, block_rows=cfg.block_rows)  # seen classes only
     spec = cfg.clip.model_dump(mode="json")
     loop_config = {
-        "ignore_index": lut_ignore_index(lut),
+        "ignore_index": feed.ignore_index,
         "clip": spec,
         "model": model_cfg,
         "proposals_uri": proposals.uri,
@@ -175,22 +166,18 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
         "weight_decay": cfg.weight_decay,
         "poly_power": cfg.poly_power,
     }
-    result = fit_stage(ctx, deop_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
+    result = fit_stage(ctx, deop_train_loop, loop_config, {"train": feed.dataset}, cfg.scaling, cfg.train)
     seg = build_model(spec, model_cfg)
     load_proposals(seg, proposals.uri)
     seg.load_learned_state_dict(result.model_state(), source=result.checkpoint_uri)
     save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "deop", seg.trainable_state_dict())
     learned = seg.learned_state_dict()
-    return {
-        "steps": result.steps,
-        "global_batch_size": result.global_batch_size,
-        "effective_lr": result.effective_lr,
-        "resumed_from_step": result.resumed_from_step,
-        "precision": result.precision,
-        "learned_params": int(sum(v.numel() for v in learned.values() if torch.is_tensor(v))),
-        "proposal_queries": int(doc["num_queries"]),
-        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-    }
+    return fit_metrics(
+        result,
+        precision=result.precision,
+        learned_params=tensor_count(learned),
+        proposal_queries=int(doc["num_queries"]),
+    )
 
 
 __all__ = ["DeOPLoss", "build_model", "check_proposals", "deop_train_loop", "load_proposals", "train_deop"]

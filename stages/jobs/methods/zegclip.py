@@ -18,10 +18,10 @@ import torch
 from pipeline.dag import StageContext
 from pipeline.training import fit_stage
 from stages.common import seen_rows, text_embeddings, vocabularies
-from stages.feeds import leakage_guard, train_dataset
+from stages.feeds import training_feed
+from stages.jobs._training import fit_metrics, supervised_steps, tensor_count
 from stages.methods.zegclip import INDUCTIVE_GAMMA, ZegCLIPMethod
 from zeroseg.config.clip import model_embed_dim
-from zeroseg.data.transforms import lut_ignore_index, make_lut
 from zeroseg.models import save_segmenter
 from zeroseg.models.clip import as_spec, load_clip
 from zeroseg.models.zegclip import ZegCLIP, zegclip_lr_factor
@@ -69,13 +69,7 @@ def zegclip_train_loop(loop: Any) -> None:
     model = loop.prepare(ZegCLIPLoss(seg, text, cfg.get("ignore_index", 255)), find_unused_parameters=True)
     opt, sched = zegclip_optimizer(loop, seg)
     loop.restore(model, opt, sched, model_state=(seg.trainable_state_dict, seg.load_trainable_state_dict))
-    model.train()
-    for batch in loop.batches("train"):  # micro-batches, tensors already on loop.device
-        images = batch["image"]
-        target = batch["label"].long()
-        with loop.autocast():
-            out = model(images, target)
-        loop.step(out["loss"], images=len(images), **{k: float(v.detach()) for k, v in out.items() if k != "loss"})
+    supervised_steps(loop, model)
 
 
 def zegclip_optimizer(loop: Any, seg: Any) -> tuple[Any, Any]:
@@ -108,8 +102,9 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
     """Train ZegCLIP for ``ctx`` and save the segmenter artifact into ``ctx.output_dir``.
 
     Returns:
-        metrics: steps, global batch, base and effective (x ``head_lr_mult``) learning rate, final
-        loss terms, trainable parameter count.
+        metrics (``stages.jobs._training.fit_metrics``): steps, global batch, ``base_lr`` and
+        ``head_lr`` (x ``head_lr_mult``: every trained parameter's), precision, trainable
+        parameter count, final loss terms.
 
     Raises:
         DataError: no seen class (``stages.common.seen_rows``) or a vocabulary without embeddings.
@@ -127,34 +122,23 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
     )["train"]
     seen_text = seen_rows(train_vocab, emb)  # before fit: a worker would retry the error
     model_cfg = cfg.model.model_dump(mode="json")
-    # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
-    lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)}, source_classes=len(train_vocab.names))
-    ds = train_dataset(
-        splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
-    )
+    feed = training_feed(splits, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows)  # seen classes only
     spec = cfg.clip.model_dump(mode="json")
     loop_config = {
-        "ignore_index": lut_ignore_index(lut),
+        "ignore_index": feed.ignore_index,
         "clip": spec,
         "model": model_cfg,
         "seen_text": seen_text.tolist(),
         **cfg.solver(),
     }
-    result = fit_stage(ctx, zegclip_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
+    result = fit_stage(ctx, zegclip_train_loop, loop_config, {"train": feed.dataset}, cfg.scaling, cfg.train)
     seg = build_model(spec, model_cfg)
     seg.load_trainable_state_dict(result.model_state(), source=result.checkpoint_uri)
     trainable = seg.trainable_state_dict()
     save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegclip", trainable, extra={"default_gamma": INDUCTIVE_GAMMA})
-    return {
-        "steps": result.steps,
-        "global_batch_size": result.global_batch_size,
-        "base_lr": result.effective_lr,
-        "effective_lr": result.effective_lr * cfg.head_lr_mult,
-        "resumed_from_step": result.resumed_from_step,
-        "precision": result.precision,
-        "trainable_params": int(sum(v.numel() for v in trainable.values() if torch.is_tensor(v))),
-        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-    }
+    return fit_metrics(
+        result, {"head": cfg.head_lr_mult}, precision=result.precision, trainable_params=tensor_count(trainable)
+    )
 
 
 __all__ = ["ZegCLIPLoss", "build_model", "train_zegclip", "zegclip_optimizer", "zegclip_train_loop"]
