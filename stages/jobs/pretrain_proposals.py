@@ -1,14 +1,13 @@
 """Job of stage ``pretrain_proposals`` (spec: ``stages.pretrain_proposals``): the MaskFormer
 proposal model trained as a Ray Train job, then its recall pass.
 
-Training (runs in Ray Train workers): :func:`param_groups`, :func:`build_model`, the forward
+Training (runs in Ray Train workers): :func:`build_model`, the forward
 module and :func:`proposals_train_loop`. The recall pass (inference actors):
 :func:`model_input`, :class:`ProposalPredictor`. The driver side: :func:`resolve_recall_device` and :func:`pretrain_proposals`.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
@@ -21,7 +20,6 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.dag import StageContext
@@ -44,46 +42,10 @@ from zeroseg.models.proposals import (
     WEIGHTS_PT,
     MaskFormer,
     load_proposal_model,
-    poly_lr_factor,
     read_proposals_json,
     save_proposals,
 )
-
-
-def param_groups(
-    model: Any, lr: float, backbone_lr_mult: float, weight_decay: float, weight_decay_norm: float
-) -> list[dict[str, Any]]:
-    """AdamW parameter groups as the released ZegFormer ``Trainer.build_optimizer``: lr x
-    ``backbone_lr_mult`` for the parameters of modules whose name contains ``backbone``, except the
-    backbone's own new, randomly initialised layers (a module's ``RANDOM_INIT`` submodule names:
-    the CLIP pyramid's ``norms`` / ``resample``, our departure; they train at the full lr);
-    ``weight_decay_norm`` for normalisation layers and ``nn.Embedding`` (released
-    ``WEIGHT_DECAY_NORM`` = ``WEIGHT_DECAY_EMBED`` = 0), ``weight_decay`` for the rest. Frozen
-    parameters are left out; each parameter appears once.
-
-    Returns:
-        groups ``{"params", "lr", "weight_decay"}``, in the order of first appearance.
-    """
-    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.Embedding)
-    fresh = tuple(  # module-name prefixes of randomly initialised layers inside a backbone
-        f"{mname}.{sub}" if mname else sub
-        for mname, module in model.named_modules()
-        for sub in getattr(module, "RANDOM_INIT", ())
-    )
-    groups: dict[tuple[float, float], list[Any]] = {}
-    memo: set[int] = set()
-    for mname, module in model.named_modules():
-        pretrained = "backbone" in mname and not any(mname == f or mname.startswith(f + ".") for f in fresh)
-        for p in module.parameters(recurse=False):
-            if not p.requires_grad or id(p) in memo:
-                continue
-            memo.add(id(p))
-            g = (
-                lr * (backbone_lr_mult if pretrained else 1.0),
-                weight_decay_norm if isinstance(module, norm_types) else weight_decay,
-            )
-            groups.setdefault(g, []).append(p)
-    return [{"params": ps, "lr": g[0], "weight_decay": g[1]} for g, ps in groups.items()]
+from zeroseg.optim import maskformer_optimizer
 
 
 def build_model(cfg: Mapping[str, Any], device: Any = "cpu", load_backbone_weights: bool = True) -> Any:
@@ -139,18 +101,16 @@ def proposals_train_loop(loop: Any) -> None:
     text = torch.tensor(np.asarray(cfg["seen_text"], dtype=np.float32)) if cfg["seen_text"] is not None else None
     # the CLIP tower's last block / projection and a ResNet's unused stages feed no output
     ddp = loop.prepare(ProposalForward(model, text), find_unused_parameters=mcfg["backbone"] == "clip")
-    opt = torch.optim.AdamW(
-        param_groups(model, loop.lr, cfg["backbone_lr_mult"], cfg["weight_decay"], cfg["weight_decay_norm"])
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(  # stepped once per optimisation step by loop.step
-        opt,
-        functools.partial(
-            poly_lr_factor,
-            max_steps=loop.train.max_steps,
-            power=cfg["poly_power"],
-            warmup_steps=cfg["warmup_steps"],
-            warmup_factor=cfg["warmup_factor"],
-        ),
+    opt, sched = maskformer_optimizer(  # the scheduler is stepped once per optimisation step by loop.step
+        model,
+        loop.lr,
+        backbone_lr_mult=cfg["backbone_lr_mult"],
+        weight_decay=cfg["weight_decay"],
+        weight_decay_norm=cfg["weight_decay_norm"],
+        max_steps=loop.train.max_steps,
+        power=cfg["poly_power"],
+        warmup_steps=cfg["warmup_steps"],
+        warmup_factor=cfg["warmup_factor"],
     )
     # SetCriterion with the config's weights; class_agnostic for objectness (every seen segment is class 0)
     criterion = model.criterion()
@@ -402,7 +362,6 @@ __all__ = [
     "ProposalPredictor",
     "build_model",
     "model_input",
-    "param_groups",
     "pretrain_proposals",
     "proposals_train_loop",
     "resolve_recall_device",

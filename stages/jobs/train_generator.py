@@ -8,7 +8,6 @@ a classifier step with SGD per iteration, gradients averaged by hand) and the dr
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +30,8 @@ from zeroseg.config.pading import GeneratorConfig
 from zeroseg.errors import DataError
 from zeroseg.models import WEIGHTS_PT, save_segmenter
 from zeroseg.models.pading import FeatureGenerator, PADing, extend_head
-from zeroseg.models.proposals import poly_lr_factor, read_proposal_weights
+from zeroseg.models.proposals import read_proposal_weights
+from zeroseg.optim import pading_optimizers
 
 
 def _sync_grads(params: list[Any], world: int) -> None:
@@ -50,7 +50,7 @@ def generator_train_loop(loop: Any) -> None:
     """Per-worker loop (``pipeline.training``).
 
     ``loop.config``: ``features_uri`` (the feature artifact), ``class_text`` ``[C, D]``, ``seen``,
-    ``unseen``, ``model`` / ``classifier`` (config dumps), ``head_weight`` ``[C + 1, d]`` /
+    ``unseen``, ``model`` / ``classifier`` (the validated ``GeneratorConfig`` / ``RetrainConfig``), ``head_weight`` ``[C + 1, d]`` /
     ``head_bias`` (the extended pretrained head), ``generator_phase``, ``schedule``,
     ``generator_lr_ratio`` (generator lr / head lr), ``poly_power``, ``warmup_steps``,
     ``warmup_factor``. Batches: ``id`` (image rows of the feature arrays). Checkpoints hold the
@@ -78,20 +78,18 @@ def _generator_steps(loop: Any, emb: np.ndarray, lab: np.ndarray) -> None:
     model.to(loop.device)
     phase = int(cfg["generator_phase"])
     gen_params = model.generator_parameters()
-    gen_opt = torch.optim.Adam(gen_params, lr=loop.lr * cfg["generator_lr_ratio"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        gen_opt,
-        functools.partial(
-            poly_lr_factor,
-            max_steps=phase,
-            power=cfg["poly_power"],
-            warmup_steps=cfg["warmup_steps"],
-            warmup_factor=cfg["warmup_factor"],
-        ),
-    )
     r = cfg["classifier"]
-    head_opt = torch.optim.SGD(
-        model.head.parameters(), lr=loop.lr, momentum=r["momentum"], weight_decay=r["weight_decay"]
+    gen_opt, sched, head_opt = pading_optimizers(
+        gen_params,
+        model.head.parameters(),
+        loop.lr,
+        generator_lr=loop.lr * cfg["generator_lr_ratio"],
+        generator_steps=phase,
+        power=cfg["poly_power"],
+        warmup_steps=cfg["warmup_steps"],
+        warmup_factor=cfg["warmup_factor"],
+        momentum=r.momentum,
+        weight_decay=r.weight_decay,
     )
     loop.restore(model, gen_opt, sched, head_optimizer=head_opt)
     model.train()
@@ -189,8 +187,8 @@ def train_generator(ctx: StageContext, cfg: TrainGeneratorConfig) -> dict[str, f
         "class_text": emb.tolist(),
         "seen": list(train.seen),
         "unseen": list(train.unseen),
-        "model": m.model_dump(mode="json"),
-        "classifier": cfg.classifier.model_dump(mode="json"),
+        "model": m,
+        "classifier": cfg.classifier,
         "head_weight": hw.tolist(),
         "head_bias": hb.tolist(),
         "generator_phase": phase,

@@ -8,7 +8,6 @@ loss module, the per-worker loop (:func:`deop_train_loop`) and the driver side
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,9 @@ from zeroseg.config.clip import model_embed_dim
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.models import save_segmenter
 from zeroseg.models.clip import as_spec, load_clip
-from zeroseg.models.deop import DeOP, check_proposals_fit, poly_lr_factor
+from zeroseg.models.deop import DeOP, check_proposals_fit
 from zeroseg.models.proposals import WEIGHTS_PT, read_proposal_weights
+from zeroseg.optim import deop_optimizer
 
 
 def check_proposals(doc: dict[str, Any], cfg: DeOPMethod, where: str = "proposals") -> None:
@@ -114,12 +114,8 @@ def deop_train_loop(loop: Any) -> None:
     seg = build_model(cfg["clip"], cfg["model"])
     load_proposals(seg, cfg["proposals_uri"])
     model = loop.prepare(DeOPLoss(seg, cfg["seen_names"], cfg.get("ignore_index", 255)))
-    groups = seg.optimizer_param_groups(cfg["weight_decay"])
-    for g in groups:
-        g["lr"] = loop.lr
-    opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(  # stepped once per optimizer step by loop.step
-        opt, functools.partial(poly_lr_factor, max_steps=loop.train.max_steps, power=cfg["poly_power"])
+    opt, sched = deop_optimizer(  # the scheduler is stepped once per optimizer step by loop.step
+        seg, loop.lr, weight_decay=cfg["weight_decay"], max_steps=loop.train.max_steps, power=cfg["poly_power"]
     )
     loop.restore(model, opt, sched, model_state=(seg.learned_state_dict, seg.load_learned_state_dict))
     supervised_steps(loop, model)
