@@ -286,7 +286,8 @@ def test_segmenter_variants_and_artifact_round_trip(tiny_clip, proposals_dir, tm
     assert seg.variants == ("zegformer", "zegformer_seg", "zegformer_img") and seg.scores_are_probabilities
     assert seg.size_divisibility == 32 and seg.input_size == (64, 64)
     assert seg.mean == pytest.approx((0.485, 0.456, 0.406))  # the ResNet proposal model's (ImageNet)
-    assert seg.cfg["crop_size"] == 224  # the tiny CLIP tower's native input size
+    assert seg.cfg.crop_size == 224  # the tiny CLIP tower's native input size
+    assert seg.config_json()["proposals"] == seg.proposals_doc and seg.config_json()["crop_size"] == 224
     with torch.no_grad():
         out = seg(images, text)
         assert set(out) == set(seg.variants) and all(v.shape == (2, 5, 64, 64) for v in out.values())

@@ -25,14 +25,14 @@ from stages.feeds import training_feed
 from stages.jobs._training import fit_metrics, tensor_count
 from stages.jobs.methods.zegclip import build_model, zegclip_optimizer
 from stages.self_train import PSEUDO_LABELS_JSON, SELF_TRAINED_GAMMA, ZEGCLIP_CLASS, SelfTrainConfig
-from zeroseg.config.clip import model_embed_dim
+from zeroseg.config.clip import as_spec, model_embed_dim
 from zeroseg.data.classes import label_ignore_index
 from zeroseg.data.split_files import read_transductive
 from zeroseg.data.transforms import make_lut
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.metrics import json_safe
 from zeroseg.models import read_segmenter_json, save_segmenter
-from zeroseg.models.zegclip import ZegCLIP
+from zeroseg.models.zegclip import ZegCLIP, resolve_zegclip_config
 from zeroseg.self_training import PseudoLabelStats, eligible_pixels, pseudo_label_targets
 
 
@@ -72,7 +72,7 @@ class SelfTrainLoss(torch.nn.Module):
 
 
 def self_train_loop(loop: Any) -> None:
-    """Per-worker loop. ``loop.config``: ``clip``, ``model``, ``init_from`` (artifact URI),
+    """Per-worker loop. ``loop.config``: ``clip`` (``ClipSpec``), ``model`` (``ZegCLIPConfig``), ``init_from`` (artifact URI),
     ``text`` (``[C, D]`` all classes), ``unseen``, ``num_classes``, ``ignore_index``,
     ``unlabeled_index``, ``pixels``, ``threshold`` and the solver entries. Batches: ``image``,
     ``label`` (vocabulary ids / unlabelled / ignore), ``heldout`` (diagnostic only), ``valid``."""
@@ -154,10 +154,11 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
             f"self_train.augment.crop_size {list(cfg.augment.crop_size)} differs from the model's input size {size} "
             "(train_classifier.model.input_size): ZegCLIP trains at one resolution; set both to the same [H, W]"
         )
-    clip = doc["clip"]
-    emb = text_embeddings(
-        ctx.inputs["text"], vocabs, ["train"], dim=model_embed_dim(clip), clip_model=clip.get("model")
-    )["train"]
+    clip = as_spec(doc["clip"])  # the initial artifact's config, validated back
+    model = resolve_zegclip_config(doc["model"])
+    emb = text_embeddings(ctx.inputs["text"], vocabs, ["train"], dim=model_embed_dim(clip), clip_model=clip.model)[
+        "train"
+    ]
     num_classes = len(vocab.names)
     ignore = label_ignore_index(num_classes)
     unlabeled = int(trans["unlabeled_index"])
@@ -168,7 +169,7 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
     feed = training_feed(splits, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, lut=lut, heldout=True)
     loop_config = {
         "clip": clip,
-        "model": doc["model"],
+        "model": model,
         "init_from": init.uri,
         "text": emb.tolist(),
         "unseen": [int(u) for u in vocab.unseen],
@@ -180,7 +181,7 @@ def self_train_zegclip(ctx: StageContext, cfg: SelfTrainConfig) -> dict[str, Any
         **cfg.solver(),
     }
     result = fit_stage(ctx, self_train_loop, loop_config, {"train": feed.dataset}, cfg.scaling, cfg.train)
-    seg = build_model(clip, doc["model"])
+    seg = build_model(clip, model)
     seg.load_trainable_state_dict(result.model_state(), source=result.checkpoint_uri)
     trainable = seg.trainable_state_dict()
     out = Path(ctx.output_dir)

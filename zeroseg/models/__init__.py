@@ -91,7 +91,8 @@ class Segmenter(nn.Module):
         input_size: ``(H, W)`` the model wants; evaluate resizes images to it.
         mean, std: per-channel pixel normalisation for images scaled to [0, 1]
             (``(x - mean) / std``).
-        cfg: the resolved model config (what ``segmenter.json`` stores under ``"model"``).
+        cfg: the resolved model config: the validated schema of ``zeroseg.config`` (or a dict);
+            ``segmenter.json`` stores :meth:`config_json` under ``"model"``.
         scores_are_probabilities: ``forward`` returns per-class probabilities in [0, 1]
             (ZegCLIP's sigmoid) rather than logits; seen-class calibration (ZegFormer Eq. 2)
             then subtracts gamma from the scores without a softmax.
@@ -126,7 +127,7 @@ class Segmenter(nn.Module):
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    cfg: dict[str, Any]
+    cfg: Any
     scores_are_probabilities: bool = False
     variants: tuple[str, ...] = ()
     encodes_text: bool = False
@@ -153,6 +154,11 @@ class Segmenter(nn.Module):
             f"{type(self).__name__} does not embed class names itself (encodes_text is False); "
             "evaluate gives it embed_text's embeddings"
         )
+
+    def config_json(self) -> dict[str, Any]:
+        """What ``segmenter.json`` stores under ``"model"`` (the class validates it back when the
+        artifact is loaded): ``cfg``'s JSON dump (a pydantic config) or ``cfg`` itself (a dict)."""
+        return self.cfg.model_dump(mode="json") if hasattr(self.cfg, "model_dump") else dict(self.cfg)
 
     def trainable_names(self) -> list[str]:
         """State-dict keys that ``weights.pt`` stores (default: all of them). Training-free
@@ -209,7 +215,8 @@ def save_segmenter(
 
     Args:
         segmenter_dir: directory to write into (created).
-        seg: the built model (its class, ``cfg``, ``input_size``, ``mean``, ``std`` are stored).
+        seg: the built model (its class, :meth:`Segmenter.config_json`, ``input_size``, ``mean``,
+            ``std`` are stored).
         clip_spec: a ``ClipSpec`` (or its dict form): the CLIP weights the model starts from.
         method: the method's name (``train_classifier.method``).
         state_dict: trained parameters only (``weights.pt``), or None for a training-free method.
@@ -232,7 +239,7 @@ def save_segmenter(
         "method": method,
         "class": class_path(seg),
         "clip": spec.model_dump(mode="json"),
-        "model": dict(seg.cfg),
+        "model": seg.config_json(),
         "input": {
             "size": [int(s) for s in seg.input_size],
             "mean": [float(m) for m in seg.mean],

@@ -25,7 +25,7 @@ def build_maskclip(ctx: StageContext, cfg: MaskCLIPMethod) -> dict[str, float]:
     model = load_clip(cfg.clip)
     vocabs = vocabularies(ctx.inputs["splits"])
     emb = text_embeddings(ctx.inputs["text"], vocabs, dim=embed_dim(model), clip_model=cfg.clip.model)
-    seg = MaskCLIP(model, cfg.model.model_dump(mode="json"))
+    seg = MaskCLIP(model, cfg.model)
     save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "maskclip")
     ctx.log(f"maskclip is training-free; segmenter at {list(seg.input_size)} for {len(emb['train'])} training classes")
     return {"trainable_params": 0}

@@ -8,7 +8,7 @@ side (:func:`train_zegclip`: feed, fit, segmenter artifact).
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ from stages.common import seen_rows, text_embeddings, vocabularies
 from stages.feeds import training_feed
 from stages.jobs._training import fit_metrics, supervised_steps, tensor_count
 from stages.methods.zegclip import INDUCTIVE_GAMMA, ZegCLIPMethod
-from zeroseg.config.clip import model_embed_dim
+from zeroseg import optim
+from zeroseg.config.clip import ClipSpec, model_embed_dim
+from zeroseg.config.zegclip import ZegCLIPConfig
 from zeroseg.models import save_segmenter
 from zeroseg.models.clip import as_spec, load_clip
-from zeroseg.models.zegclip import ZegCLIP, zegclip_lr_factor
+from zeroseg.models.zegclip import ZegCLIP
 
 
 class ZegCLIPLoss(torch.nn.Module):
@@ -43,19 +45,20 @@ class ZegCLIPLoss(torch.nn.Module):
         return self.model.loss(images, target, self.text, ignore_index=self.ignore_index)
 
 
-def build_model(clip_spec: dict[str, Any], model_cfg: dict[str, Any]) -> ZegCLIP:
-    """ZegCLIP on a freshly loaded CLIP (``zeroseg.models.clip.load_clip``).
+def build_model(clip: ClipSpec | Mapping[str, Any], model: ZegCLIPConfig | Mapping[str, Any]) -> ZegCLIP:
+    """ZegCLIP of the validated ``model`` config on a freshly loaded CLIP ``clip``
+    (``zeroseg.models.clip.load_clip``); a mapping (a ``segmenter.json`` entry) is validated.
 
     Raises:
         ConfigError: a bad CLIP spec or model config (``load_clip``, ``ZegCLIP``).
     """
-    return ZegCLIP(load_clip(as_spec(clip_spec)), model_cfg)
+    return ZegCLIP(load_clip(as_spec(clip)), model)
 
 
 def zegclip_train_loop(loop: Any) -> None:
     """Per-worker loop (``pipeline.training``): AdamW, poly LR with linear warm-up.
 
-    ``loop.config``: ``clip`` (ClipSpec dict), ``model`` (ZegCLIP cfg), ``seen_text``
+    ``loop.config``: ``clip`` (:class:`ClipSpec`), ``model`` (:class:`ZegCLIPConfig`), ``seen_text``
     (``[S, D]`` seen-class text embeddings, L2-normalised), ``weight_decay``, ``head_lr_mult``,
     ``warmup_steps``, ``poly_power``. Batches: ``image`` float32 ``[B, 3, H, W]``, ``label``
     uint8 ``[B, H, W]`` in seen training ids with 255 ignore (int32 with ``ignore_index`` 65535
@@ -73,29 +76,22 @@ def zegclip_train_loop(loop: Any) -> None:
 
 
 def zegclip_optimizer(loop: Any, seg: Any) -> tuple[Any, Any]:
-    """ZegCLIP's released optimiser and schedule for ``seg`` in a worker: AdamW over
-    ``seg.optimizer_param_groups`` at ``loop.lr x head_lr_mult`` and the poly schedule with linear
-    warm-up (``zegclip_lr_factor``) over ``schedule_steps`` (default ``loop.train.max_steps``), from ``loop.config``'s
-    :meth:`ZegCLIPSolver.solver` entries. Returns ``(optimizer, scheduler)``."""
+    """ZegCLIP's released optimiser and schedule for ``seg`` in a worker (``zeroseg.optim.zegclip_optimizer``:
+    AdamW at ``loop.lr x head_lr_mult``, poly with linear warm-up) over ``schedule_steps`` (default
+    ``loop.train.max_steps``), from ``loop.config``'s :meth:`ZegCLIPSolver.solver` entries.
+    Returns ``(optimizer, scheduler)``."""
     cfg = loop.config
-    groups = seg.optimizer_param_groups(cfg["weight_decay"])
-    for g in groups:  # ZegCLIP's released config: lr_mult 10 for the prompts and the head
-        g["lr"] = loop.lr * cfg["head_lr_mult"]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])  # every group sets its lr
-    base = loop.lr * cfg["head_lr_mult"]
-    sched = torch.optim.lr_scheduler.LambdaLR(  # stepped once per optimizer step by loop.step
-        opt,
-        functools.partial(
-            zegclip_lr_factor,
-            max_steps=int(cfg.get("schedule_steps") or loop.train.max_steps),
-            base_lr=base,
-            min_lr=cfg["min_lr"],
-            power=cfg["poly_power"],
-            warmup_steps=cfg["warmup_steps"],
-            warmup_ratio=cfg["warmup_ratio"],
-        ),
+    return optim.zegclip_optimizer(  # the scheduler is stepped once per optimizer step by loop.step
+        seg,
+        loop.lr,
+        head_lr_mult=cfg["head_lr_mult"],
+        weight_decay=cfg["weight_decay"],
+        max_steps=int(cfg.get("schedule_steps") or loop.train.max_steps),
+        min_lr=cfg["min_lr"],
+        power=cfg["poly_power"],
+        warmup_steps=cfg["warmup_steps"],
+        warmup_ratio=cfg["warmup_ratio"],
     )
-    return opt, sched
 
 
 def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
@@ -121,18 +117,16 @@ def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
         ctx.inputs["text"], vocabs, ["train"], dim=model_embed_dim(cfg.clip), clip_model=cfg.clip.model
     )["train"]
     seen_text = seen_rows(train_vocab, emb)  # before fit: a worker would retry the error
-    model_cfg = cfg.model.model_dump(mode="json")
     feed = training_feed(splits, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows)  # seen classes only
-    spec = cfg.clip.model_dump(mode="json")
     loop_config = {
         "ignore_index": feed.ignore_index,
-        "clip": spec,
-        "model": model_cfg,
+        "clip": cfg.clip,
+        "model": cfg.model,
         "seen_text": seen_text.tolist(),
         **cfg.solver(),
     }
     result = fit_stage(ctx, zegclip_train_loop, loop_config, {"train": feed.dataset}, cfg.scaling, cfg.train)
-    seg = build_model(spec, model_cfg)
+    seg = build_model(cfg.clip, cfg.model)
     seg.load_trainable_state_dict(result.model_state(), source=result.checkpoint_uri)
     trainable = seg.trainable_state_dict()
     save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegclip", trainable, extra={"default_gamma": INDUCTIVE_GAMMA})

@@ -74,7 +74,7 @@ def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]
     train = vocabs["train"]
     seen_text = seen_rows(train, emb["train"])
     check_seen(doc, train.seen, where)
-    seg = ZegFormer(load_clip(cfg.clip), {**cfg.model.model_dump(mode="json"), "proposals": doc})
+    seg = ZegFormer(load_clip(cfg.clip), cfg.model, proposals=doc)
     sd = read_proposal_weights(prop.file(WEIGHTS_PT))
     check_state_dict(seg.proposals.state_dict(), sd, f"{where} {WEIGHTS_PT}", "the proposal model")
     seg.proposals.load_state_dict(sd, strict=True)
