@@ -3,7 +3,9 @@
 ``pipeline`` imports no stage and knows no science: the catalogue module named by
 :data:`STAGES_ENTRY` (``module:attribute``, default ``stages.catalog:STAGES``) lists the stage
 classes, and may declare ``CODE_PACKAGES`` (the packages followed for code dependencies,
-:mod:`pipeline.codehash`). Everything else the orchestration needs to know about what the stages
+:mod:`pipeline.codehash`), ``HEADLINE`` (the params every MLflow run of an invocation carries,
+:mod:`pipeline.tracking.headline`) and ``REPORT`` (what ``zeroseg compare`` compares,
+:class:`pipeline.compare.Report`). Everything else the orchestration needs to know about what the stages
 compute is declared there too and read through :class:`Catalogue`.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 #: Where the stage list lives: ``module:attribute`` (a list of ``pipeline.dag.Stage`` classes).
@@ -21,6 +24,11 @@ STAGES_ENTRY = "stages.catalog:STAGES"
 DEFAULT_CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")
 
 
+def no_headline(hashed: Mapping[str, Any]) -> dict[str, str]:
+    """The headline of a catalogue that declares none: no params."""
+    return {}
+
+
 @dataclasses.dataclass
 class Catalogue:
     """The project's stages and the packages followed for their code dependencies.
@@ -28,10 +36,17 @@ class Catalogue:
     Attributes:
         stages: the stage classes, in their natural order (ties of the topological order).
         code_packages: packages whose imports count as a stage's code dependencies.
+        headline: ``{stage: hashed config} -> {param: value}``: the params every MLflow run of
+            an invocation carries (``pipeline.tracking.headline_params``); its ``names``, if
+            any, are the params ``zeroseg compare`` always shows. Default: none.
+        report: what ``zeroseg compare`` compares (a :class:`pipeline.compare.Report`), or None
+            (nothing to compare).
     """
 
     stages: list[Any]
     code_packages: tuple[str, ...] = DEFAULT_CODE_PACKAGES
+    headline: Any = no_headline
+    report: Any = None
 
 
 def load_catalogue(entry: str = STAGES_ENTRY) -> Catalogue:
@@ -42,7 +57,12 @@ def load_catalogue(entry: str = STAGES_ENTRY) -> Catalogue:
     """
     mod_name, _, attr = entry.partition(":")
     mod = importlib.import_module(mod_name)
-    return Catalogue(list(getattr(mod, attr)), tuple(getattr(mod, "CODE_PACKAGES", DEFAULT_CODE_PACKAGES)))
+    return Catalogue(
+        list(getattr(mod, attr)),
+        tuple(getattr(mod, "CODE_PACKAGES", DEFAULT_CODE_PACKAGES)),
+        headline=getattr(mod, "HEADLINE", no_headline),
+        report=getattr(mod, "REPORT", None),
+    )
 
 
-__all__ = ["DEFAULT_CODE_PACKAGES", "STAGES_ENTRY", "Catalogue", "load_catalogue"]
+__all__ = ["DEFAULT_CODE_PACKAGES", "STAGES_ENTRY", "Catalogue", "load_catalogue", "no_headline"]

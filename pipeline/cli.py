@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.catalogue import STAGES_ENTRY, Catalogue, load_catalogue
-from pipeline.config import LoadedConfig, load_config
+from pipeline.config import LoadedConfig, config_yaml, load_config
 from pipeline.console import Console, library_output_to, setup_logging
 from pipeline.errors import PipelineError, find_user_error, is_user_error
 from pipeline.plan import Plan, Selection, plan
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-run even if cached: the named stages, or every selected stage when none is named",
     )
     r.add_argument("--dry-run", action="store_true", help="print the plan (stages, keys, what would run, why) and exit")
+    r.add_argument(
+        "--print-config", action="store_true", help="print the merged, validated config (YAML) and exit; plans nothing"
+    )
     g = sub.add_parser(
         "gc",
         help="list (and with --delete remove) artifacts no kept run references",
@@ -363,6 +366,9 @@ def cmd_run(args: argparse.Namespace, console: Console, catalog: Catalogue | Non
     terminal (``--verbose`` shows it)."""
     t_start = _start_time()
     cfg = _load(args)
+    if args.print_config:  # before anything is created
+        sys.stdout.write(config_yaml(cfg, (catalog or load_catalogue()).stages))
+        return 0, None
     log_file = Path(cfg.run.work_dir) / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     setup_logging(log_file, args.verbose)
     with library_output_to(log_file, not args.verbose):
@@ -399,7 +405,7 @@ def _run(
             {f"{n.name}.": n.components.get("config", {}) for n in p},
             work_dir / "tracking-journal",
             t_start,
-            tracking.headline_params({n.name: n.components.get("config", {}) for n in p}),
+            tracking.headline_params({n.name: n.components.get("config", {}) for n in p}, catalog.headline),
         )
         if runs_any:
             tracker.open()  # MLflow now: not after a stage has already started
@@ -550,7 +556,7 @@ def main(argv: Sequence[str] | None = None, catalog: Catalogue | None = None) ->
         if args.command == "compare":
             from pipeline.compare import cmd_compare
 
-            return cmd_compare(args, console)
+            return cmd_compare(args, console, catalog)
         return cmd_gc(args, console, catalog)
     except KeyboardInterrupt:
         console.line("interrupted", "error")

@@ -6,8 +6,17 @@ statement of those files (top-level or inside functions, found by parsing, witho
 is followed transitively into the project's packages (``zeroseg``, ``stages``, the training
 package: the code that determines outputs; the orchestration in ``pipeline`` does not and is not
 followed). A parent package's ``__init__`` counts for each submodule (importing the submodule
-runs it). The key gets the sha256 of every such file, so editing ``stages/evaluate.py`` changes
+runs it). The key gets a sha256 of every such file, so editing ``stages/evaluate.py`` changes
 evaluate's key and, through the input keys, its descendants', and nothing upstream.
+
+A file enters the key as its *syntax*, not its bytes (:func:`source_digest`): the sha256 of
+``ast.dump`` of its parsed tree with the docstrings removed (a module's, class's or function's
+leading string statement; a body left empty becomes ``pass``). Comments, blank lines, formatting
+and docstrings therefore re-key nothing, while any code edit does (a constant, an operator, a
+name, a string that is not a docstring, a default argument). ``ast.dump`` leaves out line
+numbers, so moving code down by a comment changes nothing either. The tree's form can change
+between Python minor versions, so one store should be keyed by one Python version (the manifests
+record it). The digest of a file is cached on its path, modification time and size.
 
 Not seen: imports built from strings at run time (``importlib.import_module(name)``); a stage
 that imports that way names the target modules itself. Third-party libraries are not hashed;
@@ -100,14 +109,45 @@ def closure(modules: Iterable[str], packages: tuple[str, ...]) -> dict[str, Path
     return out
 
 
+_DOC_HOLDERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _is_docstring(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
+
+
+def strip_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` (modified in place) without the docstrings of its module, classes and functions:
+    each body's leading string-expression statement is dropped; a body it was the only statement
+    of becomes ``pass`` (so a function with only a docstring equals one with only ``pass``)."""
+    for node in ast.walk(tree):
+        if isinstance(node, _DOC_HOLDERS) and node.body and _is_docstring(node.body[0]):
+            node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def source_digest(source: str, filename: str = "<source>") -> str:
+    """sha256 hex of ``ast.dump`` of the docstring-stripped syntax tree of ``source`` (see
+    the module docstring): equal for two sources that differ only in comments, formatting and
+    docstrings.
+
+    Raises:
+        SyntaxError: ``source`` is not valid Python.
+    """
+    tree = strip_docstrings(ast.parse(source, filename=filename))
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
 @functools.cache
 def _file_sha(path: Path, mtime_ns: int, size: int) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """:func:`source_digest` of ``path``, cached on its modification time and size."""
+    return source_digest(path.read_text(), str(path))
 
 
 def code_fingerprint(modules: Iterable[str], packages: tuple[str, ...]) -> dict[str, str]:
     """``{relative source path: sha256}`` of :func:`closure` (paths relative to the directory
-    holding the packages, e.g. ``stages/evaluate.py``), sorted by path."""
+    holding the packages, e.g. ``stages/evaluate.py``; the digest is :func:`source_digest`'s:
+    of the syntax, not the bytes), sorted by path."""
     files = closure(modules, packages)
     out = {}
     for name, path in files.items():
@@ -141,4 +181,4 @@ def git_commit(start: str | None = None) -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
-__all__ = ["closure", "code_fingerprint", "git_commit", "module_file"]
+__all__ = ["closure", "code_fingerprint", "git_commit", "module_file", "source_digest", "strip_docstrings"]

@@ -2,23 +2,24 @@
 
 Rows are *invocations* (parent runs: ``zeroseg run``, a sweep's trials and its shared upstream
 are nested under the sweep's run), read with ``mlflow.search_runs``. Columns: the headline
-params every parent run carries (``method``, ``clip_model``, ``clip_weights``, ``split``,
-``seed``; ``pipeline.tracking.headline_params``), the params that differ between the compared
-runs (a sweep trial's ``zeroseg.trial_params``), and evaluate's metrics on one set: mIoU
-seen/unseen, hIoU, pAcc, and FPS. Runs that differ only in their seed are one configuration:
-its metrics are shown as mean +- sample std over the seeds.
+params every parent run carries (the catalogue's headline declaration,
+``pipeline.tracking.headline_params``), the params that differ between the compared runs (a sweep
+trial's ``zeroseg.trial_params``), and the report's metrics on one set. Runs that differ only in
+their seed are one configuration: its metrics are shown as mean +- sample std over the seeds.
 
-The report (``report.html`` + PNGs) has the table, seen vs unseen mIoU of every configuration,
-and the per-class unseen IoU of the best ``--top`` runs (read from their evaluate artifacts:
-``metrics.json`` at the evaluate run's ``artifact_uri``), drawn as sorted horizontal bars (the
-top and bottom classes for large vocabularies such as COCO-Stuff's 171). It is logged as the
-artifacts of a ``compare`` run in the same experiment.
+What is compared is declared by the stage catalogue (:attr:`pipeline.catalogue.Catalogue.report`,
+a :class:`Report`): the stage whose metrics the parent runs carry, the metric columns and their
+MLflow names, the sets, the default rank metric and the plots. This module finds the runs,
+groups them, writes the table and the HTML page (``report.html``: the table, the configurations,
+the report's plots) and logs the page as the artifacts of a ``compare`` run in the same
+experiment.
 
-Imports neither Ray nor the stages; plotting uses matplotlib's Agg canvas.
+Imports neither Ray nor the stages (the catalogue is loaded by name).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -26,149 +27,126 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, Protocol
 
 from pipeline.errors import ConfigError
 
-#: evaluate's metrics per set, as the table shows them.
-COLUMNS = ("mIoU_seen", "mIoU_unseen", "hIoU", "pAcc")
-SEEN_COLOUR = "#4C72B0"
-UNSEEN_COLOUR = "#DD8452"
-OTHER_COLOUR = "#8C8C8C"
 #: params that name a seed: runs differing only in these are one configuration.
 SEED_PARAMS = ("seed",)
 
 
-def _canvas(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A metric column of the table.
 
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_seen_unseen(points: Sequence[tuple[str, float, float]], path: str | Path, title: str = "") -> Path:
-    """Scatter of seen vs unseen mIoU (percent), one labelled point per run, with hIoU
-    iso-lines (hIoU = 2 s u / (s + u); GZS3's headline).
-
-    Args:
-        points: ``(label, mIoU_seen, mIoU_unseen)`` per run; non-finite values are left out.
-        path: output ``.png``.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
+    Attributes:
+        name: the metric (a row's key, what ``--metric`` names; ``Report.metric_key`` maps it to
+            the parent runs' MLflow metric).
+        header: the column's title in the table and the HTML page.
+        digits: decimals shown.
     """
-    fig = _canvas(6.5, 5.5)
-    ax = fig.add_subplot(1, 1, 1)
-    pts = [(lab, s, u) for lab, s, u in points if math.isfinite(s) and math.isfinite(u)]
-    top = max([10.0, *(max(s, u) * 1.1 for _, s, u in pts)])
-    grid = np.linspace(1e-3, top, 200)
-    for h in np.linspace(top / 5, top * 0.8, 4):
-        u = h * grid / np.maximum(2 * grid - h, 1e-9)  # from h = 2su/(s+u)
-        ok = (2 * grid > h) & (u <= top)
-        ax.plot(grid[ok], u[ok], color=OTHER_COLOUR, linewidth=0.6, linestyle=":")
-        if ok.any():
-            ax.annotate(f"hIoU {h:.1f}", (grid[ok][-1], u[ok][-1]), fontsize=6, color=OTHER_COLOUR)
-    for lab, s, u in pts:
-        ax.scatter([s], [u], color=UNSEEN_COLOUR, s=25, zorder=3)
-        ax.annotate(lab, (s, u), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
-    ax.set_xlabel("mIoU seen (%)")
-    ax.set_ylabel("mIoU unseen (%)")
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+
+    name: str
+    header: str
+    digits: int = 2
 
 
-def plot_class_bars(
-    runs: dict[str, dict[str, float]], path: str | Path, title: str = "", max_classes: int = 40
-) -> tuple[Path, list[str]]:
-    """Per-class IoU (percent) of a few runs as horizontal bars, classes sorted by the first
-    run's IoU (best on top); readable for any vocabulary: with more than ``max_classes``
-    classes only the top and bottom ``max_classes // 2`` are drawn (the title says so).
+class Report(Protocol):
+    """What a stage catalogue declares for ``zeroseg compare`` (its ``REPORT``).
 
-    Args:
-        runs: ``{run label: {class name: IoU}}``; the first run orders the classes; a class a
-            run lacks (or NaN) has no bar.
-        path: output ``.png``.
-        max_classes: most classes drawn.
-
-    Returns:
-        ``(path, the class names drawn, top to bottom)``.
+    Attributes:
+        stage: the stage whose metrics the parent runs carry (``<stage>/...``); runs without any
+            are not compared.
+        columns: the metric columns, in table order.
+        default_metric: the column ranked by when ``--metric`` is not given.
+        help: the command's description for ``zeroseg compare --help`` (:func:`add_parser`).
+        eval_set_help, top_help: the help of ``--eval-set`` and ``--top``.
     """
-    from matplotlib.patches import Patch
 
-    labels = list(runs)
-    if not labels:
-        raise ValueError("no runs to plot")
-    first = runs[labels[0]]
-    names = sorted(
-        {n for r in runs.values() for n in r},
-        key=lambda n: -first.get(n, -1.0) if math.isfinite(first.get(n, -1.0)) else 1.0,
+    stage: str
+    columns: Sequence[Column]
+    default_metric: str
+    help: str
+    eval_set_help: str
+    top_help: str
+
+    def metric_key(self, eval_set: str, name: str) -> str:
+        """The parent runs' MLflow metric of column ``name`` on ``eval_set``."""
+        ...
+
+    def eval_sets(self, runs: Any) -> list[str]:
+        """The sets the runs (a ``search_runs`` DataFrame) report, in column order."""
+        ...
+
+    def default_eval_set(self, sets: Sequence[str]) -> str:
+        """The set compared when ``--eval-set`` is not given."""
+        ...
+
+    def plots(
+        self, rows: list[dict[str, Any]], all_runs: Any, eval_set: str, out: Path, top: int
+    ) -> list[tuple[str, str]]:
+        """Write the report's plots into ``out``; returns ``[(file name, caption)]``."""
+        ...
+
+
+def add_parser(sub: Any, catalog: Any = None) -> Any:
+    """Add the ``compare`` command to ``sub`` (an ``argparse`` subparsers action), its help
+    texts from the catalogue's report (``help``, ``eval_set_help``, ``top_help``, the default
+    metric); ``catalog``: None: the project's. Returns the parser."""
+    rep = _catalog(catalog).report
+    c = sub.add_parser(
+        "compare", help="a table and an HTML report of MLflow runs", description=getattr(rep, "help", None)
     )
-    cut = len(names) > max_classes
-    if cut:
-        half = max_classes // 2
-        names = names[:half] + names[-half:]
-    k = len(labels)
-    fig = _canvas(8.0, max(3.0, 0.18 * len(names) * max(1, k) ** 0.5 + 1.5))
-    ax = fig.add_subplot(1, 1, 1)
-    y = np.arange(len(names))
-    h = 0.8 / k
-    colours = [UNSEEN_COLOUR, SEEN_COLOUR, OTHER_COLOUR, "#55A868", "#C44E52", "#8172B2"]
-    for j, lab in enumerate(labels):
-        vals = [runs[lab].get(n, math.nan) for n in names]
-        vals = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
-        ax.barh(y - 0.4 + h * (j + 0.5), vals, height=h, color=colours[j % len(colours)])
-    ax.set_yticks(y)
-    ax.set_yticklabels(names, fontsize=7)
-    ax.invert_yaxis()
-    drawn = [v for r in runs.values() for n in names if (v := r.get(n)) is not None and math.isfinite(v)]
-    ax.set_xlim(0, min(100.0, max([1.0, *drawn]) * 1.15))
-    ax.set_xlabel("IoU (%)")
-    if cut:
-        ax.axhline(max_classes // 2 - 0.5, color="black", linewidth=0.8, linestyle="--")
-    full = title + (
-        f" (top and bottom {max_classes // 2} of {len(set().union(*map(set, runs.values())))})" if cut else ""
-    )
-    if full:
-        ax.set_title(full, fontsize=10)
-    ax.legend(
-        handles=[Patch(color=colours[j % len(colours)], label=lab) for j, lab in enumerate(labels)],
-        loc="lower right",
-        fontsize=7,
-    )
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out, names
+    c.add_argument("--config", help="a config whose run section names the tracking store and experiment")
+    c.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, else sqlite in ./work)")
+    c.add_argument("--experiment", help="experiment name (default: the config's)")
+    c.add_argument("--runs", nargs="+", metavar="RUN_ID", help="only these runs (parent or sweep runs)")
+    metric = getattr(rep, "default_metric", None)
+    c.add_argument("--metric", default=metric, help=f"the metric to rank by (default {metric})")
+    c.add_argument("--eval-set", help=getattr(rep, "eval_set_help", "the set compared"))
+    c.add_argument("--out", help="report directory (default <work_dir>/reports/compare-<time>)")
+    c.add_argument("--top", type=int, default=3, help=getattr(rep, "top_help", "runs plotted (default 3)"))
+    c.add_argument("--verbose", action="store_true", help="also show MLflow's own logs")
+    return c
+
+
+def _catalog(catalog: Any) -> Any:
+    if catalog is not None:
+        return catalog
+    from pipeline.catalogue import load_catalogue
+
+    return load_catalogue()
+
+
+def _report(catalog: Any) -> Report:
+    rep = _catalog(catalog).report
+    if rep is None:
+        raise ConfigError("the stage catalogue declares no comparison report (REPORT): nothing to compare")
+    return rep
 
 
 # =============================================================================================
 # runs
 # =============================================================================================
-def find_runs(tracking_uri: str, experiment: str | None, run_ids: Sequence[str] | None = None) -> Any:
-    """The invocations (parent runs with evaluate metrics) of ``experiment``, or ``run_ids``
-    (a sweep's run id stands for its trials), from ``mlflow.search_runs``: ``(invocations,
-    every run of their experiments)`` as pandas DataFrames. A sweep trial that ran twice (its
-    sweep was interrupted after the trial's MLflow run ended but before Tune took its result, so
-    the resumed sweep ran it again) counts once: its newest run (same ``zeroseg.sweep_id`` and
-    ``zeroseg.trial_id``).
+def find_runs(
+    tracking_uri: str, experiment: str | None, run_ids: Sequence[str] | None = None, catalog: Any = None
+) -> Any:
+    """The invocations (parent runs with the report stage's metrics) of ``experiment``, or
+    ``run_ids`` (a sweep's run id stands for its trials), from ``mlflow.search_runs``:
+    ``(invocations, every run of their experiments)`` as pandas DataFrames. A sweep trial that
+    ran twice (its sweep was interrupted after the trial's MLflow run ended but before Tune took
+    its result, so the resumed sweep ran it again) counts once: its newest run (same
+    ``zeroseg.sweep_id`` and ``zeroseg.trial_id``).
+
+    Args:
+        catalog: the stage catalogue (its ``report.stage``); None: the project's.
 
     Raises:
-        ConfigError: no such experiment, or no run with evaluate metrics.
+        ConfigError: no such experiment, or no run with the report stage's metrics.
     """
     import mlflow
 
+    stage = _report(catalog).stage
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.tracking.MlflowClient()
     if run_ids:
@@ -191,11 +169,16 @@ def find_runs(tracking_uri: str, experiment: str | None, run_ids: Sequence[str] 
     if run_ids:
         wanted = set(run_ids)
         parents = parents[parents["run_id"].isin(wanted) | parents["tags.mlflow.parentRunId"].isin(wanted)]
-    metric_cols = [c for c in parents.columns if c.startswith("metrics.evaluate/")]
+    metric_cols = [c for c in parents.columns if c.startswith(f"metrics.{stage}/")]
     if metric_cols:
         parents = parents[parents[metric_cols].notna().any(axis=1)]
     if parents.empty or not metric_cols:
-        raise ConfigError(f"no run with evaluate metrics among {'the given runs' if run_ids else repr(experiment)}")
+        raise ConfigError(f"no run with {stage} metrics among {'the given runs' if run_ids else repr(experiment)}")
+    return _newest_trials(parents).reset_index(drop=True), df
+
+
+def _newest_trials(parents: Any) -> Any:
+    """``parents`` with one run per sweep trial (its newest)."""
     if "tags.zeroseg.trial_id" in parents and "tags.zeroseg.sweep_id" in parents:
         trial = parents["tags.zeroseg.trial_id"].notna() & parents["tags.zeroseg.sweep_id"].notna()
         newest = (
@@ -204,25 +187,14 @@ def find_runs(tracking_uri: str, experiment: str | None, run_ids: Sequence[str] 
             .drop_duplicates(["tags.zeroseg.sweep_id", "tags.zeroseg.trial_id"], keep="last")
         )
         parents = parents[~trial | parents.index.isin(newest.index)]
-    return parents.reset_index(drop=True), df
+    return parents
 
 
-def eval_sets(runs: Any) -> list[str]:
-    """The evaluate sets the runs report (``metrics.evaluate/<set>/hIoU``), in column order."""
-    out = []
-    for c in runs.columns:
-        if c.startswith("metrics.evaluate/") and c.endswith("/hIoU") and c.count("/") == 2:
-            out.append(c.split("/")[1])
-    return out
-
-
-def varying_params(runs: Any) -> list[str]:
-    """Param columns (without ``params.``) whose value differs between runs, plus the headline
-    params; stage-qualified duplicates of the headline are left out."""
-    from pipeline.tracking import HEADLINE
-
+def varying_params(runs: Any, headline: Sequence[str] = ()) -> list[str]:
+    """Param columns (without ``params.``) whose value differs between runs, plus the
+    ``headline`` params (always shown, in the runs' column order)."""
     cols = [c for c in runs.columns if c.startswith("params.")]
-    out = [c[7:] for c in cols if c[7:] in HEADLINE]
+    out = [c[7:] for c in cols if c[7:] in headline]
     for c in cols:
         name = c[7:]
         if name in out:
@@ -233,13 +205,21 @@ def varying_params(runs: Any) -> list[str]:
     return out
 
 
-def table(runs: Any, eval_set: str, metric: str = "hIoU") -> list[dict[str, Any]]:
+def table(runs: Any, eval_set: str, metric: str | None = None, catalog: Any = None) -> list[dict[str, Any]]:
     """One row per configuration (runs that differ only in a seed param grouped), best first by
-    ``metric``: ``{"runs", "label", "params", "n", <metric>: (mean, std), "fps": (mean, std)}``.
+    ``metric`` (default: the report's ``default_metric``): ``{"runs", "label", "params", "n",
+    <column name>: (mean, std) for every report column}``.
 
     ``std`` is the sample standard deviation (n - 1) over the configuration's runs; NaN for one.
+    ``catalog``: the stage catalogue (its report and headline); None: the project's.
     """
-    params = varying_params(runs)
+    from pipeline.tracking.headline import headline_names
+
+    cat = _catalog(catalog)
+    rep = _report(cat)
+    metric = metric or rep.default_metric
+    names = [c.name for c in rep.columns]
+    params = varying_params(runs, headline_names(cat.headline))
     key_params = [p for p in params if p not in SEED_PARAMS and not p.endswith(".seed")]
     groups: dict[str, dict[str, Any]] = {}
     for _, r in runs.iterrows():
@@ -250,15 +230,14 @@ def table(runs: Any, eval_set: str, metric: str = "hIoU") -> list[dict[str, Any]
         k = json.dumps(ps, sort_keys=True)
         g = groups.setdefault(k, {"params": ps, "runs": [], "values": {}})
         g["runs"].append(r["run_id"])
-        for m in (*COLUMNS, "fps"):
-            col = f"metrics.evaluate/{eval_set}/{m}" if m != "fps" else "metrics.evaluate/fps"
-            v = r.get(col)
+        for m in names:
+            v = r.get(f"metrics.{rep.metric_key(eval_set, m)}")
             if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
                 g["values"].setdefault(m, []).append(float(v))
     rows = []
     for g in groups.values():
         row = {"runs": g["runs"], "params": g["params"], "n": len(g["runs"])}
-        for m in (*COLUMNS, "fps"):
+        for m in names:
             vals = g["values"].get(m, [])
             row[m] = (
                 statistics.fmean(vals) if vals else math.nan,
@@ -293,64 +272,32 @@ def fmt(mean_std: tuple[float, float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" if not math.isfinite(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def per_class_unseen(all_runs: Any, parent_id: str, eval_set: str) -> dict[str, float] | None:
-    """Per-class IoU of the unseen classes of ``eval_set`` for an invocation: from the
-    ``metrics.json`` of its evaluate artifact (the evaluate run's ``artifact_uri`` tag); None
-    when it cannot be read."""
-    from pipeline import uri as uri_
-
-    ev = all_runs[(all_runs["tags.mlflow.parentRunId"] == parent_id) & (all_runs["tags.stage"] == "evaluate")]
-    for _, r in ev.iterrows():
-        art = r.get("tags.artifact_uri")
-        if not isinstance(art, str) or not art:
-            continue
-        try:
-            if uri_.is_local(art):
-                doc = json.loads(Path(uri_.local_path(art), "metrics.json").read_text())
-            else:
-                fs, base = uri_.filesystem(art)
-                with fs.open_input_stream(f"{base}/metrics.json") as f:
-                    doc = json.loads(f.read())
-        except (OSError, ValueError):
-            continue
-        entry = doc.get(eval_set) or {}
-        rows = (entry.get("gzs3") or {}).get("per_class") or []
-        return {x["name"]: x["iou"] for x in rows if x.get("split") == "unseen" and x.get("iou") is not None}
-    return None
+def cells(row: dict[str, Any], columns: Sequence[Column]) -> list[str]:
+    """A row's metric cells, formatted (:func:`fmt`) with each column's digits."""
+    return [fmt(row[c.name], c.digits) for c in columns]
 
 
 # =============================================================================================
-# the command
+# the report and the command
 # =============================================================================================
 def report(
-    runs: Any, all_runs: Any, rows: list[dict[str, Any]], eval_set: str, metric: str, out: Path, top: int = 3
+    runs: Any,
+    all_runs: Any,
+    rows: list[dict[str, Any]],
+    eval_set: str,
+    metric: str,
+    out: Path,
+    top: int = 3,
+    catalog: Any = None,
 ) -> Path:
-    """Write ``out/report.html`` with ``seen_unseen.png`` and ``unseen_per_class.png``."""
+    """Write ``out/report.html`` with the report's plots (PNGs beside it)."""
+    rep = _report(catalog)
     out.mkdir(parents=True, exist_ok=True)
-    plots = []
-    pts = [(r["label"], r["mIoU_seen"][0], r["mIoU_unseen"][0]) for r in rows]
-    plot_seen_unseen(pts, out / "seen_unseen.png", f"{eval_set}: seen vs unseen mIoU")
-    plots.append(("seen_unseen.png", "Seen vs unseen mIoU per configuration (dotted: hIoU iso-lines)"))
-    best: dict[str, dict[str, float]] = {}
-    for r in rows[:top]:
-        pc = per_class_unseen(all_runs, r["runs"][0], eval_set)
-        if pc:
-            best[r["label"]] = pc
-    if best:
-        plot_class_bars(best, out / "unseen_per_class.png", f"{eval_set}: unseen IoU per class, best runs")
-        plots.append(("unseen_per_class.png", f"Per-class unseen IoU of the best {len(best)} run(s), sorted"))
-    head = ["configuration", "runs", *COLUMNS, "FPS"]
+    plots = rep.plots(rows, all_runs, eval_set, out, top)
+    head = ["configuration", "runs", *(c.header for c in rep.columns)]
     body = "".join(
         "<tr>"
-        + "".join(
-            f"<td>{html.escape(str(c))}</td>"
-            for c in [
-                r["label"],
-                r["n"],
-                *(fmt(r[m]) for m in COLUMNS),
-                fmt(r["fps"], 1),
-            ]
-        )
+        + "".join(f"<td>{html.escape(str(c))}</td>" for c in [r["label"], r["n"], *cells(r, rep.columns)])
         + "</tr>"
         for r in rows
     )
@@ -371,46 +318,62 @@ def report(
     return out / "report.html"
 
 
-def cmd_compare(args: Any, console: Any) -> int:
-    """``zeroseg compare`` (see the module docstring)."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from pipeline import tracking
+def cmd_compare(args: Any, console: Any, catalog: Any = None) -> int:
+    """``zeroseg compare`` (see the module docstring); ``catalog``: the stage catalogue whose
+    report and headline are compared (None: the project's, :func:`pipeline.catalogue.load_catalogue`)."""
     from pipeline.config import RunSection, load_config
 
+    cat = _catalog(catalog)
+    rep = _report(cat)
     run = load_config(args.config).run if args.config else RunSection(work_dir="work")
     tracking_uri = args.tracking_uri or run.mlflow_uri()
     experiment = args.experiment or run.experiment or run.name
     with _quiet(args.verbose):
-        runs, all_runs = find_runs(tracking_uri, experiment, args.runs)
-    sets = eval_sets(runs)
-    eval_set = args.eval_set or ("val" if "val" in sets else sets[0])
+        runs, all_runs = find_runs(tracking_uri, experiment, args.runs, cat)
+    sets = rep.eval_sets(runs)
+    eval_set = args.eval_set or rep.default_eval_set(sets)
     if eval_set not in sets:
-        raise ConfigError(f"--eval-set {eval_set}: the runs report evaluate sets {', '.join(sets)}")
-    if args.metric not in (*COLUMNS, "fps"):
-        raise ConfigError(f"--metric {args.metric}: one of {', '.join((*COLUMNS, 'fps'))}")
-    rows = table(runs, eval_set, args.metric)
-    t = Table(title=Text(f"{experiment}: evaluate on {eval_set}, by {args.metric}"), title_justify="left")
-    for col in ("configuration", "runs", *COLUMNS, "FPS"):
+        raise ConfigError(f"--eval-set {eval_set}: the runs report {rep.stage} sets {', '.join(sets)}")
+    metric = args.metric or rep.default_metric
+    names = [c.name for c in rep.columns]
+    if metric not in names:
+        raise ConfigError(f"--metric {metric}: one of {', '.join(names)}")
+    rows = table(runs, eval_set, metric, cat)
+    _print_table(console, f"{experiment}: {rep.stage} on {eval_set}, by {metric}", rows, rep.columns)
+    out = Path(args.out) if args.out else Path(run.work_dir) / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = report(runs, all_runs, rows, eval_set, metric, out, args.top, cat)
+    with _quiet(args.verbose):
+        run_id = _log_report(tracking_uri, experiment if not args.runs else _experiment_of(runs), runs, out)
+    console.line(f"report: {path} (logged to MLflow run {run_id}, artifacts report/)")
+    return 0
+
+
+def _print_table(console: Any, title: str, rows: list[dict[str, Any]], columns: Sequence[Column]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=Text(title), title_justify="left")
+    for col in ("configuration", "runs", *(c.header for c in columns)):
         t.add_column(col)
     for r in rows:
-        t.add_row(Text(r["label"]), str(r["n"]), *(fmt(r[m]) for m in COLUMNS), fmt(r["fps"], 1))
+        t.add_row(Text(r["label"]), str(r["n"]), *cells(r, columns))
     console.print(t)
-    out = Path(args.out) if args.out else Path(run.work_dir) / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = report(runs, all_runs, rows, eval_set, args.metric, out, args.top)
-    with _quiet(args.verbose):
-        exp_id = tracking.setup(tracking_uri, experiment if not args.runs else _experiment_of(runs))
-        import mlflow
 
-        client = mlflow.tracking.MlflowClient()
-        r = client.create_run(
-            exp_id, run_name="compare", tags={"zeroseg.kind": "compare", "compared_runs": ",".join(runs["run_id"])}
-        )
-        client.log_artifacts(r.info.run_id, str(out), "report")
-        client.set_terminated(r.info.run_id)
-    console.line(f"report: {path} (logged to MLflow run {r.info.run_id}, artifacts report/)")
-    return 0
+
+def _log_report(tracking_uri: str, experiment: str, runs: Any, out: Path) -> str:
+    """Log ``out`` as the artifacts (``report/``) of a new ``compare`` run; returns its id."""
+    import mlflow
+
+    from pipeline import tracking
+
+    exp_id = tracking.setup(tracking_uri, experiment)
+    client = mlflow.tracking.MlflowClient()
+    r = client.create_run(
+        exp_id, run_name="compare", tags={"zeroseg.kind": "compare", "compared_runs": ",".join(runs["run_id"])}
+    )
+    client.log_artifacts(r.info.run_id, str(out), "report")
+    client.set_terminated(r.info.run_id)
+    return r.info.run_id
 
 
 def _experiment_of(runs: Any) -> str:
@@ -431,14 +394,13 @@ def _quiet(verbose: bool) -> Any:
 
 
 __all__ = [
-    "COLUMNS",
+    "Column",
+    "add_parser",
+    "Report",
+    "cells",
     "cmd_compare",
-    "eval_sets",
     "find_runs",
     "fmt",
-    "per_class_unseen",
-    "plot_class_bars",
-    "plot_seen_unseen",
     "report",
     "table",
     "varying_params",

@@ -1,5 +1,11 @@
 """YAML config loading, dotted overrides, validation, and the hashed/runtime split of keys.
 
+A config file may extend others (``extends: base.yaml`` or a list, mmseg's ``_base_``: merged
+left to right, then the file over them; :func:`load_config`): ``configs/datasets/`` holds the
+dataset bases, ``configs/methods/`` the method parts. :func:`validated_config` /
+:func:`config_yaml` show the merged config with every section as its stage validates it
+(``zeroseg run --print-config``). Validation messages are built by :mod:`pipeline.validation`.
+
 A config file has a ``run`` section (where things go; never part of an artifact key), *shared*
 sections that stages take (``clip``: the CLIP model spec, injected into every stage that takes
 it and does not set its own), and one section per stage. A stage section is validated by the
@@ -20,6 +26,7 @@ config serves a local run (defaults) and ``ray job submit`` (variables set throu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -27,7 +34,7 @@ import json
 import os
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import to_jsonable_python
 
 from pipeline.errors import ConfigError
+from pipeline.validation import explain, fields_at
 
 RUN_SECTION = "run"
 #: Environment variable naming the tracking server when a config sets no ``run.tracking_uri``.
@@ -239,7 +247,8 @@ class LoadedConfig:
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> LoadedConfig:
-    """Read a YAML config, apply ``extends``, ``a.b=c`` overrides and ``${ENV:-default}``.
+    """Read a YAML config, apply ``extends`` (a base file or a list of them, merged left to right,
+    then the file over them: :func:`_resolve_extends`), ``a.b=c`` overrides and ``${ENV:-default}``.
 
     Raises:
         ConfigError: the file is missing, not YAML or not a mapping, an override is malformed,
@@ -295,20 +304,36 @@ def read_yaml(p: Path, what: str = "of sections") -> dict[str, Any]:
 
 
 def _resolve_extends(path: Path, raw: dict[str, Any], seen: tuple[Path, ...]) -> dict[str, Any]:
-    """``extends: other.yaml`` (relative to this file): deep-merge this file over that one.
+    """``extends: base.yaml`` or ``extends: [a.yaml, b.yaml, ...]`` (mmseg's ``_base_``; paths
+    relative to this file): the bases, each with its own ``extends`` resolved, deep-merged left to
+    right, then this file over them.
 
-    Mappings merge key by key; any other value (lists included) replaces the base's.
+    Mappings merge key by key; any other value (lists included) replaces the base's. A base
+    reached twice through different bases (a diamond) is fine; a file that extends itself,
+    directly or through its bases, is a cycle.
+
+    Raises:
+        ConfigError: ``extends`` is not a file name or a list of them, a base does not exist or is
+            not a YAML mapping, or a cycle (each message names the extending file).
     """
-    base_name = raw.pop("extends", None)
-    if base_name is None:
+    names = raw.pop("extends", None)
+    if names is None:
         return raw
-    base_path = (path.parent / str(base_name)).resolve()
-    if base_path in seen:
-        raise ConfigError(f"{path}: 'extends' cycle through {base_path}")
-    if not base_path.is_file():
-        raise ConfigError(f"{path}: extends {base_name!r}, but {base_path} does not exist")
-    base = read_yaml(base_path)
-    return _deep_merge(_resolve_extends(base_path, base, seen + (base_path,)), raw)
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{path}: 'extends' must be a file name or a list of file names, got {names!r}")
+    merged: dict[str, Any] = {}
+    for name in names:
+        base_path = (path.parent / name).resolve()
+        if base_path in seen:
+            chain = " -> ".join(str(p) for p in (*seen[seen.index(base_path) :], base_path))
+            raise ConfigError(f"{path}: 'extends' cycle: {chain}")
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: extends {name!r}, but {base_path} does not exist")
+        base = _resolve_extends(base_path, read_yaml(base_path), seen + (base_path,))
+        merged = _deep_merge(merged, base)
+    return _deep_merge(merged, raw)
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -380,6 +405,86 @@ def _interpolate(obj: Any) -> Any:
     return obj
 
 
+def stage_section(
+    config: LoadedConfig, name: str, roles: Iterable[str], shared: Iterable[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage ``name``'s section of ``config`` ready to validate, and its bindings.
+
+    Returns:
+        ``(section, given)``: a copy of the section without the keys named like one of the
+        stage's input ``roles`` (``given``: ``{role: upstream stage}``, e.g. ``evaluate.model:
+        self_train``), with each ``shared`` section the config has and the section does not set
+        itself injected (``clip``).
+    """
+    section = copy.deepcopy(config.sections[name])
+    given = {r: section.pop(r) for r in list(section) if r in set(roles)}
+    for s in shared:
+        if s in config.sections and s not in section:
+            section[s] = copy.deepcopy(config.sections[s])
+    return section, given
+
+
+def validated_config(config: LoadedConfig, stages: Sequence[type]) -> dict[str, Any]:
+    """The merged config (``extends``, overrides, ``${ENV}`` applied) with every section as its
+    stage validates it, defaults filled in (JSON values): ``run``, then the shared sections (as the
+    first stage that takes one validates it), then the stage sections in ``stages``' order. A
+    stage section lists its bindings first (then a ``method`` tag) and leaves out the shared
+    sections it takes from the top level. Plans nothing. (Not always loadable as a config again:
+    a section that refuses keys not applying to a choice, e.g. a dataset's ``annotations`` for
+    format ``mask_folder``, refuses them at their defaults too.)
+
+    Args:
+        config: a loaded config.
+        stages: the stage classes (``pipeline.catalogue.load_catalogue().stages``).
+
+    Raises:
+        ConfigError: an unknown section (the nearest named), or an invalid section (as
+            :func:`validate_section`).
+    """
+    by_name = {cls.name: cls for cls in stages}
+    shared_names = list(dict.fromkeys(s for cls in stages for s in cls.shared))
+    for name in config.sections:
+        if name not in by_name and name not in shared_names:
+            near = difflib.get_close_matches(name, [*by_name, *shared_names, RUN_SECTION], n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{config.path}: unknown section {name!r}{hint} (stages: {', '.join(by_name)})")
+    body: dict[str, Any] = {}
+    injected: dict[str, list[str]] = {}  # shared section -> the stages it was injected into
+    for name, cls in by_name.items():
+        if name not in config.sections:
+            continue
+        stage = cls()
+        section, given = stage_section(config, name, stage.all_roles(), stage.shared)
+        cfg = validate_section(name, stage.Config, section, config.path)
+        dumped = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else to_jsonable_python(cfg)
+        body[name] = {**given, **({"method": dumped.pop("method")} if "method" in dumped else {}), **dumped}
+        for s in stage.shared:
+            if s in config.sections and s not in config.sections[name]:
+                injected.setdefault(s, []).append(name)
+    shared: dict[str, Any] = {}
+    for s in shared_names:
+        if s not in config.sections:
+            continue
+        values = [body[n][s] for n in injected.get(s, []) if body[n].get(s) is not None]
+        shared[s] = values[0] if values else config.sections[s]
+        for n in injected.get(s, []):  # shown once, at the top, where a stage validated it so
+            if body[n].get(s) == shared[s]:
+                del body[n][s]
+    return {RUN_SECTION: config.run.model_dump(mode="json"), **shared, **body}
+
+
+def config_yaml(config: LoadedConfig, stages: Sequence[type]) -> str:
+    """:func:`validated_config` as YAML (``zeroseg run --print-config``), headed by a comment
+    naming the file.
+
+    Raises:
+        ConfigError: as :func:`validated_config`.
+    """
+    doc = validated_config(config, stages)
+    head = f"# {config.path}: merged (extends, --set, ${{ENV}}) and validated, defaults filled in\n"
+    return head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110)
+
+
 # =============================================================================================
 # validation
 # =============================================================================================
@@ -401,103 +506,6 @@ def validate_section(name: str, schema: Any, data: dict[str, Any], path: Path | 
         raise ConfigError(f"{path}: invalid config in section {name!r}: {e}") from None
 
 
-def explain(err: ValidationError, schema: Any, section: str, path: Path | str) -> str:
-    """A pydantic ``ValidationError`` as lines naming ``section.key`` and the nearest valid key."""
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        dotted = ".".join(str(x) for x in (section, *_user_loc(schema, loc)))
-        if e["type"] == "extra_forbidden":
-            valid = fields_at(schema, loc[:-1])
-            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            parent = dotted.rsplit(".", 1)[0]
-            hint = f"; did you mean {parent}.{near[0]}?" if near else ""
-            lines.append(f"unknown key {dotted!r}{hint} (valid keys here: {', '.join(valid)})")
-        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            ctx = e.get("ctx") or {}
-            key = str(ctx.get("discriminator", "")).strip("'") or "method"
-            tags = re.findall(r"'([^']+)'", str(ctx.get("expected_tags", ""))) or _tags(schema, key)
-            got = str(ctx.get("tag", ""))
-            near = difflib.get_close_matches(got, tags, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            if e["type"] == "union_tag_not_found":
-                lines.append(f"{dotted}.{key} is required (one of: {', '.join(tags) or '?'})")
-            else:
-                lines.append(f"{dotted}.{key}: unknown value {got!r}{hint} (one of: {', '.join(tags)})")
-        else:
-            lines.append(f"{dotted}: {e['msg']} (got {e.get('input')!r})")
-    return f"{path}: invalid config:\n  " + "\n  ".join(lines)
-
-
-def _union_members(ann: Any) -> list[type[BaseModel]]:
-    """The pydantic models in an annotation (itself, the members of a union, ``Annotated``'s type)."""
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return [ann]
-    out: list[type[BaseModel]] = []
-    for a in typing.get_args(ann):
-        out += _union_members(a)
-    return out
-
-
-def _tags(schema: Any, discriminator: str) -> list[str]:
-    """The values of a discriminated union's tag field, member by member."""
-    out = []
-    for m in _union_members(schema):
-        f = m.model_fields.get(discriminator)
-        if f is not None and typing.get_origin(f.annotation) is typing.Literal:
-            out += [str(a) for a in typing.get_args(f.annotation)]
-    return out
-
-
-def _tag_member(schema: Any, tag: Any) -> type[BaseModel] | None:
-    """The member of a discriminated union whose ``method``-like literal equals ``tag``."""
-    for m in _union_members(schema):
-        for f in m.model_fields.values():
-            if typing.get_origin(f.annotation) is typing.Literal and tag in typing.get_args(f.annotation):
-                return m
-    return None
-
-
-def _walk(schema: Any, loc: tuple) -> tuple[Any, tuple]:
-    """Follow a pydantic error location through ``schema``: the type reached (None if unknown),
-    and ``loc`` without the union tags pydantic inserts (``('zegclip', 'model', 'x')`` ->
-    ``('model', 'x')`` for a union discriminated on ``method``)."""
-    out, cur = [], schema
-    for part in loc:
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
-            member = _tag_member(cur, part) if isinstance(part, str) else None
-            if member is not None:
-                cur = member
-                continue
-        out.append(part)
-        cur = _descend(cur, part)
-    return cur, tuple(out)
-
-
-def _user_loc(schema: Any, loc: tuple) -> tuple:
-    """``loc`` as the user wrote it: without union tags (:func:`_walk`)."""
-    return _walk(schema, loc)[1]
-
-
-def _descend(cur: Any, part: Any) -> Any:
-    if isinstance(part, int) or not (isinstance(cur, type) and issubclass(cur, BaseModel)):
-        return cur
-    f = cur.model_fields.get(part)
-    if f is None:
-        return None
-    members = _union_members(f.annotation)
-    return members[0] if len(members) == 1 else (f.annotation if members else None)
-
-
-def fields_at(schema: Any, loc: tuple) -> list[str]:
-    """Field names of the (nested) model reached by ``loc`` (union tags resolved); [] if unknown."""
-    cur = _walk(schema, loc)[0]
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
-    members = _union_members(cur) if cur is not None else []
-    return list(members[0].model_fields) if len(members) == 1 else []
-
-
 __all__ = [
     "LoadedConfig",
     "RaySection",
@@ -506,6 +514,7 @@ __all__ = [
     "apply_override",
     "config_from_raw",
     "canonical_json",
+    "config_yaml",
     "digest",
     "explain",
     "fields_at",
@@ -514,5 +523,7 @@ __all__ = [
     "is_runtime",
     "load_config",
     "runtime_view",
+    "stage_section",
     "validate_section",
+    "validated_config",
 ]

@@ -5,7 +5,8 @@ A *stage* is a resumable unit whose output is an artifact addressed by a key. It
 * ``name``: the section name in configs, the CLI and the artifact store;
 * ``Config``: the schema of its section (a pydantic model, or a discriminated union of models
   such as train_classifier's methods); fields marked ``Runtime`` stay out of the key;
-* ``inputs(config)``: its input *roles*, each bound to one upstream stage (:class:`Input`);
+* ``inputs(config)``: its input *roles*, each bound to one upstream stage (:class:`Input`: named
+  stages, or any stage that ``produces`` the role's ``kind``);
 * ``shared``: the shared top-level sections it takes (``("clip",)``: injected into its section
   unless the section sets its own);
 * ``code(config)``: the modules whose source (and what they import within the project) enters
@@ -62,12 +63,16 @@ class Input:
         auto: an unset role takes its only candidate present in the config; False for a role
             that changes what a stage computes and so is bound only when the section names it
             (a warm start's ``init_from``).
+        kind: any other stage of the catalogue whose :attr:`Stage.produces` is this kind can
+            fill the role too (after ``stages``, in the catalogue's order; :func:`resolve_kinds`):
+            a method that brings its own stage names no consumer.
     """
 
-    stages: tuple[str, ...]
+    stages: tuple[str, ...] = ()
     required: bool = True
     doc: str = ""
     auto: bool = True
+    kind: str | None = None
 
 
 @dataclasses.dataclass
@@ -183,6 +188,8 @@ class Stage:
     Config: ClassVar[Any] = StageConfig
     INPUTS: ClassVar[dict[str, Input]] = {}
     shared: ClassVar[tuple[str, ...]] = ()
+    #: The kind of artifact it produces, for input roles that take a kind (:attr:`Input.kind`).
+    produces: ClassVar[str | None] = None
 
     def inputs(self, config: Any) -> dict[str, Input]:
         """Input roles for this config (default: the class's ``INPUTS``)."""
@@ -221,6 +228,12 @@ class Stage:
     def notices(self, config: Any) -> list[str]:
         """Lines the plan prints once per invocation (deduplicated across stages)."""
         return []
+
+    def terminal(self, config: Any) -> bool:
+        """Whether this node's artifact is an end in itself (e.g. evaluation metrics), so that no
+        other node of the plan reading it is fine. A non-terminal node nothing reads is wasted
+        work: the plan prints a notice naming it (``pipeline.plan.unread_notices``)."""
+        return False
 
     def summary(self, metrics: Mapping[str, Any]) -> list[Any]:
         """Renderables (rich tables or strings) printed after the run from this stage's metrics."""
@@ -265,6 +278,18 @@ def nearest(name: str, choices: Sequence[str]) -> str:
     """``"; did you mean 'x'?"`` or ``""``."""
     near = difflib.get_close_matches(name, list(choices), n=1)
     return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def resolve_kinds(roles: Mapping[str, Input], stages: Sequence[type[Stage]]) -> dict[str, Input]:
+    """``roles`` with each role's :attr:`Input.kind` resolved: its ``stages`` followed by every
+    other stage of ``stages`` (the catalogue, in its order) that produces that kind."""
+    out: dict[str, Input] = {}
+    for role, spec in roles.items():
+        if spec.kind is not None:
+            more = tuple(s.name for s in stages if s.produces == spec.kind and s.name not in spec.stages)
+            spec = dataclasses.replace(spec, stages=(*spec.stages, *more))
+        out[role] = spec
+    return out
 
 
 def bind(name: str, roles: Mapping[str, Input], section: Mapping[str, Any], present: Sequence[str]) -> dict[str, str]:
@@ -358,5 +383,6 @@ __all__ = [
     "descendants",
     "nearest",
     "order",
+    "resolve_kinds",
     "stage_index",
 ]

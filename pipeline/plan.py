@@ -15,15 +15,14 @@ same artifact and run once (``execute`` dedupes them).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pipeline import codehash
 from pipeline.catalogue import DEFAULT_CODE_PACKAGES
-from pipeline.config import LoadedConfig, digest, hashed_view, runtime_view, validate_section
-from pipeline.dag import Stage, bind, descendants, nearest, order, stage_index
+from pipeline.config import LoadedConfig, digest, hashed_view, runtime_view, stage_section, validate_section
+from pipeline.dag import Stage, bind, descendants, nearest, order, resolve_kinds, stage_index
 from pipeline.errors import ConfigError, find_user_error, is_user_error
 
 
@@ -153,14 +152,10 @@ def plan(
     nodes: dict[str, Node] = {}
     for name in present:
         stage = index[name]()
-        section = copy.deepcopy(config.sections[name])
-        given = {r: section.pop(r) for r in list(section) if r in stage.all_roles()}
-        for s in stage.shared:
-            if s in config.sections and s not in section:
-                section[s] = copy.deepcopy(config.sections[s])
+        section, given = stage_section(config, name, stage.all_roles(), stage.shared)
         try:
             cfg = validate_section(name, stage.Config, section, config.path)
-            roles = stage.inputs(cfg)
+            roles = resolve_kinds(stage.inputs(cfg), stages)
         except Exception as e:
             if is_user_error(e) or find_user_error(e) is not None:
                 raise _user(e) from None
@@ -267,7 +262,19 @@ def plan(
     notices = list(
         dict.fromkeys(line for n in nodes.values() if n.action != "skip" for line in n.stage.notices(n.config))
     )
-    return Plan(config, nodes, notices)
+    return Plan(config, nodes, notices + unread_notices(nodes))
+
+
+def unread_notices(nodes: dict[str, Node]) -> list[str]:
+    """A notice for each node that no other node reads and whose stage is not terminal
+    (``Stage.terminal``): a section the config plans for nothing."""
+    read = {up for n in nodes.values() for up in n.upstream}
+    return [
+        f"{n.name}: nothing in this config reads its artifact (and it is not an end in itself); "
+        f"remove the {n.name!r} section, or bind a stage to it"
+        for n in nodes.values()
+        if n.name not in read and not n.stage.terminal(n.config)
+    ]
 
 
 def plan_many(
@@ -320,4 +327,4 @@ def _short(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-__all__ = ["Node", "Plan", "Selection", "plan", "plan_many", "why_not_cached"]
+__all__ = ["Node", "Plan", "Selection", "plan", "plan_many", "unread_notices", "why_not_cached"]

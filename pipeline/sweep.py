@@ -291,7 +291,7 @@ def trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         {f"{n.name}.": n.components.get("config", {}) for n in p},
         work_dir / "tracking-journal",
         t0,
-        tracking.headline_params({n.name: n.components.get("config", {}) for n in p}),
+        tracking.headline_params({n.name: n.components.get("config", {}) for n in p}, catalog.headline),
     )
     tracker.open()
     out = None
@@ -616,7 +616,9 @@ def run_sweep(
             {f"{n.name}.": n.components.get("config", {}) for n in sp if n.name in shared},
             work_dir / "tracking-journal",
             time.time(),
-            tracking.headline_params({n.name: n.components.get("config", {}) for n in sp if n.name in shared}),
+            tracking.headline_params(
+                {n.name: n.components.get("config", {}) for n in sp if n.name in shared}, catalog.headline
+            ),
         )
         tracker.open()
         out = None

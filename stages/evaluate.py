@@ -82,8 +82,12 @@ from zeroseg.data.transforms import Size
 from zeroseg.errors import ConfigError, DataError
 
 SET_COLUMN = "eval_set"
-#: The stages whose artifact is a segmenter (evaluate's ``model`` and ``compare`` roles).
+#: The project's stages whose artifact is a segmenter (evaluate's ``model`` and ``compare`` roles);
+#: any other catalogue stage that declares ``produces = SEGMENTER`` fills them too (a method that
+#: brings its own stage, ``pipeline.dag.Input.kind``).
 MODEL_STAGES = ("train_classifier", "train_generator", "self_train")
+#: The kind of artifact evaluate scores (``zeroseg.models``' segmenter directory).
+SEGMENTER = "segmenter"
 #: Metrics the summary table shows first (rows), in this order.
 HEADLINE = ("hIoU", "mIoU_seen", "mIoU_unseen", "mIoU", "pAcc", "mAcc", "zs3_mIoU")
 
@@ -581,15 +585,20 @@ class Evaluate(Stage):
     INPUTS = {
         "splits": Input(("build_splits",), doc="manifests and classes.json"),
         "text": Input(("embed_text",), doc="class text embeddings"),
-        "model": Input(MODEL_STAGES, doc="the segmenter to evaluate"),
+        "model": Input(MODEL_STAGES, doc="the segmenter to evaluate", kind=SEGMENTER),
         "compare": Input(
             MODEL_STAGES,
+            kind=SEGMENTER,
             required=False,
             auto=False,
             doc="a second segmenter scored beside model on the same sets (e.g. the inductive ZegCLIP beside its "
             "self-trained model)",
         ),
     }
+
+    def terminal(self, config: EvaluateConfig) -> bool:
+        """Evaluation metrics are an end in themselves: nothing needs to read them."""
+        return True
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         import ray
@@ -843,6 +852,7 @@ def fps_line(metrics: Mapping[str, Any]) -> str | None:
 
 __all__ = [
     "MODEL_STAGES",
+    "SEGMENTER",
     "comparison_table",
     "Evaluate",
     "EvaluateConfig",

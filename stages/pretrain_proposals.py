@@ -200,6 +200,11 @@ class PretrainProposals(Stage):
             out["text"] = self.TEXT
         return out
 
+    def terminal(self, config: PretrainProposalsConfig) -> bool:
+        """With a recall pass (``recall_sets`` not ``[]``) the proposal model's recall is a result
+        of its own (``configs/sample_proposals.yaml``); without one only a reader makes it useful."""
+        return config.recall_sets != []
+
     def notices(self, config: PretrainProposalsConfig) -> list[str]:
         m = config.model
         out = random_weights_notice(config.clip) if uses_clip(m) else []

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.compare import fmt, plot_class_bars, table
+from pipeline.compare import fmt, table
+from zeroseg.plots import plot_class_bars
 
 
 def _runs():
@@ -74,3 +75,33 @@ def test_a_sweep_trial_run_twice_counts_once(tmp_path):
     runs, _ = compare.find_runs(uri, "e")
     got = sorted(zip(runs["tags.zeroseg.trial_id"], runs["metrics.evaluate/val/hIoU"]))
     assert got == [("t1", 0.3), ("t2", 0.2)]
+
+
+def test_the_table_and_page_are_the_catalogues_report(tmp_path):
+    """pipeline.compare knows no metric: a catalogue's own report names the columns, their
+    MLflow metrics and the plots."""
+    from pipeline.catalogue import Catalogue
+    from pipeline.compare import Column, report
+
+    class Accuracy:
+        stage, default_metric, help = "score", "acc", "compare accuracies"
+        columns = (Column("acc", "accuracy", 1),)
+
+        def metric_key(self, eval_set, name):
+            return f"score/{eval_set}/{name}"
+
+        def plots(self, rows, all_runs, eval_set, out, top):
+            (out / "p.png").write_bytes(b"")
+            return [("p.png", f"{len(rows)} rows")]
+
+    runs = pd.DataFrame(
+        [
+            {"run_id": "a1", "params.method": "m", "params.k": "1", "metrics.score/test/acc": 0.5},
+            {"run_id": "b2", "params.method": "m", "params.k": "2", "metrics.score/test/acc": 0.75},
+        ]
+    )
+    cat = Catalogue([], report=Accuracy())
+    rows = table(runs, "test", catalog=cat)
+    assert [(r["params"], r["acc"][0]) for r in rows] == [({"k": "2"}, 0.75), ({"k": "1"}, 0.5)]
+    page = report(runs, runs, rows, "test", "acc", tmp_path, catalog=cat).read_text()
+    assert "<th>accuracy</th>" in page and "<td>0.8</td>" in page and '<h2>2 rows</h2><img src="p.png">' in page

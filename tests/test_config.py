@@ -108,6 +108,77 @@ def test_extends_deep_merges_over_the_base(tmp_path):
         load_config(tmp_path / "loop.yaml")
 
 
+def test_extends_a_list_merges_left_to_right_then_the_file(tmp_path):
+    """mmseg's ``_base_``: ``extends: [a, b]`` is a, then b over it, then the file over both;
+    paths are relative to the extending file; a base reached twice (a diamond) is no cycle."""
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "datasets" / "d.yaml").write_text(
+        "run: {name: d, work_dir: w}\nembed_text: {templates: single}\nevaluate: {batch_size: 2}\n"
+    )
+    (tmp_path / "methods" / "common.yaml").write_text("train_classifier: {train: {lr: 1.0, steps: 3}}\n")
+    (tmp_path / "methods" / "m.yaml").write_text(  # relative to methods/: common.yaml is methods/common.yaml
+        "extends: common.yaml\ntrain_classifier: {method: m, train: {steps: 5}}\nevaluate: {batch_size: 4, gamma: 0.1}\n"
+    )
+    (tmp_path / "c.yaml").write_text(
+        "extends: [datasets/d.yaml, methods/m.yaml, datasets/d.yaml]\nrun: {name: c}\nevaluate: {gamma: 0.2}\n"
+    )
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.run.name == "c" and cfg.run.work_dir == "w"
+    assert cfg.sections["train_classifier"] == {"method": "m", "train": {"lr": 1.0, "steps": 5}}
+    assert cfg.sections["embed_text"] == {"templates": "single"}
+    # left to right: d's batch_size 2 over m's 4 (d is listed again last), the file's gamma over m's
+    assert cfg.sections["evaluate"] == {"batch_size": 2, "gamma": 0.2}
+    assert "extends" not in cfg.raw
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("extends: [ok.yaml, a.yaml]\n")
+    (tmp_path / "ok.yaml").write_text("run: {name: ok}\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml: 'extends' cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "m.yaml").write_text("extends: [ok.yaml, nowhere/missing.yaml]\n")
+    with pytest.raises(
+        ConfigError, match=r"m\.yaml: extends 'nowhere/missing\.yaml', but .*missing\.yaml does not exist"
+    ):
+        load_config(tmp_path / "m.yaml")
+    (tmp_path / "bad.yaml").write_text("extends: {a: 1}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: 'extends' must be a file name or a list"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "notmap.yaml").write_text("- 1\n")
+    (tmp_path / "c.yaml").write_text("extends: [notmap.yaml]\n")
+    with pytest.raises(ConfigError, match=r"notmap\.yaml: top level must be a mapping"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_print_config_prints_the_validated_config_and_creates_nothing(tmp_path, capsys):
+    """``zeroseg run --print-config``: the merged config (extends, --set) with every section as
+    validated, defaults filled in (YAML), exit 0; no work dir, store or log is created."""
+    import yaml
+
+    from pipeline.cli import main
+
+    work = tmp_path / "work"
+    argv = ["run", "--config", "configs/sample_zegclip_st.yaml", "--work-dir", str(work), "--print-config"]
+    assert main([*argv, "--set", "evaluate.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# configs/sample_zegclip_st.yaml: merged")
+    doc = yaml.safe_load(out)
+    assert doc["run"]["name"] == "sample_zegclip_st" and doc["run"]["work_dir"] == str(work)
+    assert doc["clip"]["model"] == "zeroseg-tiny-vit"
+    assert "clip" not in doc["train_classifier"]  # injected from the top level: printed there once
+    assert doc["train_classifier"]["method"] == "zegclip"
+    assert doc["train_classifier"]["train"]["max_steps"] == 6  # the file over its base
+    assert doc["train_classifier"]["weight_decay"] == 0.01  # a default, filled in
+    assert doc["self_train"]["init_from"] == "train_classifier"  # a binding, as written
+    assert doc["evaluate"]["model"] == "self_train" and doc["evaluate"]["batch_size"] == 2  # --set
+    assert list(doc) == ["run", "clip", "build_splits", "embed_text", "train_classifier", "self_train", "evaluate"]
+    assert not work.exists()
+    assert main([*argv, "--set", "evaluate.gama=0.1"]) == 2  # an invalid section: the usual error
+    assert "did you mean evaluate.gamma" in capsys.readouterr().out
+
+
 # =============================================================================================
 # validation errors
 # =============================================================================================

@@ -25,9 +25,11 @@ BINDINGS = {
 
 
 def _expected(cfg):
-    """ORDER and BINDINGS, with pretrain_proposals (and train_classifier's proposals role) when the
-    config has that stage (the decoupled methods: ZegFormer, DeOP); DeOP's classifier takes no text."""
-    order, bindings = list(ORDER), {k: dict(v) for k, v in BINDINGS.items()}
+    """ORDER and BINDINGS of the stages the config has, with pretrain_proposals (and
+    train_classifier's proposals role) when the config has that stage (the decoupled methods:
+    ZegFormer, DeOP; PADing); DeOP's classifier takes no text."""
+    order = [s for s in ORDER if s in cfg.sections]
+    bindings = {k: dict(BINDINGS[k]) for k in order}
     if "pretrain_proposals" in cfg.sections:
         order.insert(2, "pretrain_proposals")
         head = (cfg.sections["pretrain_proposals"].get("model") or {}).get("class_head", "text")
@@ -35,8 +37,8 @@ def _expected(cfg):
             "splits": "build_splits",
             **({"text": "embed_text"} if head == "text" else {}),
         }
-        method = cfg.sections["train_classifier"]["method"]
-        if "proposals" in methods()[method].inputs:  # a decoupled method
+        method = (cfg.sections.get("train_classifier") or {}).get("method")
+        if method and "proposals" in methods()[method].inputs:  # a decoupled method
             bindings["train_classifier"]["proposals"] = "pretrain_proposals"
         if method == "deop":  # DeOP classifies with its own learned anchors: no text input
             del bindings["train_classifier"]["text"]
@@ -45,7 +47,7 @@ def _expected(cfg):
         bindings["self_train"] = {"splits": "build_splits", "text": "embed_text", "init_from": "train_classifier"}
         bindings["evaluate"].update(model="self_train", compare="train_classifier")
     if "train_generator" in cfg.sections:  # PADing: the feature artifact, the generator, evaluate binds it
-        order.insert(order.index("train_classifier"), "extract_features")
+        order.insert(order.index("pretrain_proposals") + 1, "extract_features")
         order.insert(order.index("evaluate"), "train_generator")
         bindings["extract_features"] = {"splits": "build_splits", "proposals": "pretrain_proposals"}
         bindings["train_generator"] = {
@@ -82,14 +84,51 @@ def test_config_plans(path, monkeypatch, tmp_path):
     assert all(n.action == "cached" for n in p)
     assert len(set(p.keys().values())) == len(order) and all(len(k) == 64 for k in p.keys().values())
     # the shared clip section reaches the stages that take it
-    for name in ("embed_text", "train_classifier"):
-        assert p.nodes[name].config.clip.model_dump() == {
-            "pretrained": None,
-            "checkpoint": None,
-            "random_init": False,
-            **cfg.sections["clip"],
-        }
-    assert p.nodes["train_classifier"].config.method == cfg.sections["train_classifier"]["method"]
+    for name in ("embed_text", "train_classifier", "train_generator"):
+        if name in p.nodes:
+            assert p.nodes[name].config.clip.model_dump() == {
+                "pretrained": None,
+                "checkpoint": None,
+                "random_init": False,
+                **cfg.sections["clip"],
+            }
+    if "train_classifier" in p.nodes:
+        assert p.nodes["train_classifier"].config.method == cfg.sections["train_classifier"]["method"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_no_config_plans_a_stage_nothing_reads(path, monkeypatch, tmp_path):
+    """A node no other node binds is wasted work (e.g. a MaskCLIP train_classifier beside PADing's
+    train_generator, which evaluate reads instead), unless its stage is terminal by nature
+    (``Stage.terminal``: evaluate; pretrain_proposals with its recall pass, sample_proposals.yaml);
+    the plan would say so in a notice."""
+    monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
+    p = plan(load_config(path), STAGES, store=EverythingCached())
+    read = {up for n in p for up in n.upstream}
+    assert [n.name for n in p if n.name not in read and not n.stage.terminal(n.config)] == []
+    assert not any("nothing in this config reads" in line for line in p.notices)
+
+
+def test_the_plan_names_a_stage_nothing_reads(shared_data, monkeypatch):
+    """The old PADing sample planned a MaskCLIP train_classifier beside train_generator: a notice
+    names it; a proposal model without its recall pass and without a reader too."""
+    monkeypatch.setenv("ZEROSEG_DATA", str(shared_data))
+    p = plan(
+        load_config(REPO / "configs/sample_pading.yaml", ["train_classifier.method=maskclip"]),
+        STAGES,
+        store=EverythingCached(),
+    )
+    assert [line.split(":")[0] for line in p.notices if "nothing in this config reads" in line] == ["train_classifier"]
+    q = plan(
+        load_config(REPO / "configs/sample_proposals.yaml", ["pretrain_proposals.recall_sets=[]"]),
+        STAGES,
+        store=EverythingCached(),
+    )
+    assert any(line.startswith("pretrain_proposals: nothing in this config reads") for line in q.notices)
+    assert not any(
+        "nothing in this config reads" in line
+        for line in plan(load_config(REPO / "configs/sample_proposals.yaml"), STAGES, store=EverythingCached()).notices
+    )
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
@@ -163,7 +202,10 @@ def test_zegclip_benchmark_configs_are_the_released_settings(
     assert tuple(tc.augment.crop_size) == (512, 512)
     assert p.nodes["embed_text"].config.templates == template
     assert p.nodes["build_splits"].config.split.builtin == dataset
-    assert p.nodes["evaluate"].config.gamma == 0.1
+    # inductive inference with seen scores - 0.1: the segmenter's default (one source), not evaluate's
+    from stages.methods.zegclip import INDUCTIVE_GAMMA
+
+    assert p.nodes["evaluate"].config.gamma is None and INDUCTIVE_GAMMA == 0.1
 
 
 def _zegclip_lr(section):
@@ -221,3 +263,29 @@ def test_zegclip_st_configs_are_the_papers_schedule(name, inductive, base, steps
     ev = p.nodes["evaluate"]
     assert ev.bindings["model"] == "self_train" and ev.bindings["compare"] == "train_classifier"
     assert ev.config.gamma is None and ev.config.protocol == "slide"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_printed_config_is_what_the_plan_validates(path, monkeypatch, tmp_path):
+    """``zeroseg run --print-config`` prints every stage section exactly as the plan validates it
+    (defaults filled in; the shared sections it takes printed once, at the top; its bindings as
+    written), plus the validated run section."""
+    import yaml
+
+    from pipeline.config import config_yaml, validated_config
+
+    monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
+    cfg = load_config(path)
+    doc = yaml.safe_load(config_yaml(cfg, STAGES))
+    assert doc == validated_config(cfg, STAGES)
+    assert list(doc)[:2] == ["run", "clip"] and "extends" not in doc
+    assert doc["run"] == cfg.run.model_dump(mode="json")
+    p = plan(cfg, STAGES, store=EverythingCached())
+    assert [s for s in doc if s not in ("run", "clip")] == list(p.nodes)
+    for n in p:
+        printed = dict(doc[n.name])
+        for role in n.stage.all_roles():
+            assert printed.pop(role, n.bindings.get(role)) == n.bindings.get(role)
+        if "clip" in n.stage.shared and "clip" not in printed:  # printed once, at the top
+            printed["clip"] = doc["clip"]
+        assert printed == n.config.model_dump(mode="json"), n.name

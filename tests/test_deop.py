@@ -532,7 +532,11 @@ def test_benchmark_configs_plan_with_the_released_settings(name, monkeypatch, tm
     assert (t.lr, world, t.clip_grad_norm) == (2e-4, 16, 0.01)
     assert t.max_steps == {"coco_stuff_deop": 60000, "voc_deop": 20000}[name]
     ev = p.nodes["evaluate"].config
-    assert (ev.protocol, ev.short_side, ev.gamma) == ("short_side", 512, 0.0)
+    assert (ev.protocol, ev.short_side, ev.gamma) == (
+        "short_side",
+        512,
+        None,
+    )  # no calibration: the segmenter states none
 
 
 # ============================================================================ the sample DAG

@@ -5,12 +5,14 @@
 * the key changes with the hashed config, each input key, the code and the data fingerprint;
 * the sample's keys do not depend on the data path's spelling, on runtime settings, or on
   restating a default; a typo in a model config fails the dry run with exit 2;
-* editing a stage's source changes its key and its descendants' only.
+* editing a stage's source changes its key and its descendants' only; a code file counts as its
+  docstring-stripped syntax tree, so docstring and comment edits re-key nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -305,8 +307,8 @@ def test_a_binding_names_the_key_to_set(tmp_path):
 
     with pytest.raises(ConfigError, match=r"evaluate.model: 'embed_text' cannot be bound to input 'model'"):
         _plan(overrides=["evaluate.model=embed_text"])
-    raw = yaml.safe_load((REPO / "configs/sample.yaml").read_text())
-    del raw["train_classifier"]
+    # the sample data without a method, evaluated
+    raw = {"extends": str(REPO / "configs/datasets/sample.yaml"), "evaluate": {"batch_size": 4}}
     (tmp_path / "no_model.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(
         ConfigError,
@@ -345,18 +347,119 @@ def _dry_keys(root: Path, work: Path, data: Path) -> dict[str, str]:
 def test_editing_a_stage_changes_its_key_and_its_descendants_only(tmp_path, shared_data):
     root = _copy_repo(tmp_path / "repo")
     base = _dry_keys(root, tmp_path, shared_data)
+    with open(root / "stages" / "evaluate.py", "a") as f:  # a comment: no key changes
+        f.write("\n# a comment\n")
+    assert _dry_keys(root, tmp_path, shared_data) == base
     with open(root / "stages" / "evaluate.py", "a") as f:
-        f.write("\n# an edit\n")
+        f.write("\n_AN_EDIT = 1\n")
     k = _dry_keys(root, tmp_path, shared_data)
     assert {s for s in base if k[s] != base[s]} == {"evaluate"}
     with open(root / "stages" / "embed_text.py", "a") as f:
-        f.write("\n# an edit\n")
+        f.write("\n_AN_EDIT = 1\n")
     k2 = _dry_keys(root, tmp_path, shared_data)
     assert {s for s in base if k2[s] != k[s]} == {"embed_text", "train_classifier", "evaluate"}
     with open(root / "zeroseg" / "data" / "splits.py", "a") as f:  # science under build_splits: all
-        f.write("\n# an edit\n")
+        f.write("\n_AN_EDIT = 1\n")
     k3 = _dry_keys(root, tmp_path, shared_data)
     assert all(k3[s] != k2[s] for s in base)
+
+
+# -- code enters a key as its docstring-stripped syntax ----------------------------------------
+_MODULE = '''"""A module docstring."""
+
+import math  # a comment
+
+SCALE = 2.0
+
+
+class Box:
+    """A class docstring."""
+
+    def area(self, w, h):
+        """A method docstring."""
+        return w * h * SCALE  # another comment
+
+
+def label(x):
+    return f"box {x}" + "!"
+
+
+def helper():
+    """Only a docstring."""
+'''
+
+_SAME = {  # edits that keep the fingerprint
+    "a docstring": ('"""A method docstring."""', '"""Another text, longer, over\n        two lines."""'),
+    "the module docstring": ('"""A module docstring."""', '"""Rewritten."""'),
+    "a comment": ("# another comment", "# the comment, reworded"),
+    "a new comment line": ("SCALE = 2.0", "# why 2\nSCALE = 2.0"),
+    "a docstring added to a function that had none": ("def label(x):", 'def label(x):\n    """New."""'),
+    "a docstring-only body made pass": ('"""Only a docstring."""', "pass"),
+    "blank lines and formatting": ("return w * h * SCALE", "return (w *\n                h * SCALE)"),
+}
+_CHANGED = {  # edits that change it
+    "a number": ("SCALE = 2.0", "SCALE = 3.0"),
+    "a string that is not a docstring": ('"box {x}"', '"Box {x}"'),
+    "an operator": ("w * h", "w + h"),
+    "a name": ("return w * h", "return h * w"),
+    "a statement after the docstring": ('"""Only a docstring."""', '"""Only a docstring."""\n    return 1'),
+}
+
+
+_PACKAGES = itertools.count()
+
+
+def _fingerprint_after(tmp_path, monkeypatch, edit=None):
+    """The code fingerprint of a package the test writes itself (``pkg_<n>/mod.py`` with
+    :data:`_MODULE`, ``edit`` = (old, new) applied), under a fresh package name each call (the
+    package root is cached by name, for the whole session)."""
+    from pipeline import codehash
+
+    name = f"zs_codehash_pkg_{next(_PACKAGES)}"
+    pkg = tmp_path / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    src = _MODULE if edit is None else _MODULE.replace(*edit)
+    assert edit is None or src != _MODULE, edit
+    (pkg / "mod.py").write_text(src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fp = codehash.code_fingerprint([f"{name}.mod"], (name,))
+    return fp[f"{name}/mod.py"]
+
+
+@pytest.mark.parametrize("what", sorted(_SAME))
+def test_docstring_and_comment_edits_keep_the_code_fingerprint(what, tmp_path, monkeypatch):
+    assert _fingerprint_after(tmp_path, monkeypatch, _SAME[what]) == _fingerprint_after(tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("what", sorted(_CHANGED))
+def test_code_edits_change_the_code_fingerprint(what, tmp_path, monkeypatch):
+    assert _fingerprint_after(tmp_path, monkeypatch, _CHANGED[what]) != _fingerprint_after(tmp_path, monkeypatch)
+
+
+def test_the_fingerprint_of_an_edited_file_follows_the_edit(tmp_path, monkeypatch):
+    """The per-file cache is keyed on modification time and size: rewriting a file in place with
+    a code edit changes its fingerprint, with a docstring edit not."""
+    import time
+
+    from pipeline import codehash
+
+    pkg = tmp_path / "zs_codehash_inplace"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    mod = pkg / "mod.py"
+    mod.write_text(_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def fp():
+        return codehash.code_fingerprint(["zs_codehash_inplace.mod"], ("zs_codehash_inplace",))
+
+    base = fp()
+    time.sleep(0.01)
+    mod.write_text(_MODULE.replace("A class docstring.", "A class docstring, reworded at length."))
+    assert fp() == base
+    mod.write_text(_MODULE.replace("SCALE = 2.0", "SCALE = 2.5"))
+    assert fp() != base
 
 
 def test_a_method_that_never_reads_embed_text_is_not_rekeyed_by_it():

@@ -52,7 +52,9 @@ def test_first_run_runs_every_stage_and_evaluates(first_run):
     art = work / "store" / "evaluate" / ev.key
     metrics = json.loads((art / "metrics.json").read_text())
     assert list(metrics) == ["val", "camvid"]
-    assert metrics["camvid"]["images"] == 3 and metrics["val"]["gamma"] == 0.0  # evaluate.gamma in sample.yaml
+    assert (
+        metrics["camvid"]["images"] == 3 and metrics["val"]["gamma"] == 0.0
+    )  # evaluate.gamma unset: the MaskCLIP artifact states none
     # the confusion matrices count every pixel of the label PNGs build_splits wrote (read here with PIL)
     bs = work / "store" / "build_splits" / plan.nodes["build_splits"].key
     classes = json.loads((bs / "classes.json").read_text())
@@ -128,7 +130,7 @@ def test_changing_an_evaluate_setting_reruns_evaluate_only(first_run, capsys):
         "evaluate": "ran",
     }
     assert plan.nodes["evaluate"].key != plan1.nodes["evaluate"].key
-    assert plan.nodes["evaluate"].reason == "config: gamma 0.0 -> 0.5"
+    assert plan.nodes["evaluate"].reason == "config: gamma None -> 0.5"
 
     m = re.search(r"mlflow: tracking server (http://127\.0\.0\.1:\d+) \(store (\S+); server log (\S+)\)", out)
     assert m, out[-3000:]
@@ -185,7 +187,7 @@ def test_dry_run_prints_plan_and_runs_nothing(first_run, capsys):
     assert not (work / "store" / "evaluate" / plan.nodes["evaluate"].key).exists()
     assert _tree(work / "store") == before  # no artifact, staging or cache entry appeared
     out = capsys.readouterr().out
-    assert "plan" in out and "evaluate" in out and "RANDOM WEIGHTS" in out and "gamma 0.0 -> 0.75" in out
+    assert "plan" in out and "evaluate" in out and "RANDOM WEIGHTS" in out and "gamma None -> 0.75" in out
 
 
 def test_mlflow_parent_and_nested_runs(first_run):
@@ -215,7 +217,7 @@ def test_mlflow_parent_and_nested_runs(first_run):
         f"stages.{p.name}": f"cached {p.key[:12]}" for p in plan
     }
     assert parent.data.params["train_classifier.method"] == "maskclip"
-    assert parent.data.params["evaluate.gamma"] == "0.0"
+    assert parent.data.params["evaluate.gamma"] == "None"
     assert parent.data.metrics["evaluate/val/hIoU"] == plan.nodes["evaluate"].metrics["val/hIoU"]
     nested = {r.data.tags["stage"]: r for r in new if r is not parent}
     assert set(nested) == set(plan.nodes)
@@ -231,7 +233,7 @@ def test_mlflow_parent_and_nested_runs(first_run):
         assert r.data.metrics == p.metrics == manifest["metrics"]
     ev = plan.nodes["evaluate"]
     producer = runs[nested["evaluate"].data.tags["produced_by_run"]]
-    assert producer.data.params["gamma"] == "0.0" and "batch_size" not in producer.data.params  # runtime: a tag
+    assert producer.data.params["gamma"] == "None" and "batch_size" not in producer.data.params  # runtime: a tag
     assert producer.data.tags["runtime.batch_size"] == "2"
     assert all(producer.data.metrics[k] == v for k, v in ev.metrics.items())
 

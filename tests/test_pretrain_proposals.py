@@ -243,12 +243,13 @@ def test_the_text_input_is_bound_for_the_text_head_only():
 def test_plan_time_errors(tmp_path):
     import yaml
 
+    from pipeline.config import load_config
     from pipeline.errors import ConfigError
     from zeroseg.errors import ConfigError as ZerosegConfigError
 
     # the text head without an embed_text section
-    raw = yaml.safe_load((REPO / "configs/sample.yaml").read_text())
-    prop = yaml.safe_load((REPO / "configs/sample_proposals.yaml").read_text())["pretrain_proposals"]
+    raw = load_config(REPO / "configs/sample_proposals.yaml").raw  # merged: extends resolved
+    prop = raw["pretrain_proposals"]
     cfg = tmp_path / "no_text.yaml"
     cfg.write_text(yaml.safe_dump({k: raw[k] for k in ("run", "clip", "build_splits")} | {"pretrain_proposals": prop}))
     with pytest.raises(

@@ -132,6 +132,10 @@ def test_headline_params_name_method_clip_split_and_seed():
     assert tracking.headline_params({**hashed, "self_train": {"pixels": "unseen_only"}})["method"] == "zegclip+st"
     pading = {**hashed, "train_classifier": {"method": "maskclip"}, "train_generator": {"generator": "primitive"}}
     assert tracking.headline_params(pading)["method"] == "pading"
+    # the headline is the catalogue's declaration; a catalogue that declares none gives no params
+    from pipeline.catalogue import Catalogue, no_headline
+
+    assert tracking.headline_params(hashed, no_headline) == {} and Catalogue([]).headline is no_headline
 
 
 def test_every_run_of_an_invocation_carries_the_headline(store, tmp_path):

@@ -434,8 +434,9 @@ def test_zegformer_benchmark_configs_are_the_papers_settings(
     z = tc.model
     assert (z.image_branch, z.clip_style, z.mask_threshold, z.fusion) == (True, "crop_and_mask", 0.5, "released")
     assert z.lambda_balance == pytest.approx(2 / 3) and z.crop_size is None  # ViT-B/16's 224
+    assert tc.gamma == 0.1  # Eq. 2's calibration: the segmenter's default_gamma (evaluate.gamma unset)
     ev = p.nodes["evaluate"].config
-    assert (ev.gamma, ev.protocol, ev.short_side, ev.max_long_side) == (0.1, "short_side", short_side, long_side)
+    assert (ev.gamma, ev.protocol, ev.short_side, ev.max_long_side) == (None, "short_side", short_side, long_side)
 
 
 # ------------------------------------------------------------------ the sample DAG

@@ -15,20 +15,29 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from pipeline.dag import Input, StageConfig, StageContext
 from stages.methods import Method
 from zeroseg.config.clip import ClipSpec
 from zeroseg.config.zegformer import ZegFormerConfig
 
+#: ZegFormer Eq. 2's seen-class calibration in the released configs for COCO-Stuff and VOC
+#: (``GZERO_CALIBRATE 0.1``; 0.0 for ADE-847): the default of ``train_classifier.gamma``.
+RELEASED_GAMMA = 0.1
+
 
 class ZegFormerMethod(StageConfig):
     """``train_classifier`` with ``method: zegformer`` (``model``: :class:`ZegFormerConfig`;
     ``clip`` comes from the top-level ``clip:`` section: the image branch's encoder and the text
-    embeddings' model)."""
+    embeddings' model). ``gamma``: Eq. 2's seen-class calibration, in probability units, written
+    into ``segmenter.json`` as the segmenter's ``default_gamma`` (evaluate applies it when
+    ``evaluate.gamma`` is unset; :data:`RELEASED_GAMMA` by default, 0.0 for ADE-847)."""
 
     method: Literal["zegformer"]
     clip: ClipSpec
     model: ZegFormerConfig = ZegFormerConfig()
+    gamma: float = Field(RELEASED_GAMMA, ge=0.0)
 
 
 def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]:

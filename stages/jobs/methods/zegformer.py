@@ -93,7 +93,7 @@ def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]
                 "embeddings, or embeddings of another embed_text?); the fusion of Eq. 3 needs the seen set"
             )
     state = seg.trainable_state_dict()
-    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegformer", state)
+    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegformer", state, extra={"default_gamma": cfg.gamma})
     n_prop = sum(p.numel() for p in seg.proposals.parameters())
     ctx.log(
         f"zegformer: {doc['num_queries']} proposals per image from {where} ({n_prop} parameters, "
