@@ -215,10 +215,10 @@ def _zegclip_lr(section):
 
     import torch
 
-    from stages.methods.zegclip import zegclip_optimizer
+    from stages.jobs.methods.zegclip import zegclip_optimizer
 
-    p = torch.nn.Parameter(torch.zeros(1))
-    seg = types.SimpleNamespace(optimizer_param_groups=lambda wd: [{"params": [p], "weight_decay": wd}])
+    seg = torch.nn.Linear(1, 1, bias=False)
+    seg.trainable_names = lambda: ["weight"]
     loop = types.SimpleNamespace(lr=section.train.lr, train=section.train, config=section.solver())
     opt, sched = zegclip_optimizer(loop, seg)
     return lambda s: opt.param_groups[0]["initial_lr"] * sched.lr_lambdas[0](s)

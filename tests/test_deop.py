@@ -427,8 +427,9 @@ def test_stage_refuses_a_mismatched_proposals_artifact_before_training(tmp_path)
     named with both values; the decoder width against the CLIP size; augment.mean against the
     proposals' normalisation."""
     from pipeline.dag import Artifact
-    from stages.methods._proposals import bound_proposals
-    from stages.methods.deop import DeOPMethod, check_proposals
+    from stages.jobs.methods._proposals import bound_proposals
+    from stages.jobs.methods.deop import check_proposals
+    from stages.methods.deop import DeOPMethod
 
     (tmp_path / "proposals.json").write_text(json.dumps(_doc(q=100, text_dim=512)))
     art = Artifact("pretrain_proposals", "0" * 64, tmp_path, str(tmp_path), {})

@@ -127,7 +127,7 @@ def test_generator_shapes_and_the_primitives_receive_gradients():
 
 
 def test_synthetic_check_leaves_the_global_rng_alone():
-    from stages.train_generator import TrainGenerator
+    from stages.jobs.train_generator import synthetic_check
     from zeroseg.config.pading import GeneratorConfig
 
     g = _generator()
@@ -135,9 +135,9 @@ def test_synthetic_check_leaves_the_global_rng_alone():
     cfg = GeneratorConfig(**GEN)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    first = TrainGenerator._synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
+    first = synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
     assert torch.equal(torch.get_rng_state(), before)  # the driver's RNG did not move
-    again = TrainGenerator._synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
+    again = synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
     assert first == again and 0.0 <= first["synthetic_unseen_acc"] <= 1.0  # seeded: reproducible
 
 

@@ -291,7 +291,7 @@ def test_sample_dag_self_trains_evaluates_both_and_is_cached(tmp_path, ray_local
     assert marked > 0  # the sample has unseen pixels in its training images
 
     # warm start: the student starts from exactly the inductive weights
-    from stages.self_train import student_model
+    from stages.jobs.self_train import student_model
 
     tc = _artifact(tmp_path, "train_classifier")
     doc = json.loads((tc / "segmenter.json").read_text())

@@ -215,7 +215,7 @@ def test_class_names_split_into_synonyms():
 
 
 def test_check_proposals_refuses_what_does_not_fit():
-    from stages.methods.zegformer import check_proposals
+    from stages.jobs.methods.zegformer import check_proposals
 
     good = {"class_head": "text", "text_dim": 64, "num_queries": 10, "model": {"class_head": "text", "num_queries": 10}}
     check_proposals(good, 64, TINY_MODEL, "proposals artifact x")
@@ -286,7 +286,8 @@ def test_segmenter_variants_and_artifact_round_trip(tiny_clip, proposals_dir, tm
     assert seg.variants == ("zegformer", "zegformer_seg", "zegformer_img") and seg.scores_are_probabilities
     assert seg.size_divisibility == 32 and seg.input_size == (64, 64)
     assert seg.mean == pytest.approx((0.485, 0.456, 0.406))  # the ResNet proposal model's (ImageNet)
-    assert seg.cfg["crop_size"] == 224  # the tiny CLIP tower's native input size
+    assert seg.cfg.crop_size == 224  # the tiny CLIP tower's native input size
+    assert seg.config_json()["proposals"] == seg.proposals_doc and seg.config_json()["crop_size"] == 224
     with torch.no_grad():
         out = seg(images, text)
         assert set(out) == set(seg.variants) and all(v.shape == (2, 5, 64, 64) for v in out.values())
