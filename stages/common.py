@@ -66,15 +66,25 @@ class JobStage(Stage):
     follow an import by name). The job may import the spec; the spec never imports the job.
     """
 
+    #: The job: a module (its ``run(ctx)`` is called) or ``module:function`` (``function(ctx,
+    #: ctx.config)``).
     job: ClassVar[str]
 
     def code(self, config: Any) -> list[str]:
         """The spec module and the job module (each followed through its imports)."""
-        return [*super().code(config), self.job]
+        return [*super().code(config), self.job.partition(":")[0]]
 
     def run(self, ctx: StageContext) -> dict[str, float]:
-        """The job's ``run(ctx)``."""
-        return importlib.import_module(self.job).run(ctx)
+        """The job's ``run(ctx)`` (or ``function(ctx, ctx.config)``)."""
+        return run_job(self.job, ctx, ctx.config)
+
+
+def run_job(job: str, ctx: StageContext, config: Any) -> dict[str, float]:
+    """Import ``job`` by name and run it: a module's ``run(ctx)``, or ``module:function``'s
+    ``function(ctx, config)`` (a method's build or train function)."""
+    module, _, function = job.partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, function)(ctx, config) if function else mod.run(ctx)
 
 
 def random_weights_notice(clip: ClipSpec | None) -> list[str]:

@@ -40,9 +40,9 @@ from pydantic import Field, field_validator, model_validator
 from rich.table import Table
 
 from pipeline.config import Runtime
-from pipeline.dag import Input, Stage, StageConfig, StageContext, nearest
+from pipeline.dag import Input, StageConfig, nearest
 from pipeline.training import ScalingSection, TrainSection
-from stages.common import random_weights_notice
+from stages.common import JobStage, random_weights_notice
 from zeroseg.config.clip import ClipSpec
 from zeroseg.config.proposals import ProposalConfig
 from zeroseg.data.transforms import CLIP_MEAN, CLIP_STD, AugmentConfig
@@ -177,8 +177,10 @@ def uses_clip(model: ProposalConfig) -> bool:
     return model.class_head == "text" or model.backbone == "clip"
 
 
-class PretrainProposals(Stage):
+class PretrainProposals(JobStage):
     """The MaskFormer proposal model of the decoupled methods (see module docstring)."""
+
+    job = "stages.jobs.pretrain_proposals:pretrain_proposals"
 
     name = "pretrain_proposals"
     Config = PretrainProposalsConfig
@@ -214,12 +216,6 @@ class PretrainProposals(Stage):
                 "pretrain_proposals.model.backbone_weights (IMAGENET1K_V1, as the papers, or a .pth file) for real results"
             )
         return out
-
-    def run(self, ctx: StageContext) -> dict[str, float]:
-        """Train, then the recall pass (the job: ``stages.jobs.pretrain_proposals.pretrain_proposals``)."""
-        from stages.jobs.pretrain_proposals import pretrain_proposals
-
-        return pretrain_proposals(ctx, ctx.config)
 
     @staticmethod
     def _recall_sets(cfg: PretrainProposalsConfig, evals: list[str]) -> list[str]:

@@ -46,9 +46,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.dag import Input, Stage, StageContext
+from pipeline.dag import Input
 from pipeline.training import TrainSection
-from stages.common import INIT_FROM
+from stages.common import INIT_FROM, JobStage
 from stages.methods.zegclip import ZegCLIPSolver
 from zeroseg.errors import ConfigError
 
@@ -72,8 +72,10 @@ class SelfTrainConfig(ZegCLIPSolver):
     train: TrainSection = TrainSection(max_steps=10000, batch_size=4, lr=2e-5, reference_batch_size=16)
 
 
-class SelfTrain(Stage):
+class SelfTrain(JobStage):
     """ZegCLIP+ST (see module docstring)."""
+
+    job = "stages.jobs.self_train:self_train_zegclip"
 
     name = "self_train"
     Config = SelfTrainConfig
@@ -109,12 +111,6 @@ class SelfTrain(Stage):
         """Steps and the pseudo-label diagnostic (percent)."""
         keys = ("steps", "global_batch_size", "pseudo_miou", "pseudo_accuracy", "pseudo_coverage")
         return super().note({k: metrics[k] for k in keys if k in metrics})
-
-    def run(self, ctx: StageContext) -> dict[str, float]:
-        """Self-train (the job: ``stages.jobs.self_train.self_train_zegclip``)."""
-        from stages.jobs.self_train import self_train_zegclip
-
-        return self_train_zegclip(ctx, ctx.config)
 
 
 __all__ = ["PSEUDO_LABELS_JSON", "SELF_TRAINED_GAMMA", "ZEGCLIP_CLASS", "SelfTrain", "SelfTrainConfig"]

@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.dag import Input, Stage, StageConfig, StageContext
+from pipeline.dag import Input, StageConfig, StageContext
 from pipeline.training import ScalingSection, TrainSection
-from stages.common import random_weights_notice
+from stages.common import JobStage, random_weights_notice
 from zeroseg.config.clip import ClipSpec, model_embed_dim
 from zeroseg.config.pading import GeneratorConfig, RetrainConfig
 from zeroseg.errors import ConfigError
@@ -92,8 +92,10 @@ class TrainGeneratorConfig(StageConfig):
         return self.generator_steps or max(1, self.train.max_steps // 2)
 
 
-class TrainGenerator(Stage):
+class TrainGenerator(JobStage):
     """PADing's generator and retrained classifier (see module docstring)."""
+
+    job = "stages.jobs.train_generator:train_generator"
 
     name = "train_generator"
     Config = TrainGeneratorConfig
@@ -118,11 +120,10 @@ class TrainGenerator(Stage):
         return random_weights_notice(config.clip)
 
     def run(self, ctx: StageContext) -> dict[str, float]:
-        """Train (the job: ``stages.jobs.train_generator.train_generator``)."""
-        from stages.jobs.train_generator import train_generator
-
+        """Check the config again (the job runs where the data is), then train (the job:
+        :attr:`job`)."""
         self.check(ctx.config)
-        return train_generator(ctx, ctx.config)
+        return super().run(ctx)
 
     def note(self, metrics: Mapping[str, Any]) -> str:
         if "steps" not in metrics:

@@ -344,7 +344,8 @@ def test_method_refuses_a_proposals_artifact_that_does_not_fit(tiny_clip, tmp_pa
     import types
 
     from pipeline.dag import Artifact
-    from stages.methods.zegformer import ZegFormerMethod, build_zegformer
+    from stages.jobs.methods.zegformer import build_zegformer
+    from stages.methods.zegformer import ZegFormerMethod
     from zeroseg.models.maskformer import MaskFormer, save_proposals
 
     cfg = ZegFormerMethod(method="zegformer", clip=TINY)

@@ -19,12 +19,12 @@ COCO-Stuff (the paper: 20k on VOC, batch 32 on 8 GPUs).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from pipeline.config import Runtime
-from pipeline.dag import Input, StageConfig, StageContext
+from pipeline.dag import Input, StageConfig
 from pipeline.training import ScalingSection, TrainSection
 from stages.methods import Method
 from zeroseg.config.clip import ClipSpec
@@ -58,14 +58,8 @@ class DeOPMethod(StageConfig):
     block_rows: Annotated[int, Runtime(why="decode task size")] = Field(32, gt=0)
 
 
-def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
-    """Train DeOP for ``ctx`` and save the segmenter artifact into ``ctx.output_dir`` (the job:
-    ``stages.jobs.methods.deop.train_deop``, which documents the metrics and errors)."""
-    from stages.jobs.methods.deop import train_deop as job
-
-    return job(ctx, cfg)
-
-
 # drops text: DeOP embeds the class names itself (learnable prompts through CLIP's text tower,
 # at training and at evaluation); train_deop never reads embed_text's artifact
-METHOD = Method("deop", DeOPMethod, train_deop, inputs={"proposals": PROPOSALS}, drops=("text",))
+METHOD = Method(
+    "deop", DeOPMethod, "stages.jobs.methods.deop:train_deop", inputs={"proposals": PROPOSALS}, drops=("text",)
+)

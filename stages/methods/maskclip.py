@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pipeline.dag import StageConfig, StageContext
+from pipeline.dag import StageConfig
 from stages.methods import Method
 from zeroseg.config.clip import ClipSpec
 from zeroseg.config.maskclip import MaskCLIPConfig
@@ -24,12 +24,4 @@ class MaskCLIPMethod(StageConfig):
     model: MaskCLIPConfig = MaskCLIPConfig()
 
 
-def build_maskclip(ctx: StageContext, cfg: MaskCLIPMethod) -> dict[str, float]:
-    """Build MaskCLIP on ``cfg.clip`` and write its segmenter artifact (the job:
-    ``stages.jobs.methods.maskclip.build_maskclip``, which documents the errors)."""
-    from stages.jobs.methods.maskclip import build_maskclip as job
-
-    return job(ctx, cfg)
-
-
-METHOD = Method("maskclip", MaskCLIPMethod, build_maskclip)
+METHOD = Method("maskclip", MaskCLIPMethod, "stages.jobs.methods.maskclip:build_maskclip")

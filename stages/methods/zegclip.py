@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.config import Runtime
-from pipeline.dag import StageConfig, StageContext
+from pipeline.dag import StageConfig
 from pipeline.training import ScalingSection, TrainSection
 from stages.methods import Method
 from zeroseg.config.clip import ClipSpec
@@ -105,12 +105,4 @@ class ZegCLIPMethod(ZegCLIPSolver):
         return self
 
 
-def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
-    """Train ZegCLIP for ``ctx`` and save the segmenter artifact into ``ctx.output_dir`` (the job:
-    ``stages.jobs.methods.zegclip.train_zegclip``, which documents the metrics and errors)."""
-    from stages.jobs.methods.zegclip import train_zegclip as job
-
-    return job(ctx, cfg)
-
-
-METHOD = Method("zegclip", ZegCLIPMethod, train_zegclip)
+METHOD = Method("zegclip", ZegCLIPMethod, "stages.jobs.methods.zegclip:train_zegclip")

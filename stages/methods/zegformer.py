@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.dag import Input, StageConfig, StageContext
+from pipeline.dag import Input, StageConfig
 from stages.methods import Method
 from zeroseg.config.clip import ClipSpec
 from zeroseg.config.zegformer import ZegFormerConfig
@@ -40,18 +40,10 @@ class ZegFormerMethod(StageConfig):
     gamma: float = Field(RELEASED_GAMMA, ge=0.0)
 
 
-def build_zegformer(ctx: StageContext, cfg: ZegFormerMethod) -> dict[str, float]:
-    """Write ZegFormer's segmenter artifact from the proposals artifact (the job:
-    ``stages.jobs.methods.zegformer.build_zegformer``, which documents the metrics and errors)."""
-    from stages.jobs.methods.zegformer import build_zegformer as job
-
-    return job(ctx, cfg)
-
-
 METHOD = Method(
     "zegformer",
     ZegFormerMethod,
-    build_zegformer,
+    "stages.jobs.methods.zegformer:build_zegformer",
     inputs={
         "proposals": Input(
             ("pretrain_proposals",),
