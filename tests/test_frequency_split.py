@@ -208,7 +208,10 @@ def test_ade20k_full_config_is_zegformers_benchmark(monkeypatch, tmp_path):
     assert bs.eval[0].classes == names and bs.train.format == bs.eval[0].format == "mask_folder"
     assert (bs.split.rule, bs.split.min_images, bs.unseen_policy) == ("frequency", 10, "ignore")
     ev = p.nodes["evaluate"].config
-    assert (ev.gamma, ev.protocol, ev.short_side, ev.max_long_side) == (0.0, "short_side", 512, 2048)
+    assert (ev.protocol, ev.short_side, ev.max_long_side) == ("short_side", 512, 2048)
+    # gamma 0 is the segmenter's own default (train_classifier.gamma, written to segmenter.json);
+    # evaluate leaves it unset, so it applies the model's
+    assert ev.gamma is None and p.nodes["train_classifier"].config.gamma == 0.0
     assert p.nodes["embed_text"].config.templates == "imagenet_select"
     assert p.nodes["train_classifier"].config.method == "zegformer"
 
