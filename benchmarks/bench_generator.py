@@ -15,7 +15,7 @@ classifier step, ``zeroseg.models.pading.FeatureGenerator``) on a batch of ``--b
       arrays (what train_generator's loop does);
   (b) recompute: the batch's images and labels decoded, resized and run through the frozen
       proposal model, its queries Hungarian-matched to the seen segments
-      (``stages.extract_features.FeaturePredictor``: the released ``forward_train_generator``'s
+      (``stages.jobs.extract_features.FeaturePredictor``: the released ``forward_train_generator``'s
       ``no_grad`` part), then the same step.
 
 ``--size released`` replaces both models by the released sizes with random weights (MaskFormer
@@ -87,7 +87,8 @@ def main() -> int:
     import torch
     import yaml
 
-    from stages.extract_features import ROW_COLUMN, FeaturePredictor
+    from stages.extract_features import ROW_COLUMN, ExtractFeaturesConfig
+    from stages.jobs.extract_features import FeaturePredictor
     from zeroseg.data.split_files import read_classes_json
     from zeroseg.models.maskformer import MaskFormer, save_proposals
     from zeroseg.models.pading import FeatureGenerator
@@ -115,7 +116,7 @@ def main() -> int:
         proposals = sorted((Path(args.work) / "store/pretrain_proposals").glob("*/manifest.json"))[-1].parent
         gen_cfg = yaml.safe_load((REPO / "configs/sample_pading.yaml").read_text())["train_generator"]["model"]
         text = torch.from_numpy(np.load(paths["text"] / "embeddings/train.npy"))
-    predictor = FeaturePredictor(str(proposals), (5.0, 5.0, 5.0), train.ignore_index, device=args.device)
+    predictor = FeaturePredictor(ExtractFeaturesConfig(), str(proposals), train.ignore_index, device=args.device)
     if args.size == "released":  # (a)'s arrays: the released-size model over the images once (timing only)
         parts = [predictor(predictor.load({k: v[i : i + 4] for k, v in rows.items()})) for i in range(0, n, 4)]
         emb = np.concatenate([p["embeddings"] for p in parts])

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from stages.build_splits import list_dataset, named_split  # noqa: E402
-from stages.methods.zegclip import build_model  # noqa: E402
+from stages.jobs.methods.zegclip import build_model  # noqa: E402
 from zeroseg.data.label_policy import UNLABELED_POLICY, unlabeled_index  # noqa: E402
 from zeroseg.data.splits import make_records, process_record  # noqa: E402
 from zeroseg.data.transforms import (  # noqa: E402

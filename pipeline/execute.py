@@ -148,20 +148,16 @@ def _run(
     commit: str | None,
     tracker: tracking.Invocation | None,
 ) -> Artifact | None:
-    def waiting(holder: Any) -> None:
-        console.line(f"  {node.name}: {node.key[:12]} is being computed by {holder.describe()}; waiting for it")
+    """Run ``node`` under the store's lease on its key (or read what another invocation published
+    meanwhile), inside its MLflow stage run, and publish its artifact. Returns the artifact, or
+    None when the stage failed (``node.error`` says why; the failure is printed).
 
-    replace = node.cached  # forced, or the cached artifact failed verification
-    while (lease := store.lease(node.name, node.key, replace=replace, on_wait=waiting)) is None:
-        try:  # another invocation published it while we waited
-            art = store.get(node.name, node.key)
-        except CorruptArtifact:
-            art = None
-        if art is not None:
-            _record_cached(node, art, tracker)
-            console.line(f"✓ {node.name} computed by another invocation ({node.key[:12]})", "ok")
-            return art
-        replace = True  # a manifest that exists but cannot be used: replace it
+    Raises:
+        KeyboardInterrupt: after the node is marked failed and its staging directory discarded.
+    """
+    lease, published = _lease(node, store, console, tracker)
+    if lease is None:
+        return published
     if node.reason == "forced":  # a forced training stage trains again, not from its old checkpoints
         store.delete_checkpoints(node.name, node.key)
     console.line(f"▶ {node.name} running ({node.key[:12]})", "run")
@@ -178,76 +174,143 @@ def _run(
             console.stage_progress(node.name) as progress,
         ):
             staging = store.staging_dir(node.name, node.key)
-            ctx = StageContext(
-                stage=node.name,
-                key=node.key,
-                config=node.config,
-                inputs=inputs,
-                output_dir=staging,
-                work_dir=work_dir,
-                train_storage=store.train_storage(),
-                train_name=store.checkpoint_dir(node.name, node.key),
-                tracking={"tracking_uri": tracker.tracking_uri, "run_id": run_id} if tracker is not None else None,
-                log=lambda msg, _n=node.name: console.line(f"  [{_n}] {msg}"),
-                progress=progress,
-            )
+            ctx = _context(node, inputs, store, console, work_dir, staging, tracker, run_id, progress)
             try:
                 metrics = node.stage.run(ctx) or {}
                 node.seconds = time.perf_counter() - t0
-                if lease.lost:
-                    raise StoreError(
-                        f"{node.name}: the lease on {node.key[:12]} was taken over while this invocation ran (it "
-                        f"stalled for longer than {store.lease_ttl:.0f} s); its result is not published, re-run"
-                    )
-                art = store.publish(
-                    node.name,
-                    node.key,
-                    staging,
-                    {
-                        "inputs": {role: {"stage": a.stage, "key": a.key} for role, a in inputs.items()},
-                        "components": node.components,
-                        "config": node.config.model_dump(mode="json")
-                        if hasattr(node.config, "model_dump")
-                        else node.config,
-                        "runtime": node.runtime,
-                        "metrics": metrics,
-                        "timings": {"seconds": node.seconds},
-                        "mlflow_run_id": run_id,
-                        "git_commit": commit,
-                        "packages": package_versions(),
-                    },
-                )
+                art = _publish(node, inputs, store, lease, staging, metrics, run_id, commit)
             except BaseException as e:
                 if tracker is not None:
                     tracking.set_tags({"status": "failed", "error": f"{type(e).__name__}: {e}"[:5000]})
                 raise  # the nested run ends FAILED
             if tracker is not None:
-                try:  # the artifact is published: a tracking hiccup must not fail the stage
-                    tracking.set_tags({"status": "ran", "artifact_uri": art.uri})
-                    tracking.log_metrics({**metrics, "wall_seconds": node.seconds})
-                    tracking.log_artifact(art.path / "manifest.json")
-                except Exception as e:  # noqa: BLE001
-                    console.line(f"  [{node.name}] MLflow: could not record the run ({type(e).__name__}: {e})", "warn")
+                _record_ran(node, art, metrics, console)
     except BaseException as e:
         node.seconds = time.perf_counter() - t0
         node.status = "failed"
         if staging is not None:
             store.discard(staging)
-        user = find_user_error(e)
         if isinstance(e, KeyboardInterrupt):
             node.error = "interrupted"
             raise
-        if user is not None:
-            node.error = f"{type(user).__name__}: {user}"
-            console.line(f"✗ {node.name} failed: {user}", "error")
-        else:
-            node.error = f"{type(e).__name__}: {e}"
-            console.line(f"✗ {node.name} failed:", "error")
-            console.line(traceback.format_exc().rstrip())
+        _report_failure(node, e, console)
         return None
     node.status, node.metrics = "ran", dict(metrics)
     console.line(f"✓ {node.name} ran in {node.seconds:.1f} s", "ok")
     return art
+
+
+def _lease(
+    node: Node, store: ArtifactStore, console: Console, tracker: tracking.Invocation | None
+) -> tuple[Any, Artifact | None]:
+    """The store's lease on the node's key, waiting while another invocation holds it:
+    ``(lease, None)``, or ``(None, artifact)`` when that invocation published the artifact."""
+
+    def waiting(holder: Any) -> None:
+        console.line(f"  {node.name}: {node.key[:12]} is being computed by {holder.describe()}; waiting for it")
+
+    replace = node.cached  # forced, or the cached artifact failed verification
+    while (lease := store.lease(node.name, node.key, replace=replace, on_wait=waiting)) is None:
+        try:  # another invocation published it while we waited
+            art = store.get(node.name, node.key)
+        except CorruptArtifact:
+            art = None
+        if art is not None:
+            _record_cached(node, art, tracker)
+            console.line(f"✓ {node.name} computed by another invocation ({node.key[:12]})", "ok")
+            return None, art
+        replace = True  # a manifest that exists but cannot be used: replace it
+    return lease, None
+
+
+def _context(
+    node: Node,
+    inputs: dict[str, Artifact],
+    store: ArtifactStore,
+    console: Console,
+    work_dir: Path,
+    staging: Path,
+    tracker: tracking.Invocation | None,
+    run_id: str | None,
+    progress: Any,
+) -> StageContext:
+    """What the stage's ``run`` gets: its config, inputs, staging directory, training storage
+    and run name (from the key), MLflow run, log and progress display."""
+    return StageContext(
+        stage=node.name,
+        key=node.key,
+        config=node.config,
+        inputs=inputs,
+        output_dir=staging,
+        work_dir=work_dir,
+        train_storage=store.train_storage(),
+        train_name=store.checkpoint_dir(node.name, node.key),
+        tracking={"tracking_uri": tracker.tracking_uri, "run_id": run_id} if tracker is not None else None,
+        log=lambda msg, _n=node.name: console.line(f"  [{_n}] {msg}"),
+        progress=progress,
+    )
+
+
+def _publish(
+    node: Node,
+    inputs: dict[str, Artifact],
+    store: ArtifactStore,
+    lease: Any,
+    staging: Path,
+    metrics: dict[str, Any],
+    run_id: str | None,
+    commit: str | None,
+) -> Artifact:
+    """Publish the staging directory as the node's artifact, its manifest last.
+
+    Raises:
+        StoreError: the lease was taken over while the stage ran (nothing is published).
+    """
+    if lease.lost:
+        raise StoreError(
+            f"{node.name}: the lease on {node.key[:12]} was taken over while this invocation ran (it "
+            f"stalled for longer than {store.lease_ttl:.0f} s); its result is not published, re-run"
+        )
+    return store.publish(
+        node.name,
+        node.key,
+        staging,
+        {
+            "inputs": {role: {"stage": a.stage, "key": a.key} for role, a in inputs.items()},
+            "components": node.components,
+            "config": node.config.model_dump(mode="json") if hasattr(node.config, "model_dump") else node.config,
+            "runtime": node.runtime,
+            "metrics": metrics,
+            "timings": {"seconds": node.seconds},
+            "mlflow_run_id": run_id,
+            "git_commit": commit,
+            "packages": package_versions(),
+        },
+    )
+
+
+def _record_ran(node: Node, art: Artifact, metrics: dict[str, Any], console: Console) -> None:
+    """Tag the active stage run ``ran`` with its artifact, log its metrics and manifest; the
+    artifact is published: a tracking hiccup is printed, it does not fail the stage."""
+    try:
+        tracking.set_tags({"status": "ran", "artifact_uri": art.uri})
+        tracking.log_metrics({**metrics, "wall_seconds": node.seconds})
+        tracking.log_artifact(art.path / "manifest.json")
+    except Exception as e:  # noqa: BLE001
+        console.line(f"  [{node.name}] MLflow: could not record the run ({type(e).__name__}: {e})", "warn")
+
+
+def _report_failure(node: Node, e: BaseException, console: Console) -> None:
+    """Set ``node.error`` and print the failure: a user error's message, else the traceback
+    (call it while ``e`` is being handled)."""
+    user = find_user_error(e)
+    if user is not None:
+        node.error = f"{type(user).__name__}: {user}"
+        console.line(f"✗ {node.name} failed: {user}", "error")
+    else:
+        node.error = f"{type(e).__name__}: {e}"
+        console.line(f"✗ {node.name} failed:", "error")
+        console.line(traceback.format_exc().rstrip())
 
 
 __all__ = ["Outcome", "execute", "package_versions"]

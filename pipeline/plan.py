@@ -15,8 +15,9 @@ same artifact and run once (``execute`` dedupes them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from pipeline import codehash
@@ -138,7 +139,57 @@ def plan(
     selection = selection or Selection()
     index = stage_index(stages)
     rank = {name: i for i, name in enumerate(index)}
-    shared = {s for cls in stages for s in cls.shared}
+    present = _stage_sections(config, index, {s for cls in stages for s in cls.shared})
+    nodes: dict[str, Node] = {name: _node(config, name, index[name](), present, stages) for name in present}
+    for node in nodes.values():  # the bound inputs' facts (e.g. the leakage guard), every node
+        with _user_errors():
+            node.stage.check_inputs(
+                node.config, {r: nodes[u].stage.facts(nodes[u].config) for r, u in node.bindings.items()}
+            )
+    edges = {n.name: n.upstream for n in nodes.values()}
+    nodes = {n: nodes[n] for n in order(edges, rank)}
+    chosen, force, force_all = _select(config, selection, index, nodes, edges)
+    # keys, cache state, actions
+    for node in nodes.values():
+        _key(node, nodes, code_packages)
+        node.selected = node.name in chosen
+        node.cached = store.exists(node.name, node.key) if store is not None else False
+        # a forced node's descendants run again too: their keys cannot tell that its output changed
+        forced = node.selected and (
+            force_all or node.name in force or any(nodes[u].reason == "forced" for u in node.upstream)
+        )
+        node.action = "run" if node.selected and (forced or not node.cached) else ("cached" if node.cached else "skip")
+        if node.action == "run":
+            node.reason = "forced" if forced and node.cached else why_not_cached(node, store)
+    _check_upstream(nodes, selection)
+    for node in nodes.values():  # cluster-free checks, before anything starts
+        if checks and node.action == "run":
+            with _user_errors():
+                node.stage.check(node.config)
+    notices = list(
+        dict.fromkeys(line for n in nodes.values() if n.action != "skip" for line in n.stage.notices(n.config))
+    )
+    return Plan(config, nodes, notices + unread_notices(nodes))
+
+
+@contextlib.contextmanager
+def _user_errors(nested: bool = False) -> Iterator[None]:
+    """Re-raise a user error (or, with ``nested``, an error that carries one) as :func:`_user`'s
+    ConfigError, without the traceback; anything else unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if is_user_error(e) or (nested and find_user_error(e) is not None):
+            raise _user(e) from None
+        raise
+
+
+def _stage_sections(config: LoadedConfig, index: dict[str, type[Stage]], shared: set[str]) -> list[str]:
+    """The config's stage sections, in the stages' natural order.
+
+    Raises:
+        ConfigError: a section that is neither a stage nor a shared section, or no stage section.
+    """
     for name in config.sections:
         if name not in index and name not in shared:
             raise ConfigError(
@@ -148,41 +199,42 @@ def plan(
     present = [s for s in index if s in config.sections]
     if not present:
         raise ConfigError(f"{config.path}: no stage sections (stages: {', '.join(index)})")
+    return present
 
-    nodes: dict[str, Node] = {}
-    for name in present:
-        stage = index[name]()
-        section, given = stage_section(config, name, stage.all_roles(), stage.shared)
-        try:
-            cfg = validate_section(name, stage.Config, section, config.path)
-            roles = resolve_kinds(stage.inputs(cfg), stages)
-        except Exception as e:
-            if is_user_error(e) or find_user_error(e) is not None:
-                raise _user(e) from None
-            raise
-        stray = sorted(set(given) - set(roles))
-        if stray:
-            raise ConfigError(
-                f"{name}.{stray[0]} binds an input this {name} config does not read "
-                f"(inputs: {', '.join(roles) or 'none'}); remove it"
-            )
-        nodes[name] = Node(name, stage, cfg, bind(name, roles, given, present))
 
-    for node in nodes.values():  # the bound inputs' facts (e.g. the leakage guard), every node
-        try:
-            node.stage.check_inputs(
-                node.config, {r: nodes[u].stage.facts(nodes[u].config) for r, u in node.bindings.items()}
-            )
-        except Exception as e:
-            if is_user_error(e):
-                raise _user(e) from None
-            raise
+def _node(config: LoadedConfig, name: str, stage: Stage, present: list[str], stages: Sequence[type[Stage]]) -> Node:
+    """The node of section ``name``: its validated config (shared sections copied in), and its
+    input roles (an input kind resolved over ``stages``) bound to upstream nodes.
 
-    edges = {n.name: n.upstream for n in nodes.values()}
-    ordered = order(edges, rank)
-    nodes = {n: nodes[n] for n in ordered}
+    Raises:
+        ConfigError: an invalid section, an input binding the config does not read, or a missing
+            or ambiguous binding.
+    """
+    section, given = stage_section(config, name, stage.all_roles(), stage.shared)
+    with _user_errors(nested=True):
+        cfg = validate_section(name, stage.Config, section, config.path)
+        roles = resolve_kinds(stage.inputs(cfg), stages)
+    stray = sorted(set(given) - set(roles))
+    if stray:
+        raise ConfigError(
+            f"{name}.{stray[0]} binds an input this {name} config does not read "
+            f"(inputs: {', '.join(roles) or 'none'}); remove it"
+        )
+    return Node(name, stage, cfg, bind(name, roles, given, present))
 
-    # selection
+
+def _select(
+    config: LoadedConfig,
+    selection: Selection,
+    index: dict[str, type[Stage]],
+    nodes: dict[str, Node],
+    edges: dict[str, list[str]],
+) -> tuple[set[str], set[str], bool]:
+    """``(chosen node names, forced names, force every chosen node)`` of ``selection``.
+
+    Raises:
+        ConfigError: an unknown stage, one without a section, or a forced stage not chosen.
+    """
     for s in [
         *(selection.stages or []),
         *([selection.from_stage] if selection.from_stage else []),
@@ -203,41 +255,38 @@ def plan(
             f"--force {' '.join(unselected)}: not among the stages this invocation runs "
             f"({', '.join(n for n in nodes if n in chosen)}); select it too"
         )
+    return chosen, force, force_all
 
-    # keys, cache state, actions
-    for node in nodes.values():
-        try:
-            code = codehash.code_fingerprint(node.stage.code(node.config), code_packages)
-            data = node.stage.fingerprint(node.config)
-        except Exception as e:
-            if is_user_error(e):
-                raise _user(e) from None
-            raise
-        node.components = {
-            "config": hashed_view(node.config),
-            "inputs": {role: nodes[up].key for role, up in sorted(node.bindings.items())},
-            "code": code,
+
+def _key(node: Node, nodes: dict[str, Node], code_packages: tuple[str, ...]) -> None:
+    """Set ``node.components`` (hashed config, input keys, code fingerprint, data fingerprint)
+    and ``node.key``, its digest; the upstream nodes' keys are set already."""
+    with _user_errors():
+        code = codehash.code_fingerprint(node.stage.code(node.config), code_packages)
+        data = node.stage.fingerprint(node.config)
+    node.components = {
+        "config": hashed_view(node.config),
+        "inputs": {role: nodes[up].key for role, up in sorted(node.bindings.items())},
+        "code": code,
+        "data": data,
+    }
+    node.key = digest(
+        {
+            "stage": node.name,
+            "config": node.components["config"],
+            "inputs": node.components["inputs"],
+            "code": digest(code),
             "data": data,
         }
-        node.key = digest(
-            {
-                "stage": node.name,
-                "config": node.components["config"],
-                "inputs": node.components["inputs"],
-                "code": digest(code),
-                "data": data,
-            }
-        )
-        node.selected = node.name in chosen
-        node.cached = store.exists(node.name, node.key) if store is not None else False
-        # a forced node's descendants run again too: their keys cannot tell that its output changed
-        forced = node.selected and (
-            force_all or node.name in force or any(nodes[u].reason == "forced" for u in node.upstream)
-        )
-        node.action = "run" if node.selected and (forced or not node.cached) else ("cached" if node.cached else "skip")
-        if node.action == "run":
-            node.reason = "forced" if forced and node.cached else why_not_cached(node, store)
+    )
 
+
+def _check_upstream(nodes: dict[str, Node], selection: Selection) -> None:
+    """Every node that runs has its upstream run or cached.
+
+    Raises:
+        ConfigError: naming the node, the missing upstream and how to select it.
+    """
     for node in nodes.values():
         if node.action != "run":
             continue
@@ -251,18 +300,6 @@ def plan(
                         else f"selected; run from {up!r} (--from {up}) or without --from"
                     )
                 )
-    for node in nodes.values():  # cluster-free checks, before anything starts
-        if checks and node.action == "run":
-            try:
-                node.stage.check(node.config)
-            except Exception as e:
-                if is_user_error(e):
-                    raise _user(e) from None
-                raise
-    notices = list(
-        dict.fromkeys(line for n in nodes.values() if n.action != "skip" for line in n.stage.notices(n.config))
-    )
-    return Plan(config, nodes, notices + unread_notices(nodes))
 
 
 def unread_notices(nodes: dict[str, Node]) -> list[str]:

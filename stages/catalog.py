@@ -6,6 +6,7 @@ code dependencies (``pipeline.codehash``): the science, the stages, and the piec
 that determine outputs (the training loop, the batch-inference reduction, the data pass counter).
 ``HEADLINE``: the params every MLflow run of an invocation carries (:mod:`stages.headline`).
 ``REPORT``: what ``zeroseg compare`` compares and plots (:mod:`stages.report`).
+``SWEEP_DEFAULTS``: what a sweep file that does not say optimises, and what its seeds set.
 """
 
 from stages.build_splits import BuildSplits
@@ -31,4 +32,14 @@ STAGES = [
 ]
 CODE_PACKAGES = ("zeroseg", "stages", "pipeline.training", "pipeline.inference", "pipeline.raycompat")
 
-__all__ = ["CODE_PACKAGES", "HEADLINE", "REPORT", "STAGES"]
+#: A sweep file (``zeroseg sweep``) that does not say ranks trials on evaluate's harmonic mean of
+#: seen and unseen mIoU on the held-out set ``val`` (larger is better), and its ``seeds`` set the
+#: classifier's training seed (``pipeline.catalogue.SweepDefaults``).
+SWEEP_DEFAULTS = {
+    "metric": "evaluate/{eval_set}/hIoU",
+    "mode": "max",
+    "eval_set": "val",
+    "seed_key": "train_classifier.train.seed",
+}
+
+__all__ = ["CODE_PACKAGES", "HEADLINE", "REPORT", "STAGES", "SWEEP_DEFAULTS"]

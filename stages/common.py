@@ -5,17 +5,24 @@
 * :func:`text_embeddings`: embed_text's ``embeddings/<vocab>.npy`` checked against those
   vocabularies and the CLIP model's embedding size (one check for every stage that uses them);
 * :data:`INIT_FROM` and :func:`warm_start`: a training stage initialised from another
-  segmenter artifact's trained weights, strictly checked.
+  segmenter artifact's trained weights, strictly checked;
+* :data:`Device`: the one ``device`` setting of the inference stages (validated here, torch-free;
+  resolved on the cluster by ``stages.jobs.device``);
+* :class:`JobStage`: a stage spec whose computation is its job module (``stages/jobs/<stage>.py``).
 """
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
+from pydantic import AfterValidator, ValidationInfo
 
-from pipeline.dag import Artifact, Input
+from pipeline.config import Runtime
+from pipeline.dag import Artifact, Input, Stage, StageContext
 from zeroseg.config.clip import ClipSpec
 from zeroseg.data.classes import Vocabulary
 from zeroseg.data.split_files import read_classes_json
@@ -34,6 +41,50 @@ INIT_FROM = Input(
     auto=False,
     doc="the segmenter whose trained weights initialise this model",
 )
+
+
+def _check_device(v: str, info: ValidationInfo) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the error names the field)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        raise ValueError(f"{info.field_name} must be auto, cpu, cuda or cuda:N, got {v!r}")
+    return v
+
+
+#: A stage's inference device: ``auto`` (cuda when the Ray cluster has GPUs), ``cpu``, ``cuda`` or
+#: ``cuda:N``. Runtime (not in the key). Resolved on the driver and checked in each actor by
+#: ``stages.jobs.device``.
+Device = Annotated[str, Runtime(why="device"), AfterValidator(_check_device)]
+
+
+class JobStage(Stage):
+    """A stage spec whose computation is its *job* module :attr:`job` (``stages/jobs/<stage>.py``).
+
+    The spec module (config schema, inputs, plan-time checks, summary) imports neither torch nor
+    Ray, so planning does not; the job module imports them at its top and defines the actors.
+    :meth:`run` imports the job by name when the stage runs and calls its ``run(ctx)``;
+    :meth:`code` names it, so editing the job re-keys the stage (``pipeline.codehash`` does not
+    follow an import by name). The job may import the spec; the spec never imports the job.
+    """
+
+    #: The job: a module (its ``run(ctx)`` is called) or ``module:function`` (``function(ctx,
+    #: ctx.config)``).
+    job: ClassVar[str]
+
+    def code(self, config: Any) -> list[str]:
+        """The spec module and the job module (each followed through its imports)."""
+        return [*super().code(config), self.job.partition(":")[0]]
+
+    def run(self, ctx: StageContext) -> dict[str, float]:
+        """The job's ``run(ctx)`` (or ``function(ctx, ctx.config)``)."""
+        return run_job(self.job, ctx, ctx.config)
+
+
+def run_job(job: str, ctx: StageContext, config: Any) -> dict[str, float]:
+    """Import ``job`` by name and run it: a module's ``run(ctx)``, or ``module:function``'s
+    ``function(ctx, config)`` (a method's build or train function)."""
+    module, _, function = job.partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, function)(ctx, config) if function else mod.run(ctx)
 
 
 def random_weights_notice(clip: ClipSpec | None) -> list[str]:
@@ -131,10 +182,9 @@ def warm_start(seg: Any, artifact_uri: str) -> None:
         DataError: the artifact is not a segmenter, is of another class, or holds no weights.
         WeightsMismatchError: its weights do not fit ``seg`` (keys and shapes listed).
     """
-    import torch
 
     from pipeline.uri import local_copy
-    from zeroseg.models import WEIGHTS_PT, class_path, read_segmenter_json
+    from zeroseg.models import WEIGHTS_PT, class_path, read_segmenter_json, read_state_dict
 
     with local_copy(artifact_uri) as d:
         doc = read_segmenter_json(d)
@@ -147,12 +197,14 @@ def warm_start(seg: Any, artifact_uri: str) -> None:
         if not w.is_file():
             raise DataError(f"init_from {artifact_uri}: the artifact has no {WEIGHTS_PT} (a training-free method)")
         seg.load_trainable_state_dict(
-            torch.load(w, map_location="cpu", weights_only=True), source=f"{artifact_uri}/{WEIGHTS_PT}"
+            read_state_dict(w, f"{artifact_uri}/{WEIGHTS_PT}"), source=f"{artifact_uri}/{WEIGHTS_PT}"
         )
 
 
 __all__ = [
     "INIT_FROM",
+    "Device",
+    "JobStage",
     "TRAIN_VOCAB",
     "random_weights_notice",
     "seen_rows",

@@ -35,7 +35,8 @@ are independent of how many decode tasks run and where.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,12 +44,16 @@ import numpy as np
 from pipeline.dag import Artifact
 from pipeline.errors import carry_user_errors
 from pipeline.uri import read_bytes
+from stages.common import vocabularies
+from zeroseg.data.classes import Vocabulary
 from zeroseg.data.split_files import manifest_schema
 from zeroseg.data.transforms import (
     AugmentConfig,
     check_lut,
     decode_image,
     decode_label,
+    lut_ignore_index,
+    make_lut,
     remap_label,
     sample_rng,
     train_transform,
@@ -62,6 +67,8 @@ if TYPE_CHECKING:
 
 #: Columns of a resolved manifest (:func:`manifest_table`) that the feeds use.
 URI_COLUMNS = ("image_id", "image_uri", "label_uri")
+#: The column :func:`set_rows` adds: the eval set a row belongs to.
+SET_COLUMN = "eval_set"
 
 
 def manifest_table(splits: Artifact, split: str) -> pa.Table:
@@ -140,9 +147,6 @@ def leakage_guard(splits: Artifact, lut: np.ndarray) -> np.ndarray:
         LeakageError: ``lut`` maps an unseen class id to a training id (naming the class).
         DataError: ``classes.json`` is missing or malformed.
     """
-    from stages.common import vocabularies
-    from zeroseg.data.transforms import lut_ignore_index
-
     lut = np.asarray(lut)
     vocab = vocabularies(splits)["train"]
     ignore = lut_ignore_index(lut)
@@ -357,12 +361,101 @@ def train_dataset(
     )
 
 
+def set_rows(splits: Artifact, sets: Sequence[str], max_images: int | None, what: str = "eval set") -> pa.Table:
+    """One pyarrow table of the manifest rows (:data:`URI_COLUMNS`, URIs resolved) of every set in
+    ``sets``, in order, with the :data:`SET_COLUMN` column naming each row's set; the first
+    ``max_images`` rows of each set only (None: all). ``what``: the sets' name in messages.
+
+    Raises:
+        DataError: a set whose manifest has no images (or see :func:`manifest_table`).
+    """
+    import pyarrow as pa
+
+    parts = []
+    for name in sets:
+        t = manifest_table(splits, name).select(list(URI_COLUMNS))
+        if max_images is not None:
+            t = t.slice(0, max_images)
+        if t.num_rows == 0:
+            raise DataError(f"{what} {name!r}: its manifest has no images")
+        parts.append(t.append_column(SET_COLUMN, pa.array([name] * t.num_rows, pa.string())))
+    return pa.concat_tables(parts)
+
+
+def set_specs(vocabs: Mapping[str, Vocabulary], sets: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{set: {"num_classes", "seen", "unseen", "ignore_index"}}`` of ``sets``' vocabularies: what
+    the evaluators of an inference pass over :func:`set_rows` take per set (``zeroseg.evaluation``)."""
+    return {
+        n: {
+            "num_classes": len(vocabs[n].names),
+            "seen": vocabs[n].seen,
+            "unseen": vocabs[n].unseen,
+            "ignore_index": vocabs[n].ignore_index,
+        }
+        for n in sets
+    }
+
+
+def seen_class_lut(vocab: Vocabulary) -> np.ndarray:
+    """The lookup table of a seen-class training feed: vocabulary id -> seen training id (the
+    position in ``vocab.seen``), every other id (unseen included) -> ignore: 255, or 65535 above
+    255 seen classes (``zeroseg.data.transforms.make_lut``)."""
+    return make_lut({int(c): i for i, c in enumerate(vocab.seen)}, source_classes=len(vocab.names))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingFeed:
+    """A training stage's feed (:func:`training_feed`).
+
+    Attributes:
+        dataset: the Ray Data training feed (:func:`train_dataset`).
+        lut: its lookup table (vocabulary id -> training target).
+        ignore_index: the targets' ignore value (255, or 65535 for a 16-bit table).
+    """
+
+    dataset: Any
+    lut: np.ndarray
+    ignore_index: int
+
+
+def training_feed(
+    splits: Artifact,
+    augment: AugmentConfig,
+    seed: int,
+    *,
+    block_rows: int,
+    lut: np.ndarray | None = None,
+    heldout: bool = False,
+) -> TrainingFeed:
+    """The training feed of a stage over ``splits``' training manifest, guarded against leakage:
+    the table ``lut`` (default :func:`seen_class_lut` of the training vocabulary: the seen-class
+    feed of train_classifier's methods and pretrain_proposals), its :func:`leakage_guard` checked
+    on the driver and handed to :func:`train_dataset` with ``augment``, ``seed``, ``block_rows``
+    and ``heldout`` (self_train's diagnostic column).
+
+    Raises:
+        LeakageError: ``lut`` maps an unseen class id to a training id.
+        DataError: ``classes.json`` or the manifest is missing or malformed.
+    """
+    if lut is None:
+        lut = seen_class_lut(vocabularies(splits)["train"])
+    guard = leakage_guard(splits, lut)
+    ds = train_dataset(splits, lut, augment, seed, block_rows=block_rows, guard=guard, heldout=heldout)
+    return TrainingFeed(ds, lut, lut_ignore_index(lut))
+
+
 __all__ = [
+    "SET_COLUMN",
+    "TrainingFeed",
     "URI_COLUMNS",
     "check_leakage",
     "decode_pair",
     "decode_train_batch",
     "leakage_guard",
     "manifest_table",
+    "seen_class_lut",
+    "set_rows",
+    "set_specs",
     "train_dataset",
+    "training_feed",
 ]

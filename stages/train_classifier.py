@@ -57,7 +57,7 @@ class TrainClassifier(Stage):
 
     def code(self, config: Any) -> list[str]:
         m = self.method(config)
-        return [__name__, m.module, *m.code]
+        return [__name__, m.module, m.job_module, *m.code]
 
     def facts(self, config: Any) -> dict[str, Any]:
         """``{"method": name}``: what a stage warm-started from this artifact may check at plan time."""

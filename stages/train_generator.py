@@ -25,20 +25,17 @@ Wiring only; networks and losses are ``zeroseg.models.pading``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
-from pipeline.dag import Input, Stage, StageConfig, StageContext
+from pipeline.dag import Input, StageConfig, StageContext
 from pipeline.training import ScalingSection, TrainSection
-from stages.common import TRAIN_VOCAB, random_weights_notice, text_embeddings, vocabularies
+from stages.common import JobStage, random_weights_notice
 from zeroseg.config.clip import ClipSpec, model_embed_dim
 from zeroseg.config.pading import GeneratorConfig, RetrainConfig
-from zeroseg.errors import ConfigError, DataError
+from zeroseg.errors import ConfigError
 
 GENERATOR_PT = "generator.pt"
 
@@ -95,117 +92,10 @@ class TrainGeneratorConfig(StageConfig):
         return self.generator_steps or max(1, self.train.max_steps // 2)
 
 
-# =============================================================================================
-# training (runs in Ray Train workers)
-# =============================================================================================
-def _sync_grads(params: list[Any], world: int) -> None:
-    """Average gradients over workers (the same collectives on every rank: a missing gradient
-    counts as zeros). No DDP wrapper: each step runs two backward passes on two parameter sets."""
-    if world <= 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad.div_(world)
-
-
-def generator_train_loop(loop: Any) -> None:
-    """Per-worker loop (``pipeline.training``).
-
-    ``loop.config``: ``features_uri`` (the feature artifact), ``class_text`` ``[C, D]``, ``seen``,
-    ``unseen``, ``model`` / ``classifier`` (config dumps), ``head_weight`` ``[C + 1, d]`` /
-    ``head_bias`` (the extended pretrained head), ``generator_phase``, ``schedule``,
-    ``generator_lr_ratio`` (generator lr / head lr), ``poly_power``, ``warmup_steps``,
-    ``warmup_factor``. Batches: ``id`` (image rows of the feature arrays). Checkpoints hold the
-    whole :class:`FeatureGenerator`, the generator's Adam + schedule and the head's SGD.
-    """
-    from pipeline.uri import local_copy
-
-    cfg = loop.config
-    # Memory-mapped (the COCO-Stuff artifact is ~12 GB): each step reads only its batch's rows; the
-    # files stay available (a remote artifact's local copy too) for the loop's lifetime.
-    with local_copy(cfg["features_uri"]) as d:
-        emb = np.load(Path(d) / "features/embeddings.npy", mmap_mode="r")  # [N, Q, d]
-        lab = np.load(Path(d) / "features/labels.npy", mmap_mode="r")  # [N, Q]
-        _generator_steps(loop, emb, lab)
-
-
-def _generator_steps(loop: Any, emb: np.ndarray, lab: np.ndarray) -> None:
-    """The body of :func:`generator_train_loop` over the (memory-mapped) feature arrays
-    ``emb [N, Q, d]`` and ``lab [N, Q]``."""
-    import functools
-
-    import torch
-
-    from zeroseg.models.maskformer import poly_lr_factor
-    from zeroseg.models.pading import FeatureGenerator
-
-    cfg = loop.config
-    text = torch.tensor(np.asarray(cfg["class_text"], np.float32))
-    c = len(text)
-    model = FeatureGenerator(cfg["model"], c, cfg["seen"], cfg["unseen"], text)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.tensor(cfg["head_weight"]))
-        model.head.bias.copy_(torch.tensor(cfg["head_bias"]))
-    model.to(loop.device)
-    phase = int(cfg["generator_phase"])
-    gen_params = model.generator_parameters()
-    gen_opt = torch.optim.Adam(gen_params, lr=loop.lr * cfg["generator_lr_ratio"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        gen_opt,
-        functools.partial(
-            poly_lr_factor,
-            max_steps=phase,
-            power=cfg["poly_power"],
-            warmup_steps=cfg["warmup_steps"],
-            warmup_factor=cfg["warmup_factor"],
-        ),
-    )
-    r = cfg["classifier"]
-    head_opt = torch.optim.SGD(
-        model.head.parameters(), lr=loop.lr, momentum=r["momentum"], weight_decay=r["weight_decay"]
-    )
-    loop.restore(model, gen_opt, sched, head_optimizer=head_opt)
-    model.train()
-    for batch in loop.batches("train"):
-        rows = batch["id"].cpu().numpy()
-        e = torch.from_numpy(np.ascontiguousarray(emb[rows])).to(loop.device)  # [B, Q, d]
-        y = torch.from_numpy(np.ascontiguousarray(lab[rows])).long().to(loop.device)  # [B, Q], -1 no-object
-        step = loop.global_step
-        metrics: dict[str, float] = {}
-        loss = 0.0
-        if step < phase:
-            matched = y >= 0
-            gen_opt.zero_grad(set_to_none=True)
-            if bool(matched.any()):
-                parts = model.generator_losses(e[matched], y[matched])
-                parts["loss"].backward()
-                metrics.update({f"gen_{k}": float(v.detach()) for k, v in parts.items()})
-                loss += float(parts["loss"].detach())
-            _sync_grads(gen_params, loop.world_size)
-            gen_opt.step()
-            sched.step()
-        if cfg["schedule"] == "joint" or step >= phase:
-            head_opt.zero_grad(set_to_none=True)
-            targets = torch.where(y >= 0, y, torch.full_like(y, c))
-            cls = model.classifier_loss(e.flatten(0, 1), targets.flatten(), r)
-            cls.backward()
-            _sync_grads(list(model.head.parameters()), loop.world_size)
-            head_opt.step()
-            metrics["cls_loss"] = float(cls.detach())
-            loss += float(cls.detach())
-        loop.step_done(loss, images=len(rows), **metrics)
-
-
-# =============================================================================================
-# driver side
-# =============================================================================================
-class TrainGenerator(Stage):
+class TrainGenerator(JobStage):
     """PADing's generator and retrained classifier (see module docstring)."""
+
+    job = "stages.jobs.train_generator:train_generator"
 
     name = "train_generator"
     Config = TrainGeneratorConfig
@@ -230,129 +120,10 @@ class TrainGenerator(Stage):
         return random_weights_notice(config.clip)
 
     def run(self, ctx: StageContext) -> dict[str, float]:
-        import ray
-        import torch
-
-        from pipeline.training import fit_stage
-        from stages.extract_features import read_features_json
-        from stages.methods._proposals import bound_proposals, check_seen
-        from zeroseg.models import WEIGHTS_PT, save_segmenter
-        from zeroseg.models.maskformer import read_proposal_weights
-        from zeroseg.models.pading import PADing, extend_head
-
-        cfg: TrainGeneratorConfig = ctx.config
-        m = cfg.model
-        self.check(cfg)
-        vocabs = vocabularies(ctx.inputs["splits"])
-        train = vocabs[TRAIN_VOCAB]
-        text_art = ctx.inputs["text"]
-        emb = text_embeddings(text_art, vocabs, [TRAIN_VOCAB], dim=m.text_dim, clip_model=cfg.clip.model)[TRAIN_VOCAB]
-        if not train.seen or not train.unseen:
-            raise DataError(
-                f"classes.json: PADing needs seen and unseen training classes, got {len(train.seen)} seen and "
-                f"{len(train.unseen)} unseen; set build_splits.split"
-            )
-        norms = np.linalg.norm(emb, axis=1)
-        bad = [train.names[u] for u in train.unseen if not (np.isfinite(emb[u]).all() and norms[u] > 1e-6)]
-        if bad:
-            raise DataError(
-                f"text artifact {text_art.stage}/{text_art.key[:12]}: unseen classes {bad[:10]} have no embedding "
-                "(zero or non-finite rows of embeddings/train.npy): the generator cannot synthesise them; re-run embed_text"
-            )
-        fdoc, fwhere = read_features_json(ctx.inputs["features"])
-        prop = ctx.inputs["proposals"]
-        pdoc, pwhere = bound_proposals(prop)
-        if fdoc["proposals_key"] != prop.key:
-            raise DataError(
-                f"{fwhere} was extracted with proposals {fdoc['proposals_key'][:12]}, but train_generator binds "
-                f"{pwhere}: its features come from another backbone; bind extract_features of the same pretrain_proposals"
-            )
-        if fdoc["hidden_dim"] != m.feature_dim:
-            raise DataError(
-                f"{fwhere} holds {fdoc['hidden_dim']}-d query embeddings but train_generator.model.feature_dim is "
-                f"{m.feature_dim}: set it to {fdoc['hidden_dim']} (the proposal model's hidden_dim)"
-            )
-        if int(fdoc["matched"]) == 0:
-            raise DataError(f"{fwhere} has no matched seen feature: the generator has nothing to learn from")
-        if pdoc.get("class_head") != "linear":
-            raise DataError(f"{pwhere}: class head {pdoc.get('class_head')!r}; PADing needs model.class_head: linear")
-        check_seen(pdoc, train.seen, pwhere)
-        sd = read_proposal_weights(prop.file(WEIGHTS_PT))
-        hw, hb = extend_head(
-            sd["class_embed.weight"],
-            sd["class_embed.bias"],
-            train.seen,
-            train.unseen,
-            len(train.names),
-            cfg.classifier.head_init,
-        )
-        phase = cfg.generator_phase()
-        loop_config = {
-            "features_uri": ctx.inputs["features"].uri,
-            "class_text": emb.tolist(),
-            "seen": list(train.seen),
-            "unseen": list(train.unseen),
-            "model": m.model_dump(mode="json"),
-            "classifier": cfg.classifier.model_dump(mode="json"),
-            "head_weight": hw.tolist(),
-            "head_bias": hb.tolist(),
-            "generator_phase": phase,
-            "schedule": cfg.schedule,
-            "generator_lr_ratio": cfg.generator_lr / cfg.train.lr,
-            "poly_power": cfg.poly_power,
-            "warmup_steps": cfg.warmup_steps,
-            "warmup_factor": cfg.warmup_factor,
-        }
-        n = int(fdoc["images"])
-        ctx.log(
-            f"train_generator: {m.generator} generator (align {m.align}, disentangle {m.disentangle}), schedule "
-            f"{cfg.schedule} ({phase} generator steps of {cfg.train.max_steps}); {n} images x {fdoc['num_queries']} "
-            f"queries from {fwhere}; {len(train.seen)} seen / {len(train.unseen)} unseen classes"
-        )
-        ds = ray.data.range(n)
-        result = fit_stage(ctx, generator_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
-        state = result.model_state()
-        seg = PADing(None, {"proposals": pdoc, "classes": len(train.names), "text_dim": m.text_dim})
-        seg.proposals.load_state_dict(sd, strict=True)
-        with torch.no_grad():
-            seg.head.weight.copy_(state["head.weight"])
-            seg.head.bias.copy_(state["head.bias"])
-            seg.class_text.copy_(torch.from_numpy(emb))
-        out = Path(ctx.output_dir)
-        save_segmenter(out, seg, cfg.clip, "pading", seg.trainable_state_dict())
-        torch.save({k: v for k, v in state.items() if not k.startswith("head.")}, out / GENERATOR_PT)
-        metrics = {
-            "steps": float(result.steps),
-            "generator_steps": float(phase),
-            "global_batch_size": float(result.global_batch_size),
-            "resumed_from_step": float(result.resumed_from_step),
-            **{f"final_{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
-            **self._synthetic_check(m, state, emb, train),
-        }
-        return {k: v for k, v in metrics.items() if math.isfinite(v)}
-
-    @staticmethod
-    def _synthetic_check(m: GeneratorConfig, state: Mapping[str, Any], emb: np.ndarray, train: Any) -> dict[str, float]:
-        """How the retrained head classifies fresh synthetic unseen features (10 per unseen class, eval
-        mode): ``synthetic_unseen_acc`` (its own class), ``synthetic_unseen_as_seen`` (a seen class).
-        Seeded (0) on a forked CPU RNG: the driver's global torch RNG is left as it was."""
-        import torch
-
-        from zeroseg.models.pading import FeatureGenerator
-
-        ids = torch.tensor(list(train.unseen)).repeat(10)
-        # the module's initialisation and the generator's noise draw from the global RNG
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)
-            g = FeatureGenerator(m, len(train.names), train.seen, train.unseen, torch.from_numpy(emb))
-            g.load_state_dict(state, strict=True)
-            g.eval()
-            pred = g.head(g.generate(ids)[0]).argmax(-1)
-        seen = torch.tensor(list(train.seen))
-        return {
-            "synthetic_unseen_acc": float((pred == ids).float().mean()),
-            "synthetic_unseen_as_seen": float(torch.isin(pred, seen).float().mean()),
-        }
+        """Check the config again (the job runs where the data is), then train (the job:
+        :attr:`job`)."""
+        self.check(ctx.config)
+        return super().run(ctx)
 
     def note(self, metrics: Mapping[str, Any]) -> str:
         if "steps" not in metrics:
@@ -360,4 +131,4 @@ class TrainGenerator(Stage):
         return f"steps={int(metrics['steps'])}, synthetic unseen acc {metrics.get('synthetic_unseen_acc', float('nan')):.2f}"
 
 
-__all__ = ["TrainGenerator", "TrainGeneratorConfig", "generator_train_loop"]
+__all__ = ["GENERATOR_PT", "TrainGenerator", "TrainGeneratorConfig"]

@@ -215,10 +215,10 @@ def _zegclip_lr(section):
 
     import torch
 
-    from stages.methods.zegclip import zegclip_optimizer
+    from stages.jobs.methods.zegclip import zegclip_optimizer
 
-    p = torch.nn.Parameter(torch.zeros(1))
-    seg = types.SimpleNamespace(optimizer_param_groups=lambda wd: [{"params": [p], "weight_decay": wd}])
+    seg = torch.nn.Linear(1, 1, bias=False)
+    seg.trainable_names = lambda: ["weight"]
     loop = types.SimpleNamespace(lr=section.train.lr, train=section.train, config=section.solver())
     opt, sched = zegclip_optimizer(loop, seg)
     return lambda s: opt.param_groups[0]["initial_lr"] * sched.lr_lambdas[0](s)
@@ -289,3 +289,47 @@ def test_the_printed_config_is_what_the_plan_validates(path, monkeypatch, tmp_pa
         if "clip" in n.stage.shared and "clip" not in printed:  # printed once, at the top
             printed["clip"] = doc["clip"]
         assert printed == n.config.model_dump(mode="json"), n.name
+
+
+#: The seen-class calibration each shipped config's evaluate applied before the configs composed
+#: (evaluate.gamma, else the segmenter's default_gamma): (model, compare). It must not change.
+APPLIED_GAMMA = {
+    **dict.fromkeys(["sample", "sample_zegclip", "sample_proposals", "sample_deop", "sample_pading"], (0.0, None)),
+    **dict.fromkeys(["coco_stuff", "voc", "coco_stuff_deop", "voc_deop", "ade20k_full_zegformer"], (0.0, None)),
+    **dict.fromkeys([f"coco_stuff_pading{s}" for s in ("", "_gmmn", "_p", "_pa", "_pad")], (0.0, None)),
+    **dict.fromkeys(["coco_stuff_zegclip", "voc_zegclip"], (0.1, None)),
+    **dict.fromkeys(["sample_zegformer", "coco_stuff_zegformer", "voc_zegformer"], (0.1, None)),
+    **dict.fromkeys(["sample_zegclip_st", "coco_stuff_zegclip_st", "voc_zegclip_st"], (0.0, 0.1)),
+}
+
+
+def _default_gamma(node) -> float:
+    """The ``default_gamma`` the node's segmenter artifact states (what its stage writes into
+    segmenter.json; evaluate applies 0 when it states none)."""
+    from stages.methods.zegclip import INDUCTIVE_GAMMA
+    from stages.self_train import SELF_TRAINED_GAMMA
+
+    if node.name == "self_train":
+        return SELF_TRAINED_GAMMA
+    if node.name == "train_classifier" and node.config.method == "zegclip":
+        return INDUCTIVE_GAMMA
+    if node.name == "train_classifier" and node.config.method == "zegformer":
+        return node.config.gamma
+    return 0.0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_each_config_applies_the_calibration_it_did(path, monkeypatch, tmp_path):
+    """One source for gamma: the segmenter's default, evaluate.gamma only on purpose; the gamma
+    evaluate applies to each model is the one the configs applied before."""
+    monkeypatch.setenv("ZEROSEG_DATA", str(tmp_path))
+    p = plan(load_config(path), STAGES, store=EverythingCached())
+    ev = p.nodes["evaluate"]
+    applied = tuple(
+        None
+        if role not in ev.bindings
+        else (ev.config.gamma if ev.config.gamma is not None else _default_gamma(p.nodes[ev.bindings[role]]))
+        for role in ("model", "compare")
+    )
+    assert applied == APPLIED_GAMMA[path.stem]
+    assert set(APPLIED_GAMMA) == {c.stem for c in CONFIGS}

@@ -427,8 +427,9 @@ def test_stage_refuses_a_mismatched_proposals_artifact_before_training(tmp_path)
     named with both values; the decoder width against the CLIP size; augment.mean against the
     proposals' normalisation."""
     from pipeline.dag import Artifact
-    from stages.methods._proposals import bound_proposals
-    from stages.methods.deop import DeOPMethod, check_proposals
+    from stages.jobs.methods._proposals import bound_proposals
+    from stages.jobs.methods.deop import check_proposals
+    from stages.methods.deop import DeOPMethod
 
     (tmp_path / "proposals.json").write_text(json.dumps(_doc(q=100, text_dim=512)))
     art = Artifact("pretrain_proposals", "0" * 64, tmp_path, str(tmp_path), {})
@@ -461,7 +462,8 @@ def test_stage_refuses_proposals_trained_on_other_seen_classes(tmp_path):
     """train_deop, before any training, refuses a proposals artifact whose recorded seen classes
     (proposals.json ``seen``) are not classes.json's train.seen: here [0, 1, 2, 3, 4] against [0, 2]."""
     from pipeline.dag import Artifact, StageContext
-    from stages.methods.deop import DeOPMethod, train_deop
+    from stages.jobs.methods.deop import train_deop
+    from stages.methods.deop import DeOPMethod
 
     bs, pp, out = tmp_path / "build_splits", tmp_path / "pretrain_proposals", tmp_path / "out"
     for d in (bs, pp, out):

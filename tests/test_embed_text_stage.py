@@ -379,7 +379,8 @@ def test_classes_json_errors(tmp_path):
 
 
 def test_unreadable_embedding_files_name_the_file(tmp_path):
-    from stages.embed_text import EmbeddingFile, read_embedding_file
+    from stages.embed_text import EmbeddingFile
+    from stages.jobs.embed_text import read_embedding_file
 
     npy, names = tmp_path / "e.npy", tmp_path / "names.json"
     np.save(npy, np.eye(3, dtype=np.float32))

@@ -33,7 +33,8 @@ from PIL import Image
 
 import stages.catalog  # noqa: F401 - registers zeroseg's errors as user errors (what the CLI does)
 from pipeline.dag import Artifact, StageContext
-from stages.evaluate import SegmenterPredictor
+from stages.evaluate import EvaluateConfig
+from stages.jobs.evaluate import SegmenterPredictor
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.models import Segmenter
 from zeroseg.models.clip import TINY_MODEL, ClipSpec
@@ -367,7 +368,7 @@ class ScriptedPredictor(SegmenterPredictor):
     :data:`CONSTANT` everywhere, at a 2 x 3 grid upsampled by the evaluator). Decoding
     (``load``) is the stage's own."""
 
-    def __init__(self, segmenter_uri, embeddings, device, resolution):
+    def __init__(self, cfg, segmenter_uri, embeddings, device, prompt_names=None):
         # (not "classes": cloudpickle would then ship the torch.classes submodule, which does not pickle)
         self.device_name = "scripted"
         self.n_classes = {n: np.load(uri).shape[0] for n, uri in embeddings.items()}
@@ -391,14 +392,14 @@ class ScriptedPredictor(SegmenterPredictor):
 
 @pytest.fixture(scope="module")
 def scripted_run(inputs, ray_one_cpu):
-    import stages.evaluate
+    import stages.jobs.evaluate
     from pipeline import tracking
     from stages.evaluate import Evaluate
 
     out = inputs["root"] / "out_scripted"
     logged = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stages.evaluate, "SegmenterPredictor", ScriptedPredictor)
+        mp.setattr(stages.jobs.evaluate, "SegmenterPredictor", ScriptedPredictor)
         mp.setattr(tracking, "log_metrics", lambda m, run_id=None, **k: logged.append(("metrics", dict(m), run_id)))
         mp.setattr(tracking, "log_artifacts", lambda d, run_id=None: logged.append(("artifacts", Path(d), run_id)))
         metrics = Evaluate().run(
@@ -624,8 +625,10 @@ def _evaluator(sets, gamma=0.0):
 
 def test_predictor_and_evaluator_match_reference_without_ray(inputs):
     """The stage's predictor in-process (real MaskCLIP): all of cam in one batch, no calibration."""
-    w = SegmenterPredictor(str(inputs["tc"]), {"cam": str(inputs["et"] / "embeddings" / "cam.npy")}, "cpu", None)
-    assert w.size == tuple(INPUT) and w.device_name == "cpu"
+    w = SegmenterPredictor(
+        EvaluateConfig(), str(inputs["tc"]), {"cam": str(inputs["et"] / "embeddings" / "cam.npy")}, "cpu"
+    )
+    assert w.protocol.resolution == tuple(INPUT) and w.device_name == "cpu"
     rows = inputs["rows"]["cam"]
     batch = w.load(_batch(rows, "cam"))
     assert [lab.shape for lab in batch["labels"]] == [tuple(s) for s in SIZES["cam"]]  # labels never resized
@@ -677,7 +680,7 @@ def test_predictor_with_an_oracle_segmenter_scores_100(tmp_path, monkeypatch):
         rows.append({"image_path": tmp_path / f"i{i}.png", "label_path": tmp_path / f"l{i}.png"})
         labs.append(lab)
     np.save(tmp_path / "s.npy", np.eye(c, 8, dtype=np.float32))
-    w = SegmenterPredictor("unused", {"s": str(tmp_path / "s.npy")}, "cpu", None)
+    w = SegmenterPredictor(EvaluateConfig(), "unused", {"s": str(tmp_path / "s.npy")}, "cpu")
     sets = {"s": {"names": list("abcd"), "seen": [0, 1], "unseen": [2, 3]}}
     ev = _evaluator(sets)
     batch = w.load(_batch(rows, "s"))
@@ -736,14 +739,32 @@ def test_input_errors(inputs, tmp_path, ray_one_cpu):
 
 
 def test_resolve_device_on_a_cpu_cluster(ray_one_cpu):
-    from stages.evaluate import resolve_device
+    from stages.jobs.device import actor_device, resolve_device
 
-    assert resolve_device(_conf()) == ("cpu", 0.0)
-    assert resolve_device(_conf(device="cpu")) == ("cpu", 0.0)
+    def resolve(cfg):  # what evaluate's job calls
+        return resolve_device(cfg.device, "evaluate.device", cfg.num_gpus_per_worker, "evaluate.num_gpus_per_worker")
+
+    assert resolve(_conf()) == ("cpu", 0.0)
+    assert resolve(_conf(device="cpu")) == ("cpu", 0.0)
     with pytest.raises(ConfigError, match=r"asks for 1 GPU\(s\) per worker.*set evaluate.device: cpu"):
-        resolve_device(_conf(device="cuda"))
-    with pytest.raises(ConfigError, match=r"num_gpus_per_worker is 0"):
-        resolve_device(_conf(device="cuda:1", num_gpus_per_worker=0))
+        resolve(_conf(device="cuda"))
+    with pytest.raises(ConfigError, match=r"evaluate.num_gpus_per_worker is 0"):
+        resolve(_conf(device="cuda:1", num_gpus_per_worker=0))
+    # extract_features' setting: no GPUs per worker of its own (1 on cuda)
+    assert resolve_device("auto", "extract_features.device") == ("cpu", 0.0)
+    with pytest.raises(ConfigError, match=r"extract_features.device is 'cuda'.*set extract_features.device: cpu"):
+        resolve_device("cuda", "extract_features.device")
+    assert actor_device("cpu", "evaluate.device") == (torch.device("cpu"), "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"evaluate.device 'cuda:0': this worker has no CUDA device"):
+            actor_device("cuda:0", "evaluate.device")
+    # the one validator (stages.common.Device) names the field
+    from stages.extract_features import ExtractFeaturesConfig
+
+    for conf, key in ((EvaluateConfig, "device"), (ExtractFeaturesConfig, "device")):
+        with pytest.raises(pydantic.ValidationError, match=rf"{key} must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+            conf(device="gpu")
+        assert conf(device="cuda:3").device == "cuda:3"
 
 
 def test_config_schema():
@@ -839,24 +860,25 @@ def test_mlflow_helpers(tmp_path, monkeypatch):
     assert len(calls) == 2  # nothing more through the fluent API
 
 
-def test_probability_scores_are_calibrated_by_direct_subtraction():
+def test_probability_scores_are_calibrated_by_direct_subtraction(tmp_path, monkeypatch):
     """ZegCLIP-like scores (per-class sigmoid probabilities) p = (0.6 seen, 0.45 unseen), gamma 0.1:
     subtracting gamma directly keeps the seen class (0.5 > 0.45); a softmax first would not
     (softmax(0.6, 0.45) differs by tanh(0.075) = 0.075 < 0.1) and predict the unseen class."""
     import torch
 
-    from stages.evaluate import SegmenterPredictor
+    import zeroseg.models
     from zeroseg.evaluation import GZS3Evaluator
 
     class Sigmoidish(torch.nn.Module):
         scores_are_probabilities = True
+        input_size, mean, std = (1, 1), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
         def forward(self, x, text):
             return torch.tensor([[[[0.6]], [[0.45]]]]).expand(len(x), 2, 1, 1)
 
-    pred = SegmenterPredictor.__new__(SegmenterPredictor)  # the model and text as an actor would hold them
-    pred.seg, pred.text, pred.size = Sigmoidish(), {"s": torch.zeros(2, 4)}, (1, 1)
-    pred.device, pred.mean, pred.std = torch.device("cpu"), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    monkeypatch.setattr(zeroseg.models, "load_segmenter", lambda d, device="cpu": Sigmoidish())
+    np.save(tmp_path / "s.npy", np.zeros((2, 4), np.float32))
+    pred = SegmenterPredictor(EvaluateConfig(), "unused", {"s": str(tmp_path / "s.npy")}, "cpu")
     inputs = {
         "images": [np.zeros((1, 1, 3), np.uint8)],
         "labels": [np.zeros((1, 1), np.uint8)],

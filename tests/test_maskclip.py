@@ -31,7 +31,10 @@ def clip_model():
 def test_forward_shapes_and_contract(clip_model):
     seg = MaskCLIP(clip_model)
     assert isinstance(seg, Segmenter)
-    assert seg.input_size == (224, 224) and seg.cfg == {"input_size": [224, 224], "logit_scale": 100.0}
+    assert seg.input_size == (224, 224) and seg.cfg.model_dump(mode="json") == {
+        "input_size": [224, 224],
+        "logit_scale": 100.0,
+    }
     assert len(seg.mean) == 3 and len(seg.std) == 3
     assert seg.trainable_names() == [] and not any(p.requires_grad for p in seg.parameters())
     with torch.no_grad():

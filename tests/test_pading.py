@@ -127,7 +127,7 @@ def test_generator_shapes_and_the_primitives_receive_gradients():
 
 
 def test_synthetic_check_leaves_the_global_rng_alone():
-    from stages.train_generator import TrainGenerator
+    from stages.jobs.train_generator import synthetic_check
     from zeroseg.config.pading import GeneratorConfig
 
     g = _generator()
@@ -135,9 +135,9 @@ def test_synthetic_check_leaves_the_global_rng_alone():
     cfg = GeneratorConfig(**GEN)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    first = TrainGenerator._synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
+    first = synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
     assert torch.equal(torch.get_rng_state(), before)  # the driver's RNG did not move
-    again = TrainGenerator._synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
+    again = synthetic_check(cfg, g.state_dict(), torch.eye(4)[:3].numpy(), train)
     assert first == again and 0.0 <= first["synthetic_unseen_acc"] <= 1.0  # seeded: reproducible
 
 
@@ -217,7 +217,8 @@ def test_query_labels_take_the_matched_segment_or_no_object():
 def test_feature_writer_puts_each_batch_at_its_rows_whatever_the_order(tmp_path):
     """The driver-side merge of extract_features: partial states arriving out of order land at their
     manifest rows; the counts are those of the labels written (-1 = no-object)."""
-    from stages.extract_features import EMBEDDINGS, LABELS, FeatureWriter
+    from stages.extract_features import EMBEDDINGS, LABELS
+    from stages.jobs.extract_features import FeatureWriter
 
     w = FeatureWriter(str(tmp_path), rows=3, queries=2, dim=1)
     parts = []

@@ -81,12 +81,12 @@ def test_first_run_runs_every_stage_and_evaluates(first_run):
 
 
 def test_second_run_is_fully_cached(first_run, monkeypatch):
-    import pipeline.cli as cli
+    import pipeline.cluster as cluster
 
     def no_ray(*a, **k):
         raise AssertionError("a fully cached run must not start or join a Ray cluster")
 
-    monkeypatch.setattr(cli, "init_ray", no_ray)
+    monkeypatch.setattr(cluster, "init_ray", no_ray)
     work, _, plan1 = first_run
     code, plan = _run(work)
     assert code == 0

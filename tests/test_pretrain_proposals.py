@@ -134,7 +134,7 @@ def test_poly_lr_factor_is_detectron2_warmup_poly_by_hand():
 def test_param_groups_follow_the_released_optimizer():
     from torch import nn
 
-    from stages.pretrain_proposals import param_groups
+    from zeroseg.optim import maskformer_param_groups as param_groups
 
     class Toy(nn.Module):
         def __init__(self):
@@ -304,8 +304,8 @@ def test_run_refuses_no_seen_class_and_unknown_recall_sets_before_training(tmp_p
 
 
 def test_param_groups_of_the_proposal_model():
-    from stages.pretrain_proposals import param_groups
     from zeroseg.models.maskformer import MaskFormer
+    from zeroseg.optim import maskformer_param_groups as param_groups
 
     cfg = {"backbone": "resnet18", "num_queries": 4, "hidden_dim": 16, "dec_layers": 1, "nheads": 2}
     model = MaskFormer({**cfg, "dim_feedforward": 16, "conv_dim": 16, "mask_dim": 16}, 3, text_dim=8)
@@ -324,9 +324,9 @@ def test_param_groups_give_the_clip_pyramids_new_layers_the_full_lr():
     0.1; the pyramid's randomly initialised per-level LayerNorms (``backbone.norms.*``) and
     resampling convs / GroupNorms (``backbone.resample.*``) at the full lr; ln_post / proj are
     frozen and left out. Expected values from the parameter names alone."""
-    from stages.pretrain_proposals import param_groups
     from zeroseg.models.clip import TINY_MODEL, ClipSpec, load_clip
     from zeroseg.models.maskformer import MaskFormer
+    from zeroseg.optim import maskformer_param_groups as param_groups
 
     visual = load_clip(ClipSpec(model=TINY_MODEL, random_init=True)).visual
     cfg = {"backbone": "clip", "num_queries": 4, "hidden_dim": 16, "dec_layers": 1, "nheads": 2}
@@ -348,7 +348,7 @@ def test_param_groups_give_the_clip_pyramids_new_layers_the_full_lr():
 def test_the_drivers_model_skips_the_backbone_weights(tmp_path):
     """The driver's MaskFormer (mean/std check, final state) is built without reading
     model.backbone_weights; the workers' (fresh run) read them: a missing file fails only there."""
-    from stages.pretrain_proposals import build_model
+    from stages.jobs.pretrain_proposals import build_model
 
     missing = str(tmp_path / "no_such_weights.pt")
     m = {"backbone": "resnet18", "backbone_weights": missing, "num_queries": 4, "hidden_dim": 16, "dec_layers": 1}
@@ -458,7 +458,7 @@ def test_sample_stage_trains_writes_a_loadable_artifact_measures_recall_and_cach
     # published artifact (the stage built it from proposals.json + the final checkpoint)
     import pyarrow.parquet as pq
 
-    from stages.pretrain_proposals import ProposalPredictor
+    from stages.jobs.pretrain_proposals import ProposalPredictor
 
     sp = splits.parent
     rows = pq.read_table(sp / "manifests" / "val.parquet").slice(0, 4).to_pylist()

@@ -37,7 +37,9 @@ from PIL import Image
 
 import stages.catalog  # noqa: F401 - registers zeroseg's errors as user errors (what the CLI does)
 from pipeline.dag import Artifact, StageContext
-from stages.evaluate import EvaluateConfig, SegmenterPredictor
+from stages.evaluate import EvaluateConfig
+from stages.jobs.evaluate import SegmenterPredictor
+from zeroseg.config.protocol import EvalProtocol
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.evaluation import GZS3Evaluator, VariantsGZS3Evaluator
 from zeroseg.models import Segmenter
@@ -217,13 +219,14 @@ def _batch(rows, name):
     }
 
 
-def _predict(tmp_path, monkeypatch, seg, rows, n_classes, protocol=None, gamma=0.0, prompt_names=None, variant=None):
-    """The stage's predictor in-process with ``seg`` as the loaded model; returns (outputs, counts)."""
+def _predict(tmp_path, monkeypatch, seg, rows, n_classes, cfg=None, gamma=0.0, prompt_names=None, variant=None):
+    """The stage's predictor in-process with ``seg`` as the loaded model and ``cfg`` (default
+    ``EvaluateConfig()``); returns (outputs, counts)."""
     import zeroseg.models
 
     monkeypatch.setattr(zeroseg.models, "load_segmenter", lambda d, device="cpu": seg)
     np.save(tmp_path / "emb.npy", np.eye(n_classes, 8, dtype=np.float32))
-    w = SegmenterPredictor("unused", {"s": str(tmp_path / "emb.npy")}, "cpu", None, protocol, prompt_names)
+    w = SegmenterPredictor(cfg or EvaluateConfig(), "unused", {"s": str(tmp_path / "emb.npy")}, "cpu", prompt_names)
     batch = w.load(_batch(rows, "s"))
     out = w(batch)
     ev = GZS3Evaluator(
@@ -244,8 +247,8 @@ def test_evaluate_applies_a_declared_activation_after_upsampling(tmp_path, monke
     _, old = _predict(tmp_path, monkeypatch, _OldZegCLIPOrder(), rows, 2)
     assert old["gzs3"].tolist() == [[1, 1], [0, 2]]
     # activation_at: label -> logits travel, the evaluator takes the sigmoid at the label size (here = input size)
-    args = EvaluateConfig(activation_at="label").protocol_args()
-    out, res = _predict(tmp_path, monkeypatch, _Sigmoid1x4(), rows, 2, protocol=args)
+    args = EvaluateConfig(activation_at="label")
+    out, res = _predict(tmp_path, monkeypatch, _Sigmoid1x4(), rows, 2, cfg=args)
     assert out["activation"] == "sigmoid" and res["gzs3"].tolist() == [[2, 0], [0, 2]]
     # calibration comes after the activation: gamma 0.3 on seen class 0 (0.2 - 0.3 < 0.0180) flips all to class 1
     _, cal = _predict(tmp_path, monkeypatch, _Sigmoid1x4(), rows, 2, gamma=0.3)
@@ -318,8 +321,8 @@ def test_short_side_protocol_through_the_predictor(tmp_path, monkeypatch):
         for k, (h, w) in enumerate([(30, 40), (24, 30), (10, 20)])
     ]
     seg = _WhiteIsClassZero()
-    args = EvaluateConfig(protocol="short_side", short_side=32).protocol_args()
-    out, res = _predict(tmp_path, monkeypatch, seg, rows, 2, protocol=args)
+    args = EvaluateConfig(protocol="short_side", short_side=32)
+    out, res = _predict(tmp_path, monkeypatch, seg, rows, 2, cfg=args)
     assert sorted(seg.calls) == [(1, 3, 32, 64), (2, 3, 32, 48)]
     assert [tuple(s.shape) for s in out["groups"][0]["scores"]] == [(1, 2, 32, 43), (1, 2, 32, 40), (1, 2, 32, 64)]
     assert res["gzs3"].tolist() == [[30 * 40 + 24 * 30 + 10 * 20, 0], [0, 0]]
@@ -337,10 +340,10 @@ def test_slide_crop_defaults_to_the_input_size(tmp_path, monkeypatch):
             _WhiteIsClassZero(),
             rows,
             2,
-            EvaluateConfig(protocol="slide", stride=20).protocol_args(),
+            EvaluateConfig(protocol="slide", stride=20),
         )
     seg = _WhiteIsClassZero()
-    out, res = _predict(tmp_path, monkeypatch, seg, rows, 2, EvaluateConfig(protocol="slide", stride=8).protocol_args())
+    out, res = _predict(tmp_path, monkeypatch, seg, rows, 2, EvaluateConfig(protocol="slide", stride=8))
     assert seg.calls == [(1, 3, 16, 16)] and res["gzs3"].tolist() == [[256, 0], [0, 0]]
 
 
@@ -372,8 +375,9 @@ def test_zegclip_logits_and_slide_against_brute_force(tmp_path, monkeypatch):
     import zeroseg.models
 
     monkeypatch.setattr(zeroseg.models, "load_segmenter", lambda d, device="cpu": seg)
-    args = EvaluateConfig(protocol="slide", crop=32, stride=24).protocol_args()
-    w = SegmenterPredictor("unused", {"s": str(tmp_path / "emb.npy")}, "cpu", None, args)
+    w = SegmenterPredictor(
+        EvaluateConfig(protocol="slide", crop=32, stride=24), "unused", {"s": str(tmp_path / "emb.npy")}, "cpu"
+    )
     got = w(w.load(_batch(rows, "s")))["groups"][0]["scores"][0]
 
     # brute force: short side 40 -> 32 (the crop's), 56 -> 44.8 -> 45; windows x 0..32 and 13..45
@@ -400,16 +404,13 @@ def test_protocol_config():
 
     c = EvaluateConfig(protocol="slide", crop=512, stride=426)
     assert c.crop == (512, 512) and c.stride == (426, 426) and c.short_side is None
-    assert c.protocol_args() == {
-        "protocol": "slide",
-        "crop": [512, 512],
-        "stride": [426, 426],
-        "short_side": None,
-        "max_long_side": None,
-        "activation_at": "input",
-        "windows_per_forward": 4,
-    }
-    assert EvaluateConfig().protocol_args() is None  # resize: the predictor gets the arguments it always had
+    assert c.eval_protocol() == EvalProtocol(
+        name="slide", crop=(512, 512), stride=(426, 426), activation_at="input", windows_per_forward=4
+    )
+    assert EvaluateConfig().eval_protocol() == EvalProtocol()  # resize at the segmenter's input size
+    assert EvaluateConfig(resolution=[8, 12], batch_size=2).eval_protocol() == EvalProtocol(
+        resolution=(8, 12), windows_per_forward=2
+    )
     base = digest(hashed_view(EvaluateConfig()))
     for kw in (
         {"protocol": "slide", "stride": 426},
@@ -494,7 +495,7 @@ def test_variants_and_encode_text_in_process(tmp_path, monkeypatch):
     import zeroseg.models
 
     monkeypatch.setattr(zeroseg.models, "load_segmenter", lambda d, device="cpu": seg)
-    w = SegmenterPredictor("unused", {"s": str(tmp_path / "emb.npy")}, "cpu", None, None, {"s": PROMPTS})
+    w = SegmenterPredictor(EvaluateConfig(), "unused", {"s": str(tmp_path / "emb.npy")}, "cpu", {"s": PROMPTS})
     assert tuple(w.text["s"].shape) == (3, 3)
     ev = GZS3Evaluator({"s": {"num_classes": 3, "seen": [0], "unseen": [1, 2]}}, variant="seg")
     batch = w.load(_batch(rows, "s"))
@@ -507,12 +508,12 @@ def test_variants_and_encode_text_in_process(tmp_path, monkeypatch):
     # an instance that encodes text, given no prompt names (the stage passes them when the class says
     # encodes_text): a clear error, not the embeddings file
     with pytest.raises(DataError, match=r"_Twins embeds class names itself.*declare encodes_text = True on the class"):
-        SegmenterPredictor("unused", {"s": str(tmp_path / "emb.npy")}, "cpu", None, None, None)
+        SegmenterPredictor(EvaluateConfig(), "unused", {"s": str(tmp_path / "emb.npy")}, "cpu", None)
     # variants returned but none declared
     seg2 = _Twins()
     seg2.variants = ()
     monkeypatch.setattr(zeroseg.models, "load_segmenter", lambda d, device="cpu": seg2)
-    w = SegmenterPredictor("unused", {"s": str(tmp_path / "emb.npy")}, "cpu", None, None, {"s": PROMPTS})
+    w = SegmenterPredictor(EvaluateConfig(), "unused", {"s": str(tmp_path / "emb.npy")}, "cpu", {"s": PROMPTS})
     with pytest.raises(DataError, match=r"returned the variants \['fused', 'seg'\] but declares none"):
         w(w.load(_batch(rows, "s")))
     seg2.variants = ("fused", "seg/x")
@@ -602,7 +603,7 @@ def test_stage_reports_every_variant_and_uses_encode_text(tmp_path, ray_local, m
     """One stage run (Ray) under the slide protocol: ``fused`` (variants[0]) is perfect (100) under
     the usual keys; ``seg`` (always class 2) under ``seg/val/...`` with hand values: IoU_2 = its
     pixels / all labelled pixels, pAcc the same share; files and metrics.json entries per variant."""
-    import stages.evaluate
+    import stages.jobs.evaluate
     import zeroseg.models
     from stages.evaluate import Evaluate
 
@@ -613,7 +614,7 @@ def test_stage_reports_every_variant_and_uses_encode_text(tmp_path, ray_local, m
         "import_class",
         lambda path, where="": _Twins if path == "zeroseg.models.toy:Twins" else real_import(path, where),
     )
-    monkeypatch.setattr(stages.evaluate, "SegmenterPredictor", _TwinsPredictor)
+    monkeypatch.setattr(stages.jobs.evaluate, "SegmenterPredictor", _TwinsPredictor)
     out = tmp_path / "out"
     out.mkdir()
     cfg = EvaluateConfig(protocol="slide", crop=16, stride=12, batch_size=2, warmup_batches=0)

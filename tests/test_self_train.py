@@ -190,7 +190,7 @@ def test_leakage_guard_fires_on_a_poisoned_inductive_feed(tmp_path, ray_local):
 
 
 def test_leakage_guard_fires_in_extract_features_load(tmp_path):
-    from stages.extract_features import FeaturePredictor, decode_feature_batch
+    from stages.jobs.extract_features import FeaturePredictor, decode_feature_batch
 
     poisoned = np.zeros((8, 8), np.uint8)
     poisoned[5, 1] = poisoned[6, 1] = 2  # two pixels of unseen class c in a training label
@@ -291,7 +291,7 @@ def test_sample_dag_self_trains_evaluates_both_and_is_cached(tmp_path, ray_local
     assert marked > 0  # the sample has unseen pixels in its training images
 
     # warm start: the student starts from exactly the inductive weights
-    from stages.self_train import student_model
+    from stages.jobs.self_train import student_model
 
     tc = _artifact(tmp_path, "train_classifier")
     doc = json.loads((tc / "segmenter.json").read_text())

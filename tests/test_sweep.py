@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (pipeline/sweep.py): the sweep file, the shared prefix, aggregation over seeds,
+"""Ray Tune sweeps (pipeline/sweep/): the sweep file, the shared prefix, aggregation over seeds,
 and a real 4-trial ASHA sweep of the sample (evaluate-only: gamma) that is interrupted after a
 trial and continued."""
 
@@ -37,6 +37,41 @@ def test_sweep_file_errors_name_the_key(tmp_path):
         load_sweep(_write(tmp_path, "name: a\nspace: {evaluate.gamma: {grid: [0.1], choice: [0.2]}}\n"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_sweep(tmp_path / "nope.yaml")
+
+
+def test_sweep_defaults_come_from_the_catalogue(tmp_path):
+    """What a sweep file does not say is the stage catalogue's (SWEEP_DEFAULTS); with a neutral
+    catalogue a file names its metric, and its seed key when it has seeds."""
+    from pipeline.catalogue import SweepDefaults, load_catalogue
+    from pipeline.sweep import experiment_id
+
+    text = "name: a\nspace: {evaluate.gamma: {grid: [0.1]}}\nseeds: [0, 1]\n"
+    sw = load_sweep(_write(tmp_path, text))  # the project's catalogue
+    assert load_catalogue().sweep_defaults == SweepDefaults(
+        "evaluate/{eval_set}/hIoU", "max", "val", "train_classifier.train.seed"
+    )
+    assert (sw.target, sw.mode, sw.eval_set, sw.seed_key) == (
+        "evaluate/val/hIoU",
+        "max",
+        "val",
+        "train_classifier.train.seed",
+    )
+    # the defaults enter the sweep's dump as if the file had said them (the experiment id is the same)
+    said = load_sweep(_write(tmp_path, text + "eval_set: val\nmode: max\nseed_key: train_classifier.train.seed\n"))
+    assert said.model_dump() == sw.model_dump()
+    from pipeline.config import load_config
+
+    cfg = load_config("configs/sample.yaml")
+    assert experiment_id(cfg, said) == experiment_id(cfg, sw)
+    neutral = SweepDefaults()
+    with pytest.raises(ConfigError, match="no metric to rank trials on"):
+        load_sweep(_write(tmp_path, "name: a\nspace: {evaluate.gamma: {grid: [0.1]}}\n"), neutral)
+    with pytest.raises(ConfigError, match="seeds without seed_key"):
+        load_sweep(_write(tmp_path, text + "metric: evaluate/val/mIoU\n"), neutral)
+    own = load_sweep(_write(tmp_path, text + "metric: toy/score\nmode: min\nseed_key: toy.seed\n"), neutral)
+    assert (own.target, own.mode, own.eval_set, own.seed_key) == ("toy/score", "min", None, "toy.seed")
+    other = SweepDefaults(metric="score/{eval_set}", eval_set="held_out", mode="min")
+    assert load_sweep(_write(tmp_path, "name: a\nspace: {x.y: {grid: [1]}}\n"), other).target == "score/held_out"
 
 
 def test_shipped_sweep_files_load():
@@ -100,7 +135,7 @@ def _plans(config: str, sweep_text: str, tmp_path, extra=()):
         (
             "pading_weight_primitives",
             "configs/sample_pading.yaml",
-            ["build_splits", "embed_text", "pretrain_proposals", "extract_features", "train_classifier"],
+            ["build_splits", "embed_text", "pretrain_proposals", "extract_features"],  # no train_classifier
         ),
     ],
 )
@@ -580,10 +615,10 @@ def test_training_reports_reach_tune_and_asha_stops_the_worse_trial(ray_local, t
     import ray.util
     from ray import tune
 
-    from pipeline.sweep import SweepFile, _start_ray_data_services, asha_scheduler
+    from pipeline.sweep import SweepFile, asha_scheduler, start_ray_data_services
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the trial actor cannot import tests/
-    _start_ray_data_services()
+    start_ray_data_services()
     monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # as run_sweep sets it
     sw = SweepFile.model_validate(
         {

@@ -163,7 +163,7 @@ def test_every_run_of_an_invocation_carries_the_headline(store, tmp_path):
 
 
 def test_tracking_stores_only_this_machine_reaches():
-    from pipeline.cli import machine_local_tracking
+    from pipeline.cluster import machine_local_tracking
 
     local = [
         "sqlite:////w/mlflow.db",
@@ -184,10 +184,10 @@ def test_run_tracking_server_choices(tmp_path, monkeypatch):
     (tests/test_pipeline_sample.py runs one.)"""
     import io
 
-    from pipeline.cli import tracking_store
     from pipeline.config import load_config
     from pipeline.console import Console
     from pipeline.errors import ConfigError
+    from pipeline.invocation import tracking_store
 
     sample = "configs/sample.yaml"
     with pytest.raises(ConfigError, match=r"set one of run\.tracking_server and run\.tracking_uri"):
@@ -207,7 +207,7 @@ def test_run_tracking_server_choices(tmp_path, monkeypatch):
 def test_a_relative_work_dir_under_ray_job_submit_gets_a_note(tmp_path, monkeypatch):
     import json
 
-    from pipeline.cli import RAY_JOB_CONFIG_ENV, job_copy_notes
+    from pipeline.cluster import RAY_JOB_CONFIG_ENV, job_copy_notes
     from pipeline.config import load_config
 
     cfg = load_config("configs/sample.yaml", [f"run.work_dir={tmp_path / 'elsewhere'}"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zeroseg.config.zegclip import ZegCLIPConfig
 from zeroseg.errors import ConfigError
 from zeroseg.models.prompt import PromptedVisionTransformer
 from zeroseg.models.zegclip import (
@@ -272,7 +273,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match=r"model.input_size \[72, 64\] is not a multiple of the CLIP patch size"):
         ZegCLIP(tiny_clip(), {"input_size": [72, 64]})
     model = ZegCLIP(tiny_clip(), {"input_size": 32, "rd": "t_g", "loss": "ce"})
-    assert model.cfg["input_size"] == [32, 32] and model.head.rd.in_dim == 2 * D
+    assert isinstance(model.cfg, ZegCLIPConfig) and model.cfg.input_size == (32, 32) and model.head.rd.in_dim == 2 * D
 
 
 @pytest.mark.parametrize("value", [[], "12", [1, "2"], [True], [0], [1.0], 3])
@@ -289,8 +290,10 @@ def test_prompt_tokens_must_be_a_positive_int(value):
 
 def test_prompt_settings_accepted():
     cfg = resolve_zegclip_config({"prompt_layers": (1, 2), "prompt_tokens": 1})
-    assert cfg["prompt_layers"] == [1, 2] and cfg["prompt_tokens"] == 1
-    assert resolve_zegclip_config()["prompt_layers"] is None  # every layer (Table 8)
+    assert cfg.prompt_layers == [1, 2] and cfg.prompt_tokens == 1
+    assert resolve_zegclip_config().prompt_layers is None  # every layer (Table 8)
+    typed = ZegCLIPConfig(prompt_tokens=3)
+    assert resolve_zegclip_config(typed) is typed  # a validated config is taken as it is
 
 
 @pytest.mark.parametrize("kind", ["focal_dice", "ce"])
@@ -576,4 +579,4 @@ def test_default_config_is_the_released_voc_setting():
         "loss_beta": 1.0,
         "focal_gamma": 2.0,
     }
-    assert resolve_zegclip_config() == ZEGCLIP_DEFAULT_CONFIG
+    assert resolve_zegclip_config().model_dump(mode="json") == ZEGCLIP_DEFAULT_CONFIG

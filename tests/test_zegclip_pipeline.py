@@ -64,7 +64,7 @@ def test_zegclip_sample_dag_trains_and_evaluates(tmp_path, shared_data):
     m = tc["metrics"]
     assert m["steps"] == 6 and m["global_batch_size"] == 4
     # lr scaled linearly from the paper's batch 16 to the global batch 4; prompts and head get x10
-    assert m["base_lr"] == pytest.approx(2e-5 * 4 / 16) and m["effective_lr"] == pytest.approx(2e-5 * 4 / 16 * 10)
+    assert m["base_lr"] == pytest.approx(2e-5 * 4 / 16) and m["head_lr"] == pytest.approx(2e-5 * 4 / 16 * 10)
     art = tmp_path / "store" / "train_classifier" / tc["key"]
     seg_json = json.loads((art / "segmenter.json").read_text())
     assert seg_json["method"] == "zegclip" and seg_json["class"] == "zeroseg.models.zegclip:ZegCLIP"

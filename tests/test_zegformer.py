@@ -215,7 +215,7 @@ def test_class_names_split_into_synonyms():
 
 
 def test_check_proposals_refuses_what_does_not_fit():
-    from stages.methods.zegformer import check_proposals
+    from stages.jobs.methods.zegformer import check_proposals
 
     good = {"class_head": "text", "text_dim": 64, "num_queries": 10, "model": {"class_head": "text", "num_queries": 10}}
     check_proposals(good, 64, TINY_MODEL, "proposals artifact x")
@@ -286,7 +286,8 @@ def test_segmenter_variants_and_artifact_round_trip(tiny_clip, proposals_dir, tm
     assert seg.variants == ("zegformer", "zegformer_seg", "zegformer_img") and seg.scores_are_probabilities
     assert seg.size_divisibility == 32 and seg.input_size == (64, 64)
     assert seg.mean == pytest.approx((0.485, 0.456, 0.406))  # the ResNet proposal model's (ImageNet)
-    assert seg.cfg["crop_size"] == 224  # the tiny CLIP tower's native input size
+    assert seg.cfg.crop_size == 224  # the tiny CLIP tower's native input size
+    assert seg.config_json()["proposals"] == seg.proposals_doc and seg.config_json()["crop_size"] == 224
     with torch.no_grad():
         out = seg(images, text)
         assert set(out) == set(seg.variants) and all(v.shape == (2, 5, 64, 64) for v in out.values())
@@ -343,7 +344,8 @@ def test_method_refuses_a_proposals_artifact_that_does_not_fit(tiny_clip, tmp_pa
     import types
 
     from pipeline.dag import Artifact
-    from stages.methods.zegformer import ZegFormerMethod, build_zegformer
+    from stages.jobs.methods.zegformer import build_zegformer
+    from stages.methods.zegformer import ZegFormerMethod
     from zeroseg.models.maskformer import MaskFormer, save_proposals
 
     cfg = ZegFormerMethod(method="zegformer", clip=TINY)
@@ -489,6 +491,7 @@ def test_zegformer_sample_dag_reports_three_variants_and_caches(
     tc_manifest, tc_dir = _artifact(tmp_path, "train_classifier")
     doc = json.loads((tc_dir / "segmenter.json").read_text())
     assert doc["method"] == "zegformer" and doc["class"] == "zeroseg.models.zegformer:ZegFormer"
+    assert doc["default_gamma"] == 0.1  # train_classifier.gamma: Eq. 2's calibration, the one source evaluate applies
     assert doc["model"]["proposals"]["num_queries"] == 16 and tc_manifest["metrics"]["num_queries"] == 16
     weights = torch.load(tc_dir / "weights.pt", map_location="cpu", weights_only=True)
     proposal_weights = torch.load(prop_dir / "weights.pt", map_location="cpu", weights_only=True)

@@ -60,7 +60,6 @@ import torch.nn.functional as F
 
 Activation = Literal["none", "sigmoid", "softmax"]
 ACTIVATIONS: tuple[str, ...] = ("none", "sigmoid", "softmax")
-PROTOCOLS: tuple[str, ...] = ("resize", "slide", "short_side")
 #: The key of a segmenter's only output in the ``{variant: scores}`` dicts of this module.
 SINGLE = ""
 
@@ -276,7 +275,6 @@ def slide_window_scores(
 
 __all__ = [
     "ACTIVATIONS",
-    "PROTOCOLS",
     "SINGLE",
     "Activation",
     "activate",

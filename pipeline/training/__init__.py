@@ -11,8 +11,11 @@ Layout (recipe, checkpointing and metric logging apart, as torchtune and detectr
 * ``config.py``: the sections, the global batch / lr rule, the CPU check;
 * ``fit.py``: the driver (trainer, resume decision, result, sweeping unrecorded checkpoints);
 * ``loop.py``: the worker's :class:`Loop` (see its docstring for a method's loop);
+* ``worker.py``: what every worker runs (the loop, the final checkpoint, the status it returns);
 * ``checkpoint.py``: checkpoint files and the records (Ray Train's, in-process) that list them;
 * ``in_process.py``: the in-process record (``num_workers=0``, where Ray persists nothing);
+* ``layout.py``: a checkpoint's directory names and record entry (:class:`CheckpointInfo`), shared
+  by the two above (which import it, not each other);
 * ``precision.py``: what ``precision: auto | fp32 | bf16 | fp16`` means on a device;
 * ``metrics.py``: the loss reduced over workers, curves, MLflow logging, :class:`Progress`;
 * ``progress.py``: how rank 0's progress reaches the driver (an actor, or directly);

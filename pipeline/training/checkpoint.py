@@ -29,53 +29,16 @@ A run resumes from the newest checkpoint (by step) of the two; normally only one
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline import uri as uri_
+from pipeline.errors import CheckpointMismatchError
 
-CHECKPOINT_PREFIX = "checkpoint_"
-MODEL_PT = "model.pt"
-STATE_PT = "train_state.pt"
-STATE_JSON = "train_state.json"
-
-
-@dataclasses.dataclass
-class CheckpointInfo:
-    """A checkpoint a record lists.
-
-    Attributes:
-        uri: its directory (local absolute path or URI under the storage path).
-        step: optimisation steps done when it was written.
-        state: what was recorded with it: ``step``, ``epoch``, ``batch_in_epoch``,
-            ``world_size``, ``global_batch_size``, ``precision``, ``loss``, ... (Ray's reported
-            metrics for a worker run; the index entry for an in-process one).
-        source: ``"ray"`` (Ray Train's record) or ``"in_process"``.
-    """
-
-    uri: str
-    step: int
-    state: dict[str, Any]
-    source: str = "ray"
-
-    @property
-    def dir_name(self) -> str:
-        return self.uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-
-
-def dir_name(step: int) -> str:
-    """``checkpoint_<step:08d>``."""
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def step_of(path: str) -> int:
-    """The step in a checkpoint directory's name (``.../checkpoint_00000012`` -> 12; -1: none)."""
-    leaf = str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    tail = leaf[len(CHECKPOINT_PREFIX) :] if leaf.startswith(CHECKPOINT_PREFIX) else ""
-    return int(tail) if tail.isdigit() else -1
+from . import in_process
+from .layout import CHECKPOINT_PREFIX, MODEL_PT, STATE_JSON, STATE_PT, CheckpointInfo, dir_name, run_dir, step_of
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,14 +78,82 @@ def load_train_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     return torch.load(Path(checkpoint_dir) / STATE_PT, map_location="cpu", weights_only=True)
 
 
+def restore_checkpoint(
+    directory: Path,
+    where: str,
+    set_model_state: Callable[[Mapping[str, Any]], Any],
+    objects: Mapping[str, Any],
+    note: Callable[[str], None],
+) -> dict[str, Any]:
+    """Load the local checkpoint ``directory`` into a train loop's model and objects.
+
+    Args:
+        directory: the checkpoint's local directory.
+        where: its URI (named in errors and notes).
+        set_model_state: loads ``model.pt``'s state dict strictly (raising on any mismatch).
+        objects: name -> object with ``load_state_dict`` (optimiser, scheduler, gradient
+            scaler, extras); None ones are skipped. A missing ``grad_scaler`` state (written at
+            another precision) is only noted: the scaler starts fresh.
+        note: a line for the driver's log.
+
+    Returns:
+        ``train_state.pt``'s content: the position (``step``, ``epoch``, ``batch_in_epoch``,
+        ``world_size``, ...) and ``objects``.
+
+    Raises:
+        CheckpointMismatchError: the model state does not fit (keys or shapes), or an object's
+            state is missing or does not fit: names the checkpoint and the loader's message.
+    """
+    try:
+        set_model_state(load_model_state(directory))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} does not match the model ({type(e).__name__}: {e}). "
+            "Was it written for another model config?"
+        ) from e
+    state = load_train_state(directory)
+    for key, obj in objects.items():
+        if obj is None:
+            continue
+        if key not in state["objects"]:
+            if key == "grad_scaler":  # written at another precision: a fresh scaler
+                note(f"note: checkpoint {where} has no gradient scaler state; starting a fresh one")
+                continue
+            raise CheckpointMismatchError(
+                f"checkpoint {where} has no {key!r} state (it holds {sorted(state['objects'])}); "
+                "was it written by another train loop?"
+            )
+        try:
+            obj.load_state_dict(state["objects"][key])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointMismatchError(
+                f"checkpoint {where}: the {key!r} state does not fit ({type(e).__name__}: {e})"
+            ) from e
+    return state
+
+
+def resume_source(
+    storage_path: str, name: str, ray_checkpoint: Any, start_from: Mapping[str, Any] | None
+) -> tuple[str, Any] | None:
+    """``(uri, context manager giving a local directory)`` of the checkpoint a worker resumes
+    from: the newer of Ray's (``ray_checkpoint``: ``ray.train.get_checkpoint()``, workers only)
+    and the one the driver chose from the records (``start_from``: ``{"uri", "step"}``); None
+    when neither is given."""
+    best: tuple[int, str, Any] | None = None
+    if ray_checkpoint is not None:
+        leaf = str(ray_checkpoint.path).rstrip("/").rsplit("/", 1)[-1]
+        best = (step_of(leaf), uri_.join(storage_path, name, leaf), ray_checkpoint)
+    if start_from is not None and (best is None or int(start_from["step"]) > best[0]):
+        best = (int(start_from["step"]), start_from["uri"], None)
+    if best is None:
+        return None
+    _, where, ckpt = best
+    return where, (ckpt.as_directory() if ckpt is not None else uri_.local_copy(where))
+
+
 # ------------------------------------------------------------------------------------------------
 # records
 # ------------------------------------------------------------------------------------------------
-def run_dir(storage_path: str, name: str) -> tuple[Any, str]:
-    """``(filesystem, path)`` of the run directory ``<storage_path>/<name>``."""
-    return uri_.filesystem(uri_.join(storage_path, name))
-
-
 def _cannot_list(storage_path: str, name: str, e: BaseException) -> OSError:
     return OSError(
         f"cannot list the checkpoints under {uri_.join(storage_path, name)} "
@@ -171,8 +202,6 @@ def list_checkpoints(storage_path: str, name: str) -> list[CheckpointInfo]:
     Raises:
         OSError: the storage cannot be listed, naming the path (see :func:`ray_checkpoints`).
     """
-    from . import in_process
-
     found = {c.dir_name: c for c in ray_checkpoints(storage_path, name)}
     for c in in_process.record(storage_path, name):
         found.setdefault(c.dir_name, c)
@@ -213,3 +242,19 @@ def sweep_unrecorded(storage_path: str, name: str) -> list[str]:
             fs.delete_dir(info.path)
             gone.append(info.base_name)
     return gone
+
+
+__all__ = [
+    "CheckpointInfo",
+    "dir_name",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_model_state",
+    "load_train_state",
+    "ray_checkpoints",
+    "restore_checkpoint",
+    "resume_source",
+    "step_of",
+    "sweep_unrecorded",
+    "write_checkpoint",
+]

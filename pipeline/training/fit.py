@@ -17,9 +17,10 @@ from pipeline.raycompat import set_pass_index
 from . import in_process
 from .checkpoint import CheckpointInfo, latest_checkpoint, load_model_state, sweep_unrecorded
 from .config import MlflowTarget, ScalingSection, TrainSection, check_cpus_left_for_data, global_batch_and_lr
-from .loop import Loop, worker_main
+from .loop import Loop
 from .metrics import Progress
 from .progress import relay, with_listeners
+from .worker import worker_main
 
 if TYPE_CHECKING:
     from pipeline.dag import StageContext
@@ -117,9 +118,51 @@ def fit(
         ray.train.TrainingFailedError: any other failure once ``max_failures`` is used up.
         OSError: the storage cannot be listed (a resume must not silently restart from 0).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    setup = _setup(datasets, scaling, train, storage_path, name, mlflow, log)
+    storage = setup.storage
+    _sweep(storage, name, log)
+    latest = latest_checkpoint(storage, name)
+    if latest is not None:
+        log(f"found checkpoint at step {latest.step}: {latest.uri}")
+        if latest.step >= train.max_steps:
+            log(f"training already finished ({latest.step}/{train.max_steps} steps); not re-running it")
+            world = int(latest.state.get("world_size", setup.world))
+            return _result_from(latest, {}, setup.global_batch, setup.lr, latest.step, world, local_dir)
+    t0 = time.perf_counter()
+    status = _train(train_loop, loop_config, datasets, setup, latest, log, progress)
+    return _final_result(status, setup, t0, log, local_dir)
 
+
+@dataclasses.dataclass
+class _Setup:
+    """What :func:`fit` was given and derived from its arguments: the sections, the run name, the
+    storage path (absolute when local), the MLflow target (a sqlite path made absolute), the
+    global batch, the learning rate and the world size."""
+
+    scaling: ScalingSection
+    train: TrainSection
+    name: str
+    storage: str
+    target: MlflowTarget | None
+    global_batch: int
+    lr: float
+    world: int
+
+
+def _setup(
+    datasets: Mapping[str, Any],
+    scaling: ScalingSection,
+    train: TrainSection,
+    storage_path: str,
+    name: str,
+    mlflow: MlflowTarget | Mapping[str, Any] | None,
+    log: Callable[[str], None],
+) -> _Setup:
+    """Check the arguments, derive :class:`_Setup` and print the training plan.
+
+    Raises:
+        ConfigError: no ``train`` dataset (and what :func:`.config.global_batch_and_lr` raises).
+    """
     if "train" not in datasets:
         raise ConfigError(f"fit needs a 'train' dataset; got {sorted(datasets)}")
     if scaling.use_gpu and scaling.num_workers == 0:
@@ -145,26 +188,35 @@ def fit(
         f"precision {train.precision}{clip}, {train.max_steps} steps, checkpoint every {train.checkpoint_every} "
         f"(keep {train.keep_checkpoints}) under {uri_.join(storage, name)}"
     )
+    return _Setup(scaling, train, name, storage, target, global_batch, lr, world)
 
-    _sweep(storage, name, log)
-    latest = latest_checkpoint(storage, name)
-    if latest is not None:
-        log(f"found checkpoint at step {latest.step}: {latest.uri}")
-        if latest.step >= train.max_steps:
-            log(f"training already finished ({latest.step}/{train.max_steps} steps); not re-running it")
-            return _result_from(
-                latest, {}, global_batch, lr, latest.step, int(latest.state.get("world_size", world)), local_dir
-            )
+
+def _train(
+    train_loop: Callable[[Loop], Any],
+    loop_config: dict[str, Any],
+    datasets: Mapping[str, Any],
+    setup: _Setup,
+    latest: CheckpointInfo | None,
+    log: Callable[[str], None],
+    progress: Callable[[Progress], None] | None,
+) -> dict[str, Any]:
+    """Run the ``TorchTrainer`` (workers, or in this process) from ``latest``, progress relayed
+    to the driver. Returns the workers' status (:func:`.worker.worker_main`).
+
+    Raises:
+        a user error a worker raised (unwrapped), or Ray Train's error.
+    """
+    scaling, train, name, storage = setup.scaling, setup.train, setup.name, setup.storage
     prepared = {k: _DatasetAtResume(v, train.deterministic_data, storage, name) for k, v in datasets.items()}
     meta = {
         "train": train.model_dump(),
-        "lr": lr,
-        "global_batch_size": global_batch,
+        "lr": setup.lr,
+        "global_batch_size": setup.global_batch,
         "local_mode": scaling.num_workers == 0,
         "use_gpu": scaling.use_gpu,
         "storage_path": storage,
         "name": name,
-        "mlflow": target.model_dump() if target and target.run_id else None,
+        "mlflow": setup.target.model_dump() if setup.target and setup.target.run_id else None,
         "start_from": {"uri": latest.uri, "step": latest.step} if latest else None,
         "error_key": carrier_key(),  # how a user error raised in a worker is signed for this driver
     }
@@ -172,36 +224,13 @@ def fit(
         import ray
 
         check_cpus_left_for_data(scaling, ray.cluster_resources().get("CPU", 0.0))
-
-    from ray.data import DataContext
-
-    exec_opts = copy.deepcopy(DataContext.get_current().execution_options)  # resource limits etc.
-    exec_opts.preserve_order = train.deterministic_data
-    t0 = time.perf_counter()
     show = with_listeners(progress if progress is not None else (lambda p: log(p.line())), name)
     with relay(scaling.num_workers > 0, show, log) as channel:
 
         def train_fn(config: dict[str, Any]) -> dict[str, Any]:
             return worker_main(config, train_loop, meta, channel)
 
-        trainer = TorchTrainer(
-            train_fn,
-            train_loop_config=dict(loop_config),
-            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=scaling.num_workers,
-                use_gpu=scaling.use_gpu,
-                resources_per_worker=scaling.resources_per_worker,
-            ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=train.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            ),
-            datasets=prepared,
-            dataset_config=DataConfig(execution_options=exec_opts),
-        )
+        trainer = _trainer(train_fn, loop_config, scaling, train, storage, name, prepared)
         try:
             result = trainer.fit()
         except Exception as e:  # TrainingFailedError, or the loop's own error in-process
@@ -209,7 +238,61 @@ def fit(
             if user is not None:
                 raise user from None
             raise
-    status = result.return_value or {}
+    return result.return_value or {}
+
+
+def _trainer(
+    train_fn: Callable[[dict[str, Any]], Any],
+    loop_config: dict[str, Any],
+    scaling: ScalingSection,
+    train: TrainSection,
+    storage: str,
+    name: str,
+    prepared: dict[str, Any],
+) -> Any:
+    """The ``TorchTrainer``: DDP (nccl on GPU, gloo on CPU), the run's name and storage, its
+    failure and checkpoint policy, the datasets with the driver's Ray Data execution options."""
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    exec_opts = copy.deepcopy(DataContext.get_current().execution_options)  # resource limits etc.
+    exec_opts.preserve_order = train.deterministic_data
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=dict(loop_config),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=scaling.resources_per_worker,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+        ),
+        datasets=prepared,
+        dataset_config=DataConfig(execution_options=exec_opts),
+    )
+
+
+def _final_result(
+    status: dict[str, Any],
+    setup: _Setup,
+    t0: float,
+    log: Callable[[str], None],
+    local_dir: str | Path | None,
+) -> FitResult:
+    """The :class:`FitResult` of a finished fit: its final checkpoint (superseded in-process and
+    unrecorded checkpoints removed), rank 0's last metrics.
+
+    Raises:
+        NonFiniteLossError, a worker's user error (from ``status``), RuntimeError: no final
+            checkpoint at ``max_steps``.
+    """
+    scaling, train, name, storage = setup.scaling, setup.train, setup.name, setup.storage
     if status.get("status") == "error":
         raise find_user_error(RemoteUserError(status["error"])) or RuntimeError(status["error"])
     if status.get("status") == "nonfinite":
@@ -230,15 +313,8 @@ def fit(
         f"training finished: {final.step} steps in {time.perf_counter() - t0:.1f} s "
         f"(this attempt started at step {status.get('resumed_from', 0)}); checkpoint {final.uri}"
     )
-    res = _result_from(
-        final,
-        metrics,
-        global_batch,
-        lr,
-        int(status.get("resumed_from", 0)),
-        int(status.get("world_size", world)),
-        local_dir,
-    )
+    resumed, world = int(status.get("resumed_from", 0)), int(status.get("world_size", setup.world))
+    res = _result_from(final, metrics, setup.global_batch, setup.lr, resumed, world, local_dir)
     res.precision = str(status.get("precision", res.precision))
     return res
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline import uri as uri_
 
-from .checkpoint import STATE_JSON, CheckpointInfo, run_dir
+from .layout import STATE_JSON, CheckpointInfo, run_dir
 
 INDEX = "in_process_checkpoints.json"
 

@@ -35,18 +35,10 @@ from typing import Any
 import numpy as np
 
 from pipeline import uri as uri_
-from pipeline.errors import (
-    CheckpointMismatchError,
-    ConfigError,
-    NonFiniteLossError,
-    RemoteUserError,
-    TrainingDataError,
-    is_user_error,
-)
-from pipeline.raycompat import train_run_handles
+from pipeline.errors import ConfigError, NonFiniteLossError, TrainingDataError
 
 from . import in_process
-from .checkpoint import dir_name, load_model_state, load_train_state, step_of, write_checkpoint
+from .checkpoint import dir_name, restore_checkpoint, resume_source, write_checkpoint
 from .config import TrainSection
 from .metrics import Interval, MetricsLogger, Progress, reduce_loss
 from .precision import autocast_dtype, resolve_precision
@@ -146,7 +138,8 @@ class Loop:
         """Move ``model`` to this worker's device and wrap it in DDP when ``world_size > 1``.
 
         ``find_unused_parameters``: DDP's flag, for models with trainable parameters that do not
-        reach the loss every step (e.g. ZegCLIP's last decoder FFN, whose output no mask uses).
+        reach the loss every step (e.g. a decoder's last feed-forward layer whose output no
+        prediction uses).
         """
         import torch
         import torch.distributed as dist
@@ -219,34 +212,15 @@ class Loop:
             return 0
         where, copy = src
         self.last_checkpoint = where
-
         with copy as d:
-            d = Path(d)
-            try:
-                self._model_state[1](load_model_state(d))
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise CheckpointMismatchError(
-                    f"checkpoint {where} does not match the model ({type(e).__name__}: {e}). "
-                    "Was it written for another model config?"
-                ) from e
-            state = load_train_state(d)
-        for key, obj in self._objects.items():
-            if obj is None:
-                continue
-            if key not in state["objects"]:
-                if key == "grad_scaler":  # written at another precision: a fresh scaler
-                    self.note(f"note: checkpoint {where} has no gradient scaler state; starting a fresh one")
-                    continue
-                raise CheckpointMismatchError(
-                    f"checkpoint {where} has no {key!r} state (it holds {sorted(state['objects'])}); "
-                    "was it written by another train loop?"
-                )
-            try:
-                obj.load_state_dict(state["objects"][key])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise CheckpointMismatchError(
-                    f"checkpoint {where}: the {key!r} state does not fit ({type(e).__name__}: {e})"
-                ) from e
+            state = restore_checkpoint(Path(d), where, self._model_state[1], self._objects, self.note)
+        self._restore_position(state, where)
+        self._log_setup()
+        return self.global_step
+
+    def _restore_position(self, state: Mapping[str, Any], where: str) -> None:
+        """Continue from a checkpoint's train state: its step, the data position (mapped by the
+        samples consumed when the world size changed) and the RNG seeded for that step."""
         self.global_step = self.resumed_from_step = int(state["step"])
         self._saved_step = self.global_step
         self._epoch_len = state.get("epoch_len")
@@ -262,8 +236,6 @@ class Loop:
         self._next_pos = (epoch, pos)
         self._reseed(self.global_step)
         self.note(f"resumed from step {self.global_step} (epoch {epoch}, batch {pos}): {where}")
-        self._log_setup()
-        return self.global_step
 
     def _log_setup(self) -> None:
         """The batch / lr setup as curves at the attempt's first step (it may change between
@@ -284,19 +256,8 @@ class Loop:
         in-process fit)."""
         import ray.train
 
-        storage, name = self._meta["storage_path"], self._meta["name"]
-        best: tuple[int, str, Any] | None = None
         ckpt = None if self._local else ray.train.get_checkpoint()
-        if ckpt is not None:
-            leaf = str(ckpt.path).rstrip("/").rsplit("/", 1)[-1]
-            best = (step_of(leaf), uri_.join(storage, name, leaf), ckpt)
-        start = self._meta.get("start_from")
-        if start is not None and (best is None or int(start["step"]) > best[0]):
-            best = (int(start["step"]), start["uri"], None)
-        if best is None:
-            return None
-        _, where, ray_ckpt = best
-        return where, (ray_ckpt.as_directory() if ray_ckpt is not None else uri_.local_copy(where))
+        return resume_source(self._meta["storage_path"], self._meta["name"], ckpt, self._meta.get("start_from"))
 
     # -- data ----------------------------------------------------------------------------
     def batches(self, name: str = "train", **iter_kwargs: Any) -> Iterator[dict[str, Any]]:
@@ -624,38 +585,3 @@ class Loop:
         torch.manual_seed(s)
         np.random.seed(s % 2**32)
         random.seed(s)
-
-
-def worker_main(
-    config: dict[str, Any], train_loop: Callable[[Loop], Any], meta: dict[str, Any], channel: Any
-) -> dict[str, Any]:
-    """What every worker (or the in-process fit) runs: the loop, then the final checkpoint.
-
-    Returns:
-        ``{"status": "ok", "steps", "resumed_from", "world_size", "precision", "metrics"}``, or
-        ``{"status": "nonfinite", "step", "loss", "last_checkpoint"}``: every rank sees the same
-        all-reduced loss and returns together; returning (instead of raising) keeps Ray Train
-        from restarting a run that would diverge again; or ``{"status": "error", "error"}``: a user
-        error (bad data or config, ``pipeline.errors.is_user_error``), which would recur on every
-        restart, carried to the driver instead of being retried.
-    """
-    try:
-        loop = Loop(config, meta, channel)
-        if loop.rank == 0 and not loop._local:
-            channel.attach(train_run_handles())  # lets the driver end this run if it is stopped
-        train_loop(loop)
-        loop._finish()
-    except NonFiniteLossError as e:
-        return {"status": "nonfinite", "step": e.step, "loss": e.loss, "last_checkpoint": e.last_checkpoint}
-    except Exception as e:
-        if is_user_error(e):  # bad input recurs on every attempt: returned, not retried by Ray Train
-            return {"status": "error", "error": str(RemoteUserError.wrap(e, meta["error_key"]))}
-        raise
-    return {
-        "status": "ok",
-        "steps": loop.global_step,
-        "resumed_from": loop.resumed_from_step,
-        "world_size": loop.world_size,
-        "precision": loop.precision,
-        "metrics": dict(loop._last_metrics),
-    }

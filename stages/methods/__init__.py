@@ -3,12 +3,13 @@
 A method module defines ``METHOD = Method(...)``: its name, its config (a pydantic model with
 ``method: Literal[<name>]``: train_classifier's section is the discriminated union of all
 methods' configs, so an unknown method or key fails at plan time naming the nearest), the
-function that builds or trains it (``build(ctx, config) -> metrics``, writing a segmenter
-artifact), the input roles it adds (a decoupled method's proposals) and the modules whose code
+job that builds or trains it (``"stages.jobs.methods.<m>:<function>"``, called as
+``function(ctx, config) -> metrics``, writing a segmenter artifact), the input roles it adds (a decoupled method's proposals) and the modules whose code
 determines its outputs. Adding a method adds a module here (plus its model in ``zeroseg.models``
 and its hyperparameters in ``zeroseg.config``); nothing is edited.
 
-Method modules import neither torch nor Ray at module level (planning must not).
+Method modules are torch-free specs: they import neither torch nor Ray, nor their job (imported by
+name when the method runs; the job may import its spec).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import dataclasses
 import functools
 import importlib
 import pkgutil
-from collections.abc import Callable
 from typing import Any
 
 from pipeline.dag import Input
@@ -30,8 +30,9 @@ class Method:
     Attributes:
         name: the ``train_classifier.method`` value.
         Config: the section's schema (with ``method: Literal[name]``).
-        build: ``build(ctx, config) -> metrics``: writes a segmenter artifact into
-            ``ctx.output_dir`` (``zeroseg.models.save_segmenter``).
+        job: ``"module:function"`` of the job that builds or trains it: ``function(ctx, config)
+            -> metrics`` writes a segmenter artifact into ``ctx.output_dir``
+            (``zeroseg.models.save_segmenter``); imported by name when it runs.
         inputs: input roles beyond build_splits and embed_text (e.g. ``proposals``).
         code: modules whose code determines the outputs besides the method's own module (e.g.
             modules it imports by name).
@@ -43,14 +44,25 @@ class Method:
 
     name: str
     Config: type[Any]
-    build: Callable[[Any, Any], dict[str, float]]
+    job: str
     inputs: dict[str, Input] = dataclasses.field(default_factory=dict)
     code: tuple[str, ...] = ()
     drops: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
-        return self.build.__module__
+        """The method's spec module (where its config is defined)."""
+        return self.Config.__module__
+
+    @property
+    def job_module(self) -> str:
+        """The module of :attr:`job` (a code dependency of train_classifier for this method)."""
+        return self.job.partition(":")[0]
+
+    def build(self, ctx: Any, config: Any) -> dict[str, float]:
+        """Run the job: ``function(ctx, config) -> metrics``."""
+        module, _, function = self.job.partition(":")
+        return getattr(importlib.import_module(module), function)(ctx, config)
 
 
 @functools.lru_cache(maxsize=1)

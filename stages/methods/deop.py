@@ -19,23 +19,17 @@ COCO-Stuff (the paper: 20k on VOC, batch 32 on 8 GPUs).
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import numpy as np
 from pydantic import Field
 
 from pipeline.config import Runtime
-from pipeline.dag import Input, StageConfig, StageContext
+from pipeline.dag import Input, StageConfig
 from pipeline.training import ScalingSection, TrainSection
-from stages.common import seen_rows, vocabularies
 from stages.methods import Method
-from stages.methods._proposals import bound_proposals, check_seen
-from zeroseg.config.clip import ClipSpec, model_embed_dim
+from zeroseg.config.clip import ClipSpec
 from zeroseg.config.deop import DeOPConfig
 from zeroseg.data.transforms import AugmentConfig
-from zeroseg.errors import ConfigError, DataError
 
 PROPOSALS = Input(("pretrain_proposals",), doc="the frozen mask proposal model (MaskFormer) DeOP classifies")
 
@@ -64,190 +58,8 @@ class DeOPMethod(StageConfig):
     block_rows: Annotated[int, Runtime(why="decode task size")] = Field(32, gt=0)
 
 
-def check_proposals(doc: dict[str, Any], cfg: DeOPMethod, where: str = "proposals") -> None:
-    """Refuse, before any training, a proposal model this DeOP config cannot use: another query
-    count than ``model.num_queries`` or another embedding size than the CLIP model's (both named);
-    the heatmap decoder's ``model.width`` other than the CLIP embedding size; ``augment.mean`` /
-    ``std`` set to something else than the proposals' normalisation; crops that are not
-    ``model.input_size``.
-
-    Raises:
-        DataError: the proposals do not fit (``zeroseg.models.deop.check_proposals_fit``).
-        ConfigError: the config does not fit the proposals or the CLIP model.
-    """
-    from zeroseg.models.deop import check_proposals_fit
-
-    dim = model_embed_dim(cfg.clip)
-    check_proposals_fit(doc, cfg.model, dim, where=where)
-    if cfg.model.decoder == "heatmap" and cfg.model.width != dim:
-        raise ConfigError(
-            f"train_classifier.model.width {cfg.model.width} must equal the CLIP embedding size {dim} of "
-            f"{cfg.clip.model!r}: the heatmap output layer pools CLIP features channel-wise (released: 512 for ViT-B/16)"
-        )
-    try:
-        mean, std = tuple(doc["input"]["mean"]), tuple(doc["input"]["std"])
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{where}: proposals.json has no input.mean / input.std ({e})") from None
-    for k, want in (("mean", mean), ("std", std)):
-        if k in cfg.augment.model_fields_set and tuple(getattr(cfg.augment, k)) != tuple(float(v) for v in want):
-            raise ConfigError(
-                f"train_classifier.augment.{k} {list(getattr(cfg.augment, k))} differs from the proposal model's "
-                f"{list(want)}: DeOP normalises images as its proposal network does; remove augment.{k}"
-            )
-    if tuple(cfg.augment.crop_size) != tuple(cfg.model.input_size):
-        raise ConfigError(
-            f"train_classifier.augment.crop_size {list(cfg.augment.crop_size)} differs from model.input_size "
-            f"{list(cfg.model.input_size)}; set both to the same [H, W]"
-        )
-
-
-def build_model(clip_spec: dict[str, Any], model_cfg: dict[str, Any]) -> Any:
-    """DeOP on a freshly loaded CLIP; ``model_cfg`` includes the ``proposals`` document.
-
-    Raises:
-        ConfigError / DataError: see ``zeroseg.models.deop.DeOP``.
-    """
-    from zeroseg.models.clip import as_spec, load_clip
-    from zeroseg.models.deop import DeOP
-
-    return DeOP(load_clip(as_spec(clip_spec)), model_cfg)
-
-
-def load_proposals(seg: Any, proposals_uri: str) -> None:
-    """Strictly load the proposal model's ``weights.pt`` (read where this runs) into ``seg``.
-
-    Raises:
-        DataError: the file is missing or unreadable; WeightsMismatchError: it does not fit.
-    """
-    from pipeline.uri import join, local_copy
-    from zeroseg.models.maskformer import WEIGHTS_PT, read_proposal_weights
-
-    name = join(proposals_uri, WEIGHTS_PT)
-    with local_copy(proposals_uri) as d:
-        seg.load_proposal_weights(read_proposal_weights(Path(d) / WEIGHTS_PT, name=name), source=name)
-
-
-def _loss_module(segmenter: Any, names: list[str], ignore_index: int = 255) -> Any:
-    """A module whose ``forward(images, target)`` returns DeOP's loss terms (DDP synchronises
-    gradients only through ``forward``); the seen-class names are encoded inside, every step, so
-    the text context trains."""
-    import torch
-
-    class DeOPLoss(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = segmenter
-            self.names = list(names)
-
-        def forward(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-            return self.model.loss(images, target, self.names, ignore_index=ignore_index)
-
-    return DeOPLoss()
-
-
-def deop_train_loop(loop: Any) -> None:
-    """Per-worker loop (``pipeline.training``): AdamW, poly LR (no warm-up).
-
-    ``loop.config``: ``clip`` (ClipSpec dict), ``model`` (DeOP cfg with the proposals document),
-    ``proposals_uri``, ``seen_names`` (the seen classes' prompt names in seen order),
-    ``weight_decay``, ``poly_power``. Batches: ``image`` float32 ``[B, 3, H, W]``, ``label`` uint8
-    ``[B, H, W]`` in seen training ids with 255 ignore (int32 with ``ignore_index`` 65535 above 255
-    seen classes; ``loop.config["ignore_index"]``, default 255). Checkpoints hold the learned tensors only.
-    """
-    import torch
-
-    from zeroseg.models.maskformer import poly_lr_factor
-
-    cfg = loop.config
-    seg = build_model(cfg["clip"], cfg["model"])
-    load_proposals(seg, cfg["proposals_uri"])
-    model = loop.prepare(_loss_module(seg, cfg["seen_names"], cfg.get("ignore_index", 255)))
-    groups = seg.optimizer_param_groups(cfg["weight_decay"])
-    for g in groups:
-        g["lr"] = loop.lr
-    opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(  # stepped once per optimizer step by loop.step
-        opt, functools.partial(poly_lr_factor, max_steps=loop.train.max_steps, power=cfg["poly_power"])
-    )
-    loop.restore(model, opt, sched, model_state=(seg.learned_state_dict, seg.load_learned_state_dict))
-    model.train()
-    for batch in loop.batches("train"):
-        images = batch["image"]
-        target = batch["label"].long()
-        with loop.autocast():
-            out = model(images, target)
-        loop.step(out["loss"], images=len(images), **{k: float(v.detach()) for k, v in out.items() if k != "loss"})
-
-
-def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
-    """Train DeOP for ``ctx`` and save the segmenter artifact into ``ctx.output_dir``.
-
-    Returns:
-        metrics: steps, global batch, effective learning rate, learned parameter count, the
-        proposals' query count.
-
-    Raises:
-        DataError: no seen class; a proposals artifact that does not fit (query count or
-            embedding size, both named), trained on other seen classes than this config's
-            (``classes.json``), or whose weights do not load.
-        ConfigError: see :func:`check_proposals`; a scaling section that leaves no CPU for the feed.
-        TrainingDataError / NonFiniteLossError / CheckpointMismatchError: from the training package.
-    """
-    import torch
-
-    from pipeline.training import fit_stage
-    from stages.feeds import leakage_guard, train_dataset
-    from zeroseg.data.transforms import lut_ignore_index, make_lut
-    from zeroseg.models import save_segmenter
-
-    splits = ctx.inputs["splits"]
-    proposals = ctx.inputs["proposals"]
-    train_vocab = vocabularies(splits)["train"]
-    seen_rows(train_vocab, np.zeros((len(train_vocab.names), 1)))  # the one "no seen class" error
-    doc, where = bound_proposals(proposals)
-    check_proposals(doc, cfg, where=where)  # before fit: workers would retry
-    check_seen(doc, train_vocab.seen, where)
-    seen_names = [train_vocab.prompt_names[i] for i in train_vocab.seen]
-    model_cfg = {**cfg.model.model_dump(mode="json"), "proposals": doc}
-    augment = cfg.augment.model_copy(
-        update={
-            "mean": tuple(float(v) for v in doc["input"]["mean"]),
-            "std": tuple(float(v) for v in doc["input"]["std"]),
-        }
-    )
-    # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
-    lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)}, source_classes=len(train_vocab.names))
-    ds = train_dataset(
-        splits, lut, augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
-    )
-    spec = cfg.clip.model_dump(mode="json")
-    loop_config = {
-        "ignore_index": lut_ignore_index(lut),
-        "clip": spec,
-        "model": model_cfg,
-        "proposals_uri": proposals.uri,
-        "seen_names": seen_names,
-        "weight_decay": cfg.weight_decay,
-        "poly_power": cfg.poly_power,
-    }
-    result = fit_stage(ctx, deop_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
-    seg = build_model(spec, model_cfg)
-    load_proposals(seg, proposals.uri)
-    seg.load_learned_state_dict(result.model_state(), source=result.checkpoint_uri)
-    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "deop", seg.trainable_state_dict())
-    learned = seg.learned_state_dict()
-    return {
-        "steps": result.steps,
-        "global_batch_size": result.global_batch_size,
-        "effective_lr": result.effective_lr,
-        "resumed_from_step": result.resumed_from_step,
-        "precision": result.precision,
-        "learned_params": int(sum(v.numel() for v in learned.values() if torch.is_tensor(v))),
-        "proposal_queries": int(doc["num_queries"]),
-        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-    }
-
-
 # drops text: DeOP embeds the class names itself (learnable prompts through CLIP's text tower,
 # at training and at evaluation); train_deop never reads embed_text's artifact
-METHOD = Method("deop", DeOPMethod, train_deop, inputs={"proposals": PROPOSALS}, drops=("text",))
+METHOD = Method(
+    "deop", DeOPMethod, "stages.jobs.methods.deop:train_deop", inputs={"proposals": PROPOSALS}, drops=("text",)
+)

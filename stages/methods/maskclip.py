@@ -7,11 +7,9 @@ here, not in evaluate) and writes ``segmenter.json`` only; the weights are the C
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pipeline.dag import StageConfig, StageContext
-from stages.common import text_embeddings, vocabularies
+from pipeline.dag import StageConfig
 from stages.methods import Method
 from zeroseg.config.clip import ClipSpec
 from zeroseg.config.maskclip import MaskCLIPConfig
@@ -26,25 +24,4 @@ class MaskCLIPMethod(StageConfig):
     model: MaskCLIPConfig = MaskCLIPConfig()
 
 
-def build_maskclip(ctx: StageContext, cfg: MaskCLIPMethod) -> dict[str, float]:
-    """Build MaskCLIP on ``cfg.clip`` and write its segmenter artifact (no ``weights.pt``).
-
-    Raises:
-        ConfigError: text embeddings of another dimension than the CLIP model's; an input size
-            that is not a multiple of the patch size.
-        DataError: a vocabulary without its embeddings (see ``stages.common.text_embeddings``).
-    """
-    from zeroseg.models import save_segmenter
-    from zeroseg.models.clip import embed_dim, load_clip
-    from zeroseg.models.maskclip import MaskCLIP
-
-    model = load_clip(cfg.clip)
-    vocabs = vocabularies(ctx.inputs["splits"])
-    emb = text_embeddings(ctx.inputs["text"], vocabs, dim=embed_dim(model), clip_model=cfg.clip.model)
-    seg = MaskCLIP(model, cfg.model.model_dump(mode="json"))
-    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "maskclip")
-    ctx.log(f"maskclip is training-free; segmenter at {list(seg.input_size)} for {len(emb['train'])} training classes")
-    return {"trainable_params": 0}
-
-
-METHOD = Method("maskclip", MaskCLIPMethod, build_maskclip)
+METHOD = Method("maskclip", MaskCLIPMethod, "stages.jobs.methods.maskclip:build_maskclip")

@@ -17,19 +17,15 @@ global batch of 16.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
 from pipeline.config import Runtime
-from pipeline.dag import StageConfig, StageContext
+from pipeline.dag import StageConfig
 from pipeline.training import ScalingSection, TrainSection
-from stages.common import seen_rows, text_embeddings, vocabularies
 from stages.methods import Method
-from zeroseg.config.clip import ClipSpec, model_embed_dim
+from zeroseg.config.clip import ClipSpec
 from zeroseg.config.zegclip import ZegCLIPConfig
 from zeroseg.data.transforms import AugmentConfig
 
@@ -77,7 +73,7 @@ class ZegCLIPSolver(StageConfig):
         return self
 
     def solver(self) -> dict[str, Any]:
-        """The loop config entries of :func:`zegclip_optimizer`."""
+        """The loop config entries of ``stages.jobs.methods.zegclip.zegclip_optimizer``."""
         return {
             "schedule_steps": self.schedule_steps or self.train.max_steps,
             "weight_decay": self.weight_decay,
@@ -109,152 +105,4 @@ class ZegCLIPMethod(ZegCLIPSolver):
         return self
 
 
-def _loss_module(segmenter: Any, text: Any, ignore_index: int = 255) -> Any:
-    """A module whose ``forward(images, target)`` returns ZegCLIP's training loss terms (DDP
-    synchronises gradients only through ``forward``); ``text``: the seen-class embeddings;
-    ``ignore_index``: the training labels' ignore (255, or 65535 above 255 seen classes)."""
-    import torch
-
-    class ZegCLIPLoss(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = segmenter
-            self.register_buffer("text", text, persistent=False)
-
-        def forward(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-            return self.model.loss(images, target, self.text, ignore_index=ignore_index)
-
-    return ZegCLIPLoss()
-
-
-def build_model(clip_spec: dict[str, Any], model_cfg: dict[str, Any]) -> Any:
-    """ZegCLIP on a freshly loaded CLIP (``zeroseg.models.clip.load_clip``).
-
-    Raises:
-        ConfigError: a bad CLIP spec or model config (``load_clip``, ``ZegCLIP``).
-    """
-    from zeroseg.models.clip import as_spec, load_clip
-    from zeroseg.models.zegclip import ZegCLIP
-
-    return ZegCLIP(load_clip(as_spec(clip_spec)), model_cfg)
-
-
-def zegclip_train_loop(loop: Any) -> None:
-    """Per-worker loop (``pipeline.training``): AdamW, poly LR with linear warm-up.
-
-    ``loop.config``: ``clip`` (ClipSpec dict), ``model`` (ZegCLIP cfg), ``seen_text``
-    (``[S, D]`` seen-class text embeddings, L2-normalised), ``weight_decay``, ``head_lr_mult``,
-    ``warmup_steps``, ``poly_power``. Batches: ``image`` float32 ``[B, 3, H, W]``, ``label``
-    uint8 ``[B, H, W]`` in seen training ids with 255 ignore (int32 with ``ignore_index`` 65535
-    above 255 seen classes; ``loop.config["ignore_index"]``, default 255). Checkpoints hold the trainable
-    weights only (prompts + head), loaded back strictly.
-    """
-    import torch
-
-    cfg = loop.config
-    seg = build_model(cfg["clip"], cfg["model"])
-    text = torch.tensor(np.asarray(cfg["seen_text"], dtype=np.float32))
-    # the last decoder layer's FFN feeds no mask (masks are its attention logits, Eq. 2)
-    model = loop.prepare(_loss_module(seg, text, cfg.get("ignore_index", 255)), find_unused_parameters=True)
-    opt, sched = zegclip_optimizer(loop, seg)
-    loop.restore(model, opt, sched, model_state=(seg.trainable_state_dict, seg.load_trainable_state_dict))
-    model.train()
-    for batch in loop.batches("train"):  # micro-batches, tensors already on loop.device
-        images = batch["image"]
-        target = batch["label"].long()
-        with loop.autocast():
-            out = model(images, target)
-        loop.step(out["loss"], images=len(images), **{k: float(v.detach()) for k, v in out.items() if k != "loss"})
-
-
-def zegclip_optimizer(loop: Any, seg: Any) -> tuple[Any, Any]:
-    """ZegCLIP's released optimiser and schedule for ``seg`` in a worker: AdamW over
-    ``seg.optimizer_param_groups`` at ``loop.lr x head_lr_mult`` and the poly schedule with linear
-    warm-up (``zegclip_lr_factor``) over ``schedule_steps`` (default ``loop.train.max_steps``), from ``loop.config``'s
-    :meth:`ZegCLIPSolver.solver` entries. Returns ``(optimizer, scheduler)``."""
-    import torch
-
-    from zeroseg.models.zegclip import zegclip_lr_factor
-
-    cfg = loop.config
-    groups = seg.optimizer_param_groups(cfg["weight_decay"])
-    for g in groups:  # ZegCLIP's released config: lr_mult 10 for the prompts and the head
-        g["lr"] = loop.lr * cfg["head_lr_mult"]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])  # every group sets its lr
-    base = loop.lr * cfg["head_lr_mult"]
-    sched = torch.optim.lr_scheduler.LambdaLR(  # stepped once per optimizer step by loop.step
-        opt,
-        functools.partial(
-            zegclip_lr_factor,
-            max_steps=int(cfg.get("schedule_steps") or loop.train.max_steps),
-            base_lr=base,
-            min_lr=cfg["min_lr"],
-            power=cfg["poly_power"],
-            warmup_steps=cfg["warmup_steps"],
-            warmup_ratio=cfg["warmup_ratio"],
-        ),
-    )
-    return opt, sched
-
-
-def train_zegclip(ctx: StageContext, cfg: ZegCLIPMethod) -> dict[str, Any]:
-    """Train ZegCLIP for ``ctx`` and save the segmenter artifact into ``ctx.output_dir``.
-
-    Returns:
-        metrics: steps, global batch, base and effective (x ``head_lr_mult``) learning rate, final
-        loss terms, trainable parameter count.
-
-    Raises:
-        DataError: no seen class (``stages.common.seen_rows``) or a vocabulary without embeddings.
-        TrainingDataError: the training feed gives a worker no full batch.
-        ConfigError: text embeddings of another dimension than the CLIP model's; a scaling
-            section that leaves no CPU for the data feed.
-        NonFiniteLossError: the loss became NaN/inf (step and last good checkpoint named).
-        CheckpointMismatchError: the checkpoint being resumed does not fit the model.
-    """
-    import torch
-
-    from pipeline.training import fit_stage
-    from stages.feeds import leakage_guard, train_dataset
-    from zeroseg.data.transforms import lut_ignore_index, make_lut
-    from zeroseg.models import save_segmenter
-
-    splits = ctx.inputs["splits"]
-    vocabs = vocabularies(splits)
-    train_vocab = vocabs["train"]
-    emb = text_embeddings(
-        ctx.inputs["text"], vocabs, ["train"], dim=model_embed_dim(cfg.clip), clip_model=cfg.clip.model
-    )["train"]
-    seen_text = seen_rows(train_vocab, emb)  # before fit: a worker would retry the error
-    model_cfg = cfg.model.model_dump(mode="json")
-    # every other id (unseen included) -> ignore: 255, or 65535 above 255 seen classes
-    lut = make_lut({int(c): i for i, c in enumerate(train_vocab.seen)}, source_classes=len(train_vocab.names))
-    ds = train_dataset(
-        splits, lut, cfg.augment, cfg.train.seed, block_rows=cfg.block_rows, guard=leakage_guard(splits, lut)
-    )
-    spec = cfg.clip.model_dump(mode="json")
-    loop_config = {
-        "ignore_index": lut_ignore_index(lut),
-        "clip": spec,
-        "model": model_cfg,
-        "seen_text": seen_text.tolist(),
-        **cfg.solver(),
-    }
-    result = fit_stage(ctx, zegclip_train_loop, loop_config, {"train": ds}, cfg.scaling, cfg.train)
-    seg = build_model(spec, model_cfg)
-    seg.load_trainable_state_dict(result.model_state(), source=result.checkpoint_uri)
-    trainable = seg.trainable_state_dict()
-    save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "zegclip", trainable, extra={"default_gamma": INDUCTIVE_GAMMA})
-    return {
-        "steps": result.steps,
-        "global_batch_size": result.global_batch_size,
-        "base_lr": result.effective_lr,
-        "effective_lr": result.effective_lr * cfg.head_lr_mult,
-        "resumed_from_step": result.resumed_from_step,
-        "precision": result.precision,
-        "trainable_params": int(sum(v.numel() for v in trainable.values() if torch.is_tensor(v))),
-        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-    }
-
-
-METHOD = Method("zegclip", ZegCLIPMethod, train_zegclip)
+METHOD = Method("zegclip", ZegCLIPMethod, "stages.jobs.methods.zegclip:train_zegclip")

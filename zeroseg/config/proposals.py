@@ -23,9 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from zeroseg.config.clip import file_sha256
 from zeroseg.errors import ConfigError
 
-#: Backbones: torchvision ResNets (the papers' family: ZegFormer R50/R101, DeOP R101c) or the
-#: open_clip image tower of the ``clip`` section (our departure; see ``zeroseg.models.maskformer``).
-BACKBONES = ("resnet18", "resnet50", "resnet101", "clip")
 #: torchvision weight tags per ResNet (``torchvision.models.get_model_weights(name)``, torchvision
 #: 0.28). MaskFormer/ZegFormer's ``detectron2://ImageNetPretrained/torchvision/R-50.pkl`` is the
 #: converted ``IMAGENET1K_V1``. ``DEFAULT`` is torchvision's alias of the best tag.
@@ -89,6 +86,8 @@ class ProposalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # torchvision ResNets (the papers' family: ZegFormer R50/R101, DeOP R101c) or the open_clip
+    # image tower of the ``clip`` section (our departure; see ``zeroseg.models.maskformer``)
     backbone: Literal["resnet18", "resnet50", "resnet101", "clip"] = "resnet50"
     backbone_weights: str | None = None
     num_queries: PositiveInt = 100
@@ -172,4 +171,4 @@ class ProposalConfig(BaseModel):
         return out
 
 
-__all__ = ["BACKBONES", "PROPOSAL_LOSS_WEIGHTS", "TORCHVISION_TAGS", "ProposalConfig", "is_weights_file"]
+__all__ = ["PROPOSAL_LOSS_WEIGHTS", "TORCHVISION_TAGS", "ProposalConfig", "is_weights_file"]

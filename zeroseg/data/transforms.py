@@ -252,15 +252,6 @@ def _crop_origin(hw: tuple[int, int], crop_size: tuple[int, int], rng: np.random
     return y0, x0
 
 
-def random_crop(
-    image: np.ndarray, label: np.ndarray, crop_size: tuple[int, int], rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """A uniformly placed crop of at most ``crop_size`` (smaller images are not padded here)."""
-    ch, cw = crop_size
-    y0, x0 = _crop_origin(image.shape[:2], crop_size, rng)
-    return image[y0 : y0 + ch, x0 : x0 + cw], label[y0 : y0 + ch, x0 : x0 + cw]
-
-
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """``uint8 [H, W, 3]`` -> ``float32 [3, H, W]`` = ``(image / 255 - mean) / std``."""
     scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))

@@ -141,25 +141,6 @@ def read_state_dict(path: str | Path, name: str | None = None, error: type[Excep
     return dict(sd)
 
 
-def decay_groups(params: Iterable[tuple[nn.Parameter, bool]], weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer parameter groups by weight decay, in the order the parameters come:
-    ``[{"params": with decay, "weight_decay": weight_decay}]`` plus, when any,
-    ``{"params": without, "weight_decay": 0.0}``.
-
-    Args:
-        params: ``(parameter, no_decay)`` pairs (``no_decay`` True: a norm, an embedding...).
-        weight_decay: the decay of the first group.
-    """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p, skip in params:
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
 class Segmenter(nn.Module):
     """Base class of every segmentation model evaluate runs.
 
@@ -167,7 +148,8 @@ class Segmenter(nn.Module):
         input_size: ``(H, W)`` the model wants; evaluate resizes images to it.
         mean, std: per-channel pixel normalisation for images scaled to [0, 1]
             (``(x - mean) / std``).
-        cfg: the resolved model config (what ``segmenter.json`` stores under ``"model"``).
+        cfg: the resolved model config: the validated schema of ``zeroseg.config`` (or a dict);
+            ``segmenter.json`` stores :meth:`config_json` under ``"model"``.
         scores_are_probabilities: ``forward`` returns per-class probabilities in [0, 1]
             (ZegCLIP's sigmoid) rather than logits; seen-class calibration (ZegFormer Eq. 2)
             then subtracts gamma from the scores without a softmax.
@@ -202,7 +184,7 @@ class Segmenter(nn.Module):
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    cfg: dict[str, Any]
+    cfg: Any
     scores_are_probabilities: bool = False
     variants: tuple[str, ...] = ()
     encodes_text: bool = False
@@ -229,6 +211,11 @@ class Segmenter(nn.Module):
             f"{type(self).__name__} does not embed class names itself (encodes_text is False); "
             "evaluate gives it embed_text's embeddings"
         )
+
+    def config_json(self) -> dict[str, Any]:
+        """What ``segmenter.json`` stores under ``"model"`` (the class validates it back when the
+        artifact is loaded): ``cfg``'s JSON dump (a pydantic config) or ``cfg`` itself (a dict)."""
+        return self.cfg.model_dump(mode="json") if hasattr(self.cfg, "model_dump") else dict(self.cfg)
 
     def trainable_names(self) -> list[str]:
         """State-dict keys that ``weights.pt`` stores (default: all of them). Training-free
@@ -296,7 +283,8 @@ def save_segmenter(
 
     Args:
         segmenter_dir: directory to write into (created).
-        seg: the built model (its class, ``cfg``, ``input_size``, ``mean``, ``std`` are stored).
+        seg: the built model (its class, :meth:`Segmenter.config_json`, ``input_size``, ``mean``,
+            ``std`` are stored).
         clip_spec: a ``ClipSpec`` (or its dict form): the CLIP weights the model starts from.
         method: the method's name (``train_classifier.method``).
         state_dict: trained parameters only (``weights.pt``), or None for a training-free method.
@@ -319,7 +307,7 @@ def save_segmenter(
         "method": method,
         "class": class_path(seg),
         "clip": spec.model_dump(mode="json"),
-        "model": dict(seg.cfg),
+        "model": seg.config_json(),
         "input": {
             "size": [int(s) for s in seg.input_size],
             "mean": [float(m) for m in seg.mean],
@@ -427,7 +415,6 @@ __all__ = [
     "artifact_file",
     "check_state_dict",
     "class_path",
-    "decay_groups",
     "import_class",
     "load_segmenter",
     "load_strict",

@@ -37,24 +37,27 @@ from zeroseg.models.clip import (
 MASKCLIP_DEFAULT_CONFIG: dict[str, Any] = MaskCLIPConfig().model_dump(mode="json")
 
 
-def resolve_maskclip_config(clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``cfg`` validated by :class:`~zeroseg.config.maskclip.MaskCLIPConfig`, with ``input_size``
-    and ``logit_scale`` made concrete for ``clip_model``.
+def resolve_maskclip_config(
+    clip_model: nn.Module, cfg: MaskCLIPConfig | Mapping[str, Any] | None = None
+) -> MaskCLIPConfig:
+    """``cfg`` (a validated :class:`~zeroseg.config.maskclip.MaskCLIPConfig`, or a mapping of its
+    keys, validated here) with ``input_size`` and ``logit_scale`` made concrete for ``clip_model``.
 
     Returns:
-        ``{"input_size": [H, W], "logit_scale": float}``.
+        the config with ``input_size`` ``(H, W)`` and ``logit_scale`` a float (its JSON dump:
+        ``{"input_size": [H, W], "logit_scale": float}``).
 
     Raises:
         ConfigError: an unknown key (naming the nearest), a bad ``input_size`` (not ``[H, W]``
             positive ints, or not a multiple of the CLIP patch size) or ``logit_scale``.
     """
-    out = validated(MaskCLIPConfig, cfg, "MaskCLIP model").model_dump(mode="json")
-    out["input_size"] = list(out["input_size"] or native_input_size(clip_model))
-    check_input_size(clip_model, out["input_size"], "MaskCLIP input_size")
-    if out["logit_scale"] == "model":
-        out["logit_scale"] = float(clip_model.logit_scale.detach().exp().reshape(-1)[0])
-    out["logit_scale"] = float(out["logit_scale"])
-    return out
+    c = validated(MaskCLIPConfig, cfg, "MaskCLIP model")
+    size = tuple(int(s) for s in (c.input_size or native_input_size(clip_model)))
+    check_input_size(clip_model, list(size), "MaskCLIP input_size")
+    scale = c.logit_scale
+    if scale == "model":
+        scale = float(clip_model.logit_scale.detach().exp().reshape(-1)[0])
+    return c.model_copy(update={"input_size": size, "logit_scale": float(scale)})
 
 
 class MaskCLIP(Segmenter):
@@ -63,11 +66,12 @@ class MaskCLIP(Segmenter):
     Args:
         clip_model: an open_clip ``CLIP`` with a ViT image tower (or the tower itself). Only the
             image tower is kept; it is frozen (``requires_grad=False``) and put in eval mode.
-        cfg: model config, keys and defaults in :data:`MASKCLIP_DEFAULT_CONFIG`.
+        cfg: the validated :class:`MaskCLIPConfig` (or a mapping of its keys, validated here:
+            ``segmenter.json``'s ``"model"``); defaults in :data:`MASKCLIP_DEFAULT_CONFIG`.
 
     Attributes (``Segmenter`` contract): ``input_size`` ``(H, W)``; ``mean``/``std``: the CLIP
     model's pixel normalisation (``visual.preprocess_cfg``, OpenAI's by default); ``cfg``: the
-    resolved config; ``logit_scale``: float.
+    resolved :class:`MaskCLIPConfig` (concrete ``input_size`` and ``logit_scale``); ``logit_scale``: float.
 
     ``forward(images [B, 3, H, W], text_embeddings [C, D]) -> scores [B, C, H/p, W/p]`` float32:
     ``logit_scale * cos(patch_embedding, text_embedding)`` (both L2-normalised here), at the
@@ -78,7 +82,7 @@ class MaskCLIP(Segmenter):
         embeddings not ``[C >= 1, D]``.
     """
 
-    def __init__(self, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, clip_model: nn.Module, cfg: MaskCLIPConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__()
         visual = getattr(clip_model, "visual", clip_model)
         check_dense_visual(visual)
@@ -87,9 +91,9 @@ class MaskCLIP(Segmenter):
         self.visual.requires_grad_(False)
         self.visual.eval()
         self.embed_dim = int(visual.output_dim)
-        self.input_size = tuple(self.cfg["input_size"])
+        self.input_size = tuple(self.cfg.input_size)
         self.mean, self.std = image_norm(visual)
-        self.logit_scale = self.cfg["logit_scale"]
+        self.logit_scale = self.cfg.logit_scale
         self.size_divisibility = math.lcm(*patch_size(visual))  # evaluate's short-side protocol pads to it
 
     def train(self, mode: bool = True) -> MaskCLIP:

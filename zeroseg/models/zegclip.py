@@ -37,9 +37,10 @@ from torch import nn
 from zeroseg.config import validated
 from zeroseg.config.zegclip import ZegCLIPConfig
 from zeroseg.losses import segmentation_loss_terms
-from zeroseg.models import Segmenter, decay_groups
+from zeroseg.models import Segmenter
 from zeroseg.models.clip import check_input_size, image_norm
 from zeroseg.models.prompt import PromptedVisionTransformer
+from zeroseg.optim import zegclip_lr_factor, zegclip_param_groups
 
 # --------------------------------------------------------------------------- paper settings
 
@@ -235,18 +236,21 @@ class MaskDecoder(nn.Module):
 ZEGCLIP_DEFAULT_CONFIG: dict[str, Any] = ZegCLIPConfig().model_dump(mode="json")
 
 
-def resolve_zegclip_config(cfg: Mapping[str, Any] | ZegCLIPConfig | None = None, **overrides: Any) -> dict[str, Any]:
+def resolve_zegclip_config(cfg: Mapping[str, Any] | ZegCLIPConfig | None = None, **overrides: Any) -> ZegCLIPConfig:
     """Defaults <- ``cfg`` <- ``overrides``, validated by :class:`zeroseg.config.zegclip.ZegCLIPConfig`
-    (the one schema of ZegCLIP's hyperparameters); returns its JSON-serialisable dict.
+    (the one schema of ZegCLIP's hyperparameters): a validated config comes back as it is (no
+    overrides), a mapping (``segmenter.json``'s ``"model"``, a notebook) is validated.
 
-    ``prompt_layers`` comes back as a list of ints or None; whether its layers exist and
-    ``input_size`` fits the patch size is checked when the model is built (it needs the CLIP model).
+    Whether ``prompt_layers``' layers exist and ``input_size`` fits the patch size is checked when
+    the model is built (it needs the CLIP model).
 
     Raises:
         ConfigError: unknown key (naming the nearest valid key) or a bad value.
     """
+    if isinstance(cfg, ZegCLIPConfig) and not overrides:
+        return cfg
     base = cfg.model_dump(mode="json") if isinstance(cfg, ZegCLIPConfig) else dict(cfg or {})
-    return validated(ZegCLIPConfig, {**base, **overrides}, "model").model_dump(mode="json")
+    return validated(ZegCLIPConfig, {**base, **overrides}, "model")
 
 
 class ZegCLIP(Segmenter):
@@ -256,11 +260,12 @@ class ZegCLIP(Segmenter):
         clip_model: an open_clip ``CLIP`` with a ViT image tower (or its ``.visual``). Only the
             image tower is kept (text embeddings come precomputed); it is modified in place
             (positional embedding resized to ``input_size``; ``requires_grad`` per backbone).
-        cfg: model config, keys and defaults in :data:`ZEGCLIP_DEFAULT_CONFIG`; ``overrides`` win.
+        cfg: the validated :class:`zeroseg.config.zegclip.ZegCLIPConfig` (or a mapping of its keys,
+            validated here: ``segmenter.json``'s ``"model"``); ``overrides`` win.
 
     Attributes (``Segmenter`` contract): ``input_size`` ``(H, W)``; ``mean`` / ``std``: the CLIP
-    model's pixel normalisation (images in [0, 1]); ``cfg``: the resolved config (what
-    ``segmenter.json`` should store under ``"model"``).
+    model's pixel normalisation (images in [0, 1]); ``cfg``: the resolved
+    :class:`ZegCLIPConfig` (``segmenter.json`` stores its JSON dump under ``"model"``).
 
     ``forward(images [B, 3, H, W], text_embeddings [C, D]) -> scores [B, C, H/p, W/p]`` in (0, 1):
     ``sigmoid`` of the last decoder layer's mask logits, one independent probability per class
@@ -292,32 +297,34 @@ class ZegCLIP(Segmenter):
     scores_are_probabilities = True  # forward returns sigmoid(mask logits)
     activation = "sigmoid"  # evaluate: sigmoid(upsampled logits()), see the class docstring
 
-    def __init__(self, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, clip_model: nn.Module, cfg: ZegCLIPConfig | Mapping[str, Any] | None = None, **overrides: Any
+    ) -> None:
         super().__init__()
         self.cfg = resolve_zegclip_config(cfg, **overrides)
         c = self.cfg
         visual = getattr(clip_model, "visual", clip_model)
-        check_input_size(visual, c["input_size"], "model.input_size")
+        check_input_size(visual, c.input_size, "model.input_size")
         self.encoder = PromptedVisionTransformer(
             visual,
-            backbone=c["backbone"],
-            prompt_tokens=c["prompt_tokens"],
-            prompt_layers=c["prompt_layers"],
-            input_size=c["input_size"],
-            prompt_dropout=c["prompt_dropout"],
+            backbone=c.backbone,
+            prompt_tokens=c.prompt_tokens,
+            prompt_layers=c.prompt_layers,
+            input_size=c.input_size,
+            prompt_dropout=c.prompt_dropout,
         )
         self.embed_dim = self.encoder.output_dim
         self.head = MaskDecoder(
             self.embed_dim,
-            width=c["decoder_width"],
-            layers=c["decoder_layers"],
-            heads=c["decoder_heads"],
-            rd=c["rd"],
-            ffn_ratio=c["decoder_ffn_ratio"],
-            dropout=c["decoder_dropout"],
-            self_attn=c["decoder_self_attn"],
+            width=c.decoder_width,
+            layers=c.decoder_layers,
+            heads=c.decoder_heads,
+            rd=c.rd,
+            ffn_ratio=c.decoder_ffn_ratio,
+            dropout=c.decoder_dropout,
+            self_attn=c.decoder_self_attn,
         )
-        self.input_size = tuple(c["input_size"])
+        self.input_size = tuple(c.input_size)
         self.mean, self.std = image_norm(visual)
         self.size_divisibility = math.lcm(*self.encoder.patch_size)
 
@@ -391,17 +398,17 @@ class ZegCLIP(Segmenter):
         return segmentation_loss_terms(
             logits,
             target.long(),
-            kind=c["loss"],
-            alpha=c["loss_alpha"],
-            beta=c["loss_beta"],
-            gamma=c["focal_gamma"],
+            kind=c.loss,
+            alpha=c.loss_alpha,
+            beta=c.loss_beta,
+            gamma=c.focal_gamma,
             ignore_index=ignore_index,
         )
 
     # ------------------------------------------------------------------ trainable state
     def trainable_names(self) -> list[str]:
         """State-dict keys that train (fixed by the backbone variant, not by ``requires_grad``)."""
-        if self.cfg["backbone"] == "ft":
+        if self.cfg.backbone == "ft":
             return list(self.state_dict().keys())
         return [k for k in self.state_dict().keys() if not k.startswith("encoder.visual.")]
 
@@ -413,59 +420,16 @@ class ZegCLIP(Segmenter):
     def optimizer_param_groups(self, weight_decay: float = 0.01) -> list[dict[str, Any]]:
         """Two AdamW groups over :meth:`trainable_parameters`: norm layers (names with ``norm`` or
         ``ln``) without weight decay, the rest with ``weight_decay`` (released config's
-        ``decay_mult=0`` for ``norm`` / ``ln``). Learning rates are left to the caller."""
-        names = set(self.trainable_names())
-        return decay_groups(
-            (
-                (p, any(s.startswith("norm") or s.startswith("ln") for s in n.split(".")))
-                for n, p in self.named_parameters()
-                if n in names
-            ),
-            weight_decay,
-        )
+        ``decay_mult=0`` for ``norm`` / ``ln``; ``zeroseg.optim.zegclip_param_groups``). Learning rates
+        are left to the caller."""
+        return zegclip_param_groups(self, weight_decay)
 
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; a frozen image tower (dpt/fix) stays in eval mode."""
         super().train(mode)
-        if self.cfg["backbone"] != "ft":
+        if self.cfg.backbone != "ft":
             self.encoder.visual.eval()
         return self
-
-
-def zegclip_lr_factor(
-    step: int,
-    max_steps: int,
-    base_lr: float,
-    *,
-    min_lr: float = 1e-6,
-    power: float = 0.9,
-    warmup_steps: int = 1500,
-    warmup_ratio: float = 1e-6,
-) -> float:
-    """The learning-rate factor of ZegCLIP's released schedule at optimizer step ``step``
-    (0-based): poly decay to an absolute ``min_lr`` with a linear warm-up, as mmcv's
-    ``PolyLrUpdaterHook`` and ``LrUpdaterHook.get_warmup_lr`` compute it for the released
-    configs (``lr_config=dict(policy="poly", power=0.9, min_lr=1e-6, by_epoch=False, warmup="linear",
-    warmup_iters=1500, warmup_ratio=1e-6)``; released-code.md section 4; the paper only says
-    "the MMSeg default schedule")::
-
-        poly(s) = (base_lr - min_lr) * (1 - s / max_steps) ** power + min_lr
-        warm(s) = 1 - (1 - s / warmup_steps) * (1 - warmup_ratio)     for s < warmup_steps, else 1
-        factor  = poly(s) * warm(s) / base_lr
-
-    Args:
-        step: optimizer steps done; max_steps: the total (the decay reaches ``min_lr`` there).
-        base_lr: the parameter group's learning rate (after ``lr_mult``; ``min_lr`` is absolute,
-            as in mmcv); min_lr: 0 decays to zero.
-        warmup_steps: 0 disables the warm-up.
-
-    Returns:
-        the factor (unitless) that multiplies ``base_lr``.
-    """
-    s = min(max(step, 0), max_steps)
-    poly = (base_lr - min_lr) * (1.0 - s / max_steps) ** power + min_lr
-    warm = 1.0 - (1.0 - s / warmup_steps) * (1.0 - warmup_ratio) if warmup_steps and s < warmup_steps else 1.0
-    return poly * warm / base_lr
 
 
 __all__ = [

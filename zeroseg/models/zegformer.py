@@ -243,36 +243,47 @@ def seen_from_text(text: torch.Tensor, seen_text: torch.Tensor, tol: float = SEE
 
 
 # --------------------------------------------------------------------------- the segmenter
-def resolve_zegformer_config(clip_model: nn.Module | None, cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The model config of :class:`ZegFormer`: :class:`~zeroseg.config.zegformer.ZegFormerConfig`'s
-    fields (validated; ``crop_size`` made concrete for ``clip_model``) plus ``proposals`` (the
-    proposals artifact's ``proposals.json`` content, required).
+def resolve_zegformer_config(
+    clip_model: nn.Module | None,
+    cfg: ZegFormerConfig | Mapping[str, Any] | None,
+    proposals: Mapping[str, Any] | None = None,
+) -> tuple[ZegFormerConfig, dict[str, Any]]:
+    """The model config of :class:`ZegFormer` and its proposals description.
+
+    Args:
+        clip_model: the CLIP model (``crop_size`` is made concrete for it; None: left as given).
+        cfg: a validated :class:`~zeroseg.config.zegformer.ZegFormerConfig`, or a mapping of its
+            keys (validated here) that may hold ``proposals`` (``segmenter.json``'s ``"model"``).
+        proposals: the proposals artifact's ``proposals.json`` content (else ``cfg["proposals"]``).
+
+    Returns:
+        ``(config, proposals)``.
 
     Raises:
         ConfigError: an unknown key or bad value; no ``proposals`` description; a ``crop_size``
             other than the CLIP image encoder's native input size.
     """
-    cfg = dict(cfg or {})
-    proposals = cfg.pop("proposals", None)
+    if not isinstance(cfg, ZegFormerConfig):
+        cfg = dict(cfg or {})
+        proposals = cfg.pop("proposals", proposals)
     if not isinstance(proposals, Mapping) or not isinstance(proposals.get("model"), Mapping):
         raise ConfigError(
             "ZegFormer model config needs 'proposals': the proposals artifact's proposals.json content "
             "(the zegformer method writes it; build ZegFormer through train_classifier)"
         )
-    out = validated(ZegFormerConfig, cfg, "model").model_dump(mode="json")
-    if clip_model is not None and out["image_branch"]:
+    c = validated(ZegFormerConfig, cfg, "model")
+    if clip_model is not None and c.image_branch:
         native = native_input_size(clip_model)
         if native[0] != native[1]:
             raise ConfigError(f"ZegFormer's sub-images are square; the CLIP image encoder takes {list(native)}")
-        if out["crop_size"] is None:
-            out["crop_size"] = int(native[0])
-        elif out["crop_size"] != native[0]:
+        if c.crop_size is None:
+            c = c.model_copy(update={"crop_size": int(native[0])})
+        elif c.crop_size != native[0]:
             raise ConfigError(
-                f"model.crop_size {out['crop_size']} differs from the CLIP image encoder's input size "
+                f"model.crop_size {c.crop_size} differs from the CLIP image encoder's input size "
                 f"{native[0]}; set it to {native[0]} or leave it out"
             )
-    out["proposals"] = dict(proposals)
-    return out
+    return c, dict(proposals)
 
 
 class ZegFormer(Segmenter):
@@ -283,12 +294,16 @@ class ZegFormer(Segmenter):
             branch's encoder and, for a ``clip``-backbone proposal model, the architecture of that
             backbone (whose trained weights come with ``proposals.*``); ``logit_scale.exp()`` scales
             the image branch's logits (released: CLIP's, 100).
-        cfg: :func:`resolve_zegformer_config`'s input: ``ZegFormerConfig`` fields + ``proposals``.
+        cfg: the validated ``ZegFormerConfig`` (with ``proposals``), or a mapping of its fields plus
+            ``proposals`` (``segmenter.json``'s ``"model"``; :func:`resolve_zegformer_config`).
+        proposals: the proposals artifact's ``proposals.json`` content (``cfg["proposals"]`` else).
 
     Attributes (``Segmenter`` contract): ``input_size``, ``mean``, ``std`` of the proposal model
     (``proposals.json`` ``input``: ImageNet's for ResNets); ``size_divisibility`` of the proposal
     model; ``variants`` = :data:`VARIANTS` (``("zegformer_seg",)`` without the image branch);
-    ``scores_are_probabilities`` True. ``proposals``: the MaskFormer; ``clip_visual``: the frozen
+    ``scores_are_probabilities`` True. ``cfg``: the resolved ``ZegFormerConfig`` (concrete
+    ``crop_size``); ``proposals_doc``: the ``proposals.json`` content (``config_json`` stores both,
+    as before: the config's fields plus ``proposals``). ``proposals``: the MaskFormer; ``clip_visual``: the frozen
     CLIP image tower (None without the image branch); ``seen_text``: buffer ``[S, D]``, the seen
     training classes' text embeddings (see :func:`seen_from_text`).
 
@@ -307,12 +322,17 @@ class ZegFormer(Segmenter):
 
     scores_are_probabilities = True
 
-    def __init__(self, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        cfg: ZegFormerConfig | Mapping[str, Any] | None = None,
+        proposals: Mapping[str, Any] | None = None,
+    ) -> None:
         from zeroseg.models.maskformer import MaskFormer
 
         super().__init__()
-        self.cfg = resolve_zegformer_config(clip_model, cfg)
-        c, doc = self.cfg, self.cfg["proposals"]
+        self.cfg, self.proposals_doc = resolve_zegformer_config(clip_model, cfg, proposals)
+        c, doc = self.cfg, self.proposals_doc
         pcfg = dict(doc["model"])
         d = embed_dim(clip_model)
         head, top = pcfg.get("class_head"), doc.get("class_head", pcfg.get("class_head"))
@@ -332,7 +352,7 @@ class ZegFormer(Segmenter):
             load_backbone_weights=False,  # weights.pt holds the trained backbone
         )
         self.register_buffer("seen_text", torch.zeros(len(doc.get("seen") or []), d))
-        self.image_branch = bool(c["image_branch"])
+        self.image_branch = bool(c.image_branch)
         if self.image_branch:
             self.clip_visual = visual
             self.clip_visual.requires_grad_(False)
@@ -359,6 +379,11 @@ class ZegFormer(Segmenter):
     def trainable_names(self) -> list[str]:
         return [k for k in self.state_dict() if k.startswith("proposals.") or k == "seen_text"]
 
+    def config_json(self) -> dict[str, Any]:
+        """``segmenter.json``'s ``"model"``: the config's fields plus ``proposals`` (the proposals
+        document), what :func:`resolve_zegformer_config` validates back."""
+        return {**self.cfg.model_dump(mode="json"), "proposals": dict(self.proposals_doc)}
+
     def clip_logits(self, images: torch.Tensor, mask_logits: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Image branch: ``[B, 3, H, W]`` (proposal-model normalisation), mask logits ``[B, Q, H,
         W]``, L2-normalised text ``[C, D]`` -> ``logit_scale * cos(A_q, T_c)`` ``[B, Q, C]``. One
@@ -368,7 +393,7 @@ class ZegFormer(Segmenter):
         dtype = next(self.clip_visual.parameters()).dtype
         out = []
         for b in range(x.shape[0]):
-            crops = sub_images(x[b], mask_logits[b], c["clip_style"], c["crop_size"], c["mask_threshold"])
+            crops = sub_images(x[b], mask_logits[b], c.clip_style, c.crop_size, c.mask_threshold)
             emb = F.normalize(self.clip_visual(crops.to(dtype)).float(), dim=-1)
             out.append(self.clip_logit_scale * emb @ text.t())
         return torch.stack(out)
@@ -388,7 +413,7 @@ class ZegFormer(Segmenter):
             seen_mask[torch.as_tensor(list(seen), dtype=torch.long, device=text.device)] = True
         clip = self.clip_logits(images, masks, text) if self.image_branch else None
         c = self.cfg
-        probs = segment_probabilities(out["pred_logits"], clip, seen_mask, c["lambda_balance"], c["fusion"])
+        probs = segment_probabilities(out["pred_logits"], clip, seen_mask, c.lambda_balance, c.fusion)
         return {v: combine(probs[v], masks) for v in self.variants}
 
 

@@ -17,13 +17,14 @@ from torch import nn
 from zeroseg.config import validated
 from zeroseg.config.deop import DeOPConfig
 from zeroseg.errors import ConfigError, DataError
-from zeroseg.models import Segmenter, decay_groups, load_strict
+from zeroseg.models import Segmenter, load_strict
 from zeroseg.models.deop.decoder import ConvHeatmapDecoder, HeatmapDecoder
 from zeroseg.models.deop.loss import deop_pixel_loss
 from zeroseg.models.deop.severance import severance_hook
 from zeroseg.models.deop.text_prompt import TextPrompt
 from zeroseg.models.maskformer import MaskFormer, check_proposals_doc
 from zeroseg.models.trunk import INPUT, forward_trunk, grid_additive, project
+from zeroseg.optim import deop_param_groups
 
 
 def build_proposal_network(doc: Mapping[str, Any], clip_model: nn.Module | None = None) -> nn.Module:
@@ -271,18 +272,9 @@ class DeOP(Segmenter):
     def optimizer_param_groups(self, weight_decay: float = 1e-4) -> list[dict[str, Any]]:
         """AdamW groups over :meth:`trainable_parameters` as the released ``build_optimizer``:
         LayerNorm / BatchNorm and ``nn.Embedding`` parameters without weight decay
-        (``WEIGHT_DECAY_NORM`` / ``WEIGHT_DECAY_EMBED`` 0), the rest with ``weight_decay``."""
-        names = set(self.learned_names())
-        norms = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm, nn.Embedding)
-        return decay_groups(
-            (
-                (p, isinstance(mod, norms))
-                for mname, mod in self.named_modules()
-                for pname, p in mod.named_parameters(recurse=False)
-                if (f"{mname}.{pname}" if mname else pname) in names
-            ),
-            weight_decay,
-        )
+        (``WEIGHT_DECAY_NORM`` / ``WEIGHT_DECAY_EMBED`` 0), the rest with ``weight_decay``
+        (``zeroseg.optim.deop_param_groups``)."""
+        return deop_param_groups(self, weight_decay)
 
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; the frozen CLIP towers and the proposal model stay in eval mode."""

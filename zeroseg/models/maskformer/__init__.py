@@ -53,7 +53,7 @@ Modules (as MaskFormer's ``mask_former/modeling/``): :mod:`.backbone` (1., the R
 backbones), :mod:`.pixel_decoder` (2.), :mod:`.transformer_decoder` (3. and the heads' ``MLP``),
 :mod:`.model` (4., :class:`MaskFormer` and :func:`semantic_scores`), :mod:`.criterion` (the
 Hungarian matcher and the set criterion, training), :mod:`.artifact` (the proposals artifact),
-:mod:`.solver` (the poly learning-rate schedule), :mod:`.layers` (init and norm helpers). The
+:mod:`.layers` (init and norm helpers). The
 per-mask focal and dice losses are in :mod:`zeroseg.losses`; the sine position encoding in
 :mod:`zeroseg.models.position`.
 
@@ -88,8 +88,8 @@ from zeroseg.models.maskformer.criterion import (
 )
 from zeroseg.models.maskformer.model import MaskFormer, semantic_scores
 from zeroseg.models.maskformer.pixel_decoder import PixelDecoder
-from zeroseg.models.maskformer.solver import poly_lr_factor
 from zeroseg.models.maskformer.transformer_decoder import MLP, DecoderLayer, TransformerDecoder
+from zeroseg.optim import poly_lr_factor
 
 __all__ = [
     "IMAGENET_MEAN",

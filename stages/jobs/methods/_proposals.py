@@ -1,8 +1,8 @@
 """What the decoupled methods (``zegformer``, ``deop``) share about their bound ``proposals``
 input: reading its ``proposals.json`` and refusing one trained on other seen classes.
 
-No ``METHOD`` here: the registry (``stages.methods.methods``) skips this module. Imports neither
-torch nor Ray at module level (planning must not).
+Used by the jobs only (``stages.jobs.methods.zegformer`` / ``deop``, ``stages.jobs.train_generator``,
+``extract_features``): imports the proposal model's module (torch) at the top.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from zeroseg.errors import DataError
+from zeroseg.models.maskformer import PROPOSALS_JSON, read_proposals_json
 
 
 def bound_proposals(artifact: Any) -> tuple[dict[str, Any], str]:
@@ -20,10 +21,8 @@ def bound_proposals(artifact: Any) -> tuple[dict[str, Any], str]:
 
     Raises:
         MissingFileError: the artifact has no ``proposals.json`` (naming the files it has).
-        DataError: unreadable, not JSON, or lacking a key (``zeroseg.models.proposals.read_proposals_json``).
+        DataError: unreadable, not JSON, or lacking a key (``zeroseg.models.maskformer.read_proposals_json``).
     """
-    from zeroseg.models.maskformer import PROPOSALS_JSON, read_proposals_json
-
     where = f"proposals artifact {artifact.stage}/{artifact.key[:12]}"
     return read_proposals_json(artifact.file(PROPOSALS_JSON).parent), where
 
