@@ -81,7 +81,6 @@ from zeroseg.config.protocol import EvalProtocol
 from zeroseg.data.transforms import Size
 
 #: The column of the pass's rows naming each row's eval set.
-SET_COLUMN = "eval_set"
 #: The project's stages whose artifact is a segmenter (evaluate's ``model`` and ``compare`` roles);
 #: any other catalogue stage that declares ``produces = SEGMENTER`` fills them too (a method that
 #: brings its own stage, ``pipeline.dag.Input.kind``).
@@ -292,7 +291,6 @@ __all__ = [
     "HEADLINE",
     "MODEL_STAGES",
     "SEGMENTER",
-    "SET_COLUMN",
     "Evaluate",
     "EvaluateConfig",
     "comparison_table",

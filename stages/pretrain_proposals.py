@@ -42,7 +42,7 @@ from rich.table import Table
 from pipeline.config import Runtime
 from pipeline.dag import Input, StageConfig, nearest
 from pipeline.training import ScalingSection, TrainSection
-from stages.common import JobStage, random_weights_notice
+from stages.common import Device, JobStage, random_weights_notice
 from zeroseg.config.clip import ClipSpec
 from zeroseg.config.proposals import ProposalConfig
 from zeroseg.data.transforms import CLIP_MEAN, CLIP_STD, AugmentConfig
@@ -120,15 +120,8 @@ class PretrainProposalsConfig(StageConfig):
     recall_ious: list[float] = [0.3, 0.5]
     block_rows: Annotated[int, Runtime(why="decode task size")] = Field(32, gt=0)
     recall_batch_size: Annotated[int, Runtime(why="inference batch size")] = Field(4, ge=1)
-    recall_device: Annotated[str, Runtime(why="device")] = "auto"
+    recall_device: Device = "auto"
     recall_concurrency: Annotated[int, Runtime(why="concurrency")] = Field(1, ge=1)
-
-    @field_validator("recall_device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError(f"recall_device must be auto, cpu, cuda or cuda:N, got {v!r}")
-        return v
 
     @field_validator("recall_ious")
     @classmethod

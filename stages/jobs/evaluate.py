@@ -4,7 +4,7 @@ every selected eval set, the metrics and the files.
 
 ::
 
-    manifest rows of every set (+ set column; stages.jobs.sets.set_rows) -> ray.data.from_arrow
+    manifest rows of every set (+ set column; stages.feeds.set_rows) -> ray.data.from_arrow
       -> actor pool of SegmenterPredictor (the model loaded once per actor; decode, then
          zeroseg.inference.infer per set of the batch)
       -> VariantsGZS3Evaluator partial states, merged on the driver (pipeline.inference.reduce)
@@ -31,10 +31,9 @@ from pipeline.dag import StageContext, nearest
 from pipeline.inference import Timing, reduce
 from pipeline.uri import local_copy, read_bytes
 from stages.common import text_embeddings, vocabularies
-from stages.evaluate import SET_COLUMN, EvaluateConfig
-from stages.feeds import decode_set_batch
+from stages.evaluate import EvaluateConfig
+from stages.feeds import SET_COLUMN, decode_set_batch, set_rows, set_specs
 from stages.jobs.device import actor_device, resolve_device
-from stages.jobs.sets import set_rows, set_specs
 from zeroseg import models  # by attribute: a test (or notebook) may replace load_segmenter / import_class
 from zeroseg.config.clip import model_embed_dim
 from zeroseg.errors import ConfigError, DataError
@@ -259,7 +258,7 @@ def score_model(
     )
 
     t0 = time.perf_counter()
-    table = set_rows(ctx.inputs["splits"], names, cfg.max_images, SET_COLUMN, "eval set")
+    table = set_rows(ctx.inputs["splits"], names, cfg.max_images, "eval set")
     ds = ray.data.from_arrow(table)
     # one GZS3Evaluator per variant the segmenter reports (its variants may depend on its config)
     evaluators = {"gzs3": VariantsGZS3Evaluator(set_specs(vocabs, names), gamma=gamma)}

@@ -3,7 +3,7 @@ proposal model trained as a Ray Train job, then its recall pass.
 
 Training (runs in Ray Train workers): :func:`build_model`, the forward
 module and :func:`proposals_train_loop`. The recall pass (inference actors):
-:func:`model_input`, :class:`ProposalPredictor`. The driver side: :func:`resolve_recall_device` and :func:`pretrain_proposals`.
+:class:`ProposalPredictor`. The driver side: :func:`pretrain_proposals`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-import torch.nn.functional as F
 
 from pipeline.dag import StageContext
 from pipeline.inference import reduce
@@ -29,10 +28,12 @@ from pipeline.uri import join, local_copy, read_bytes
 from stages.common import TRAIN_VOCAB, seen_rows, text_embeddings, vocabularies
 from stages.feeds import SET_COLUMN, decode_set_batch, set_rows, set_specs, training_feed
 from stages.jobs._training import fit_metrics, tensor_count
+from stages.jobs.device import actor_device, resolve_device
 from stages.pretrain_proposals import PretrainProposals, PretrainProposalsConfig, recall_key
 from zeroseg.config.clip import model_embed_dim
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.evaluation import RECALL_GROUPS, ProposalRecallEvaluator
+from zeroseg.inference import prepare_images
 from zeroseg.losses import semantic_to_targets
 from zeroseg.metrics import json_safe
 from zeroseg.models import load_strict
@@ -129,21 +130,6 @@ def proposals_train_loop(loop: Any) -> None:
         )
 
 
-def model_input(images: list[np.ndarray], size: tuple[int, int], mean: Any, std: Any) -> Any:
-    """uint8 ``[H, W, 3]`` RGB images -> the proposal model's input ``float [B, 3, *size]`` on the
-    device of ``mean``: scaled to [0, 1], resized bilinearly with antialiasing when the size
-    differs (the recall protocol squashes to the training crop), normalised by ``mean`` / ``std``
-    (``[1, 3, 1, 1]``)."""
-    xs = []
-    for image in images:
-        a = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
-        x = torch.from_numpy(a).to(mean.device).permute(2, 0, 1)[None].float().div_(255.0)
-        if tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-        xs.append((x - mean) / std)
-    return torch.cat(xs)
-
-
 class ProposalPredictor:
     """Inference-actor model (``pipeline.inference``): decoded images -> mask logits of every query.
 
@@ -181,12 +167,7 @@ class ProposalPredictor:
     ) -> None:
         if (artifact_uri is None) == (proposals is None or weights_uri is None):
             raise ConfigError("ProposalPredictor needs artifact_uri, or proposals and weights_uri (not both)")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(
-                f"pretrain_proposals.recall_device {device!r}: this worker has no CUDA device "
-                "(set recall_device: cpu, or give the workers GPUs)"
-            )
-        self.device = torch.device(device)
+        self.device, self.device_name = actor_device(device, "pretrain_proposals.recall_device")
         if artifact_uri is not None:
             with local_copy(artifact_uri) as d:
                 self.doc = read_proposals_json(d)
@@ -214,7 +195,6 @@ class ProposalPredictor:
         self.size = tuple(int(s) for s in self.doc["input"]["size"])
         self.mean = torch.tensor(self.doc["input"]["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.doc["input"]["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.info = {"input_size": list(self.size)}
 
     def load(self, batch: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -222,24 +202,8 @@ class ProposalPredictor:
 
     def __call__(self, inputs: Mapping[str, list[Any]]) -> dict[str, Any]:
         with torch.inference_mode():
-            out = self.model(model_input(inputs["images"], self.size, self.mean, self.std), self.text)
+            out = self.model(prepare_images(inputs["images"], self.size, self.mean, self.std), self.text)
         return {"mask_logits": out["pred_masks"]}
-
-
-def resolve_recall_device(device: str) -> tuple[str, float]:
-    """``(torch device, GPUs per actor)`` of the recall pass (``auto``: cuda when the Ray cluster
-    has GPUs).
-
-    Raises:
-        ConfigError: cuda asked for on a cluster without GPUs.
-    """
-    cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
-    dev = device if device != "auto" else ("cuda" if cluster_gpus > 0 else "cpu")
-    if dev.startswith("cuda") and cluster_gpus == 0:
-        raise ConfigError(
-            f"pretrain_proposals.recall_device is {device!r} but the Ray cluster has no GPUs; set recall_device: cpu"
-        )
-    return dev, (1.0 if dev.startswith("cuda") else 0.0)
 
 
 def pretrain_proposals(ctx: StageContext, cfg: PretrainProposalsConfig) -> dict[str, float]:
@@ -313,7 +277,7 @@ def pretrain_proposals(ctx: StageContext, cfg: PretrainProposalsConfig) -> dict[
     if sets:
         if not ray.is_initialized():  # the driver initialises Ray before a stage runs
             raise RuntimeError("pretrain_proposals needs an initialised Ray (ray.init) for its recall pass")
-        device, gpus = resolve_recall_device(cfg.recall_device)
+        device, gpus = resolve_device(cfg.recall_device, "pretrain_proposals.recall_device")
         table = set_rows(splits, sets, cfg.recall_max_images, what="recall set")
         evaluator = ProposalRecallEvaluator(set_specs(vocabs, sets), thresholds=cfg.recall_ious)
         ctx.log(f"recall pass: {table.num_rows} images of {', '.join(sets)} on {device}")
@@ -362,8 +326,6 @@ __all__ = [
     "ProposalForward",
     "ProposalPredictor",
     "build_model",
-    "model_input",
     "pretrain_proposals",
     "proposals_train_loop",
-    "resolve_recall_device",
 ]
