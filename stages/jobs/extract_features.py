@@ -41,7 +41,7 @@ from stages.extract_features import (
 )
 from stages.feeds import URI_COLUMNS, check_leakage, decode_pair, leakage_guard, manifest_table
 from stages.jobs.device import actor_device, resolve_device
-from stages.methods._proposals import bound_proposals, check_seen
+from stages.jobs.methods._proposals import bound_proposals, check_seen
 from zeroseg.data.transforms import make_lut
 from zeroseg.errors import DataError
 from zeroseg.inference import prepare_images
