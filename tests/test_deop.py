@@ -322,7 +322,7 @@ def _deop(tiny, pm, **kw):
 
     doc = {
         **_doc(q=pm.num_queries, text_dim=64),
-        "model": pm.cfg,
+        "model": pm.cfg.model_dump(mode="json"),
         "input": {"size": [64, 64], "mean": list(pm.mean), "std": list(pm.std)},
     }
     base = dict(width=64, heads=2, ffn=64, input_size=[64, 64], size_divisibility=32, visual_prompt_layers=[0, 1])

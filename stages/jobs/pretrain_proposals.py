@@ -30,7 +30,9 @@ from stages.feeds import SET_COLUMN, decode_set_batch, set_rows, set_specs, trai
 from stages.jobs._training import fit_metrics, tensor_count
 from stages.jobs.device import actor_device, resolve_device
 from stages.pretrain_proposals import PretrainProposals, PretrainProposalsConfig, recall_key
+from zeroseg.config import validated
 from zeroseg.config.clip import model_embed_dim
+from zeroseg.config.proposals import ProposalConfig
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.evaluation import RECALL_GROUPS, ProposalRecallEvaluator
 from zeroseg.inference import prepare_images
@@ -51,19 +53,21 @@ from zeroseg.optim import maskformer_optimizer
 
 
 def build_model(cfg: Mapping[str, Any], device: Any = "cpu", load_backbone_weights: bool = True) -> Any:
-    """The MaskFormer of a loop config (``model``, ``num_classes``, ``text_dim``, ``clip``: the
-    CLIP visual tower is loaded only for ``backbone: clip``). ``load_backbone_weights``: False
+    """The MaskFormer of a loop config (``model``: a :class:`ProposalConfig` or its dict form,
+    ``num_classes``, ``text_dim``, ``clip``: a ``ClipSpec`` or its dict form, or None; the CLIP
+    visual tower is loaded only for ``backbone: clip``). ``load_backbone_weights``: False
     skips reading ``model.backbone_weights`` (the driver's copy, whose weights come from the final
     checkpoint; the workers load them for a fresh run).
 
     Raises:
         ConfigError: a bad model config or CLIP spec.
     """
+    model_cfg = validated(ProposalConfig, cfg["model"], "model")
     clip_visual = None
-    if cfg["model"]["backbone"] == "clip":
+    if model_cfg.backbone == "clip":
         clip_visual = load_clip(as_spec(cfg["clip"])).visual
     return MaskFormer(
-        cfg["model"],
+        model_cfg,
         cfg["num_classes"],
         text_dim=cfg["text_dim"],
         clip_visual=clip_visual,
@@ -88,8 +92,8 @@ class ProposalForward(torch.nn.Module):
 def proposals_train_loop(loop: Any) -> None:
     """Per-worker loop (``pipeline.training``).
 
-    ``loop.config``: ``model`` (ProposalConfig dump), ``num_classes`` (K: seen classes, 1 for
-    objectness), ``text_dim``, ``clip`` (spec dict or None), ``seen_text`` (``[K, D]`` seen-class
+    ``loop.config``: ``model`` (:class:`ProposalConfig`), ``num_classes`` (K: seen classes, 1 for
+    objectness), ``text_dim``, ``clip`` (``ClipSpec`` or None), ``seen_text`` (``[K, D]`` seen-class
     rows, L2-normalised; None unless ``class_head: text``), ``backbone_lr_mult``,
     ``weight_decay``, ``weight_decay_norm``, ``poly_power``, ``warmup_steps``, ``warmup_factor``.
     Batches: ``image`` float32 ``[B, 3, H, W]`` (normalised), ``label`` uint8 ``[B, H, W]`` in seen
@@ -98,11 +102,10 @@ def proposals_train_loop(loop: Any) -> None:
     dict, loaded strictly.
     """
     cfg = loop.config
-    mcfg = cfg["model"]
     model = build_model(cfg)
     text = torch.tensor(np.asarray(cfg["seen_text"], dtype=np.float32)) if cfg["seen_text"] is not None else None
     # the CLIP tower's last block / projection and a ResNet's unused stages feed no output
-    ddp = loop.prepare(ProposalForward(model, text), find_unused_parameters=mcfg["backbone"] == "clip")
+    ddp = loop.prepare(ProposalForward(model, text), find_unused_parameters=model.cfg.backbone == "clip")
     opt, sched = maskformer_optimizer(  # the scheduler is stepped once per optimisation step by loop.step
         model,
         loop.lr,
@@ -241,10 +244,10 @@ def pretrain_proposals(ctx: StageContext, cfg: PretrainProposalsConfig) -> dict[
         )
 
     loop_config = {
-        "model": m.model_dump(mode="json"),
+        "model": m,
         "num_classes": 1 if m.class_head == "objectness" else len(seen),
         "text_dim": text_dim,
-        "clip": cfg.clip.model_dump(mode="json") if cfg.clip is not None else None,
+        "clip": cfg.clip,
         "seen_text": seen_text.tolist() if seen_text is not None else None,
         "backbone_lr_mult": cfg.backbone_lr_mult,
         "weight_decay": cfg.weight_decay,

@@ -8,6 +8,7 @@ loss module, the per-worker loop (:func:`deop_train_loop`) and the driver side
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from stages.feeds import training_feed
 from stages.jobs._training import fit_metrics, supervised_steps, tensor_count
 from stages.jobs.methods._proposals import bound_proposals, check_seen
 from stages.methods.deop import DeOPMethod
-from zeroseg.config.clip import model_embed_dim
+from zeroseg.config.clip import ClipSpec, model_embed_dim
+from zeroseg.config.deop import DeOPConfig
 from zeroseg.errors import ConfigError, DataError
 from zeroseg.models import save_segmenter
 from zeroseg.models.clip import as_spec, load_clip
@@ -66,13 +68,15 @@ def check_proposals(doc: dict[str, Any], cfg: DeOPMethod, where: str = "proposal
         )
 
 
-def build_model(clip_spec: dict[str, Any], model_cfg: dict[str, Any]) -> DeOP:
-    """DeOP on a freshly loaded CLIP; ``model_cfg`` includes the ``proposals`` document.
+def build_model(
+    clip_spec: ClipSpec | Mapping[str, Any], model_cfg: DeOPConfig | Mapping[str, Any], proposals: Mapping[str, Any]
+) -> DeOP:
+    """DeOP on a freshly loaded CLIP, for the proposals document ``proposals`` (``proposals.json``).
 
     Raises:
         ConfigError / DataError: see ``zeroseg.models.deop.DeOP``.
     """
-    return DeOP(load_clip(as_spec(clip_spec)), model_cfg)
+    return DeOP(load_clip(as_spec(clip_spec)), model_cfg, proposals)
 
 
 def load_proposals(seg: Any, proposals_uri: str) -> None:
@@ -104,14 +108,14 @@ class DeOPLoss(torch.nn.Module):
 def deop_train_loop(loop: Any) -> None:
     """Per-worker loop (``pipeline.training``): AdamW, poly LR (no warm-up).
 
-    ``loop.config``: ``clip`` (ClipSpec dict), ``model`` (DeOP cfg with the proposals document),
-    ``proposals_uri``, ``seen_names`` (the seen classes' prompt names in seen order),
-    ``weight_decay``, ``poly_power``. Batches: ``image`` float32 ``[B, 3, H, W]``, ``label`` uint8
+    ``loop.config``: ``clip`` (:class:`ClipSpec`), ``model`` (:class:`DeOPConfig`), ``proposals``
+    (the proposals artifact's ``proposals.json`` content), ``proposals_uri``, ``seen_names`` (the
+    seen classes' prompt names in seen order), ``weight_decay``, ``poly_power``. Batches: ``image`` float32 ``[B, 3, H, W]``, ``label`` uint8
     ``[B, H, W]`` in seen training ids with 255 ignore (int32 with ``ignore_index`` 65535 above 255
     seen classes; ``loop.config["ignore_index"]``, default 255). Checkpoints hold the learned tensors only.
     """
     cfg = loop.config
-    seg = build_model(cfg["clip"], cfg["model"])
+    seg = build_model(cfg["clip"], cfg["model"], cfg["proposals"])
     load_proposals(seg, cfg["proposals_uri"])
     model = loop.prepare(DeOPLoss(seg, cfg["seen_names"], cfg.get("ignore_index", 255)))
     opt, sched = deop_optimizer(  # the scheduler is stepped once per optimizer step by loop.step
@@ -144,7 +148,6 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
     check_proposals(doc, cfg, where=where)  # before fit: workers would retry
     check_seen(doc, train_vocab.seen, where)
     seen_names = [train_vocab.prompt_names[i] for i in train_vocab.seen]
-    model_cfg = {**cfg.model.model_dump(mode="json"), "proposals": doc}
     augment = cfg.augment.model_copy(
         update={
             "mean": tuple(float(v) for v in doc["input"]["mean"]),
@@ -152,18 +155,18 @@ def train_deop(ctx: StageContext, cfg: DeOPMethod) -> dict[str, Any]:
         }
     )
     feed = training_feed(splits, augment, cfg.train.seed, block_rows=cfg.block_rows)  # seen classes only
-    spec = cfg.clip.model_dump(mode="json")
     loop_config = {
         "ignore_index": feed.ignore_index,
-        "clip": spec,
-        "model": model_cfg,
+        "clip": cfg.clip,
+        "model": cfg.model,
+        "proposals": doc,
         "proposals_uri": proposals.uri,
         "seen_names": seen_names,
         "weight_decay": cfg.weight_decay,
         "poly_power": cfg.poly_power,
     }
     result = fit_stage(ctx, deop_train_loop, loop_config, {"train": feed.dataset}, cfg.scaling, cfg.train)
-    seg = build_model(spec, model_cfg)
+    seg = build_model(cfg.clip, cfg.model, doc)
     load_proposals(seg, proposals.uri)
     seg.load_learned_state_dict(result.model_state(), source=result.checkpoint_uri)
     save_segmenter(Path(ctx.output_dir), seg, cfg.clip, "deop", seg.trainable_state_dict())

@@ -94,20 +94,31 @@ def check_proposals_fit(doc: Mapping[str, Any], cfg: DeOPConfig, embed_dim: int,
     return q
 
 
-def resolve_deop_config(cfg: Mapping[str, Any] | None) -> tuple[DeOPConfig, dict[str, Any]]:
-    """Split a DeOP model config into its validated hyperparameters and the proposals document.
+def resolve_deop_config(
+    cfg: DeOPConfig | Mapping[str, Any] | None, proposals: Mapping[str, Any] | None = None
+) -> tuple[DeOPConfig, dict[str, Any]]:
+    """A DeOP model config's validated hyperparameters and its proposals document.
+
+    Args:
+        cfg: a validated :class:`~zeroseg.config.deop.DeOPConfig`, or a mapping of its keys
+            (validated here) that may hold ``proposals`` (``segmenter.json``'s ``"model"``).
+        proposals: the proposals artifact's ``proposals.json`` content (else ``cfg["proposals"]``).
+
+    Returns:
+        ``(config, proposals)``.
 
     Raises:
         ConfigError: a bad key or value (naming it), or no ``proposals`` document.
     """
-    d = dict(cfg or {})
-    doc = d.pop("proposals", None)
-    if not isinstance(doc, Mapping):
+    if not isinstance(cfg, DeOPConfig):
+        cfg = dict(cfg or {})
+        proposals = cfg.pop("proposals", proposals)
+    if not isinstance(proposals, Mapping):
         raise ConfigError(
             "a DeOP model config needs 'proposals' (the pretrain_proposals artifact's proposals.json "
             "content); train_classifier adds it from the bound proposals artifact"
         )
-    return validated(DeOPConfig, d, "model"), dict(doc)
+    return validated(DeOPConfig, cfg, "model"), dict(proposals)
 
 
 class DeOP(Segmenter):
@@ -116,11 +127,16 @@ class DeOP(Segmenter):
     Args:
         clip_model: an open_clip ``CLIP`` with a ViT image tower and its text tower (both frozen,
             kept whole under ``clip``; not modified).
-        cfg: :class:`~zeroseg.config.deop.DeOPConfig` fields plus ``"proposals"``: the proposals
-            artifact's ``proposals.json`` (``model``, ``num_classes``, ``text_dim``,
-            ``num_queries``, ``input`` with ``mean`` / ``std``, ``clip``). The proposal model is
-            built from it with random weights: load them with :meth:`load_proposal_weights` (a
-            saved DeOP carries them in ``weights.pt`` under ``proposals.``).
+        cfg: a :class:`~zeroseg.config.deop.DeOPConfig`, or its dict form (validated here; it
+            may hold ``"proposals"``, as ``segmenter.json``'s ``"model"`` does).
+        proposals: the proposals artifact's ``proposals.json`` (``model``, ``num_classes``,
+            ``text_dim``, ``num_queries``, ``input`` with ``mean`` / ``std``, ``clip``); else
+            ``cfg["proposals"]``. The proposal model is built from it with random weights: load
+            them with :meth:`load_proposal_weights` (a saved DeOP carries them in ``weights.pt``
+            under ``proposals.``).
+
+    Attributes: ``cfg`` (the validated :class:`~zeroseg.config.deop.DeOPConfig`) and
+    ``proposals_doc`` (the ``proposals.json`` content); :meth:`config_json` stores both.
 
     Attributes (Segmenter contract): ``input_size``; ``mean`` / ``std``: the proposal network's
     normalisation (released: both streams get the same ImageNet-normalised tensor);
@@ -145,11 +161,15 @@ class DeOP(Segmenter):
     scores_are_probabilities = True
     encodes_text = True
 
-    def __init__(self, clip_model: nn.Module, cfg: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        cfg: DeOPConfig | Mapping[str, Any] | None = None,
+        proposals: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        c, doc = resolve_deop_config(cfg)
-        self.hp = c
-        self.cfg = {**c.model_dump(mode="json"), "proposals": doc}
+        self.cfg, self.proposals_doc = resolve_deop_config(cfg, proposals)
+        c, doc = self.cfg, self.proposals_doc
         if not hasattr(clip_model, "visual"):
             raise ValueError("DeOP needs a whole open_clip CLIP model (image and text towers)")
         self.clip = clip_model
@@ -232,6 +252,11 @@ class DeOP(Segmenter):
         tw = int(clip_model.token_embedding.weight.shape[1])
         self.no_object = nn.Parameter(torch.randn(1, self.embed_dim) * tw**-0.5)
 
+    def config_json(self) -> dict[str, Any]:
+        """``segmenter.json``'s ``"model"``: the config's fields plus ``proposals`` (the proposals
+        document), what :func:`resolve_deop_config` validates back."""
+        return {**self.cfg.model_dump(mode="json"), "proposals": dict(self.proposals_doc)}
+
     # ------------------------------------------------------------------ weights
     def trainable_names(self) -> list[str]:
         """``weights.pt`` keys: everything but the CLIP towers (the learned tensors and the frozen
@@ -311,7 +336,7 @@ class DeOP(Segmenter):
     def clip_features(self, images: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The one CLIP pass with patch severance and visual prompts -> ``(F_V [B, N, D]``
         L2-normalised, ``(h, w))``."""
-        c = self.hp
+        c = self.cfg
         x = images
         if c.clip_input_norm == "clip":  # undo the proposals' normalisation, apply CLIP's
             m0 = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
@@ -355,7 +380,7 @@ class DeOP(Segmenter):
         with torch.autocast(device_type=emb.device.type, enabled=False):
             t = F.normalize(text_embeddings.to(device=emb.device, dtype=torch.float32), dim=-1)
             classes = torch.cat([t, F.normalize(self.no_object.float(), dim=-1)], dim=0)
-            logits = self.hp.logit_scale * F.normalize(emb.float(), dim=-1) @ classes.T
+            logits = self.cfg.logit_scale * F.normalize(emb.float(), dim=-1) @ classes.T
         return logits, mask_logits
 
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
@@ -381,7 +406,7 @@ class DeOP(Segmenter):
         """
         text = self.encode_text(classes) if not isinstance(classes, torch.Tensor) else classes
         logits, mask_logits = self.segment(images, text)
-        c = self.hp
+        c = self.cfg
         return deop_pixel_loss(
             logits,
             mask_logits,

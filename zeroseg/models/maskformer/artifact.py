@@ -61,9 +61,10 @@ def save_proposals(
     """
     from zeroseg.config.clip import as_spec
 
-    if cfg is not None and validated(ProposalConfig, cfg, "model").model_dump(mode="json") != model.cfg:
+    dump = model.cfg.model_dump(mode="json")
+    if cfg is not None and validated(ProposalConfig, cfg, "model").model_dump(mode="json") != dump:
         raise ValueError("save_proposals: cfg differs from the model's own config (model.cfg)")
-    if model.cfg["backbone"] == "clip" and clip_spec is None:
+    if model.cfg.backbone == "clip" and clip_spec is None:
         raise ValueError("save_proposals: backbone 'clip' needs clip_spec (to rebuild the tower on load)")
     seen = [int(s) for s in seen]
     if model.class_head != "objectness" and len(seen) != model.num_classes:
@@ -72,7 +73,7 @@ def save_proposals(
     out.mkdir(parents=True, exist_ok=True)
     doc = {
         "class": class_path(model),
-        "model": dict(model.cfg),
+        "model": dump,
         "num_classes": model.num_classes,
         "text_dim": model.text_dim,
         "class_head": model.class_head,

@@ -41,7 +41,7 @@ class MaskFormer(nn.Module):
             dict is loaded right after, :func:`load_proposal_model`).
 
     Attributes:
-        cfg: the validated config as a dict (``ProposalConfig.model_dump()``).
+        cfg: the validated :class:`ProposalConfig` (``proposals.json``'s ``model`` is its JSON dump).
         num_queries, hidden_dim, class_head, text_dim, num_classes, size_divisibility.
         mean, std: pixel normalisation for images in [0, 1] (ImageNet for ResNets, the CLIP
             model's own for ``clip``: ``zeroseg.models.clip.image_norm``).
@@ -63,8 +63,7 @@ class MaskFormer(nn.Module):
     ) -> None:
         super().__init__()
         c = validated(ProposalConfig, cfg, "model")
-        self.config = c
-        self.cfg = c.model_dump(mode="json")
+        self.cfg = c
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"MaskFormer num_classes must be a positive int (the seen classes), got {num_classes!r}")
         self.num_queries, self.hidden_dim, self.class_head = c.num_queries, c.hidden_dim, c.class_head
@@ -123,7 +122,7 @@ class MaskFormer(nn.Module):
         """The training loss of this model: :class:`~zeroseg.models.maskformer.criterion.SetCriterion`
         with the config's weights (its matcher uses them as costs, as released), ``class_agnostic``
         for the ``objectness`` head (every target is "object")."""
-        c = self.config
+        c = self.cfg
         return SetCriterion(
             self.num_classes,
             class_weight=c.class_weight,
@@ -151,9 +150,9 @@ class MaskFormer(nn.Module):
         x = F.normalize(self.class_embed(hs), dim=-1)
         t = text_embeddings.to(x.dtype)
         bg = self.bg_feature.to(x.dtype)
-        if self.config.no_object_normalized:
+        if self.cfg.no_object_normalized:
             bg = F.normalize(bg, dim=-1)
-        scale = self.config.logit_scale
+        scale = self.cfg.logit_scale
         return torch.cat([scale * x @ t.T, scale * x @ bg.T], dim=-1)
 
     def _check_text(self, text_embeddings: torch.Tensor | None) -> None:
@@ -200,7 +199,7 @@ class MaskFormer(nn.Module):
         pos = sine_position_encoding(h, w, d, src.device, src.dtype).unsqueeze(0).expand(b, -1, -1)  # [B, HW, d]
         mem = src.flatten(2).transpose(1, 2)  # [B, HW, d]
         qpos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
-        aux = self.training and self.config.deep_supervision
+        aux = self.training and self.cfg.deep_supervision
         hs = self.decoder(mem, pos, qpos)  # [L, B, Q, d]
         hs_used = hs if aux else hs[-1:]
         logits = self.classify(hs_used, text_embeddings)
