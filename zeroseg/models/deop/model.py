@@ -26,6 +26,11 @@ from zeroseg.models.maskformer import MaskFormer, check_proposals_doc
 from zeroseg.models.trunk import INPUT, forward_trunk, grid_additive, project
 from zeroseg.optim import deop_param_groups
 
+#: What :class:`DeOP` takes as its config: the validated schema or its dict form.
+DeOPConfigLike = DeOPConfig | Mapping[str, Any]
+#: A proposals artifact's ``proposals.json`` content.
+Doc = Mapping[str, Any]
+
 
 def build_proposal_network(doc: Mapping[str, Any], clip_model: nn.Module | None = None) -> nn.Module:
     """The proposal model described by a ``proposals.json`` document, with untrained weights
@@ -94,9 +99,7 @@ def check_proposals_fit(doc: Mapping[str, Any], cfg: DeOPConfig, embed_dim: int,
     return q
 
 
-def resolve_deop_config(
-    cfg: DeOPConfig | Mapping[str, Any] | None, proposals: Mapping[str, Any] | None = None
-) -> tuple[DeOPConfig, dict[str, Any]]:
+def resolve_deop_config(cfg: DeOPConfigLike | None, proposals: Doc | None = None) -> tuple[DeOPConfig, dict[str, Any]]:
     """A DeOP model config's validated hyperparameters and its proposals document.
 
     Args:
@@ -161,12 +164,7 @@ class DeOP(Segmenter):
     scores_are_probabilities = True
     encodes_text = True
 
-    def __init__(
-        self,
-        clip_model: nn.Module,
-        cfg: DeOPConfig | Mapping[str, Any] | None = None,
-        proposals: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, clip_model: nn.Module, cfg: DeOPConfigLike | None = None, proposals: Doc | None = None) -> None:
         super().__init__()
         self.cfg, self.proposals_doc = resolve_deop_config(cfg, proposals)
         c, doc = self.cfg, self.proposals_doc
