@@ -21,6 +21,7 @@ import pkgutil
 from typing import Any
 
 from pipeline.dag import Input
+from stages.common import run_job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +61,8 @@ class Method:
         return self.job.partition(":")[0]
 
     def build(self, ctx: Any, config: Any) -> dict[str, float]:
-        """Run the job: ``function(ctx, config) -> metrics``."""
-        module, _, function = self.job.partition(":")
-        return getattr(importlib.import_module(module), function)(ctx, config)
+        """Run the job: ``function(ctx, config) -> metrics`` (``stages.common.run_job``)."""
+        return run_job(self.job, ctx, config)
 
 
 @functools.lru_cache(maxsize=1)
