@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = (REPO.parent / "shared" / "data").resolve()
+# ZEROSEG_DATA overrides the default (make mutants runs the tests from a copy under mutants/)
+DATA = Path(os.environ.get("ZEROSEG_DATA") or REPO.parent / "shared" / "data").resolve()
 
 
 def pytest_configure(config):
