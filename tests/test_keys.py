@@ -321,6 +321,8 @@ def test_a_binding_names_the_key_to_set(tmp_path):
 def _copy_repo(dst: Path) -> Path:
     for d in ("pipeline", "stages", "zeroseg", "configs"):
         shutil.copytree(REPO / d, dst / d, ignore=shutil.ignore_patterns("__pycache__"))
+    # under `make mutants` the copied code is mutmut's trampolined copy, which reads its config here
+    shutil.copy(REPO / "pyproject.toml", dst / "pyproject.toml")
     return dst
 
 
