@@ -106,6 +106,121 @@ def check_evaluate_artifact(ev_dir: Path, bs_dir: Path, flat: dict[str, float] |
     return out
 
 
+def reference_confusion(
+    seg_dir: Path,
+    bs_dir: Path,
+    text_dir: Path,
+    image_root: Path,
+    name: str,
+    n: int,
+    gamma: float,
+    variant: str | None = None,
+) -> np.ndarray:
+    """GZS3 confusion ``[C, C]`` of the segmenter artifact ``seg_dir`` on the first ``n`` images of
+    eval set ``name`` under evaluate's default protocol (``resize`` to the segmenter's input
+    size), recomputed here image by image from the saved weights: PIL decode, scale to [0, 1],
+    bilinear antialiased resize, ``(x - mean) / std``; the forward (a segmenter with a sigmoid
+    activation: its logits upsampled to the input size, then the sigmoid; ``encodes_text``: its
+    own class-name embeddings, else ``embeddings/<set>.npy``); the ``variant``'s scores;
+    bilinear upsampling to the label size; probabilities (softmax of logits unless the scores are
+    probabilities), ``gamma`` subtracted on the seen classes (ZegFormer Eq. 2), argmax; counted
+    against the label PNG with ignore left out."""
+    import torch
+    import torch.nn.functional as F
+
+    from zeroseg.models import load_segmenter
+
+    seg = load_segmenter(seg_dir)
+    v = json.loads((Path(bs_dir) / "classes.json").read_text())["eval"][name]
+    c = len(v["names"])
+    if getattr(seg, "encodes_text", False):
+        with torch.no_grad():
+            text = seg.encode_text(list(v["prompt_names"])).float()
+    else:
+        text = torch.from_numpy(np.load(Path(text_dir) / "embeddings" / f"{name}.npy").astype(np.float32))
+    mean = torch.tensor(seg.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(seg.std, dtype=torch.float32).view(1, 3, 1, 1)
+    size = tuple(int(s) for s in seg.input_size)
+    cm = np.zeros((c, c), np.int64)
+    rows = pq.read_table(Path(bs_dir) / "manifests" / f"{name}.parquet").to_pylist()[:n]
+    for r in rows:
+        img = np.asarray(Image.open(Path(image_root) / r["image"]).convert("RGB"))
+        lab = np.asarray(Image.open(Path(bs_dir) / r["label"]))
+        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = (x - mean) / std
+        with torch.no_grad():
+            if getattr(seg, "activation", "none") == "sigmoid":
+                lg = seg.logits(x, text)
+                s = torch.sigmoid(F.interpolate(lg.float(), size=size, mode="bilinear", align_corners=False))
+            else:
+                s = seg(x, text)
+        if isinstance(s, dict):
+            s = s[variant]
+        s = F.interpolate(s.float(), size=lab.shape, mode="bilinear", align_corners=False)
+        p = s if getattr(seg, "scores_are_probabilities", False) else torch.softmax(s, 1)
+        p = p.clone()
+        p[:, list(v["seen"])] -= gamma
+        pred = p.argmax(1)[0].numpy()
+        valid = lab != int(v.get("ignore_index", 255))
+        cm += np.bincount(lab[valid].astype(np.int64) * c + pred[valid], minlength=c * c).reshape(c, c)
+    return cm
+
+
+def assert_same_confusion(got, want, what: str = "") -> None:
+    """Equal up to a handful of pixels (the reference runs one image per forward, evaluate a batch:
+    float rounding may flip a near-tie; any glue error moves far more)."""
+    got, want = np.asarray(got, np.int64), np.asarray(want, np.int64)
+    assert got.shape == want.shape and got.sum() == want.sum(), what
+    moved = int(np.abs(got - want).sum()) // 2
+    assert moved <= max(2, want.sum() // 2000), (what, moved, got.tolist(), want.tolist())
+
+
+#: Where the sample's eval images are, relative to the shared data (configs/datasets/sample.yaml:
+#: the held-out set ``val`` comes from the COCO training images).
+SAMPLE_IMAGE_ROOTS = {"val": "coco128-seg/images/train2017", "camvid": "camvid-val/images"}
+
+
+def check_sample_evaluate(
+    work: Path, plan, data: Path, models: dict[str, str], gammas: dict[str, float]
+) -> dict[str, dict]:
+    """The sample DAG's evaluate artifact: :func:`check_evaluate_artifact`, the gamma of every
+    entry, and every entry's matrix equal to :func:`reference_confusion` of its model.
+
+    Args:
+        work: the run's work dir; plan: its plan (the stage keys).
+        models: ``{entry prefix: stage}`` (``""``: the main model, ``"train_classifier/"`` a
+            compared one); an entry ``<variant>/<set>`` of the main model uses the main model.
+        gammas: ``{entry prefix: the gamma that model's entries must state}`` (the expected
+            value of the test: evaluate.gamma, else the model's documented default).
+    """
+    store = Path(work) / "store"
+    keys = plan.keys() if callable(getattr(plan, "keys", None)) else plan
+    ev_dir = store / "evaluate" / keys["evaluate"]
+    bs_dir = store / "build_splits" / keys["build_splits"]
+    text_dir = store / "embed_text" / keys["embed_text"]
+    ref = check_evaluate_artifact(ev_dir, bs_dir)
+    doc = json.loads((ev_dir / "metrics.json").read_text())
+    for key, entry in doc.items():
+        name = key.rsplit("/", 1)[-1]
+        prefix = next((p for p in sorted(models, key=len, reverse=True) if p and key.startswith(p)), "")
+        assert entry["gamma"] == pytest.approx(gammas[prefix]), key
+        seg_dir = store / models[prefix] / keys[models[prefix]]
+        cm = reference_confusion(
+            seg_dir,
+            bs_dir,
+            text_dir,
+            Path(data) / SAMPLE_IMAGE_ROOTS[name],
+            name,
+            entry["images"],
+            gammas[prefix],
+            entry.get("variant"),
+        )
+        assert_same_confusion(entry["gzs3"]["confusion_matrix"], cm, key)
+    return ref
+
+
 # ---------------------------------------------------------------------------------------------
 # the helper's own test: a 3-class example worked on paper
 # ---------------------------------------------------------------------------------------------
