@@ -208,6 +208,7 @@ def test_proposal_recall_groups_thresholds_and_merge():
     # a second evaluator's state merges by addition; an image with no unseen class adds none
     other = ProposalRecallEvaluator(sets, thresholds=(0.25, 0.8, 1.0))
     lab2 = np.full((2, 4), 1, np.uint8)
+    lab2[0, 0] = 255  # the default ignore value: no class, left out (IoU 7 / 7)
     other.process(
         {"labels": [lab2], "label_uris": ["b.png"], "sets": ["s"]}, {"mask_logits": torch.full((1, 1, 2, 4), 4.0)}
     )
@@ -228,6 +229,13 @@ def test_proposal_recall_groups_thresholds_and_merge():
         with pytest.raises(ValueError, match=r"thresholds must be in \(0, 1\]"):
             ProposalRecallEvaluator(sets, thresholds=bad)
     assert ProposalRecallEvaluator(sets, thresholds=(1,)).thresholds == (1.0,)
+    # a set whose ignore value is 7: the evaluator passes it on (7 is no class, and is left out)
+    ev7 = ProposalRecallEvaluator({"t": {"num_classes": 2, "seen": [0], "unseen": [1], "ignore_index": 7}}, (1.0,))
+    ev7.process(
+        {"labels": [np.array([[0, 7]], np.uint8)], "label_uris": ["d.png"], "sets": ["t"]},
+        {"mask_logits": torch.full((1, 1, 1, 2), 4.0)},
+    )
+    assert ev7.finalize()["t"]["recalled"]["seen"] == [1]  # IoU 1 / 1 (1 / 2 if pixel 7 counted)
 
 
 def test_segment_best_iou_upsamples_the_logits_and_needs_3d():
@@ -237,6 +245,14 @@ def test_segment_best_iou_upsamples_the_logits_and_needs_3d():
     assert ids.tolist() == [0] and best.tolist() == pytest.approx([0.5])
     with pytest.raises(ValueError, match=r"\[Q, h, w\], got \(1, 1, 1, 2\)"):
         segment_best_iou(torch.zeros((1, 1, 1, 2)), np.zeros((1, 2), np.uint8))
+    # a logit of exactly 0 (sigmoid 0.5) is not in the proposal (sigmoid > 0.5): IoU 1 / 2, not 1
+    ids, best = segment_best_iou(torch.tensor([[[0.0, 4.0]]]), np.zeros((1, 2), np.uint8))
+    assert best.tolist() == pytest.approx([0.5])
+    # a logit of 0.5 (sigmoid 0.62) is in it; a 16-bit label with ignore 65535 counts the same
+    ids, best = segment_best_iou(torch.tensor([[[0.5, -4.0]]]), np.zeros((1, 2), np.uint8))
+    assert best.tolist() == pytest.approx([0.5])
+    ids, best = segment_best_iou(torch.tensor([[[0.5, 4.0]]]), np.array([[300, 65535]], np.uint16), 65535)
+    assert ids.tolist() == [300] and best.tolist() == pytest.approx([1.0])
     # ignore 7 instead of 255: those pixels belong to neither side
     ids, best = segment_best_iou(torch.tensor([[[4.0, 4.0]]]), np.array([[0, 7]], np.uint8), ignore_index=7)
     assert ids.tolist() == [0] and best.tolist() == pytest.approx([1.0])
