@@ -321,6 +321,20 @@ def test_sample_dag_self_trains_evaluates_both_and_is_cached(tmp_path, ray_local
         for prefix, entry in (("", metrics[s]), ("train_classifier/", metrics[f"train_classifier/{s}"])):
             cm = np.array(entry["gzs3"]["confusion_matrix"])
             assert flat[f"{prefix}{s}/pAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum())
+    # independent value checks (tests/test_glue_reference.py): every metric of both models from
+    # their matrices, the pixel counts from the label PNGs, and each model's matrices equal to a
+    # per-image reference forward of its own saved weights at its own gamma (released: 0.1
+    # inductive ZegCLIP, 0 self-trained)
+    from test_glue_reference import check_sample_evaluate
+
+    ref = check_sample_evaluate(
+        tmp_path,
+        p,
+        shared_data,
+        {"": "self_train", "train_classifier/": "train_classifier"},
+        {"": 0.0, "train_classifier/": 0.1},
+    )
+    assert set(ref) == {"val", "camvid", "train_classifier/val", "train_classifier/camvid"}
     assert "model vs train_classifier" in out
 
     # MLflow: the comparison and the pseudo-label curve
