@@ -245,6 +245,10 @@ def test_segment_best_iou_upsamples_the_logits_and_needs_3d():
     assert ids.tolist() == [0] and best.tolist() == pytest.approx([0.5])
     with pytest.raises(ValueError, match=r"\[Q, h, w\], got \(1, 1, 1, 2\)"):
         segment_best_iou(torch.zeros((1, 1, 1, 2)), np.zeros((1, 2), np.uint8))
+    # logits (1, -4) to width 5: align_corners=False samples x = 0 (clamped), 0.1, 0.5, 0.9, 1 ->
+    # 1, 0.5, -1.5, ... : 2 of 5 pixels (align_corners=True: x = 0, 0.25, ...: 1, -0.25: 1 of 5)
+    ids, best = segment_best_iou(torch.tensor([[[1.0, -4.0]]]), np.zeros((1, 5), np.uint8))
+    assert best.tolist() == pytest.approx([0.4])
     # a logit of exactly 0 (sigmoid 0.5) is not in the proposal (sigmoid > 0.5): IoU 1 / 2, not 1
     ids, best = segment_best_iou(torch.tensor([[[0.0, 4.0]]]), np.zeros((1, 2), np.uint8))
     assert best.tolist() == pytest.approx([0.5])
