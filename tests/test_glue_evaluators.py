@@ -257,6 +257,8 @@ def test_segment_best_iou_upsamples_the_logits_and_needs_3d():
     assert best.tolist() == pytest.approx([0.5])
     ids, best = segment_best_iou(torch.tensor([[[0.5, 4.0]]]), np.array([[300, 65535]], np.uint16), 65535)
     assert ids.tolist() == [300] and best.tolist() == pytest.approx([1.0])
+    assert ids.dtype == np.int64  # the documented id type, whatever the label's
+    assert segment_best_iou(torch.zeros((1, 1, 1)), np.zeros((1, 1), np.uint8))[0].dtype == np.int64
     # ignore 7 instead of 255: those pixels belong to neither side
     ids, best = segment_best_iou(torch.tensor([[[4.0, 4.0]]]), np.array([[0, 7]], np.uint8), ignore_index=7)
     assert ids.tolist() == [0] and best.tolist() == pytest.approx([1.0])
