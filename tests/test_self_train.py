@@ -501,3 +501,24 @@ def test_pseudo_label_stats_over_batches_and_when_empty():
     assert again.confusion.dtype == np.int64
     with pytest.raises(ValueError, match=r"unseen classes \[1, 3\], not \[3, 1\]"):
         again.load_state_dict({**stats.state_dict(), "unseen": [1, 3]})
+
+
+def test_pseudo_label_stats_count_class_zero_and_unknown_apart():
+    """Unseen [0, 2] of 3 classes (class id 0 is a real unseen class). Held-out 0 IG IG 2,
+    pseudo-labels 2 0 2 (none): gt 0 -> pseudo 2 (row 0, col 1); two pseudo-labels on unknown
+    pixels; gt 2 without one (row 1, col 2). Counts: [0, 1, 0, 0, 0, 1] + unknown 2."""
+    stats = PseudoLabelStats([0, 2])
+    held = torch.tensor([[[0, IG, IG, 2]]])
+    pseudo = torch.tensor([[[2, 0, 2, IG]]])
+    c = stats.counts(pseudo, pseudo != IG, held, num_classes=3)
+    assert c.tolist() == [0, 1, 0, 0, 0, 1, 2]
+    stats.add(c)
+    assert stats.confusion.tolist() == [[0, 1, 0], [0, 0, 1]] and stats.unknown_labelled == 2
+    assert stats.confusion.dtype == np.int64
+    s = stats.summary(["zero", "two"])
+    assert [r["name"] for r in s["per_class"]] == ["zero", "two"]  # the names given, in unseen order
+    # IoU(0) = 0 / (1 + 0 - 0) = 0; IoU(2) = 0 / (1 + 1 - 0) = 0; nobody right, one of two covered
+    assert [r["iou"] for r in s["per_class"]] == [0.0, 0.0] and s["miou"] == 0.0
+    assert s["accuracy"] == 0.0 and s["coverage"] == pytest.approx(50.0) and s["unknown_labelled"] == 2
+    state = stats.state_dict()
+    assert state["confusion"] == [[0, 1, 0], [0, 0, 1]] and state["unknown"] == 2 and state["unseen"] == [0, 2]
