@@ -522,3 +522,16 @@ def test_pseudo_label_stats_count_class_zero_and_unknown_apart():
     assert s["accuracy"] == 0.0 and s["coverage"] == pytest.approx(50.0) and s["unknown_labelled"] == 2
     state = stats.state_dict()
     assert state["confusion"] == [[0, 1, 0], [0, 0, 1]] and state["unknown"] == 2 and state["unseen"] == [0, 2]
+
+
+def test_a_target_equal_to_the_class_count_is_not_seen_and_a_flat_state_loads():
+    """4 classes: a target value 4 (one past the last id) is no seen class: ignore in the output.
+    A statistics state whose confusion is a flat list loads into the [U, U + 1] matrix."""
+    target = torch.tensor([[[4, 1]]])
+    out, _ = pseudo_label_targets(
+        torch.zeros((1, 4, 1, 2)), target, [3], torch.zeros_like(target, dtype=torch.bool), ignore_index=IG
+    )
+    assert out.tolist() == [[[IG, 1]]]
+    stats = PseudoLabelStats([3, 1])
+    stats.load_state_dict({"unseen": [3, 1], "confusion": [1, 2, 3, 4, 5, 6], "unknown": 0})
+    assert stats.confusion.tolist() == [[1, 2, 3], [4, 5, 6]]
