@@ -566,7 +566,7 @@ def deop_run(tmp_path_factory, sample_proposals):
 
 
 @pytest.mark.slow
-def test_sample_dag_trains_deop_on_frozen_proposals_and_evaluates(deop_run):
+def test_sample_dag_trains_deop_on_frozen_proposals_and_evaluates(deop_run, shared_data):
     import numpy as np
 
     from zeroseg.models import load_segmenter
@@ -611,6 +611,14 @@ def test_sample_dag_trains_deop_on_frozen_proposals_and_evaluates(deop_run):
     for s in ("val", "camvid"):
         cm = np.array(metrics[s]["gzs3"]["confusion_matrix"])
         assert ev.metrics[f"{s}/pAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum())
+    # ---- value checks (glue; tests/test_glue_reference.py): every metric from its matrix, the
+    # pixel counts from the label PNGs, and each matrix equal to a per-image reference forward of
+    # the saved DeOP segmenter with its own class-name embeddings (encode_text), gamma 0 (DeOP
+    # applies no calibration; its artifact states none)
+    from test_glue_reference import check_sample_evaluate
+
+    ref = check_sample_evaluate(work, plan, shared_data, {"": "train_classifier"}, {"": 0.0})
+    assert set(ref) == {"val", "camvid"}
 
 
 @pytest.mark.slow

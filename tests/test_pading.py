@@ -422,7 +422,7 @@ def pading_run(tmp_path_factory, sample_proposals):
 
 
 @pytest.mark.slow
-def test_sample_dag_extracts_matched_features_trains_the_generator_and_evaluates(pading_run):
+def test_sample_dag_extracts_matched_features_trains_the_generator_and_evaluates(pading_run, shared_data):
     from PIL import Image
 
     from zeroseg.models import load_segmenter
@@ -462,6 +462,13 @@ def test_sample_dag_extracts_matched_features_trains_the_generator_and_evaluates
     assert (tg_dir / "generator.pt").is_file() and tg_manifest["metrics"]["steps"] == 4
     ev_manifest, _ = _artifact(work, "evaluate")
     assert all(f"{s}/pAcc" in ev_manifest["metrics"] for s in ("val", "camvid"))
+    # ---- value checks (glue; tests/test_glue_reference.py): every metric from its matrix, the
+    # pixel counts from the label PNGs, and each matrix equal to a per-image reference forward of
+    # the saved PADing segmenter (the retrained head), gamma 0 (PADing applies no calibration)
+    from test_glue_reference import check_sample_evaluate
+
+    ref = check_sample_evaluate(pading_run.work, pading_run.plan, shared_data, {"": "train_generator"}, {"": 0.0})
+    assert set(ref) == {"val", "camvid"}
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ def _iou_from_confusion(cm: np.ndarray) -> np.ndarray:
         return np.where(union > 0, 100 * tp / union, np.nan)
 
 
-def test_first_run_runs_every_stage_and_evaluates(first_run):
+def test_first_run_runs_every_stage_and_evaluates(first_run, shared_data):
     work, code, plan = first_run
     assert code == 0, [p.error for p in plan]
     assert _status(plan) == {s: "ran" for s in STAGES}
@@ -74,6 +74,12 @@ def test_first_run_runs_every_stage_and_evaluates(first_run):
         assert ev.metrics[f"{s}/mIoU_unseen"] == pytest.approx(u_miou)
         assert ev.metrics[f"{s}/hIoU"] == pytest.approx(2 * s_miou * u_miou / (s_miou + u_miou))
         assert ev.metrics[f"{s}/pAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum())
+    # independent value checks (tests/test_glue_reference.py): every metric from its matrix, the
+    # pixel counts from the label PNGs, and each matrix equal to a per-image reference forward of
+    # the saved MaskCLIP segmenter (gamma 0: the artifact states no default)
+    from test_glue_reference import check_sample_evaluate
+
+    check_sample_evaluate(work, plan, shared_data, {"": "train_classifier"}, {"": 0.0})
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["key"] == ev.key and manifest["files"] and manifest["metrics"] == ev.metrics
     assert list(manifest["metrics"]) == list(ev.metrics)  # metric order kept (the table's column order)

@@ -665,3 +665,63 @@ def test_stage_reports_every_variant_and_uses_encode_text(tmp_path, ray_local, m
     tables = Evaluate().summary(metrics)
     assert [t.title.split(" (")[0] for t in tables[:2]] == ["evaluation", "evaluation, variant seg"]
     assert [c.header for c in tables[1].columns] == ["metric", "val"]
+
+
+# =============================================================================================
+# zeroseg.protocols' geometry at its boundaries, by hand (glue helper, issue 19)
+# =============================================================================================
+def test_short_side_size_rounding_and_the_long_side_cap_by_hand():
+    from zeroseg.protocols import short_side_size
+
+    # 480 x 640 -> short side 512: scale 16/15, 640 * 16/15 = 682.67 -> 683 (int(x + 0.5))
+    assert short_side_size(480, 640, 512) == (512, 683)
+    assert short_side_size(640, 480, 512) == (683, 512)  # portrait: the width is the short side
+    # 2 x 3 -> short side 3: 4.5 rounds up to 5 (Python's round() would give 4)
+    assert short_side_size(2, 3, 3) == (3, 5)
+    # the cap: 480 x 1000 -> 512 x 1066.7 > 1000 -> scaled back to 480 x 1000; exactly at the cap: kept
+    assert short_side_size(480, 1000, 512, max_long_side=1000) == (480, 1000)
+    assert short_side_size(500, 1000, 500, max_long_side=1000) == (500, 1000)
+    assert short_side_size(500, 1000, 500, max_long_side=999) == (500, 999)  # 499.5 rounds up
+    for bad in ((0, 5, 3, None), (5, 5, 0, None), (5, 5, 3, 0), (-1, 5, 3, None)):
+        with pytest.raises(ValueError, match="sizes must be positive"):
+            short_side_size(*bad)
+
+
+def test_window_grid_by_hand():
+    from zeroseg.protocols import window_grid
+
+    # 10 x 7, crop 4, stride 3: rows (10 - 4 + 2) // 3 + 1 = 3 (y 0, 3, 6), cols (7 - 4 + 2) // 3 + 1
+    # = 2 (x 0, 3): the last window ends at the border
+    assert window_grid(10, 7, 4, 3) == [
+        (0, 4, 0, 4),
+        (0, 4, 3, 7),
+        (3, 7, 0, 4),
+        (3, 7, 3, 7),
+        (6, 10, 0, 4),
+        (6, 10, 3, 7),
+    ]
+    # a border crossing window is moved back: 8 wide, crop 4, stride 3 -> x 0, 3, then 6 -> 4..8
+    assert [w[2:] for w in window_grid(4, 8, 4, 3)] == [(0, 4), (3, 7), (4, 8)]
+    # smaller than the crop: one window of the image's size; non-square crop and stride ([h, w])
+    assert window_grid(3, 2, 4, 4) == [(0, 3, 0, 2)]
+    assert window_grid(4, 5, [4, 2], [4, 2]) == [(0, 4, 0, 2), (0, 4, 2, 4), (0, 4, 3, 5)]
+    assert window_grid(4, 4, 4, 4) == [(0, 4, 0, 4)]  # exactly the crop: one window
+    with pytest.raises(ValueError, match="larger than the crop"):
+        window_grid(8, 8, [4, 4], [2, 5])
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        window_grid(8, 8, 4, 0)
+
+
+def test_padded_size_activate_and_pair_by_hand():
+    from zeroseg.protocols import _pair, activate, padded_size
+
+    assert padded_size(5, 8, 4) == (8, 8) and padded_size(8, 9, 4) == (8, 12)
+    assert padded_size(5, 7, 1) == (5, 7) and padded_size(5, 7, 0) == (5, 7)  # divisor < 1 acts as 1
+    assert _pair(3) == (3, 3) and _pair([2, 5]) == (2, 5) and _pair((7, 1)) == (7, 1)
+    x = torch.tensor([[[[0.0]], [[math.log(3.0)]]], [[[2.0]], [[2.0]]]])  # [2, 2, 1, 1]
+    assert activate(x, "none") is x
+    assert activate(x, "sigmoid")[0, :, 0, 0].tolist() == pytest.approx([0.5, 0.75])
+    # softmax over the classes (dim 1), per image: (1, 3) / 4 and (0.5, 0.5)
+    assert activate(x, "softmax")[:, :, 0, 0].flatten().tolist() == pytest.approx([0.25, 0.75, 0.5, 0.5])
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        activate(x, "relu")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -321,6 +322,20 @@ def test_sample_dag_self_trains_evaluates_both_and_is_cached(tmp_path, ray_local
         for prefix, entry in (("", metrics[s]), ("train_classifier/", metrics[f"train_classifier/{s}"])):
             cm = np.array(entry["gzs3"]["confusion_matrix"])
             assert flat[f"{prefix}{s}/pAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum())
+    # independent value checks (tests/test_glue_reference.py): every metric of both models from
+    # their matrices, the pixel counts from the label PNGs, and each model's matrices equal to a
+    # per-image reference forward of its own saved weights at its own gamma (released: 0.1
+    # inductive ZegCLIP, 0 self-trained)
+    from test_glue_reference import check_sample_evaluate
+
+    ref = check_sample_evaluate(
+        tmp_path,
+        p,
+        shared_data,
+        {"": "self_train", "train_classifier/": "train_classifier"},
+        {"": 0.0, "train_classifier/": 0.1},
+    )
+    assert set(ref) == {"val", "camvid", "train_classifier/val", "train_classifier/camvid"}
     assert "model vs train_classifier" in out
 
     # MLflow: the comparison and the pseudo-label curve
@@ -393,3 +408,130 @@ def test_a_missing_heldout_label_is_a_data_error_naming_the_file(tmp_path):
         with pytest.raises(DataError, match=r"training image 'x': .*gone\.png") as e:
             decode_train_batch(batch, lut=lut, augment=aug, seed=0, epoch=0, heldout=True)
         assert not isinstance(e.value, LeakageError)
+
+
+# =============================================================================================
+# zeroseg.self_training: edge values worked by hand (glue helper, issue 19)
+# =============================================================================================
+def test_eligible_pixels_without_valid_and_valid_ignored_for_unseen_only():
+    """all_unlabeled without ``valid``: every unlabelled or ignored pixel; unseen_only never looks
+    at ``valid`` (a marked pixel on a False ``valid`` stays eligible)."""
+    target = torch.tensor([[[0, U, IG], [U, 1, IG]]])
+    valid = torch.tensor([[[1, 1, 1], [0, 1, 0]]], dtype=torch.bool)
+    every = eligible_pixels(target, "all_unlabeled", unlabeled_index=U, ignore_index=IG)
+    assert every.int().tolist() == [[[0, 1, 1], [1, 0, 1]]]
+    only = eligible_pixels(target, "unseen_only", unlabeled_index=U, ignore_index=IG, valid=valid)
+    assert only.int().tolist() == [[[0, 1, 0], [1, 0, 0]]]
+    # the valid mask may arrive as 0/1 integers
+    some = eligible_pixels(target, "all_unlabeled", unlabeled_index=U, ignore_index=IG, valid=valid.int())
+    assert some.int().tolist() == [[[0, 1, 1], [0, 0, 0]]] and some.dtype == torch.bool
+
+
+def test_pseudo_labels_map_the_unseen_order_and_keep_a_threshold_tie():
+    """Unseen classes given as [3, 1] (not sorted): channel 3 wins at pixel 0, channel 1 at pixel
+    1 (the label is the class id, not the position in the list); sigmoid(0) = 0.5 at pixel 1 meets
+    a threshold of exactly 0.5 (>=: kept); 0.49 under 0.5 at pixel 2 is dropped."""
+    target = torch.tensor([[[U, U, U, 0]]])
+    logits = torch.full((1, 4, 1, 4), -10.0)
+    logits[0, 3, 0, 0], logits[0, 1, 0, 0] = 2.0, 1.0
+    logits[0, 1, 0, 1], logits[0, 3, 0, 1] = 0.0, -1.0
+    logits[0, 1, 0, 2] = float(np.log(0.49 / 0.51))  # sigmoid = 0.49
+    logits[0, 0, 0, 3] = 5.0
+    logits.requires_grad_(True)
+    eligible = target == U
+    out, labelled = pseudo_label_targets(logits, target, [3, 1], eligible, ignore_index=IG, threshold=0.5)
+    assert out.tolist() == [[[3, 1, IG, 0]]] and out.dtype == torch.long and not out.requires_grad
+    assert labelled.tolist() == [[[True, True, False, False]]]
+    free, labelled = pseudo_label_targets(logits, target, [3, 1], eligible, ignore_index=IG)
+    assert free.tolist() == [[[3, 1, 1, 0]]] and labelled.tolist() == [[[True, True, True, False]]]
+
+
+def test_pseudo_label_targets_seen_pixels_and_errors():
+    """With 4 classes and ignore 3 (an id inside the class range), a 3 pixel is not seen: it
+    becomes ignore; an id beyond the classes (7) is not seen either."""
+    target = torch.tensor([[[0, 3, 7, 2]]])
+    logits = torch.zeros((1, 4, 1, 4))
+    out, labelled = pseudo_label_targets(
+        logits, target, [2], torch.zeros_like(target, dtype=torch.bool), ignore_index=3
+    )
+    assert out.tolist() == [[[0, 3, 3, 2]]] and not labelled.any()
+    with pytest.raises(ValueError, match="at least one unseen class"):
+        pseudo_label_targets(logits, target, [], torch.zeros_like(target, dtype=torch.bool), ignore_index=IG)
+    for lg, tg in ((logits[0], target), (logits, target[:, :, :3]), (torch.zeros((2, 4, 1, 4)), target)):
+        with pytest.raises(ValueError, match="do not match"):
+            pseudo_label_targets(lg, tg, [2], torch.zeros_like(tg, dtype=torch.bool), ignore_index=IG)
+    with pytest.raises(ValueError, match="do not match"):
+        pseudo_label_targets(logits, target, [2], torch.zeros((1, 1, 3), dtype=torch.bool), ignore_index=IG)
+
+
+def test_pseudo_label_stats_over_batches_and_when_empty():
+    """Unseen [3, 1] (the order of the confusion rows), 5 classes. Batch 1: held-out 3 3 1 255,
+    pseudo 1 3 (none) 1 -> rows gt 3: [pseudo 3: 1, pseudo 1: 1], gt 1: [none]; one pseudo-label
+    on an unknown pixel. Batch 2: held-out 1, pseudo 1, and a pseudo-label of a seen id 0 on a
+    gt-3 pixel (counted as none). Totals: [[1, 1, 1], [0, 1, 1]], unknown 1."""
+    stats = PseudoLabelStats([3, 1])
+    empty = stats.summary()
+    assert math.isnan(empty["miou"]) and math.isnan(empty["accuracy"]) and math.isnan(empty["coverage"])
+    assert empty["pixels"] == 0 and [r["iou"] for r in empty["per_class"]] == [None, None]
+    assert [r["name"] for r in empty["per_class"]] == ["3", "1"]  # default names: the ids
+    held = torch.tensor([[[3, 3, 1, IG]]])
+    pseudo = torch.tensor([[[1, 3, IG, 1]]])
+    stats.add(stats.counts(pseudo, pseudo != IG, held, num_classes=5))
+    assert stats.confusion.tolist() == [[1, 1, 0], [0, 0, 1]] and stats.unknown_labelled == 1
+    held2 = torch.tensor([[[1, 3]]])
+    pseudo2 = torch.tensor([[[1, 0]]])
+    c2 = stats.counts(pseudo2, torch.tensor([[[True, True]]]), held2, num_classes=5)
+    assert c2.dtype == torch.int64 and c2.tolist() == [0, 0, 1, 0, 1, 0, 0]
+    stats.add(c2.numpy())
+    assert stats.confusion.tolist() == [[1, 1, 1], [0, 1, 1]] and stats.unknown_labelled == 1
+    s = stats.summary()
+    # IoU(3) = 1 / (3 + 1 - 1) = 33.3; IoU(1) = 1 / (2 + 2 - 1) = 33.3 (column 1 = 1 + 1)
+    assert [r["iou"] for r in s["per_class"]] == pytest.approx([100 / 3, 100 / 3])
+    assert [r["pixels"] for r in s["per_class"]] == [3, 2] and [r["id"] for r in s["per_class"]] == [3, 1]
+    assert s["accuracy"] == pytest.approx(100 * 2 / 5) and s["coverage"] == pytest.approx(100 * 3 / 5)
+    assert s["pixels"] == 5 and s["unknown_labelled"] == 1
+    # one class never seen in ground truth nor pseudo-labels: left out of the mean
+    one = PseudoLabelStats([2, 4])
+    one.add(one.counts(torch.tensor([[[2]]]), torch.tensor([[[True]]]), torch.tensor([[[2]]]), num_classes=5))
+    assert one.summary()["miou"] == pytest.approx(100.0) and one.summary()["per_class"][1]["iou"] is None
+    # the checkpoint state round trip, and a state of other classes refused
+    again = PseudoLabelStats([3, 1])
+    again.load_state_dict(stats.state_dict())
+    assert again.confusion.tolist() == stats.confusion.tolist() and again.unknown_labelled == 1
+    assert again.confusion.dtype == np.int64
+    with pytest.raises(ValueError, match=r"unseen classes \[1, 3\], not \[3, 1\]"):
+        again.load_state_dict({**stats.state_dict(), "unseen": [1, 3]})
+
+
+def test_pseudo_label_stats_count_class_zero_and_unknown_apart():
+    """Unseen [0, 2] of 3 classes (class id 0 is a real unseen class). Held-out 0 IG IG 2,
+    pseudo-labels 2 0 2 (none): gt 0 -> pseudo 2 (row 0, col 1); two pseudo-labels on unknown
+    pixels; gt 2 without one (row 1, col 2). Counts: [0, 1, 0, 0, 0, 1] + unknown 2."""
+    stats = PseudoLabelStats([0, 2])
+    held = torch.tensor([[[0, IG, IG, 2]]])
+    pseudo = torch.tensor([[[2, 0, 2, IG]]])
+    c = stats.counts(pseudo, pseudo != IG, held, num_classes=3)
+    assert c.tolist() == [0, 1, 0, 0, 0, 1, 2]
+    stats.add(c)
+    assert stats.confusion.tolist() == [[0, 1, 0], [0, 0, 1]] and stats.unknown_labelled == 2
+    assert stats.confusion.dtype == np.int64
+    s = stats.summary(["zero", "two"])
+    assert [r["name"] for r in s["per_class"]] == ["zero", "two"]  # the names given, in unseen order
+    # IoU(0) = 0 / (1 + 0 - 0) = 0; IoU(2) = 0 / (1 + 1 - 0) = 0; nobody right, one of two covered
+    assert [r["iou"] for r in s["per_class"]] == [0.0, 0.0] and s["miou"] == 0.0
+    assert s["accuracy"] == 0.0 and s["coverage"] == pytest.approx(50.0) and s["unknown_labelled"] == 2
+    state = stats.state_dict()
+    assert state["confusion"] == [[0, 1, 0], [0, 0, 1]] and state["unknown"] == 2 and state["unseen"] == [0, 2]
+
+
+def test_a_target_equal_to_the_class_count_is_not_seen_and_a_flat_state_loads():
+    """4 classes: a target value 4 (one past the last id) is no seen class: ignore in the output.
+    A statistics state whose confusion is a flat list loads into the [U, U + 1] matrix."""
+    target = torch.tensor([[[4, 1]]])
+    out, _ = pseudo_label_targets(
+        torch.zeros((1, 4, 1, 2)), target, [3], torch.zeros_like(target, dtype=torch.bool), ignore_index=IG
+    )
+    assert out.tolist() == [[[IG, 1]]]
+    stats = PseudoLabelStats([3, 1])
+    stats.load_state_dict({"unseen": [3, 1], "confusion": [1, 2, 3, 4, 5, 6], "unknown": 0})
+    assert stats.confusion.tolist() == [[1, 2, 3], [4, 5, 6]]

@@ -512,6 +512,15 @@ def test_zegformer_sample_dag_reports_three_variants_and_caches(
     metrics = json.loads((ev_dir / "metrics.json").read_text())
     cm = np.array(metrics["val"]["gzs3"]["confusion_matrix"])
     assert m["val/pAcc"] == pytest.approx(100 * np.trace(cm) / cm.sum())
+    # ---- value checks (glue; tests/test_glue_reference.py): every metric of the three variants
+    # from its matrix, the pixel counts from the label PNGs, and each variant's matrix equal to a
+    # per-image reference forward of the saved segmenter at gamma 0.1 (train_classifier.gamma's
+    # default, the released GZERO_CALIBRATE; evaluate.gamma unset)
+    from test_glue_reference import check_sample_evaluate
+
+    ref = check_sample_evaluate(tmp_path, first.plan, shared_data, {"": "train_classifier"}, {"": 0.1})
+    assert set(ref) == {f"{p}{s}" for p in ("", "zegformer_seg/", "zegformer_img/") for s in ("val", "camvid")}
+    assert [metrics[f"{p}val"]["variant"] for p in ("", "zegformer_seg/", "zegformer_img/")] == list(seg.variants)
     # the same command again: every stage cached, no Ray
     again = _run_again(tmp_path, sample_proposals_overrides, shared_data)
     assert again.returncode == 0 and again.stdout.count(" cached (") == 5 and "running" not in again.stdout
