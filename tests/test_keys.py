@@ -124,7 +124,7 @@ def test_every_hashed_field_changes_the_hashed_view_and_no_runtime_field_does(st
     n_hashed = n_runtime = 0
     for path, field, value in _leaves(cfg):
         if isinstance(value, BaseModel) and hasattr(value, "key_payload"):
-            continue  # ClipSpec: test_clip_spec_counts_by_architecture_and_weights
+            continue  # field by field in test_every_field_of_a_key_payload_model_counts_as_it_should
         new = _replace(cfg, path, _changed(value, field.annotation))
         dotted = ".".join(map(str, path))
         if is_runtime(field, value):
@@ -135,6 +135,74 @@ def test_every_hashed_field_changes_the_hashed_view_and_no_runtime_field_does(st
             n_hashed += 1
             assert hashed_view(new) != base, f"{stage}.{dotted} determines outputs but does not change the key"
     assert n_hashed > 0
+
+
+def _payload_models(model: BaseModel, prefix=()):
+    """``(path, model)`` of every nested model that counts by ``key_payload`` (ClipSpec,
+    ProposalConfig), wherever it sits in a stage config."""
+    for name in type(model).model_fields:
+        v = getattr(model, name)
+        if isinstance(v, BaseModel):
+            yield from ([(prefix + (name,), v)] if hasattr(v, "key_payload") else _payload_models(v, prefix + (name,)))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                if isinstance(x, BaseModel):
+                    yield from _payload_models(x, prefix + (name, i))
+
+
+def _clip_variants(spec, tmp_path):
+    """``{field: a valid ClipSpec that differs from ``spec`` in it}``: the spec allows exactly one
+    weight source, so a change of ``random_init`` is a change to another source."""
+    from zeroseg.config.clip import ClipSpec
+
+    ck = tmp_path / "clip-weights.pt"
+    ck.write_bytes(b"some weights")
+    other_model = "ViT-B-16" if spec.model != "ViT-B-16" else "zeroseg-tiny-vit"
+    src = {"pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "random_init": spec.random_init}
+    out = {"model": ClipSpec(model=other_model, **src)}
+    if not spec.pretrained:
+        out["pretrained"] = out["random_init"] = ClipSpec(model=spec.model, pretrained="openai")
+    if not spec.checkpoint:
+        out["checkpoint"] = ClipSpec(model=spec.model, checkpoint=str(ck))
+    return out
+
+
+_PAYLOAD_STAGES = sorted(s for s, c in CONFIGS.items() if any(True for _ in _payload_models(c)))
+
+
+@pytest.mark.parametrize("stage", _PAYLOAD_STAGES)
+def test_every_field_of_a_key_payload_model_counts_as_it_should(stage, tmp_path):
+    """The property above, inside the models that count by ``key_payload`` (the CLIP spec, the
+    proposal model): each of their fields changes the stage's hashed view, a Runtime field would
+    not. A ClipSpec field changes to another valid spec (its key_payload resolves the
+    architecture and the weights); a ProposalConfig field as above."""
+    from zeroseg.config.clip import ClipSpec
+
+    cfg = CONFIGS[stage]
+    base = hashed_view(cfg)
+    for path, model in _payload_models(cfg):
+        fields = type(model).model_fields
+        if isinstance(model, ClipSpec):
+            variants = _clip_variants(model, tmp_path)
+        else:
+            variants = {}
+            for name, field in fields.items():
+                v = getattr(model, name)
+                new = "IMAGENET1K_V1" if v is None and name == "backbone_weights" else _changed(v, field.annotation)
+                variants[name] = model.model_copy(update={name: new})
+        assert set(variants) == set(fields), f"{stage}.{'.'.join(path)}: a field without a variant"
+        for name, variant in variants.items():
+            changed = hashed_view(_replace(cfg, path, variant)) != base
+            dotted = ".".join(map(str, (*path, name)))
+            if is_runtime(fields[name], getattr(model, name)):
+                assert not changed, f"{stage}.{dotted} is runtime but changes the key"
+            else:
+                assert changed, f"{stage}.{dotted} determines outputs but does not change the key"
+    # and a spelling of the same thing keeps it: ViT-B/16 is ViT-B-16
+    if stage == "embed_text":
+        a = _replace(cfg, ("clip",), ClipSpec(model="ViT-B-16", pretrained="openai"))
+        b = _replace(cfg, ("clip",), ClipSpec(model="ViT-B/16", pretrained="openai"))
+        assert hashed_view(a) == hashed_view(b) != base
 
 
 def test_the_runtime_fields_are_the_ones_the_issue_names():
@@ -321,6 +389,8 @@ def test_a_binding_names_the_key_to_set(tmp_path):
 def _copy_repo(dst: Path) -> Path:
     for d in ("pipeline", "stages", "zeroseg", "configs"):
         shutil.copytree(REPO / d, dst / d, ignore=shutil.ignore_patterns("__pycache__"))
+    # under `make mutants` the copied code is mutmut's trampolined copy, which reads its config here
+    shutil.copy(REPO / "pyproject.toml", dst / "pyproject.toml")
     return dst
 
 
