@@ -262,3 +262,75 @@ def test_a_live_lease_is_kept_by_its_heartbeat(tmp_path):
     info = other._read_lease(other._lease_path("stage_x", KEY))
     assert info is not None and time.time() - info.heartbeat < 1.0
     lease.release()
+
+
+def _holder(pid, pid_start, host=None, heartbeat=1000.0):
+    import socket
+
+    return LeaseInfo("o", host or socket.gethostname(), pid, pid_start, 900.0, heartbeat)
+
+
+def test_holder_alive_checks_the_pid_start_time_and_the_heartbeat():
+    """The holder is the process with the recorded pid *and* start time (within 1 s), while its
+    heartbeat is at most ``ttl`` old; on another host only the heartbeat can be checked."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from pipeline.lease import holder_alive
+
+    me, started = os.getpid(), psutil.Process().create_time()
+    assert holder_alive(_holder(me, started), ttl=30, now=1010.0)
+    # the same pid, another process (a recycled pid): its start time differs
+    assert not holder_alive(_holder(me, started - 100.0), ttl=30, now=1010.0)
+    assert not holder_alive(_holder(me, started + 1.1), ttl=30, now=1010.0)
+    assert holder_alive(_holder(me, started + 0.9), ttl=30, now=1010.0)  # clock rounding: same
+    assert holder_alive(_holder(me, started - 0.9), ttl=30, now=1010.0)
+    # a dead pid
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    assert not holder_alive(_holder(dead, started), ttl=30, now=1010.0)
+    # the heartbeat: 1000.0 + ttl 30 -> alive up to 1030.0 inclusive
+    assert holder_alive(_holder(me, started), ttl=30, now=1030.0)
+    assert not holder_alive(_holder(me, started), ttl=30, now=1030.5)
+    # another host: the pid means nothing here (dead here, maybe alive there): the heartbeat decides
+    assert holder_alive(_holder(dead, 1.0, host="another-machine"), ttl=30, now=1010.0)
+    assert not holder_alive(_holder(me, started, host="another-machine"), ttl=30, now=1031.0)
+
+
+def test_a_lease_of_a_recycled_pid_is_broken(store):
+    """A lease naming a live pid whose process started at another time (the holder died and the
+    pid was reused, here by this very process) does not make the next invocation wait."""
+    info = LeaseInfo.mine("the-dead-holder")
+    info.pid_start -= 3600.0  # the holder started an hour before the process now holding its pid
+    assert store._write_lease(store._lease_path("stage_x", KEY), info)
+    waited = []
+    lease = store.lease("stage_x", KEY, poll=0.05, on_wait=waited.append)
+    assert lease is not None and lease.info.owner != "the-dead-holder" and not waited
+    lease.release()
+
+
+def test_a_lease_of_a_live_holder_makes_the_next_one_wait_until_it_dies(store):
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        info = LeaseInfo.mine("a-live-holder")
+        info.pid, info.pid_start = proc.pid, psutil.Process(proc.pid).create_time()
+        assert store._write_lease(store._lease_path("stage_x", KEY), info)
+        waited, got = [], {}
+        t = threading.Thread(
+            target=lambda: got.update(lease=store.lease("stage_x", KEY, poll=0.05, on_wait=waited.append))
+        )
+        t.start()
+        time.sleep(0.4)
+        assert t.is_alive() and [w.pid for w in waited] == [proc.pid]  # waits, told once
+    finally:
+        proc.kill()
+        proc.wait()
+    t.join(10)
+    assert got["lease"] is not None and got["lease"].info.pid == os.getpid()
+    got["lease"].release()
