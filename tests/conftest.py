@@ -21,6 +21,21 @@ def pytest_configure(config):
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+# `make mutants` runs the tests from mutmut's copy of the tree (mutants/), once per mutant: there
+# the tests that start a Ray cluster are left out (a cluster start per mutant costs more than the
+# mutant's other tests together); docs/testing.md lists what that leaves to the full suite.
+UNDER_MUTMUT = REPO.name == "mutants"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not UNDER_MUTMUT:
+        return
+    ray_tests = [item for item in items if "ray_local" in getattr(item, "fixturenames", ())]
+    if ray_tests:
+        config.hook.pytest_deselected(items=ray_tests)
+        items[:] = [item for item in items if item not in ray_tests]
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not DATA.is_dir():
