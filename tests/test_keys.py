@@ -552,3 +552,78 @@ def test_a_method_that_never_reads_embed_text_is_not_rekeyed_by_it():
     deop = _plan("configs/sample_deop.yaml", objectness)
     assert set(deop.nodes["train_classifier"].bindings) == {"splits", "proposals"}
     assert "text" in _plan("configs/sample_zegformer.yaml").nodes["train_classifier"].bindings
+
+
+# -- the key's formula and why a node is not cached --------------------------------------------
+def test_the_key_is_the_sha256_of_its_components_canonical_json():
+    """A key is sha256 of the sorted, separator-free JSON of {stage, config (hashed view),
+    inputs ({role: upstream key}, sorted by role), code (sha256 of the file map's JSON), data}
+    (recomputed here with json + hashlib): a change of this formula changes every key of a store."""
+    import json
+
+    def sha(obj):
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    p = _plan("configs/sample_deop.yaml")
+    for n in p:
+        c = n.components
+        assert list(c["inputs"]) == sorted(c["inputs"])
+        assert c["inputs"] == {r: p.nodes[u].key for r, u in n.bindings.items()}
+        assert c["config"] == hashed_view(n.config)
+        expected = {"stage": n.name, "config": c["config"], "inputs": c["inputs"], "code": sha(c["code"])}
+        assert n.key == sha({**expected, "data": c["data"]}), n.name
+    assert p.nodes["build_splits"].components["data"] is not None  # the data fingerprint enters
+    assert p.nodes["train_classifier"].components["inputs"].keys() == {"proposals", "splits"}
+
+
+class _Latest:
+    def __init__(self, components):
+        self.components = components
+
+    def latest(self, stage):
+        return None if self.components is None else {"components": self.components}
+
+
+def test_why_not_cached_names_each_changed_component():
+    from pipeline.plan import why_not_cached
+
+    node = _plan().nodes["evaluate"]
+    c = node.components
+    assert why_not_cached(node, None) == "new"
+    assert why_not_cached(node, _Latest(None)) == "new"
+    assert why_not_cached(node, _Latest({})) == "new"
+    same = {k: v for k, v in c.items()}
+    assert why_not_cached(node, _Latest(same)) == "not in the store"
+    old_cfg = {**c["config"], "gamma": 0.5}
+    assert why_not_cached(node, _Latest({**same, "config": old_cfg})) == f"config: gamma 0.5 -> {c['config']['gamma']}"
+    # a key missing on one side is <unset>; after three, a count
+    nested = {**c["config"], "a": {"b": 1}, "z1": 1, "z2": 2}
+    assert why_not_cached(node, _Latest({**same, "config": nested})) == (
+        "config: a {'b': 1} -> <unset>, z1 1 -> <unset>, z2 2 -> <unset>"
+    )
+    nested["z3"] = 3
+    assert why_not_cached(node, _Latest({**same, "config": nested})).endswith("z2 2 -> <unset> (+1 more)")
+    long = {**c["config"], "gamma": "x" * 50}
+    assert f"gamma {'x' * 37}... -> " in why_not_cached(node, _Latest({**same, "config": long}))
+    role = next(iter(c["inputs"]))
+    assert why_not_cached(node, _Latest({**same, "inputs": {**c["inputs"], role: "0" * 64}})) == f"input: {role}"
+    files = sorted(c["code"])
+    code = {**c["code"], files[0]: "old", files[1]: "old", "gone.py": "x"}
+    assert why_not_cached(node, _Latest({**same, "code": code})) == "code: " + ", ".join(
+        sorted([files[0], files[1], "gone.py"])
+    )
+    code[files[2]] = "old"
+    assert why_not_cached(node, _Latest({**same, "code": code})).endswith(" (+1 more)")
+    assert why_not_cached(node, _Latest({**same, "data": "other"})) == "data"
+    both = {**same, "data": "other", "config": old_cfg}
+    assert why_not_cached(node, _Latest(both)) == f"config: gamma 0.5 -> {c['config']['gamma']}; data"
+
+
+def test_config_differences_are_dotted_down_to_the_leaves():
+    from pipeline.plan import _diff
+
+    assert _diff({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"b": 1, "c": 3}, "d": 1}) == [("a.c", 2, 3)]
+    assert _diff({"a": {"b": {"x": 1}}}, {"a": {"b": {"x": 1, "y": 2}}}) == [("a.b.y", "<unset>", 2)]
+    assert _diff({"a": [1, 2]}, {"a": [1, 3]}) == [("a", [1, 2], [1, 3])]  # lists whole
+    assert _diff(1, 2) == [("(all)", 1, 2)] and _diff({"k": 1}, {"k": 1}) == []
+    assert _diff({"a": 1}, {"a": {"b": 1}}) == [("a", 1, {"b": 1})]
