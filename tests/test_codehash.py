@@ -253,8 +253,27 @@ def test_code_fingerprint_paths_and_digests(tmp_path, monkeypatch):
         codehash.source_digest('"""Doc."""\nX = 1\n')
         == hashlib.sha256(ast.dump(ast.parse("X = 1\n")).encode()).hexdigest()
     )
-    with pytest.raises(SyntaxError):
+    with pytest.raises(SyntaxError) as e:
         codehash.source_digest("def (:\n")
+    assert e.value.filename == "<source>"  # the error names the source
+    with pytest.raises(SyntaxError) as e:
+        codehash.source_digest("x = = 1\n", "stages/broken.py")
+    assert e.value.filename == "stages/broken.py"
+
+
+def test_the_digest_cache_sees_a_rewrite_that_keeps_the_modification_time(tmp_path, monkeypatch):
+    """The per-file cache is keyed on modification time *and* size: a file rewritten within
+    the filesystem's time resolution (same mtime_ns) but to another length is hashed again."""
+    top = f"zs_ch_{next(_NAMES)}"
+    _write(tmp_path, {f"{top}/__init__.py": "", f"{top}/m.py": "X = 1\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = tmp_path / top / "m.py"
+    before = codehash.code_fingerprint([f"{top}.m"], (top,))[f"{top}/m.py"]
+    st = m.stat()
+    m.write_text("X = 1000\n")
+    os.utime(m, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = codehash.code_fingerprint([f"{top}.m"], (top,))[f"{top}/m.py"]
+    assert after != before and after == hashlib.sha256(ast.dump(ast.parse("X = 1000\n")).encode()).hexdigest()
 
 
 def test_strip_docstrings_keeps_a_leading_non_string_and_a_later_string():
