@@ -124,7 +124,7 @@ def test_every_hashed_field_changes_the_hashed_view_and_no_runtime_field_does(st
     n_hashed = n_runtime = 0
     for path, field, value in _leaves(cfg):
         if isinstance(value, BaseModel) and hasattr(value, "key_payload"):
-            continue  # ClipSpec: test_clip_spec_counts_by_architecture_and_weights
+            continue  # field by field in test_every_field_of_a_key_payload_model_counts_as_it_should
         new = _replace(cfg, path, _changed(value, field.annotation))
         dotted = ".".join(map(str, path))
         if is_runtime(field, value):
@@ -135,6 +135,74 @@ def test_every_hashed_field_changes_the_hashed_view_and_no_runtime_field_does(st
             n_hashed += 1
             assert hashed_view(new) != base, f"{stage}.{dotted} determines outputs but does not change the key"
     assert n_hashed > 0
+
+
+def _payload_models(model: BaseModel, prefix=()):
+    """``(path, model)`` of every nested model that counts by ``key_payload`` (ClipSpec,
+    ProposalConfig), wherever it sits in a stage config."""
+    for name in type(model).model_fields:
+        v = getattr(model, name)
+        if isinstance(v, BaseModel):
+            yield from ([(prefix + (name,), v)] if hasattr(v, "key_payload") else _payload_models(v, prefix + (name,)))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                if isinstance(x, BaseModel):
+                    yield from _payload_models(x, prefix + (name, i))
+
+
+def _clip_variants(spec, tmp_path):
+    """``{field: a valid ClipSpec that differs from ``spec`` in it}``: the spec allows exactly one
+    weight source, so a change of ``random_init`` is a change to another source."""
+    from zeroseg.config.clip import ClipSpec
+
+    ck = tmp_path / "clip-weights.pt"
+    ck.write_bytes(b"some weights")
+    other_model = "ViT-B-16" if spec.model != "ViT-B-16" else "zeroseg-tiny-vit"
+    src = {"pretrained": spec.pretrained, "checkpoint": spec.checkpoint, "random_init": spec.random_init}
+    out = {"model": ClipSpec(model=other_model, **src)}
+    if not spec.pretrained:
+        out["pretrained"] = out["random_init"] = ClipSpec(model=spec.model, pretrained="openai")
+    if not spec.checkpoint:
+        out["checkpoint"] = ClipSpec(model=spec.model, checkpoint=str(ck))
+    return out
+
+
+_PAYLOAD_STAGES = sorted(s for s, c in CONFIGS.items() if any(True for _ in _payload_models(c)))
+
+
+@pytest.mark.parametrize("stage", _PAYLOAD_STAGES)
+def test_every_field_of_a_key_payload_model_counts_as_it_should(stage, tmp_path):
+    """The property above, inside the models that count by ``key_payload`` (the CLIP spec, the
+    proposal model): each of their fields changes the stage's hashed view, a Runtime field would
+    not. A ClipSpec field changes to another valid spec (its key_payload resolves the
+    architecture and the weights); a ProposalConfig field as above."""
+    from zeroseg.config.clip import ClipSpec
+
+    cfg = CONFIGS[stage]
+    base = hashed_view(cfg)
+    for path, model in _payload_models(cfg):
+        fields = type(model).model_fields
+        if isinstance(model, ClipSpec):
+            variants = _clip_variants(model, tmp_path)
+        else:
+            variants = {}
+            for name, field in fields.items():
+                v = getattr(model, name)
+                new = "IMAGENET1K_V1" if v is None and name == "backbone_weights" else _changed(v, field.annotation)
+                variants[name] = model.model_copy(update={name: new})
+        assert set(variants) == set(fields), f"{stage}.{'.'.join(path)}: a field without a variant"
+        for name, variant in variants.items():
+            changed = hashed_view(_replace(cfg, path, variant)) != base
+            dotted = ".".join(map(str, (*path, name)))
+            if is_runtime(fields[name], getattr(model, name)):
+                assert not changed, f"{stage}.{dotted} is runtime but changes the key"
+            else:
+                assert changed, f"{stage}.{dotted} determines outputs but does not change the key"
+    # and a spelling of the same thing keeps it: ViT-B/16 is ViT-B-16
+    if stage == "embed_text":
+        a = _replace(cfg, ("clip",), ClipSpec(model="ViT-B-16", pretrained="openai"))
+        b = _replace(cfg, ("clip",), ClipSpec(model="ViT-B/16", pretrained="openai"))
+        assert hashed_view(a) == hashed_view(b) != base
 
 
 def test_the_runtime_fields_are_the_ones_the_issue_names():
@@ -484,3 +552,78 @@ def test_a_method_that_never_reads_embed_text_is_not_rekeyed_by_it():
     deop = _plan("configs/sample_deop.yaml", objectness)
     assert set(deop.nodes["train_classifier"].bindings) == {"splits", "proposals"}
     assert "text" in _plan("configs/sample_zegformer.yaml").nodes["train_classifier"].bindings
+
+
+# -- the key's formula and why a node is not cached --------------------------------------------
+def test_the_key_is_the_sha256_of_its_components_canonical_json():
+    """A key is sha256 of the sorted, separator-free JSON of {stage, config (hashed view),
+    inputs ({role: upstream key}, sorted by role), code (sha256 of the file map's JSON), data}
+    (recomputed here with json + hashlib): a change of this formula changes every key of a store."""
+    import json
+
+    def sha(obj):
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    p = _plan("configs/sample_deop.yaml")
+    for n in p:
+        c = n.components
+        assert list(c["inputs"]) == sorted(c["inputs"])
+        assert c["inputs"] == {r: p.nodes[u].key for r, u in n.bindings.items()}
+        assert c["config"] == hashed_view(n.config)
+        expected = {"stage": n.name, "config": c["config"], "inputs": c["inputs"], "code": sha(c["code"])}
+        assert n.key == sha({**expected, "data": c["data"]}), n.name
+    assert p.nodes["build_splits"].components["data"] is not None  # the data fingerprint enters
+    assert p.nodes["train_classifier"].components["inputs"].keys() == {"proposals", "splits"}
+
+
+class _Latest:
+    def __init__(self, components):
+        self.components = components
+
+    def latest(self, stage):
+        return None if self.components is None else {"components": self.components}
+
+
+def test_why_not_cached_names_each_changed_component():
+    from pipeline.plan import why_not_cached
+
+    node = _plan().nodes["evaluate"]
+    c = node.components
+    assert why_not_cached(node, None) == "new"
+    assert why_not_cached(node, _Latest(None)) == "new"
+    assert why_not_cached(node, _Latest({})) == "new"
+    same = {k: v for k, v in c.items()}
+    assert why_not_cached(node, _Latest(same)) == "not in the store"
+    old_cfg = {**c["config"], "gamma": 0.5}
+    assert why_not_cached(node, _Latest({**same, "config": old_cfg})) == f"config: gamma 0.5 -> {c['config']['gamma']}"
+    # a key missing on one side is <unset>; after three, a count
+    nested = {**c["config"], "a": {"b": 1}, "z1": 1, "z2": 2}
+    assert why_not_cached(node, _Latest({**same, "config": nested})) == (
+        "config: a {'b': 1} -> <unset>, z1 1 -> <unset>, z2 2 -> <unset>"
+    )
+    nested["z3"] = 3
+    assert why_not_cached(node, _Latest({**same, "config": nested})).endswith("z2 2 -> <unset> (+1 more)")
+    long = {**c["config"], "gamma": "x" * 50}
+    assert f"gamma {'x' * 37}... -> " in why_not_cached(node, _Latest({**same, "config": long}))
+    role = next(iter(c["inputs"]))
+    assert why_not_cached(node, _Latest({**same, "inputs": {**c["inputs"], role: "0" * 64}})) == f"input: {role}"
+    files = sorted(c["code"])
+    code = {**c["code"], files[0]: "old", files[1]: "old", "gone.py": "x"}
+    assert why_not_cached(node, _Latest({**same, "code": code})) == "code: " + ", ".join(
+        sorted([files[0], files[1], "gone.py"])
+    )
+    code[files[2]] = "old"
+    assert why_not_cached(node, _Latest({**same, "code": code})).endswith(" (+1 more)")
+    assert why_not_cached(node, _Latest({**same, "data": "other"})) == "data"
+    both = {**same, "data": "other", "config": old_cfg}
+    assert why_not_cached(node, _Latest(both)) == f"config: gamma 0.5 -> {c['config']['gamma']}; data"
+
+
+def test_config_differences_are_dotted_down_to_the_leaves():
+    from pipeline.plan import _diff
+
+    assert _diff({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"b": 1, "c": 3}, "d": 1}) == [("a.c", 2, 3)]
+    assert _diff({"a": {"b": {"x": 1}}}, {"a": {"b": {"x": 1, "y": 2}}}) == [("a.b.y", "<unset>", 2)]
+    assert _diff({"a": [1, 2]}, {"a": [1, 3]}) == [("a", [1, 2], [1, 3])]  # lists whole
+    assert _diff(1, 2) == [("(all)", 1, 2)] and _diff({"k": 1}, {"k": 1}) == []
+    assert _diff({"a": 1}, {"a": {"b": 1}}) == [("a", 1, {"b": 1})]

@@ -262,3 +262,195 @@ def test_a_live_lease_is_kept_by_its_heartbeat(tmp_path):
     info = other._read_lease(other._lease_path("stage_x", KEY))
     assert info is not None and time.time() - info.heartbeat < 1.0
     lease.release()
+
+
+def _holder(pid, pid_start, host=None, heartbeat=1000.0):
+    import socket
+
+    return LeaseInfo("o", host or socket.gethostname(), pid, pid_start, 900.0, heartbeat)
+
+
+def test_holder_alive_checks_the_pid_start_time_and_the_heartbeat():
+    """The holder is the process with the recorded pid *and* start time (within 1 s), while its
+    heartbeat is at most ``ttl`` old; on another host only the heartbeat can be checked."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from pipeline.lease import holder_alive
+
+    me, started = os.getpid(), psutil.Process().create_time()
+    assert holder_alive(_holder(me, started), ttl=30, now=1010.0)
+    # the same pid, another process (a recycled pid): its start time differs
+    assert not holder_alive(_holder(me, started - 100.0), ttl=30, now=1010.0)
+    assert not holder_alive(_holder(me, started + 1.1), ttl=30, now=1010.0)
+    assert holder_alive(_holder(me, started + 0.9), ttl=30, now=1010.0)  # clock rounding: same
+    assert holder_alive(_holder(me, started - 0.9), ttl=30, now=1010.0)
+    # a dead pid
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    assert not holder_alive(_holder(dead, started), ttl=30, now=1010.0)
+    # the heartbeat: 1000.0 + ttl 30 -> alive up to 1030.0 inclusive
+    assert holder_alive(_holder(me, started), ttl=30, now=1030.0)
+    assert not holder_alive(_holder(me, started), ttl=30, now=1030.5)
+    # another host: the pid means nothing here (dead here, maybe alive there): the heartbeat decides
+    assert holder_alive(_holder(dead, 1.0, host="another-machine"), ttl=30, now=1010.0)
+    assert not holder_alive(_holder(me, started, host="another-machine"), ttl=30, now=1031.0)
+
+
+def test_a_lease_of_a_recycled_pid_is_broken(store):
+    """A lease naming a live pid whose process started at another time (the holder died and the
+    pid was reused, here by this very process) does not make the next invocation wait."""
+    info = LeaseInfo.mine("the-dead-holder")
+    info.pid_start -= 3600.0  # the holder started an hour before the process now holding its pid
+    assert store._write_lease(store._lease_path("stage_x", KEY), info)
+    waited = []
+    lease = store.lease("stage_x", KEY, poll=0.05, on_wait=waited.append)
+    assert lease is not None and lease.info.owner != "the-dead-holder" and not waited
+    lease.release()
+
+
+def test_a_lease_of_a_live_holder_makes_the_next_one_wait_until_it_dies(store):
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        info = LeaseInfo.mine("a-live-holder")
+        info.pid, info.pid_start = proc.pid, psutil.Process(proc.pid).create_time()
+        assert store._write_lease(store._lease_path("stage_x", KEY), info)
+        waited, got = [], {}
+        t = threading.Thread(
+            target=lambda: got.update(lease=store.lease("stage_x", KEY, poll=0.05, on_wait=waited.append))
+        )
+        t.start()
+        time.sleep(0.4)
+        assert t.is_alive() and [w.pid for w in waited] == [proc.pid]  # waits, told once
+    finally:
+        proc.kill()
+        proc.wait()
+    t.join(10)
+    assert got["lease"] is not None and got["lease"].info.pid == os.getpid()
+    got["lease"].release()
+
+
+# -- the manifest, listing, paths, deletion ------------------------------------------------
+def test_the_manifest_lists_every_file_with_its_size_and_sha256(store, tmp_path):
+    import hashlib
+
+    from pipeline.store import sha256_file
+
+    t0 = time.time()
+    store.publish("stage_x", KEY, _stage_output(store, "hello"), {"metrics": {"m": 2.0}})
+    m = json.loads((tmp_path / "store" / "stage_x" / KEY / "manifest.json").read_text())
+    # sorted by path; sizes and digests from hashlib over the bytes written above
+    assert m["files"] == [
+        {"path": "g.bin", "size": 2, "sha256": hashlib.sha256(b"\x00\x01").hexdigest()},
+        {"path": "sub/f.txt", "size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()},
+    ]
+    assert (
+        (m["key"], m["stage"]) == (KEY, "stage_x")
+        and m["metrics"] == {"m": 2.0}
+        and t0 <= m["published_at"] <= time.time()
+    )
+    assert store.size("stage_x", KEY) == 2 + 5 + (tmp_path / "store" / "stage_x" / KEY / "manifest.json").stat().st_size
+    # sha256_file reads in chunks: a chunk smaller than the file gives the same digest
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 5)
+    assert sha256_file(big, chunk=7) == sha256_file(big) == hashlib.sha256(bytes(range(256)) * 5).hexdigest()
+
+
+def test_a_stage_may_not_write_a_manifest(store):
+    d = _stage_output(store)
+    (d / "manifest.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="reserved"):
+        store.publish("stage_x", KEY, d, {})
+    assert not store.exists("stage_x", KEY)
+
+
+def test_artifacts_lists_published_ones_only_and_latest_is_the_newest(store, tmp_path):
+    k2, k3 = "b" * 64, "c" * 64
+    store.publish("stage_x", KEY, _stage_output(store, "one"), {"n": 1})
+    time.sleep(0.02)
+    d = store.staging_dir("stage_x", k2)
+    (d / "f").write_text("two")
+    store.publish("stage_x", k2, d, {"n": 2})
+    d = store.staging_dir("stage_y", k3)
+    (d / "f").write_text("three")
+    store.publish("stage_y", k3, d, {"n": 3})
+    (tmp_path / "store" / "stage_x" / ("d" * 64)).mkdir()  # no manifest: not an artifact
+    (tmp_path / "store" / "stage_x" / ".hidden").mkdir()
+    store.lease("stage_x", "e" * 64).release()  # .leases/ is not a stage
+    (tmp_path / "store" / "_train" / "x").mkdir(parents=True)  # nor the checkpoints
+    store.staging_dir("stage_z", KEY)  # nor .staging/
+    assert sorted((s, k) for s, k, _ in store.artifacts()) == [("stage_x", KEY), ("stage_x", k2), ("stage_y", k3)]
+    assert sorted(k for _, k, _ in store.artifacts("stage_x")) == [KEY, k2]
+    assert list(store.artifacts("stage_none")) == []
+    assert store.latest("stage_x")["n"] == 2 and store.latest("stage_y")["n"] == 3
+    assert store.latest("stage_none") is None
+    os.utime(tmp_path / "store" / "stage_x" / KEY / "manifest.json", (time.time() + 60, time.time() + 60))
+    assert store.latest("stage_x")["n"] == 1  # by the manifest's modification time
+
+
+def test_paths_of_a_local_store(store, tmp_path):
+    root = (tmp_path / "store").resolve()
+    assert store.uri("stage_x", KEY) == f"{root}/stage_x/{KEY}"
+    assert store.train_storage() == f"{root}/_train"
+    assert store.checkpoint_dir("stage_x", KEY) == f"stage_x-{KEY[:16]}"
+    d = store.staging_dir("stage_x", KEY)
+    assert d.parent == root / ".staging" and d.name.startswith(f"stage_x-{KEY[:16]}-") and d.is_dir()
+    assert store.staging_dir("stage_x", KEY) != d  # unique per attempt
+    assert ArtifactStore(f"file://{tmp_path / 'store'}", tmp_path / "c").local
+
+
+def test_delete_removes_the_manifest_the_files_and_the_checkpoints(store, tmp_path):
+    store.publish("stage_x", KEY, _stage_output(store), {})
+    other = "b" * 64
+    ck = tmp_path / "store" / "_train" / store.checkpoint_dir("stage_x", KEY) / "checkpoint_000001"
+    ck.mkdir(parents=True)
+    keep = tmp_path / "store" / "_train" / store.checkpoint_dir("stage_x", other)
+    keep.mkdir(parents=True)
+    store.delete("stage_x", KEY)
+    assert not store.exists("stage_x", KEY) and not (tmp_path / "store" / "stage_x" / KEY).exists()
+    assert not ck.parent.exists() and keep.is_dir()
+    store.delete("stage_x", KEY)  # twice: nothing left, no error
+    store.delete_checkpoints("stage_x", other)
+    assert not keep.exists()
+
+
+def test_an_unreadable_manifest_is_not_done(store, tmp_path):
+    store.publish("stage_x", KEY, _stage_output(store), {})
+    (tmp_path / "store" / "stage_x" / KEY / "manifest.json").write_text("{not json")
+    assert store.read_manifest("stage_x", KEY) is None and store.get("stage_x", KEY) is None
+
+
+def test_object_store_checks_sizes_and_digests_and_refreshes_a_republished_copy(tmp_path):
+    store, _ = _object_store(tmp_path)
+    store.publish("stage_x", KEY, _stage_output(store, "one"), {})
+    assert store.staging_dir("stage_x", KEY).parent == tmp_path / "cache" / ".staging"
+    assert store.train_storage() == "rec://remote/_train"
+    reader, _ = _object_store(tmp_path, cache="rcache")
+    assert reader.get("stage_x", KEY).file("sub/f.txt").read_text() == "one"
+    # re-published (forced) with new content of the same size: the reader's copy is dropped
+    time.sleep(0.01)
+    store.publish("stage_x", KEY, _stage_output(store, "two"), {})
+    assert reader.get("stage_x", KEY).file("sub/f.txt").read_text() == "two"
+    # a remote file whose size differs from the manifest
+    remote = tmp_path / "remote" / "root" / "stage_x" / KEY / "sub" / "f.txt"
+    remote.write_text("three!")
+    with pytest.raises(CorruptArtifact, match="6 bytes, manifest says 3"):
+        reader.get("stage_x", KEY)
+    # the same size, other bytes: caught when the file is fetched, and not left in the cache
+    remote.write_text("six")
+    fresh, _ = _object_store(tmp_path, cache="fcache")
+    art = fresh.get("stage_x", KEY)
+    with pytest.raises(CorruptArtifact, match="sha256"):
+        art.file("sub/f.txt")
+    assert not (tmp_path / "fcache" / "stage_x" / KEY / "sub" / "f.txt").exists()
+    remote.unlink()
+    with pytest.raises(CorruptArtifact, match="missing"):
+        fresh.get("stage_x", KEY)
+    fresh.delete("stage_x", KEY)
+    assert not fresh.exists("stage_x", KEY) and not (tmp_path / "fcache" / "stage_x" / KEY).exists()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,66 @@ def test_seeds_aggregate_into_mean_and_sample_std():
     assert (other.mean, other.std, other.seeds, other.trials) == (12.0, 2.0, [0, 1, 2], ["a", "b", "c"])
     assert [g.params for g in aggregate(rows, "m", "min")] == [{"g": 0.1}, {"g": 0.2}]
     assert isinstance(best, ConfigResult)
+
+
+def test_a_nan_trial_and_a_failed_trial_are_left_out_of_the_aggregate():
+    """Trial rows built from a Tune result grid (stand-ins) with a failed trial, a NaN metric and
+    an infinite one, a trial ASHA stopped and one an interruption left unfinished; expected
+    values by hand."""
+    import numpy as np
+
+    from pipeline.sweep.results import trial_rows
+
+    def result(tid, g, seed, metrics, error=None):
+        return types.SimpleNamespace(
+            config={"params": {"evaluate.gamma": np.float64(g)}, "seed": seed},
+            metrics={"trial_id": tid, **metrics},
+            path=f"/exp/trial_{tid}",
+            error=error,
+        )
+
+    m = "evaluate/val/hIoU"
+    grid = [
+        result("a0", 0.1, 0, {m: 30.0}),
+        result("a1", 0.1, 1, {m: float("nan")}),  # diverged: NaN
+        result("a2", 0.1, 2, {m: 50.0}),
+        result("a3", 0.1, 3, {}, error=RuntimeError("CUDA out of memory\nTraceback ...")),
+        result("b0", 0.2, 0, {m: 35.0}),
+        result("b1", 0.2, 1, {m: float("inf")}),
+        result("b2", 0.2, 2, {"train_classifier/step": 4, "done": True}),  # ASHA stopped it
+        result("c0", 0.3, 0, {m: float("nan")}),
+        result("c1", 0.3, 1, {}),  # interrupted
+        result("d0", 0.4, 0, {m: 40}),  # an int metric
+    ]
+    rows = trial_rows(grid, m)
+    assert [r["status"] for r in rows] == [
+        "finished",
+        "finished",
+        "finished",
+        "error",
+        "finished",
+        "finished",
+        "stopped",
+        "finished",
+        "unfinished",
+        "finished",
+    ]
+    assert rows[3]["error"] == "CUDA out of memory" and rows[0]["error"] is None
+    assert rows[0]["params"] == {"evaluate.gamma": 0.1} and type(rows[0]["params"]["evaluate.gamma"]) is float
+    assert rows[2]["trial_id"] == "a2" and rows[2]["seed"] == 2
+    res = aggregate(rows, m, "max")
+    # by hand: gamma 0.1 keeps seeds 0 and 2 (30, 50): mean 40, sample std sqrt((10^2 + 10^2) / 1)
+    # = 14.142...; gamma 0.2 keeps seed 0 only (35, std NaN); 0.3 has no finite value (absent);
+    # 0.4: 40. Best first by mean, ties in the order seen: 0.1 (40), 0.4 (40), 0.2 (35)
+    assert [g.params["evaluate.gamma"] for g in res] == [0.1, 0.4, 0.2]
+    a, d, b = res
+    assert (a.values, a.seeds, a.trials, a.mean) == ([30.0, 50.0], [0, 2], ["a0", "a2"], 40.0)
+    assert a.std == pytest.approx(200**0.5, rel=1e-12)
+    assert (b.values, b.mean) == ([35.0], 35.0) and math.isnan(b.std)
+    assert d.values == [40.0] and type(d.values[0]) is float
+    assert [g.params["evaluate.gamma"] for g in aggregate(rows, m, "min")] == [0.2, 0.1, 0.4]
+    assert aggregate(rows, "no/such/metric", "max") == []
+    assert math.isnan(ConfigResult({}, [], [], []).mean)
 
 
 def _sweep_cli(work: Path, sweep: str, *extra: str, interrupt: bool = False, env=None) -> tuple[int, str]:
