@@ -34,9 +34,11 @@ bench: install
 # Mutation testing (docs/testing.md), not part of CI: mutmut over the modules [tool.mutmut] in
 # pyproject.toml lists, with their fast tests; then the score a module. MUTANTS narrows the run to
 # some mutants by name, e.g. make mutants MUTANTS='zeroseg.losses.*'. mutmut keeps its results in
-# mutants/ and re-runs only what changed; rm -rf mutants for a clean measurement.
+# mutants/ and re-runs only the mutants of changed functions; rm -rf mutants for a clean measurement.
 MUTANTS ?=
 mutants: install
+	@# mutmut copies tests/ into mutants/ only when it creates mutants/: refresh them
+	if [ -d mutants/tests ]; then rm -rf mutants/tests && cp -r tests mutants/tests; fi
 	ZEROSEG_DATA=$${ZEROSEG_DATA:-$(abspath ../shared/data)} $(VENV)/bin/mutmut run --max-children $$(nproc) $(MUTANTS) > mutants.log 2>&1 || (tail -40 mutants.log; exit 1)
 	$(PY) devtools/mutation_report.py
 
