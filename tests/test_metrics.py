@@ -280,3 +280,259 @@ def test_per_class_plot_of_171_classes_is_drawn_horizontally(tmp_path):
     w, h = Image.open(out).size
     # 171 rows at 0.16 in + 1.5 in of margins, 100 dpi: about 2886 px tall and 800 wide
     assert (w, h) == (800, int((0.16 * 171 + 1.5) * 100))
+
+
+# ------------------------------------------------------------------------------------------
+# zeroseg.confusion: boundaries of the argument checks, the value an error names, both counting
+# back ends and both row schemes (uint8 label-value rows; other dtypes [0, C) / ignore / invalid)
+# ------------------------------------------------------------------------------------------
+def _np_reference(pred, gt, c, ignore):
+    """Brute-force confusion matrix: one loop over the pixels."""
+    ref = np.zeros((c, c), np.int64)
+    for g, p in zip(np.asarray(gt).reshape(-1).tolist(), np.asarray(pred).reshape(-1).tolist(), strict=True):
+        if g != ignore:
+            ref[g, p] += 1
+    return ref
+
+
+def _both(pred, gt, c, **kw):
+    """The NumPy function's and the torch function's matrix (as arrays)."""
+    a = confusion_matrix(np.asarray(pred), np.asarray(gt), c, **kw)
+    b = confusion_matrix_torch(torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(gt)), c, **kw)
+    return a, b.numpy()
+
+
+def test_ignore_index_must_not_be_a_class_id_boundaries(counting):
+    # C = 5: ignore_index in [0, 5) is a class id and refused at both ends (0 and 4); 5 (== C) and
+    # -1 are legal ignore values for int64 labels.
+    pred = np.array([[0, 1, 2], [3, 4, 0]], np.int64)
+    for bad in (0, 4):
+        for fn in (confusion_matrix, confusion_matrix_torch):
+            arg = pred if fn is confusion_matrix else torch.from_numpy(pred)
+            with pytest.raises(ValueError, match=f"ignore_index {bad} is a class id"):
+                fn(arg, arg, 5, ignore_index=bad)
+        with pytest.raises(ValueError, match="is a class id"):
+            gzs3_zs3_confusion(
+                torch.zeros(1, 5, 2, 3), torch.from_numpy(pred)[None], [0, 1], [2, 3, 4], ignore_index=bad
+            )
+    # ignore 5 (== C): gt [[0, 5, 2], [3, 5, 1]] -> the two 5s are ignored; pairs (0,0) (2,2) (3,3) (1,0)
+    gt = np.array([[0, 5, 2], [3, 5, 1]], np.int64)
+    expected = np.zeros((5, 5), np.int64)
+    for g, p in ((0, 0), (2, 2), (3, 3), (1, 0)):
+        expected[g, p] += 1
+    for cm in _both(pred, gt, 5, ignore_index=5):
+        np.testing.assert_array_equal(cm, expected)
+    # ignore -1 the same way
+    for cm in _both(pred, np.where(gt == 5, -1, gt), 5, ignore_index=-1):
+        np.testing.assert_array_equal(cm, expected)
+    # and with ignore 5, a 255 is an invalid label (not silently ignored)
+    with pytest.raises(ValueError, match="ground-truth value 255"):
+        confusion_matrix(pred, np.where(gt == 5, 255, gt), 5, ignore_index=5)
+
+
+def test_one_class_is_legal_and_zero_classes_are_not(counting):
+    # C = 1: every valid pixel is (0, 0); gt [[0, 255, 0]] -> cm [[2]]
+    gt = np.array([[0, 255, 0]], np.uint8)
+    pred = np.zeros((1, 3), np.int64)
+    for cm in _both(pred, gt, 1):
+        assert cm.tolist() == [[2]]
+    for fn, a, b in (
+        (confusion_matrix, pred, gt),
+        (confusion_matrix_torch, torch.from_numpy(pred), torch.from_numpy(gt)),
+    ):
+        with pytest.raises(ValueError, match="num_classes must be >= 1"):
+            fn(a, b, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.int32])
+def test_a_label_equal_to_num_classes_is_an_error_not_ignored(counting, dtype):
+    # C = 5, label 5 (just above the last class id 4): must raise in every row scheme, and the
+    # message names the first bad value in reading order. gt row-major: 0, 4, 255, 5, 6, ...:
+    # 0 and 4 are classes (the lowest and highest), 255 the ignore value, 5 the first bad one.
+    gt = np.array([[0, 4, 255], [5, 6, 1]], dtype)
+    pred = np.zeros((2, 3), np.int64)
+    for fn, a, b in (
+        (confusion_matrix, pred, gt),
+        (confusion_matrix_torch, torch.from_numpy(pred), torch.from_numpy(gt)),
+    ):
+        with pytest.raises(
+            ValueError, match=r"ground-truth value 5 is outside \[0, 5\) and is not the ignore index 255"
+        ):
+            fn(a, b, 5)
+    if dtype is not np.uint8:  # a negative first bad value, after a 0 (0 is valid)
+        gt2 = np.array([[0, 255, -3], [-1, 7, 1]], dtype)
+        with pytest.raises(ValueError, match="ground-truth value -3 is"):
+            confusion_matrix(pred, gt2, 5)
+        with pytest.raises(ValueError, match="ground-truth value -3 is"):
+            confusion_matrix_torch(torch.from_numpy(pred), torch.from_numpy(gt2), 5)
+    # labels 0 and 4 at the edges are counted: pairs (0, p) and (4, p)
+    ok = np.array([[0, 4, 255], [4, 0, 0]], dtype)
+    pred_ok = np.array([[4, 0, 3], [4, 1, 0]], np.int64)
+    for cm in _both(pred_ok, ok, 5):
+        np.testing.assert_array_equal(cm, _np_reference(pred_ok, ok, 5, 255))
+        assert cm[0, 4] == 1 and cm[4, 0] == 1 and cm[4, 4] == 1 and cm[0, 1] == 1 and cm[0, 0] == 1
+
+
+def test_a_prediction_just_outside_the_classes_at_a_valid_pixel_is_an_error(counting):
+    # C = 5: prediction 5 (== C) or -1 at a valid pixel raises naming the first bad value; the
+    # same values at ignored pixels are not looked at (and a 0 or 4 at a valid pixel is fine).
+    gt = np.array([[0, 1, 255], [2, 255, 4]], np.uint8)
+    for bad_vals, first in (((5, 9), 5), ((-1, 7), -1), ((6, 5), 6)):
+        pred = np.array([[0, bad_vals[0], 0], [bad_vals[1], 3, 4]], np.int64)
+        for fn, a, b in (
+            (confusion_matrix, pred, gt),
+            (confusion_matrix_torch, torch.from_numpy(pred), torch.from_numpy(gt)),
+        ):
+            with pytest.raises(ValueError, match=rf"prediction value {first} is outside \[0, 5\) at a valid pixel"):
+                fn(a, b, 5)
+    # out-of-range predictions only where gt is 255; 0 and 4 at valid pixels
+    pred = np.array([[0, 4, 5], [4, -1, 0]], np.int64)
+    for g in (gt, gt.astype(np.int64)):
+        for cm in _both(pred, g, 5):
+            # pairs (0,0) (1,4) (2,4) (4,0)
+            np.testing.assert_array_equal(cm, _np_reference(np.where(g == 255, 0, pred), g, 5, 255))
+            assert cm.sum() == 4 and cm[1, 4] == 1 and cm[2, 4] == 1 and cm[4, 0] == 1 and cm[0, 0] == 1
+
+
+def test_uint8_labels_with_an_ignore_index_outside_the_byte_range(counting):
+    # uint8 labels, ignore_index 256 (or -1): no byte value is ignored, so a 255 is an invalid
+    # label, and a map without 255 is counted in full.
+    gt = np.array([[0, 2], [1, 2]], np.uint8)
+    pred = np.array([[2, 2], [1, 0]], np.int64)
+    for ignore in (256, -1):
+        for cm in _both(pred, gt, 3, ignore_index=ignore):
+            np.testing.assert_array_equal(cm, [[0, 0, 1], [0, 1, 0], [1, 0, 1]])
+        with pytest.raises(ValueError, match="ground-truth value 255"):
+            confusion_matrix(pred, np.array([[0, 255], [1, 2]], np.uint8), 3, ignore_index=ignore)
+        with pytest.raises(ValueError, match="ground-truth value 255"):
+            confusion_matrix_torch(
+                torch.from_numpy(pred), torch.tensor([[0, 255], [1, 2]], dtype=torch.uint8), 3, ignore_index=ignore
+            )
+    # uint8 labels, ignore 200 (not 255): 200 is dropped, 255 is invalid
+    gt2 = np.array([[0, 200], [1, 2]], np.uint8)
+    for cm in _both(pred, gt2, 3, ignore_index=200):
+        np.testing.assert_array_equal(cm, [[0, 0, 1], [0, 1, 0], [1, 0, 0]])
+
+
+def test_255_classes_with_ignore_255_in_uint8(counting):
+    # C = 255 (ids 0..254) and ignore 255: the uint8 ignore row is row C itself.
+    gt = np.array([[254, 255, 0], [3, 255, 254]], np.uint8)
+    pred = np.array([[254, 7, 1], [3, 254, 0]], np.int64)
+    for g in (gt, gt.astype(np.int64)):
+        for cm in _both(pred, g, 255):
+            np.testing.assert_array_equal(cm, _np_reference(pred, g, 255, 255))
+            assert cm.sum() == 4
+
+
+def test_input_checks(counting):
+    p = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="same shape"):
+        confusion_matrix_torch(p, torch.zeros(3, 2, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="integer tensors"):
+        confusion_matrix_torch(p.float(), p, 5)
+    with pytest.raises(ValueError, match="integer tensors"):
+        confusion_matrix_torch(p, p.float(), 5)
+    with pytest.raises(ValueError, match="integer arrays"):
+        confusion_matrix(p.numpy().astype(float), p.numpy(), 5)
+    with pytest.raises(ValueError, match="integer arrays"):
+        confusion_matrix(p.numpy(), p.numpy().astype(float), 5)
+    s = torch.zeros(1, 4, 2, 3)
+    lab = torch.zeros(1, 2, 3, dtype=torch.uint8)
+    for bad_s, bad_l in (
+        (s[0], lab),  # scores 3-D
+        (s, lab[0]),  # labels 2-D
+        (s.repeat(2, 1, 1, 1), lab),  # batch differs
+        (s, torch.zeros(1, 3, 3, dtype=torch.uint8)),  # height differs
+        (s, torch.zeros(1, 2, 4, dtype=torch.uint8)),  # width differs
+    ):
+        with pytest.raises(ValueError, match="scores must be"):
+            gzs3_zs3_confusion(bad_s, bad_l, [0, 1], [2, 3])
+    with pytest.raises(ValueError, match="scores must be"):
+        calibrated_argmax(s[0], [0], 0.5)
+    for seen, unseen, msg in (
+        ([0, 4], [2], r"seen ids \[4\] are outside"),
+        ([-1], [2], r"seen ids \[-1\] are outside"),
+        ([0], [1, 1], "contain duplicates"),
+        ([0, 1], [1, 2], r"class ids \[1\] are both"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            gzs3_zs3_confusion(s, lab, seen, unseen)
+    # ids as a tensor or an array are taken (and id 3 = C - 1 is legal)
+    gz, zs = gzs3_zs3_confusion(s, lab, torch.tensor([0, 1]), np.array([2, 3]))
+    assert gz[0, 0] == 6 and zs.shape == (2, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ldtype", [torch.uint8, torch.int64])
+def test_gzs3_zs3_against_a_loop_reference_with_calibration(counting, seed, ldtype):
+    # Random scores over C = 6 classes on a non-square 5x7 batch of 2, unseen {1, 4} (not a prefix
+    # or suffix, in a non-sorted order [4, 1]), ignore 255 and gamma 0.2 / logits or probabilities.
+    # Reference: per pixel, numpy softmax, subtract gamma on seen, argmax; ZS3 argmax over [4, 1].
+    rng = np.random.default_rng(seed)
+    c, unseen = 6, [4, 1]
+    seen = [0, 2, 3, 5]
+    scores = rng.standard_normal((2, c, 5, 7)).astype(np.float32) * 2
+    gt = rng.integers(0, c, (2, 5, 7))
+    gt[rng.random(gt.shape) < 0.25] = 255
+    lab = torch.from_numpy(gt).to(ldtype)
+    for probabilities in (False, True):
+        s = 1 / (1 + np.exp(-scores)) if probabilities else scores
+        p = s if probabilities else np.exp(s) / np.exp(s).sum(1, keepdims=True)
+        off = np.array([0.2 if k in seen else 0.0 for k in range(c)])[None, :, None, None]
+        pred = (p - off).argmax(1)
+        pos = {k: i for i, k in enumerate(unseen)}
+        zref = np.zeros((2, 2), np.int64)
+        pu = s[:, unseen].argmax(1)
+        for b, y, x in np.ndindex(*gt.shape):
+            if gt[b, y, x] in pos:
+                zref[pos[gt[b, y, x]], pu[b, y, x]] += 1
+        gz, zs = gzs3_zs3_confusion(
+            torch.from_numpy(s.astype(np.float32)), lab, seen, unseen, gamma=0.2, probabilities=probabilities
+        )
+        np.testing.assert_array_equal(gz.numpy(), _np_reference(pred, gt, c, 255))
+        np.testing.assert_array_equal(zs.numpy(), zref)
+        assert gz.dtype == zs.dtype == torch.int64
+    # a non-default ignore value for int64 labels (ignore 7 = C + 1): same counts
+    if ldtype == torch.int64:
+        gt7 = np.where(gt == 255, 7, gt)
+        gz, zs = gzs3_zs3_confusion(torch.from_numpy(scores), torch.from_numpy(gt7), seen, unseen, ignore_index=7)
+        np.testing.assert_array_equal(gz.numpy(), _np_reference(scores.argmax(1), gt7, c, 7))
+        gz255, zs255 = gzs3_zs3_confusion(torch.from_numpy(scores), lab, seen, unseen)
+        np.testing.assert_array_equal(zs.numpy(), zs255.numpy())
+
+
+def test_calibration_margin_just_above_and_below_gamma():
+    # two classes, seen 0, unseen 1, probabilities (0.70, 0.45): the margin is 0.25.
+    # gamma 0.24 -> 0.46 > 0.45: seen; gamma 0.26 -> 0.44 < 0.45: unseen (probabilities path).
+    s = torch.tensor([0.70, 0.45]).view(1, 2, 1, 1)
+    assert calibrated_argmax(s, [0], 0.24, probabilities=True).item() == 0
+    assert calibrated_argmax(s, [0], 0.26, probabilities=True).item() == 1
+    # the seen set given as unseen class 1 instead: gamma lowers class 1, class 0 wins further
+    assert calibrated_argmax(s, [1], 0.26, probabilities=True).item() == 0
+    # empty seen set with gamma: plain argmax
+    assert calibrated_argmax(s, [], 0.9, probabilities=True).item() == 0
+    # logits (ln 3, 0): softmax (0.75, 0.25), margin 0.5: gamma 0.49 seen, 0.51 unseen
+    lg = torch.tensor([math.log(3.0), 0.0]).view(1, 2, 1, 1)
+    assert calibrated_argmax(lg, [0], 0.49).item() == 0
+    assert calibrated_argmax(lg, [0], 0.51).item() == 1
+    # output is int64 [B, H, W] on a non-square map
+    out = calibrated_argmax(torch.randn(2, 3, 4, 5), [0], 0.1)
+    assert out.shape == (2, 4, 5) and out.dtype == torch.int64
+
+
+def test_chunked_counting_matches_a_reference_over_chunk_edges(counting, monkeypatch):
+    # tiny chunks (CHUNK_PIXELS 7, 2 * bins = 18 for C = 3) so several chunks and a partial last one
+    import zeroseg.confusion
+
+    monkeypatch.setattr(zeroseg.confusion, "CHUNK_PIXELS", 7)
+    rng = np.random.default_rng(5)
+    gt = rng.integers(0, 3, (3, 11, 13))
+    gt[rng.random(gt.shape) < 0.2] = 255
+    pred = rng.integers(0, 3, gt.shape)
+    for g in (gt.astype(np.uint8), gt):
+        for cm in _both(pred, g, 3):
+            np.testing.assert_array_equal(cm, _np_reference(pred, g, 3, 255))
+    gz, zs = gzs3_zs3_confusion(
+        torch.from_numpy(rng.standard_normal((3, 3, 11, 13))), torch.from_numpy(gt), [0], [1, 2]
+    )
+    assert int(gz.sum()) == int((gt != 255).sum()) and int(zs.sum()) == int(np.isin(gt, [1, 2]).sum())
