@@ -536,3 +536,106 @@ def test_chunked_counting_matches_a_reference_over_chunk_edges(counting, monkeyp
         torch.from_numpy(rng.standard_normal((3, 3, 11, 13))), torch.from_numpy(gt), [0], [1, 2]
     )
     assert int(gz.sum()) == int((gt != 255).sum()) and int(zs.sum()) == int(np.isin(gt, [1, 2]).sum())
+
+
+# ------------------------------------------------------------------------------------------
+# zeroseg.metrics on an asymmetric matrix (a transposed matrix gives other numbers) with a class
+# in neither split:
+#   cm = [[5, 1, 0, 2],     rows (gt)  8, 4, 6, 0     diag 5, 3, 4, 0
+#         [0, 3, 1, 0],     cols (pred) 7, 4, 5, 2
+#         [2, 0, 4, 0],
+#         [0, 0, 0, 0]]
+#   IoU = 5/10, 3/5, 4/7, 0/2 -> 50, 60, 400/7, 0        acc = 5/8, 3/4, 4/6 -> 62.5, 75, 200/3, NaN
+#   pAcc = 12/18; mIoU = (110 + 400/7) / 4; mAcc = (62.5 + 75 + 200/3) / 3
+#   seen {0}: S = 50; unseen {2, 3}: U = (400/7 + 0) / 2 = 200/7; class 1 in neither split
+#   hIoU = 2 * 50 * 200/7 / (50 + 200/7) = 20000 / 550
+# (transposed, acc would be 5/7, 3/4, 4/5.)
+# ------------------------------------------------------------------------------------------
+CM4 = np.array([[5, 1, 0, 2], [0, 3, 1, 0], [2, 0, 4, 0], [0, 0, 0, 0]])
+
+
+def test_metrics_of_an_asymmetric_matrix_by_hand():
+    for cm in (CM4, torch.from_numpy(CM4), CM4.astype(np.int32)):
+        m = segmentation_metrics(cm, [0], [2, 3])
+        np.testing.assert_allclose(m.iou, [50, 60, 400 / 7, 0])
+        np.testing.assert_allclose(m.acc[:3], [62.5, 75, 200 / 3])
+        assert math.isnan(m.acc[3])
+        assert m.pAcc == pytest.approx(200 / 3)
+        assert m.mIoU == pytest.approx((110 + 400 / 7) / 4)
+        assert m.mAcc == pytest.approx((62.5 + 75 + 200 / 3) / 3)
+        assert m.mIoU_seen == pytest.approx(50.0)
+        assert m.mIoU_unseen == pytest.approx(200 / 7)
+        assert m.hIoU == pytest.approx(20000 / 550)
+        assert m.gt_pixels.tolist() == [8, 4, 6, 0] and m.pred_pixels.tolist() == [7, 4, 5, 2]
+        assert m.gt_pixels.dtype == np.int64 and m.iou.dtype == np.float64
+        assert m.seen_ids == [0] and m.unseen_ids == [2, 3]
+        assert m.summary() == {
+            "pAcc": m.pAcc,
+            "mAcc": m.mAcc,
+            "mIoU": m.mIoU,
+            "mIoU_seen": m.mIoU_seen,
+            "mIoU_unseen": m.mIoU_unseen,
+            "hIoU": m.hIoU,
+        }
+    rows = m.per_class()
+    assert [r["name"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["split"] for r in rows] == ["seen", "-", "unseen", "unseen"]
+    assert rows[1] == {"id": 1, "name": "1", "split": "-", "iou": 60.0, "acc": 75.0, "gt_pixels": 4, "pred_pixels": 4}
+    assert rows[3]["acc"] is None and rows[3]["iou"] == 0.0
+    table = per_class_table(m, ["a|b", "x", "y", "z"])
+    assert table.endswith("\n")
+    lines = table.strip().splitlines()
+    assert lines[2] == "| 0 | a/b | seen | 50.00 | 62.50 | 8 | 7 |"
+    assert lines[3] == "| 1 | x | - | 60.00 | 75.00 | 4 | 4 |"
+    assert lines[4] == "| 2 | y | unseen | 57.14 | 66.67 | 6 | 5 |"
+    with pytest.raises(ValueError, match="3 class names for 4 classes"):
+        per_class_table(m, ["a", "b", "c"])
+    # the free functions on the transposed matrix: acc becomes TP / column sum, IoU is unchanged
+    np.testing.assert_allclose(per_class_accuracy(CM4.T)[:3], [500 / 7, 75, 80])
+    np.testing.assert_allclose(per_class_iou(CM4.T), [50, 60, 400 / 7, 0])
+    # no seen class: mIoU(S) NaN, hIoU NaN; no unseen: the same for U
+    m = segmentation_metrics(CM4, [], [2, 3])
+    assert math.isnan(m.mIoU_seen) and math.isnan(m.hIoU) and m.mIoU_unseen == pytest.approx(200 / 7)
+    m = segmentation_metrics(CM4, [0, 1], [])
+    assert m.mIoU_seen == pytest.approx(55.0) and math.isnan(m.mIoU_unseen) and math.isnan(m.hIoU)
+
+
+def test_metric_edge_cases():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division warnings
+        z = np.zeros((3, 3), np.int64)
+        assert math.isnan(pixel_accuracy(z))
+        assert np.isnan(per_class_iou(z)).all() and np.isnan(per_class_accuracy(z)).all()
+        m = segmentation_metrics(z, [0], [1, 2])
+        assert math.isnan(m.mIoU) and math.isnan(m.mAcc) and math.isnan(m.hIoU)
+        # one pixel, correct: 100 everywhere it is defined
+        one = np.zeros((2, 2), np.int64)
+        one[1, 1] = 1
+        assert pixel_accuracy(one) == 100.0 and per_class_iou(one)[1] == 100.0 and np.isnan(per_class_iou(one)[0])
+    # nanmean skips inf as well as NaN
+    assert nanmean(np.array([np.inf, 1.0, np.nan, 2.0])) == 1.5
+    assert nanmean([3, 5]) == 4.0
+    for bad in (np.zeros(3), np.zeros((2, 3)), np.zeros((2, 2, 2))):
+        for fn in (per_class_iou, per_class_accuracy, pixel_accuracy, zs3_metrics):
+            with pytest.raises(ValueError, match="square"):
+                fn(bad)
+    assert harmonic_iou(-10.0, 10.0) == 0.0  # S + U = 0
+    assert harmonic_iou(20.0, float("nan")) != harmonic_iou(20.0, float("nan"))  # NaN
+    # ZS3 metrics of an asymmetric [2, 2]: [[3, 1], [2, 0]] -> IoU 3/6, 0/3 = 50, 0; acc 75, 0;
+    # pAcc 3/6 = 50
+    z = zs3_metrics(torch.tensor([[3, 1], [2, 0]]))
+    assert z == {"mIoU": 25.0, "pAcc": 50.0, "mAcc": 37.5, "iou": [50.0, 0.0]}
+
+
+def test_json_safe():
+    from zeroseg.metrics import json_safe
+
+    x = {
+        "a": [np.float32(1.5), float("nan"), np.float64(np.inf), (np.int64(3), -np.inf)],
+        "b": {"c": np.int32(-2), "d": "s", "e": None, "f": True},
+        "g": 2,
+    }
+    out = json_safe(x)
+    assert out == {"a": [1.5, None, None, [3, None]], "b": {"c": -2, "d": "s", "e": None, "f": True}, "g": 2}
+    assert type(out["a"][3][0]) is int and type(out["b"]["c"]) is int and type(out["a"][0]) is float
+    assert isinstance(out["a"][3], list)
