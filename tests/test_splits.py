@@ -323,3 +323,149 @@ def test_exclude_classes_renumbers_and_narrows_the_labels():
     got, _, n = exclude_classes(label, range(100, 200), 300)
     np.testing.assert_array_equal(got, [[0, 99, 255, 255, 100, 199, 255]])
     assert got.dtype == np.uint8 and n == 2
+
+
+# ------------------------------------------------------------------------------------------
+# zeroseg.data.split_rules: the seeded pseudo-unseen draw at several seeds and counts against a
+# brute-force sha256 reference, seen-class validation vocabularies and their errors, the records
+# of classes.json, and the frequency rule's messages and counting edges.
+# ------------------------------------------------------------------------------------------
+from zeroseg.data.split_rules import (  # noqa: E402
+    PSEUDO_UNSEEN_PROTOCOL,
+    draw_pseudo_unseen,
+    frequency_record,
+    frequency_split,
+    images_per_class,
+    pseudo_unseen_record,
+    pseudo_unseen_split,
+)
+from zeroseg.errors import ConfigError  # noqa: E402
+
+NAMES = ["wall", "sky", "lamp", "tiara", "yurt", "road", "cat", "dog", "bus", "tree"]
+
+
+def _unit(name, seed):
+    """The documented hash: sha256(f"{seed}:{name}"), first 8 bytes big-endian / 2**64."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") / 2**64
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 123])
+@pytest.mark.parametrize("count", [0, 1, 3, 9])
+def test_draw_pseudo_unseen_is_the_smallest_hashes_in_names_order(seed, count):
+    ranked = sorted(NAMES, key=lambda n: _unit(n, seed))
+    want = [n for n in NAMES if n in set(ranked[:count])]
+    got = draw_pseudo_unseen(NAMES, count, seed)
+    assert got == want and len(got) == count
+    # the same draw for any order of the names (returned in the order given)
+    rev = list(reversed(NAMES))
+    assert draw_pseudo_unseen(rev, count, seed) == [n for n in rev if n in set(want)]
+
+
+def test_draws_differ_across_seeds_and_nest_across_counts():
+    draws = {seed: draw_pseudo_unseen(NAMES, 3, seed) for seed in range(6)}
+    assert len({tuple(d) for d in draws.values()}) > 1  # the seed matters
+    for seed in (0, 5):
+        small, big = set(draw_pseudo_unseen(NAMES, 2, seed)), set(draw_pseudo_unseen(NAMES, 5, seed))
+        assert small < big  # a larger count adds classes, keeps the drawn ones
+    # a name's draw does not depend on the rest of the vocabulary: drawing from a subset that holds
+    # the full draw gives the same classes
+    d = draw_pseudo_unseen(NAMES, 3, 11)
+    sub = [n for n in NAMES if n in d or n in ("wall", "tree", "cat")]
+    assert set(draw_pseudo_unseen(sub, 3, 11)) == set(d)
+
+
+def _train():
+    # 6 classes, unseen (benchmark) ids 1 and 4 in the middle, not at the end
+    names = ["a", "b", "c", "d", "e", "f"]
+    return resolve_split(names, dataset="toy", unseen=["b", "e"])
+
+
+def test_pseudo_unseen_split_by_names_renumbers_around_the_excluded_classes():
+    train = _train()
+    assert train.seen == (0, 2, 3, 5) and train.unseen == (1, 4)
+    vocab, excluded = pseudo_unseen_split(train, pseudo_unseen=["f", "c"])
+    # keep a, c, d, f -> new ids 0, 1, 2, 3; pseudo-unseen c (1) and f (3); seen a (0), d (2)
+    assert excluded == (1, 4)
+    assert vocab.names == ("a", "c", "d", "f") and vocab.prompt_names == ("a", "c", "d", "f")
+    assert vocab.seen == (0, 2) and vocab.unseen == (1, 3) and vocab.dataset == "toy"
+    assert vocab.ignore_index == 255
+    rec = pseudo_unseen_record(vocab, train, {"pseudo_unseen": ["f", "c"], "seed": 0})
+    assert rec == {
+        "protocol": PSEUDO_UNSEEN_PROTOCOL,
+        "how": {"pseudo_unseen": ["f", "c"], "seed": 0},
+        "pseudo_unseen": ["c", "f"],
+        "excluded": ["b", "e"],
+        "benchmark_classes": 6,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 3, 9])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_pseudo_unseen_split_by_count_draws_among_the_seen_classes(seed, count):
+    train = _train()
+    seen_names = ["a", "c", "d", "f"]
+    drawn = sorted(seen_names, key=lambda n: _unit(n, seed))[:count]
+    vocab, excluded = pseudo_unseen_split(train, count=count, seed=seed)
+    assert excluded == (1, 4) and vocab.names == ("a", "c", "d", "f")
+    assert vocab.unseen_names == tuple(n for n in seen_names if n in drawn)
+    assert vocab.seen_names == tuple(n for n in seen_names if n not in drawn)
+
+
+def test_pseudo_unseen_split_errors_name_the_key():
+    train = _train()
+    with pytest.raises(ConfigError, match="exactly one"):
+        pseudo_unseen_split(train)
+    with pytest.raises(ConfigError, match="exactly one"):
+        pseudo_unseen_split(train, pseudo_unseen=["a"], count=1)
+    with pytest.raises(ConfigError, match=r"k\.pseudo_unseen: 'cc' is not a class of dataset 'toy'; nearest: 'c'"):
+        pseudo_unseen_split(train, pseudo_unseen=["cc"], key="k")
+    with pytest.raises(ConfigError, match=r"names \['a'\] more than once"):
+        pseudo_unseen_split(train, pseudo_unseen=["a", "c", "a"])
+    with pytest.raises(ConfigError, match=r"\['b'\] is an unseen class .* remove it \(seen classes: a, c, d, f\)"):
+        pseudo_unseen_split(train, pseudo_unseen=["a", "b"])
+    with pytest.raises(ConfigError, match=r"\['b', 'e'\] are unseen classes .* remove them"):
+        pseudo_unseen_split(train, pseudo_unseen=["b", "e"])
+    # all 4 seen classes: refused; 3 of 4 is the largest legal choice
+    with pytest.raises(ConfigError, match="names all 4 seen classes"):
+        pseudo_unseen_split(train, pseudo_unseen=["a", "c", "d", "f"])
+    assert pseudo_unseen_split(train, pseudo_unseen=["a", "c", "d"])[0].seen_names == ("f",)
+    with pytest.raises(ConfigError, match=r"pseudo_unseen_count = 4, but .* has 4 seen classes.*below 4"):
+        pseudo_unseen_split(train, count=4)
+    assert pseudo_unseen_split(train, count=3)[0].seen != ()
+    # more than 8 seen classes: the list in the message is cut with ", ..."
+    big = resolve_split([f"c{i}" for i in range(12)], dataset="big", unseen=["c11"])
+    with pytest.raises(ConfigError, match=r"seen classes: c0, c1, c2, c3, c4, c5, c6, c7, \.\.\.\)"):
+        pseudo_unseen_split(big, pseudo_unseen=["c11"])
+    with pytest.raises(ConfigError, match=r"seen classes: a, c, d, f\)"):
+        pseudo_unseen_split(train, pseudo_unseen=["e"])
+
+
+def test_frequency_rule_messages_and_record():
+    names, counts = ["a", "b", "c", "d"], [7, 2, 9, 0]
+    # the threshold just below and at a count: 8 -> c seen (9 > 8); 9 -> nobody
+    v = frequency_split(names, counts, min_images=8, dataset="toy", images=12)
+    assert v.seen_names == ("c",) and v.unseen_names == ("a", "b", "d")
+    with pytest.raises(
+        ConfigError, match=r"in more than 9 of its 12 training images \(the most frequent class is in 9\).*below 9"
+    ):
+        frequency_split(names, counts, min_images=9, dataset="toy", images=12)
+    # every class in more than min_images: -1 (0 > -1) -> the rarest is in 0
+    with pytest.raises(ConfigError, match=r"\(the rarest class is in 0\).*set k to at least 0"):
+        frequency_split(names, counts, min_images=-1, dataset="toy", images=12, key="k")
+    with pytest.raises(ConfigError, match="0 class counts for 4 classes"):
+        frequency_split(names, [], min_images=1, dataset="toy", images=0)
+    rec = frequency_record(v, counts, min_images=8, images=12)
+    assert rec["rule"] == "frequency" and rec["min_images"] == 8 and rec["counted_images"] == 12
+    assert rec["images_per_class"] == {"a": 7, "b": 2, "c": 9, "d": 0}
+    assert list(rec["images_per_class"]) == names and "training images" in rec["counted"]
+
+
+def test_images_per_class_counts_a_repeated_class_once():
+    results = [
+        {"status": "kept", "classes": [3, 3, 0]},
+        {"status": "dropped", "classes": [0]},
+        {"status": "skipped", "classes": [1]},
+        {"status": "kept", "classes": [3]},
+    ]
+    assert images_per_class(results, 5) == ([2, 0, 0, 2, 0], 3)
+    assert images_per_class([], 2) == ([0, 0], 0)
