@@ -469,3 +469,73 @@ def test_images_per_class_counts_a_repeated_class_once():
     ]
     assert images_per_class(results, 5) == ([2, 0, 0, 2, 0], 3)
     assert images_per_class([], 2) == ([0, 0], 0)
+
+
+# ------------------------------------------------------------------------------------------
+# zeroseg.data.label_policy by hand: each policy on a label with unseen pixels and crowd regions,
+# uint8 and uint16, and the transductive vocabulary limits just below and at the limit
+# ------------------------------------------------------------------------------------------
+def test_unseen_policies_by_hand_with_crowd_regions():
+    from zeroseg.data.label_policy import apply_unseen_policy, heldout_label
+
+    label = np.array([[0, 2, 255], [3, 2, 1]], np.uint8)  # unseen {2, 3}: 3 pixels
+    before = label.copy()
+    out, n = apply_unseen_policy(label, [2, 3], "ignore", crowd=[(2, 5), (1, 4)])
+    assert out.tolist() == [[0, 255, 255], [255, 255, 1]] and n == 3 + 5  # the unseen crowd region counts
+    np.testing.assert_array_equal(label, before)  # the input is not modified
+    out, n = apply_unseen_policy(label, [2, 3], "unlabeled")
+    assert out.tolist() == [[0, 254, 255], [254, 254, 1]] and n == 3
+    out, n = apply_unseen_policy(label, [2, 3], "eval", crowd=[(3, 2)])
+    assert out is label and n == 5
+    assert apply_unseen_policy(label, [2, 3], "drop") == (None, 3)
+    # only an unseen crowd region, no unseen pixel: drop drops, ignore keeps the label as it is
+    seen_only = np.array([[0, 1]], np.uint8)
+    assert apply_unseen_policy(seen_only, [2], "drop", crowd=[(2, 1)]) == (None, 1)
+    out, n = apply_unseen_policy(seen_only, [2], "ignore", crowd=[(2, 1), (0, 9)])
+    assert out.tolist() == [[0, 1]] and n == 1
+    assert apply_unseen_policy(seen_only, [2], "drop", crowd=[(0, 9)])[0] is seen_only
+    assert apply_unseen_policy(seen_only, [], "drop") == (seen_only, 0)
+    # uint16 labels: ignore 65535, unlabelled 65534
+    wide = np.array([[300, 2, 65535]], np.uint16)
+    assert apply_unseen_policy(wide, [300], "ignore")[0].tolist() == [[65535, 2, 65535]]
+    assert apply_unseen_policy(wide, [300], "unlabeled")[0].tolist() == [[65534, 2, 65535]]
+    assert heldout_label(wide, [300]).tolist() == [[300, 65535, 65535]]
+    assert heldout_label(label, []).tolist() == [[255] * 3] * 2
+    assert heldout_label(label, [3]).dtype == np.uint8
+
+
+def test_transductive_vocabulary_limit_and_label_ignore():
+    from zeroseg.data.label_policy import check_transductive_vocabulary, label_ignore, unlabeled_index
+
+    assert unlabeled_index(255) == 254 and unlabeled_index(65535) == 65534
+    assert check_transductive_vocabulary(1, "toy") == 254
+    assert check_transductive_vocabulary(254, "toy") == 254
+    with pytest.raises(ConfigError, match=r"k: dataset 'toy' has 255 classes, so label value 254 is a class id"):
+        check_transductive_vocabulary(255, "toy", key="k")
+    assert check_transductive_vocabulary(256, "toy") == 65534
+    assert check_transductive_vocabulary(65534, "toy") == 65534
+    with pytest.raises(ConfigError, match="65535 classes, so label value 65534"):
+        check_transductive_vocabulary(65535, "toy")
+    assert label_ignore(np.zeros(2, np.uint8)) == 255 and label_ignore(np.zeros(2, np.uint16)) == 65535
+    for dt in (np.int32, np.int64, np.uint32, np.int16):
+        with pytest.raises(ValueError, match="uint8 or uint16"):
+            label_ignore(np.zeros(2, dt))
+
+
+def test_exclude_classes_counts_excluded_crowd_and_keeps_16_bit_when_needed():
+    from zeroseg.data.label_policy import exclude_classes
+
+    # 4 classes, 0 and 2 excluded: 1 -> 0, 3 -> 1; pixels of 0 and 2 -> ignore; crowd (2, 6) counts
+    label = np.array([[0, 1, 2], [3, 255, 0]], np.uint8)
+    got, crowd, n = exclude_classes(label, [2, 0, 2], 4, crowd=[(2, 6), (3, 1), (9, 4)])
+    assert got.tolist() == [[255, 0, 255], [1, 255, 255]] and n == 3 + 6 and crowd == [(1, 1)]
+    # nothing excluded: same ids, no count
+    got, crowd, n = exclude_classes(label, [], 4, crowd=[(1, 2)])
+    assert got.tolist() == label.tolist() and n == 0 and crowd == [(1, 2)]
+    # 400 classes less 100 -> 300 classes: still 16-bit, ignore 65535
+    wide = np.array([[0, 150, 399, 65535]], np.uint16)
+    got, _, n = exclude_classes(wide, range(100, 200), 400)
+    assert got.dtype == np.uint16 and got.tolist() == [[0, 65535, 299, 65535]] and n == 1
+    # 256 classes less 1 -> 255 classes: 8-bit
+    got, _, _ = exclude_classes(np.array([[0, 255, 1]], np.uint16), [0], 256)
+    assert got.dtype == np.uint8 and got.tolist() == [[255, 254, 0]]
