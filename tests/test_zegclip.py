@@ -580,3 +580,88 @@ def test_default_config_is_the_released_voc_setting():
         "focal_gamma": 2.0,
     }
     assert resolve_zegclip_config().model_dump(mode="json") == ZEGCLIP_DEFAULT_CONFIG
+
+
+# ------------------------------------------------------------------ PromptedVisionTransformer edges
+
+
+def test_prompted_encoder_argument_checks_and_layer_mapping():
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        PromptedVisionTransformer(tiny_clip().visual, backbone="lora")
+    with pytest.raises(ValueError, match="prompt_tokens must be >= 0"):
+        PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=-1)
+    with pytest.raises(ValueError, match=r"prompt_layers \[0\] outside 1..2"):
+        PromptedVisionTransformer(tiny_clip().visual, prompt_layers=[0, 1])
+    with pytest.raises(ValueError, match="duplicates"):
+        PromptedVisionTransformer(tiny_clip().visual, prompt_layers=[1, 1])
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        PromptedVisionTransformer(tiny_clip().visual, input_size=(64, 72))
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        PromptedVisionTransformer(tiny_clip().visual, input_size=(72, 64))
+    v = tiny_clip().visual
+    v.proj = None
+    with pytest.raises(ValueError, match="no output projection"):
+        PromptedVisionTransformer(v)
+    v = tiny_clip().visual
+    del v.ln_post
+    with pytest.raises(ValueError, match="no attribute 'ln_post'"):
+        PromptedVisionTransformer(v)
+    v = tiny_clip().visual
+    v.pool_type = "avg"
+    with pytest.raises(ValueError, match="pool_type='avg'"):
+        PromptedVisionTransformer(v)
+    v = tiny_clip().visual
+    v.attn_pool = torch.nn.Identity()
+    with pytest.raises(ValueError, match="attentional pooler"):
+        PromptedVisionTransformer(v)
+    # layers given out of order: sorted; 1-based layer l is 0-based block l - 1 with row by order
+    enc = PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=2, prompt_layers=[2, 1], prompt_dropout=0.0)
+    assert enc.prompt_layers == (1, 2) and enc.num_prompts == 2 and enc.num_layers == 2
+    x = torch.zeros(3, 5, 64)
+    torch.testing.assert_close(enc.layer_prompts(0, x), enc.prompts[0].expand(3, -1, -1))
+    torch.testing.assert_close(enc.layer_prompts(1, x), enc.prompts[1].expand(3, -1, -1))
+    assert enc.layer_prompts(2, x) is None
+    enc = PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=2, prompt_layers=[2], prompt_dropout=0.0)
+    assert enc.layer_prompts(0, x) is None and enc.layer_prompts(1, x).shape == (3, 2, 64)
+    assert isinstance(enc.prompt_dropout, torch.nn.Identity)
+    assert "prompt_layers=[2]" in repr(enc) and "output_dim=64" in repr(enc) and "width=64" in repr(enc)
+    # ft / fix: no prompts whatever prompt_tokens says
+    for variant in ("ft", "fix"):
+        e = PromptedVisionTransformer(tiny_clip().visual, backbone=variant, prompt_tokens=5)
+        assert e.prompts is None and e.prompt_layers == () and e.num_prompts == 0
+        assert all(p.requires_grad == (variant == "ft") for p in e.visual.parameters())
+    # dpt with zero tokens: no prompt parameter
+    assert PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=0).prompts is None
+
+
+def test_prompted_encoder_non_square_input_and_image_checks():
+    clip = tiny_clip()
+    old = clip.visual.positional_embedding.detach().clone()
+    enc = PromptedVisionTransformer(clip.visual, prompt_tokens=1, input_size=(32, 48), prompt_dropout=0.0)
+    # 32 x 48 pixels, patch 16 -> grid (2, 3): rows 2, columns 3 (a swapped axis gives (3, 2))
+    assert enc.grid_size == (2, 3) and clip.visual.grid_size == (2, 3) and clip.visual.image_size == (32, 48)
+    grid = old[1:].reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
+    expect = F.interpolate(grid, size=(2, 3), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(6, 64)
+    torch.testing.assert_close(clip.visual.positional_embedding[1:], expect)
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    g, patches, hw = enc(x)
+    assert hw == (2, 3) and patches.shape == (2, 6, 64) and g.shape == (2, 64)
+    for bad in (
+        torch.zeros(2, 1, 32, 48),
+        torch.zeros(3, 32, 48),
+        torch.zeros(1, 3, 32, 40),
+        torch.zeros(1, 3, 40, 48),
+    ):
+        with pytest.raises(ValueError, match=r"images must be|not a multiple"):
+            enc(bad)
+    # native size kept when input_size equals it: the embedding is the same tensor values
+    c2 = tiny_clip()
+    before = c2.visual.positional_embedding.detach().clone()
+    e2 = PromptedVisionTransformer(c2.visual, input_size=(224, 224))
+    assert e2.grid_size == (14, 14)
+    torch.testing.assert_close(c2.visual.positional_embedding.detach(), before)
+    # fix runs under no_grad: no graph on the outputs; ft and dpt have one
+    fix = PromptedVisionTransformer(tiny_clip().visual, backbone="fix", input_size=(32, 32))
+    assert not fix(x[:, :, :, :32])[0].requires_grad
+    ft = PromptedVisionTransformer(tiny_clip().visual, backbone="ft", input_size=(32, 32))
+    assert ft(x[:, :, :, :32])[0].requires_grad
