@@ -444,3 +444,35 @@ def test_run_blocks_rejects_bad_prompts(tiny):
         run_blocks(v, x, grid, prompts={0: torch.zeros(1, 3, 32)})
     with pytest.raises(ValueError, match="smaller than one patch"):
         embed(v, pixels(1, 8, 32))
+
+
+# ------------------------------------------------------------------ the sine position encoding
+
+
+@pytest.mark.parametrize("h, w, channels, temperature", [(3, 5, 8, 10000.0), (4, 2, 12, 20.0), (1, 1, 4, 10000.0)])
+def test_sine_position_encoding_against_a_loop_over_detr(h, w, channels, temperature):
+    """DETR's PositionEmbeddingSine(normalize=True) by a plain loop: for row i, column j (1-based
+    positions i / (h + 1e-6) * 2 pi and j / (w + 1e-6) * 2 pi), feature k of each axis is
+    sin (k even) or cos (k odd) of pos / T^(2 floor(k/2) / (C/2)); y features first, then x;
+    token i * w + j. Non-square grids so that a swapped axis shows."""
+    import math
+
+    from zeroseg.models.position import sine_position_encoding
+
+    npf = channels // 2
+    want = torch.zeros(h * w, channels, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            yv = (i + 1) / (h + 1e-6) * 2 * math.pi
+            xv = (j + 1) / (w + 1e-6) * 2 * math.pi
+            for k in range(npf):
+                dim = temperature ** (2 * (k // 2) / npf)
+                f = math.sin if k % 2 == 0 else math.cos
+                want[i * w + j, k] = f(yv / dim)
+                want[i * w + j, npf + k] = f(xv / dim)
+    got = sine_position_encoding(h, w, channels, temperature=temperature, dtype=torch.float64)
+    assert got.shape == (h * w, channels) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    assert sine_position_encoding(h, w, channels).dtype == torch.float32
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_position_encoding(h, w, channels + 2)
