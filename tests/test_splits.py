@@ -539,3 +539,87 @@ def test_exclude_classes_counts_excluded_crowd_and_keeps_16_bit_when_needed():
     # 256 classes less 1 -> 255 classes: 8-bit
     got, _, _ = exclude_classes(np.array([[0, 255, 1]], np.uint16), [0], 256)
     assert got.dtype == np.uint8 and got.tolist() == [[255, 254, 0]]
+
+
+# ------------------------------------------------------------------------------------------
+# zeroseg.data.split_files: classes.json round trip and errors, the transductive entry, the
+# heldout column, class id boundaries of the manifest check
+# ------------------------------------------------------------------------------------------
+def test_classes_json_round_trip_and_its_optional_entries(tmp_path):
+    from zeroseg.data.split_files import read_classes_json, read_transductive, write_classes_json
+
+    train = resolve_split(["a", "b", "c"], dataset="toy", unseen=["b"])
+    ev = resolve_split(["a", "b", "c", "d"], dataset="other", unseen=["d"])
+    p = tmp_path / "classes.json"
+    write_classes_json(p, train, {"val": train, "other": ev})
+    assert p.read_text().endswith("}\n")
+    d = json.loads(p.read_text())
+    assert set(d) == {"train", "eval"}  # no optional entry unless given
+    t, e = read_classes_json(p)
+    assert t == train and e == {"val": train, "other": ev} and list(e) == ["val", "other"]
+    assert read_transductive(p) is None
+    write_classes_json(
+        p,
+        train,
+        {},
+        split={"rule": "frequency"},
+        transductive={"unlabeled_index": 254, "heldout": "heldout"},
+        pseudo_unseen={"pseudo_unseen": ["a"]},
+    )
+    d = json.loads(p.read_text())
+    assert d["split"] == {"rule": "frequency"} and d["pseudo_unseen"] == {"pseudo_unseen": ["a"]}
+    assert read_transductive(p) == {"unlabeled_index": 254, "heldout": "heldout"}
+    assert read_classes_json(p) == (train, {})
+    # errors
+    with pytest.raises(DataError, match="does not exist"):
+        read_classes_json(tmp_path / "nope.json")
+    with pytest.raises(DataError, match="does not exist"):
+        read_transductive(tmp_path / "nope.json")
+    for text, err in (
+        ("{", "JSONDecodeError"),
+        ('{"train": {}}', "KeyError"),
+        ('{"eval": {}}', "KeyError"),
+        ("[1]", "TypeError"),
+    ):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(DataError, match=f"is malformed.*{err}"):
+            read_classes_json(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="is malformed .JSONDecodeError"):
+        read_transductive(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(DataError, match="is malformed .AttributeError"):
+        read_transductive(tmp_path / "bad.json")
+    for entry in (
+        {"heldout": "h"},
+        {"unlabeled_index": "x", "heldout": "h"},
+        {"unlabeled_index": None, "heldout": "h"},
+    ):
+        (tmp_path / "bad.json").write_text(json.dumps({"transductive": entry}))
+        with pytest.raises(DataError, match="malformed 'transductive' entry"):
+            read_transductive(tmp_path / "bad.json")
+
+
+def test_manifest_heldout_column_and_class_id_edges(tmp_path, coco):
+    from zeroseg.data.split_files import heldout_path
+
+    _, vocab = coco  # 3 classes, dog (2) unseen
+    rows = [dict(_row("a", [0, 2]), heldout="heldout/train/a.png"), dict(_row("b", []), heldout="heldout/train/b.png")]
+    p = tmp_path / "t.parquet"
+    write_manifest(p, rows, vocab, inductive_train=False)
+    t = pq.read_table(p)
+    assert t.column_names[-1] == "heldout" and t.schema.equals(manifest_schema(heldout=True))
+    assert t.column("heldout").to_pylist() == ["heldout/train/a.png", "heldout/train/b.png"]
+    # one row without it: no column
+    write_manifest(p, [rows[0], _row("c", [1])], vocab, inductive_train=False)
+    assert "heldout" not in pq.read_table(p).column_names
+    write_manifest(p, [], vocab, inductive_train=True)
+    assert pq.read_table(p).num_rows == 0 and "heldout" not in pq.read_table(p).column_names
+    # class ids 0 and C - 1 = 2 are in the vocabulary, -1 and 3 are not
+    for bad in (-1, 3):
+        with pytest.raises(DataError, match=rf"image 'x' has class ids \[{bad}\] outside the 3 classes of 'toy'"):
+            write_manifest(p, [_row("x", [0, bad])], vocab, inductive_train=False)
+    # the inductive guard names the ids and the names, sorted
+    with pytest.raises(DataError, match=r"\['dog'\] \(ids \[2\]\)"):
+        write_manifest(p, [_row("x", [2, 0, 2])], vocab, inductive_train=True)
+    assert heldout_path(tmp_path, "train", "007") == tmp_path / "heldout" / "train" / "007.png"
