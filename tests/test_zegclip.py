@@ -665,3 +665,57 @@ def test_prompted_encoder_non_square_input_and_image_checks():
     assert not fix(x[:, :, :, :32])[0].requires_grad
     ft = PromptedVisionTransformer(tiny_clip().visual, backbone="ft", input_size=(32, 32))
     assert ft(x[:, :, :, :32])[0].requires_grad
+
+
+def test_label_logits_are_bilinear_without_corner_alignment_by_hand():
+    """A 1 x 2 logit map [0, 4] upsampled to 1 x 4 (align_corners=False): source positions
+    (i + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25 -> clamped 0, then 0.25 and 0.75 of the way,
+    then 1 -> [0, 1, 3, 4] (align_corners=True would give [0, 4/3, 8/3, 4]; nearest [0, 0, 4, 4])."""
+    model = ZegCLIP(tiny_clip(), SMALL).eval()
+    logits = torch.tensor([[[[0.0, 4.0]]]])
+    model.mask_logits = lambda images, t, all_layers=False: logits
+    out = model.label_logits(images(1, 64), text(1), (1, 4))
+    torch.testing.assert_close(out, torch.tensor([[[[0.0, 1.0, 3.0, 4.0]]]]))
+    # loss upsamples to the target's size and takes [B, 1, H, W] targets; the config's weights,
+    # gamma and loss kind reach the loss: CE of the upsampled logits [0, 1, 3, 4] vs class 0 of
+    # two classes whose second logit map is 0: per pixel ln(1 + e^(-x)) for the class-0 logit x
+    two = torch.tensor([[[[0.0, 4.0]], [[0.0, 0.0]]]])
+    ce_model = ZegCLIP(tiny_clip(), {**SMALL, "loss": "ce"}).eval()
+    ce_model.mask_logits = lambda images, t, all_layers=False: two
+    target = torch.zeros(1, 1, 1, 4, dtype=torch.long)
+    want = sum(math.log(1 + math.exp(-x)) for x in (0.0, 1.0, 3.0, 4.0)) / 4
+    out = ce_model.loss(images(1, 64), target, text(2))
+    assert set(out) == {"loss", "ce"} and out["loss"].item() == pytest.approx(want, rel=1e-6)
+    # focal_dice with loss_alpha 3, loss_beta 0.5, focal_gamma 0 (plain BCE): class 0 positives
+    # at logits [0, 1, 3, 4], class 1 negatives at 0 -> BCE per mask = mean ln(1 + e^-x) and ln 2;
+    # one present mask -> focal = want + ln 2
+    fd = ZegCLIP(tiny_clip(), {**SMALL, "loss_alpha": 3.0, "loss_beta": 0.5, "focal_gamma": 0.0}).eval()
+    fd.mask_logits = lambda images, t, all_layers=False: two
+    out = fd.loss(images(1, 64), target, text(2))
+    assert out["focal"].item() == pytest.approx(want + math.log(2), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(3.0 * out["focal"].item() + 0.5 * out["dice"].item(), rel=1e-6)
+    # an ignore value other than 255 is passed through
+    t9 = torch.tensor([[[0, 9, 9, 9]]])
+    out = ce_model.loss(images(1, 64), t9, text(2), ignore_index=9)
+    assert out["loss"].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_text_embedding_checks_and_train_mode_of_the_tower():
+    model = ZegCLIP(tiny_clip(), SMALL)
+    x = images(1, 64)
+    for bad in (torch.zeros(0, D), torch.zeros(2, D - 1), torch.zeros(1, 2, D), torch.zeros(D)):
+        with pytest.raises(ValueError, match=rf"text_embeddings must be \[C >= 1, {D}\]"):
+            model.mask_logits(x, bad)
+    model.train()
+    assert model.training and model.head.training and not model.encoder.visual.training
+    ft = ZegCLIP(tiny_clip(), {**SMALL, "backbone": "ft"}).train()
+    assert ft.encoder.visual.training
+    model.eval()
+    assert not model.head.training
+    assert model.size_divisibility == 16 and model.input_size == (64, 64)
+    # overrides win over the mapping and over a validated config
+    assert resolve_zegclip_config({"prompt_tokens": 4}, prompt_tokens=6).prompt_tokens == 6
+    typed = ZegCLIPConfig(prompt_tokens=3)
+    over = resolve_zegclip_config(typed, decoder_layers=2)
+    assert over is not typed and over.prompt_tokens == 3 and over.decoder_layers == 2
+    assert ZegCLIP(tiny_clip(), SMALL, decoder_layers=2).cfg.decoder_layers == 2
