@@ -251,3 +251,25 @@ def test_maskclip_default_config_is_pinned():
     from zeroseg.models.maskclip import MASKCLIP_DEFAULT_CONFIG
 
     assert MASKCLIP_DEFAULT_CONFIG == {"input_size": None, "logit_scale": 100.0}
+
+
+def test_maskclip_keeps_the_tower_in_eval_and_checks_every_text_shape(clip_model):
+    seg = MaskCLIP(clip_model.visual)  # the tower itself is accepted
+    seg.train()
+    assert seg.training and not seg.visual.training
+    assert seg.size_divisibility == 16 and seg.embed_dim == 64
+    x = torch.randn(1, 3, 32, 48)
+    for bad in (torch.zeros(0, 64), torch.zeros(2, 63), torch.zeros(1, 2, 64), torch.zeros(64)):
+        with pytest.raises(ValueError, match=r"text_embeddings must be \[C >= 1, 64\]"):
+            seg(x, bad)
+    # the scores are logit_scale * cosine: one text embedding equal to a patch's embedding gives
+    # exactly logit_scale there (cosine 1), the negated one -logit_scale; 2 x 3 grid, not square
+    with torch.no_grad():
+        p = seg.patch_embeddings(x)
+        assert p.shape == (1, 64, 2, 3) and p.dtype == torch.float32
+        torch.testing.assert_close(p.norm(dim=1), torch.ones(1, 2, 3))
+        t = torch.stack([p[0, :, 1, 2] * 5.0, -p[0, :, 1, 2]])
+        out = seg(x, t.double())
+    assert out.dtype == torch.float32 and out.shape == (1, 2, 2, 3)
+    assert out[0, 0, 1, 2].item() == pytest.approx(100.0, rel=1e-5)
+    assert out[0, 1, 1, 2].item() == pytest.approx(-100.0, rel=1e-5)
