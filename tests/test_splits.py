@@ -623,3 +623,79 @@ def test_manifest_heldout_column_and_class_id_edges(tmp_path, coco):
     with pytest.raises(DataError, match=r"\['dog'\] \(ids \[2\]\)"):
         write_manifest(p, [_row("x", [2, 0, 2])], vocab, inductive_train=True)
     assert heldout_path(tmp_path, "train", "007") == tmp_path / "heldout" / "train" / "007.png"
+
+
+# ------------------------------------------------------------------------------------------
+# zeroseg.data.splits: summarize on synthetic results by hand, the argument checks at their bounds
+# ------------------------------------------------------------------------------------------
+def _res(image_id, status, reason=None, pixels=None, unseen=0, **extra):
+    return {
+        "image_id": image_id,
+        "image_uri": f"/img/{image_id}.jpg",
+        "status": status,
+        "reason": reason,
+        "pixels": pixels or {},
+        "unseen_pixels": unseen,
+        **extra,
+    }
+
+
+def test_summarize_by_hand():
+    vocab = resolve_split(["person", "car", "dog", "cat"], dataset="toy", unseen=["dog", "cat"])
+    results = [
+        _res("a", "kept", pixels={"0": 5, "2": 3}, unseen=3),
+        _res("b", "kept", pixels={"0": 2, "1": 7}, no_annotations=True),
+        _res("c", "dropped", "unseen_pixels", unseen=4),
+        _res("d", "dropped", "no_labelled_pixels", empty=True),
+        _res("e", "skipped", "corrupt", unseen=9),  # a skipped image counts nowhere else
+        _res("0", "skipped", "missing"),
+        _res("f", "kept", empty=True),
+        _res("g", "dropped", "excluded_pixels", unseen=0, excluded_pixels=6),
+        _res("h", "dropped", "unseen_pixels", pixels={"3": 100}, unseen=1),  # dropped pixels do not count
+    ]
+    s = summarize(results, vocab, policy="ignore")
+    assert s == {
+        "dataset": "toy",
+        "policy": "ignore",
+        "images_total": 9,
+        "kept": 3,
+        "dropped": {"excluded_pixels": 1, "no_labelled_pixels": 1, "unseen_pixels": 2},
+        "dropped_total": 4,
+        "skipped": 2,
+        "skipped_files": [{"file": "/img/0.jpg", "error": "missing"}, {"file": "/img/e.jpg", "error": "corrupt"}],
+        "no_annotations": 1,
+        "no_labelled_pixels": 1,  # f only: d is dropped
+        "images_with_unseen": 3,  # a, c, h (e is skipped)
+        "unseen_pixels": 3 + 4 + 1,
+        "excluded_pixels": 6,
+        "pixels_per_class": {"person": 7, "car": 7, "dog": 3, "cat": 0},
+        "unseen_present": ["dog"],
+    }
+    assert list(s["dropped"]) == sorted(s["dropped"])
+    # no result carries excluded_pixels: no such entry
+    assert "excluded_pixels" not in summarize(results[:3], vocab, policy="eval")
+
+
+def test_split_argument_checks_at_their_bounds():
+    from zeroseg.errors import ConfigError
+
+    ids = [f"{i:03d}" for i in range(50)]
+    assert assign_val(ids, 0.0, seed=1) == set()
+    assert len(assign_val(ids, 0.999999, seed=1)) >= 45
+    for bad in (1.0, -0.01, 1.5):
+        with pytest.raises(ConfigError, match="val_fraction must be in"):
+            assign_val(ids, bad, seed=1)
+    recs = [{"image_id": i} for i in ("b", "c", "a")]
+    assert truncate(recs, None) == [{"image_id": "a"}, {"image_id": "b"}, {"image_id": "c"}]
+    assert truncate(recs, 0) == [] and truncate(recs, 2) == [{"image_id": "a"}, {"image_id": "b"}]
+    with pytest.raises(ConfigError, match="unseen_policy 'keep' is unknown"):
+        make_records(recs, split="train", dataset="t", policy="keep", unseen=[], num_classes=3)
+    for policy in ("ignore", "drop", "unlabeled", "eval"):
+        out = make_records(recs[:1], split="s", dataset="t", policy=policy, unseen=(2, 0), num_classes="3")
+        assert out == [
+            {"image_id": "b", "split": "s", "dataset": "t", "policy": policy, "unseen": [0, 2], "num_classes": 3}
+        ]
+    out = make_records(recs[:1], split="s", dataset="t", policy="drop", unseen=[1], num_classes=4, excluded=(3, 0))
+    assert out[0]["excluded"] == [0, 3]
+    with pytest.raises(ConfigError, match="on_bad_image 'ignore' is unknown"):
+        process_record({"image_id": "x"}, on_bad_image="ignore")
