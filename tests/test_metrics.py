@@ -639,3 +639,24 @@ def test_json_safe():
     assert out == {"a": [1.5, None, None, [3, None]], "b": {"c": -2, "d": "s", "e": None, "f": True}, "g": 2}
     assert type(out["a"][3][0]) is int and type(out["b"]["c"]) is int and type(out["a"][0]) is float
     assert isinstance(out["a"][3], list)
+
+
+def test_empty_maps_and_out_of_range_predictions_only_at_ignored_pixels(counting):
+    # no pixel at all: a zero matrix (no min/max of an empty array)
+    for g in (np.zeros((0, 4), np.uint8), np.zeros((2, 0), np.int64)):
+        p = np.zeros(g.shape, np.int64)
+        for cm in _both(p, g, 3):
+            assert cm.shape == (3, 3) and cm.sum() == 0
+    gz, zs = gzs3_zs3_confusion(torch.zeros(0, 3, 2, 2), torch.zeros(0, 2, 2, dtype=torch.uint8), [0], [1, 2])
+    assert gz.sum() == 0 and zs.shape == (2, 2) and zs.sum() == 0
+    # every pixel ignored and every prediction out of range: nothing valid to check, zeros
+    g = np.full((2, 3), 255, np.uint8)
+    p = np.array([[9, -1, 3], [7, 100, 5]], np.int64)
+    for gg in (g, g.astype(np.int64)):
+        for cm in _both(p, gg, 3):
+            assert cm.sum() == 0
+    # one element (size 1), in range and out of range
+    for cm in _both(np.array([2]), np.array([1], np.uint8), 3):
+        assert cm.tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 0]]
+    with pytest.raises(ValueError, match="prediction value 3"):
+        confusion_matrix(np.array([3]), np.array([1], np.uint8), 3)
