@@ -476,3 +476,31 @@ def test_sine_position_encoding_against_a_loop_over_detr(h, w, channels, tempera
     assert sine_position_encoding(h, w, channels).dtype == torch.float32
     with pytest.raises(ValueError, match="divisible by 4"):
         sine_position_encoding(h, w, channels + 2)
+
+
+def test_resize_pos_embed_on_a_non_square_grid_against_a_manual_layout():
+    """Old grid 2 x 3 (rows x columns), width 2: token 1 + i * 3 + j holds (i, j) as its two channels.
+    Resized to 4 x 5: the reference builds the [1, 2, 2, 3] image channel by channel from that
+    layout and interpolates it (bicubic, align_corners False); a transposed reshape (3 x 2) or a
+    channel-last mix-up gives other numbers. [CLS] is kept, the dtype is kept."""
+    pos = torch.zeros(1 + 6, 2)
+    pos[0] = torch.tensor([9.0, -9.0])
+    for i in range(2):
+        for j in range(3):
+            pos[1 + i * 3 + j] = torch.tensor([float(i), float(j)])
+    img = torch.zeros(1, 2, 2, 3)
+    for i in range(2):
+        for j in range(3):
+            img[0, 0, i, j], img[0, 1, i, j] = float(i), float(j)
+    ref_grid = F.interpolate(img, size=(4, 5), mode="bicubic", align_corners=False)[0]  # [2, 4, 5]
+    out = resize_pos_embed(pos.double(), (2, 3), (4, 5))
+    assert out.shape == (1 + 20, 2) and out.dtype == torch.float64
+    torch.testing.assert_close(out[0], pos[0].double())
+    for i in range(4):
+        for j in range(5):
+            torch.testing.assert_close(out[1 + i * 5 + j].float(), ref_grid[:, i, j])
+    # columns keep their order: channel 1 (the column index) increases along each row
+    assert torch.all(out[1:6, 1].diff() > 0) and torch.all(out[1::5, 0].diff() >= 0)
+    assert resize_pos_embed(pos, (2, 3), (2, 3)) is pos
+    with pytest.raises(ValueError, match=r"has 6 rows, expected 1 \+ 2\*3"):
+        resize_pos_embed(pos[:6], (2, 3), (4, 4))
