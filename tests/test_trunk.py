@@ -504,3 +504,48 @@ def test_resize_pos_embed_on_a_non_square_grid_against_a_manual_layout():
     assert resize_pos_embed(pos, (2, 3), (2, 3)) is pos
     with pytest.raises(ValueError, match=r"has 6 rows, expected 1 \+ 2\*3"):
         resize_pos_embed(pos[:6], (2, 3), (4, 4))
+
+
+def test_value_projection_by_hand_with_packed_and_separate_weights():
+    """out_proj(s * (W_v y + b_v)) written out with matrices: packed in_proj (W_v = the last third),
+    separate v_proj_weight (vdim != embed_dim), and no bias; per-token scale multiplies the bias too."""
+    from zeroseg.models.trunk import _additive_tensor, _drop_prompts, _layer_index, value_projection
+
+    torch.manual_seed(0)
+    y = torch.randn(2, 3, 8)
+    s = torch.tensor([0.5, 2.0, -1.0]).view(1, 3, 1)
+    packed = torch.nn.MultiheadAttention(8, 2)
+    wv, bv = packed.in_proj_weight[16:], packed.in_proj_bias[16:]
+    want = (s * (y @ wv.T + bv)) @ packed.out_proj.weight.T + packed.out_proj.bias
+    torch.testing.assert_close(value_projection(packed, y, s), want)
+    torch.testing.assert_close(
+        value_projection(packed, y), (y @ wv.T + bv) @ packed.out_proj.weight.T + packed.out_proj.bias
+    )
+    sep = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=6)
+    assert sep.in_proj_weight is None
+    y6 = torch.randn(2, 3, 6)
+    want = (y6 @ sep.v_proj_weight.T + sep.in_proj_bias[16:]) @ sep.out_proj.weight.T + sep.out_proj.bias
+    torch.testing.assert_close(value_projection(sep, y6), want)
+    nob = torch.nn.MultiheadAttention(8, 2, bias=False)
+    want = (y @ nob.in_proj_weight[16:].T) @ nob.out_proj.weight.T
+    torch.testing.assert_close(value_projection(nob, y), want)
+    # block indices: -n..n-1, ints only
+    assert [_layer_index(i, 4, "w") for i in (0, 3, -1, -4)] == [0, 3, 3, 0]
+    for bad in (4, -5):
+        with pytest.raises(ValueError, match=r"w: block .* outside 0..3 \(or -4..-1\)"):
+            _layer_index(bad, 4, "w")
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(ValueError, match="must be ints"):
+            _layer_index(bad, 4, "w")
+    # additive tensors: [1 + h*w, width] or [1 or B, 1 + h*w, width]
+    x = torch.zeros(2, 7, 8, dtype=torch.float64)
+    assert _additive_tensor(torch.ones(7, 8), (2, 3), x, "w").shape == (1, 7, 8)
+    assert _additive_tensor(torch.ones(2, 7, 8), (2, 3), x, "w").dtype == torch.float64
+    assert _additive_tensor(lambda g: torch.ones(1 + g[0] * g[1], 8), (2, 3), x, "w").shape == (1, 7, 8)
+    for bad in (torch.ones(3, 7, 8), torch.ones(7, 9), torch.ones(6, 8), torch.ones(1, 1, 7, 8)):
+        with pytest.raises(ValueError, match=r"additive prompt at w must be .* = \[2, 7, 8\] for grid \(2, 3\)"):
+            _additive_tensor(bad, (2, 3), x, "w")
+    # dropping prompts: [CLS], then the tokens after the prompts
+    t = torch.arange(6.0).view(1, 6, 1)
+    assert _drop_prompts(t, 2).flatten().tolist() == [0.0, 3.0, 4.0, 5.0]
+    assert _drop_prompts(t, 0) is t
