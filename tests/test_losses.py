@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,3 +384,28 @@ def test_mask_focal_alpha_zero_is_a_weight_not_no_balance():
     )
     # dice: 1 - (2 * .5 + 1) / (1.25 + 1 + 1) = 1 - 2 / 3.25, over num_masks 2
     assert mask_dice_loss(x, y, 2.0).item() == pytest.approx((1 - 2 / 3.25) / 2, rel=1e-6)
+
+
+def test_semantic_to_targets_edges():
+    """Ascending ids, a custom ignore value, int64 labels out of uint8 and int32 input, and the
+    refused inputs (bool, float, not 2-D)."""
+    from zeroseg.losses import semantic_to_targets
+
+    lab = torch.tensor([[4, 0, 9], [9, 4, 2]], dtype=torch.int32)
+    t = semantic_to_targets(lab, ignore_index=9)
+    assert t["labels"].tolist() == [0, 2, 4] and t["labels"].dtype == torch.int64
+    assert t["masks"].tolist() == [
+        [[False, True, False], [False, False, False]],
+        [[False, False, False], [False, False, True]],
+        [[True, False, False], [False, True, False]],
+    ]
+    t255 = semantic_to_targets(lab)  # 9 is a class under the default ignore 255
+    assert t255["labels"].tolist() == [0, 2, 4, 9]
+    for bad in (
+        torch.zeros(2, 2, dtype=torch.bool),
+        torch.zeros(2, 2),
+        torch.zeros(1, 2, 2, dtype=torch.long),
+        np.zeros(3, np.uint8),
+    ):
+        with pytest.raises(ValueError, match=r"integer \[H, W\] label map"):
+            semantic_to_targets(bad)
