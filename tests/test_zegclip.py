@@ -719,3 +719,19 @@ def test_text_embedding_checks_and_train_mode_of_the_tower():
     over = resolve_zegclip_config(typed, decoder_layers=2)
     assert over is not typed and over.prompt_tokens == 3 and over.decoder_layers == 2
     assert ZegCLIP(tiny_clip(), SMALL, decoder_layers=2).cfg.decoder_layers == 2
+
+
+def test_layer_prompts_follow_the_token_dtype_and_list_patch_sizes():
+    enc = PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=2, prompt_dropout=0.0)
+    x = torch.zeros(2, 5, 64, dtype=torch.float64)
+    p = enc.layer_prompts(1, x)
+    assert p.dtype == torch.float64 and p.shape == (2, 2, 64)
+    torch.testing.assert_close(p[1], enc.prompts[1].double())
+    from zeroseg.models.prompt import _pair
+
+    assert _pair([8, 16]) == (8, 16) and _pair((4, 2)) == (4, 2) and _pair(16) == (16, 16)
+    # VPT's init range for patch 16, width 64: sqrt(6 / (3 * 16 * 16 + 64)) = sqrt(6 / 832) = 0.08492
+    bound = math.sqrt(6 / 832)
+    big = PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=400, prompt_layers=[1])
+    assert big.prompts.abs().max() <= bound and big.prompts.abs().max() > 0.99 * bound
+    assert big.prompts.mean().abs() < 0.01 and big.prompts.min() < -0.99 * bound
