@@ -660,3 +660,12 @@ def test_empty_maps_and_out_of_range_predictions_only_at_ignored_pixels(counting
         assert cm.tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 0]]
     with pytest.raises(ValueError, match="prediction value 3"):
         confusion_matrix(np.array([3]), np.array([1], np.uint8), 3)
+
+
+def test_one_class_with_an_out_of_range_prediction_at_an_ignored_pixel(counting):
+    # C = 1: the out-of-range prediction at the ignored pixel must not move that pixel into a
+    # counted (or an invalid) row: gt [[0, 255, 0]], pred [[0, 5, 0]] -> [[2]]
+    p = np.array([[0, 5, 0]], np.int64)
+    for g in (np.array([[0, 255, 0]], np.uint8), np.array([[0, 255, 0]], np.int64)):
+        for cm in _both(p, g, 1):
+            assert cm.tolist() == [[2]]
