@@ -669,3 +669,17 @@ def test_one_class_with_an_out_of_range_prediction_at_an_ignored_pixel(counting)
     for g in (np.array([[0, 255, 0]], np.uint8), np.array([[0, 255, 0]], np.int64)):
         for cm in _both(p, g, 1):
             assert cm.tolist() == [[2]]
+
+
+def test_gamma_defaults_to_zero_and_zero_is_the_plain_argmax_of_the_scores():
+    # logits (2.0, 1.5), seen {0}: the default gamma is 0 -> class 0 (gamma 1 would make every
+    # seen probability negative -> class 1)
+    s = torch.tensor([2.0, 1.5]).view(1, 2, 1, 1)
+    assert calibrated_argmax(s, [0]).item() == 0 and calibrated_argmax(s, [0], 1.0).item() == 1
+    gz, _ = gzs3_zs3_confusion(s, torch.zeros(1, 1, 1, dtype=torch.uint8), [0], [1])
+    assert gz.tolist() == [[1, 0], [0, 0]]
+    # gamma 0 is argmax_c scores_c on the scores as given: float64 probabilities 0.5 and
+    # 0.5 + 1e-12 (equal in float32) -> class 1, with or without a seen set
+    p = torch.tensor([0.5, 0.5 + 1e-12], dtype=torch.float64).view(1, 2, 1, 1)
+    assert calibrated_argmax(p, [0], 0.0, probabilities=True).item() == 1
+    assert calibrated_argmax(p, [], 0.0, probabilities=True).item() == 1
