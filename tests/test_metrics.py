@@ -521,19 +521,20 @@ def test_calibration_margin_just_above_and_below_gamma():
 
 
 def test_chunked_counting_matches_a_reference_over_chunk_edges(counting, monkeypatch):
-    # tiny chunks (CHUNK_PIXELS 7, 2 * bins = 18 for C = 3) so several chunks and a partial last one
+    # CHUNK_PIXELS 7: the step is max(7, 2 * bins): int64 labels, C = 3 -> 5 rows x 3 = 15 bins -> 30 px
+    # a chunk (67 chunks of 2001 px, a partial last one); uint8 labels -> 256 x 3 bins -> 1536 px (2 chunks)
     import zeroseg.confusion
 
     monkeypatch.setattr(zeroseg.confusion, "CHUNK_PIXELS", 7)
     rng = np.random.default_rng(5)
-    gt = rng.integers(0, 3, (3, 11, 13))
+    gt = rng.integers(0, 3, (3, 23, 29))
     gt[rng.random(gt.shape) < 0.2] = 255
     pred = rng.integers(0, 3, gt.shape)
     for g in (gt.astype(np.uint8), gt):
         for cm in _both(pred, g, 3):
             np.testing.assert_array_equal(cm, _np_reference(pred, g, 3, 255))
     gz, zs = gzs3_zs3_confusion(
-        torch.from_numpy(rng.standard_normal((3, 3, 11, 13))), torch.from_numpy(gt), [0], [1, 2]
+        torch.from_numpy(rng.standard_normal((3, 3, 23, 29))), torch.from_numpy(gt), [0], [1, 2]
     )
     assert int(gz.sum()) == int((gt != 255).sum()) and int(zs.sum()) == int(np.isin(gt, [1, 2]).sum())
 
