@@ -684,3 +684,9 @@ def test_gamma_defaults_to_zero_and_zero_is_the_plain_argmax_of_the_scores():
     p = torch.tensor([0.5, 0.5 + 1e-12], dtype=torch.float64).view(1, 2, 1, 1)
     assert calibrated_argmax(p, [0], 0.0, probabilities=True).item() == 1
     assert calibrated_argmax(p, [], 0.0, probabilities=True).item() == 1
+
+
+def test_no_unseen_class_gives_an_empty_int64_zs3_matrix(counting):
+    gz, zs = gzs3_zs3_confusion(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.uint8), [0, 1, 2], [])
+    assert zs.shape == (0, 0) and zs.dtype == torch.int64 and zs.device == gz.device
+    assert gz.dtype == torch.int64 and gz[0, 0] == 4
