@@ -690,3 +690,13 @@ def test_no_unseen_class_gives_an_empty_int64_zs3_matrix(counting):
     gz, zs = gzs3_zs3_confusion(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.uint8), [0, 1, 2], [])
     assert zs.shape == (0, 0) and zs.dtype == torch.int64 and zs.device == gz.device
     assert gz.dtype == torch.int64 and gz[0, 0] == 4
+
+
+def test_one_class_uint8_labels_with_an_ignore_index_outside_the_byte_range(counting):
+    # C = 1, ignore 256: no byte is ignored, so label 1 (the row right after the only class) is
+    # an invalid label and must raise; a map of zeros is counted in full
+    for ignore in (256, -1):
+        with pytest.raises(ValueError, match="ground-truth value 1 is outside"):
+            confusion_matrix(np.zeros((1, 2), np.int64), np.array([[0, 1]], np.uint8), 1, ignore_index=ignore)
+        for cm in _both(np.zeros((1, 2), np.int64), np.zeros((1, 2), np.uint8), 1, ignore_index=ignore):
+            assert cm.tolist() == [[2]]
