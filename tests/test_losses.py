@@ -409,3 +409,13 @@ def test_semantic_to_targets_edges():
     ):
         with pytest.raises(ValueError, match=r"integer \[H, W\] label map"):
             semantic_to_targets(bad)
+
+
+def test_mask_focal_odd_gamma_pins_p_t():
+    """gamma = 1 (odd, so a sign error in p_t shows; with gamma 2 (1 - p_t)^2 hides it): logits
+    [0, ln3], targets [1, 0], no balance: (p .5, y 1): p_t .5 -> .5 ln 2; (p .75, y 0): p_t .25
+    -> .75 ln 4 = 1.5 ln 2; mean over the 2 pixels = ln 2."""
+    from zeroseg.losses import mask_focal_loss
+
+    x, y = torch.tensor([[0.0, L3]]), torch.tensor([[1.0, 0.0]])
+    assert mask_focal_loss(x, y, 1.0, alpha=-1.0, gamma=1.0).item() == pytest.approx(math.log(2), rel=1e-6)
