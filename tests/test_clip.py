@@ -301,3 +301,61 @@ def test_dense_features_rejects_bad_inputs(tiny):
         dense_features(tiny.visual, torch.randn(1, 3, 8, 224))
     with pytest.raises(ValueError, match="VisionTransformer"):
         dense_features(torch.nn.Linear(2, 2), torch.randn(1, 3, 224, 224))
+
+
+def test_size_helpers_and_the_nearest_valid_input_size(tiny):
+    from zeroseg.errors import ConfigError
+    from zeroseg.models.clip import check_input_size, embed_dim, native_input_size, patch_size
+
+    assert embed_dim(tiny) == embed_dim(tiny.visual) == 64
+    assert native_input_size(tiny) == (224, 224) and patch_size(tiny) == (16, 16)
+    fake = torch.nn.Module()
+    fake.image_size, fake.patch_size = (96, 160), (8, 16)  # non-square everything
+    assert native_input_size(fake) == (96, 160) and patch_size(fake) == (8, 16)
+    fake.image_size, fake.patch_size = 64, 4
+    assert native_input_size(fake) == (64, 64) and patch_size(fake) == (4, 4)
+    with pytest.raises(ValueError, match="has no patch size"):
+        patch_size(torch.nn.Module())
+    fake.patch_size = (8, 16)
+    check_input_size(fake, [8, 16], "k")  # one patch
+    check_input_size(fake, (96, 160), "k")
+    # [70, 40] with patches 8 x 16: 70 % 8 = 6 -> rows round(70/8) = 9 -> 72; cols round(40/16) = 2 -> 32
+    with pytest.raises(
+        ConfigError, match=r"k \[70, 40\] is not a multiple of the CLIP patch size \[8, 16\]; use e.g. \[72, 32\]"
+    ):
+        check_input_size(fake, [70, 40], "k")
+    # a remainder in the width only; a size below one patch suggests one patch: [3, 20] -> [8, 16]
+    with pytest.raises(ConfigError, match=r"\[16, 20\] .* use e.g. \[16, 16\]"):
+        check_input_size(fake, [16, 20], "k")
+    with pytest.raises(ConfigError, match=r"use e.g. \[8, 16\]"):
+        check_input_size(fake, [3, 20], "k")
+
+
+def test_dense_visual_checks_each_unsupported_tower(tiny):
+    import copy
+
+    from zeroseg.models.clip import check_dense_visual
+
+    check_dense_visual(tiny.visual)
+    v = copy.deepcopy(tiny.visual)
+    v.pool_type = "avg"
+    with pytest.raises(ValueError, match="pool_type='avg'"):
+        check_dense_visual(v)
+    v = copy.deepcopy(tiny.visual)
+    v.attn_pool = torch.nn.Identity()
+    with pytest.raises(ValueError, match="no attentional pooler"):
+        check_dense_visual(v)
+    v = copy.deepcopy(tiny.visual)
+    v.transformer.resblocks[-1] = torch.nn.Identity()
+    with pytest.raises(ValueError, match="the last block is a Identity"):
+        check_dense_visual(v)
+    v = copy.deepcopy(tiny.visual)
+    v.positional_embedding = torch.nn.Parameter(v.positional_embedding.detach()[None])
+    with pytest.raises(ValueError, match="positional embedding"):
+        check_dense_visual(v)
+    # images of exactly one patch are fine; one pixel less in either axis is not
+    cls, patches = dense_features(tiny.visual, torch.randn(1, 3, 16, 32))
+    assert cls.shape == (1, 64) and patches.shape == (1, 64, 1, 2)
+    for shape in ((1, 3, 15, 32), (1, 3, 16, 15), (1, 1, 16, 16)):
+        with pytest.raises(ValueError, match=r"smaller than one patch|\[B, 3, H, W\]"):
+            dense_features(tiny.visual, torch.randn(*shape))

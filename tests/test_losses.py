@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,3 +258,164 @@ def test_released_loss_weights_and_defaults_are_pinned():
     assert ZEGCLIP_LOSS_WEIGHTS == {"alpha": 100.0, "beta": 1.0, "gamma": 2.0}
     assert LOSS_KINDS == ("focal_dice", "ce")
     assert IGNORE_INDEX == 255
+
+
+# ----------------------------------------------------------------------------- boundaries
+def test_focal_alpha_at_its_bounds_weighs_one_side_only():
+    """focal_alpha = 1: positives only; 0: negatives only (batch_example, terms A and Bv above):
+    positives: img0 cls0 (A + Bv)/2, img1 cls1 A -> ((A + Bv)/2 + A) / 2 = (3A + Bv) / 4
+    negatives: img0 cls1 (A + Bv)/2, img1 cls0 Bv -> ((A + Bv)/2 + Bv) / 2 = (A + 3Bv) / 4
+    (0.25 * the first + 0.75 * the second = .375 A + .625 Bv = FOCAL_B_A025, as above)."""
+    logits, target = batch_example()
+    assert sigmoid_focal_loss(logits, target, focal_alpha=1.0).item() == pytest.approx((3 * A_ + B_) / 4, rel=1e-6)
+    assert sigmoid_focal_loss(logits, target, focal_alpha=0.0).item() == pytest.approx((A_ + 3 * B_) / 4, rel=1e-6)
+    for bad in (-0.01, 1.01):
+        with pytest.raises(ValueError, match="focal_alpha"):
+            sigmoid_focal_loss(logits, target, focal_alpha=bad)
+        with pytest.raises(ValueError, match="focal_alpha"):
+            segmentation_loss_terms(logits, target, focal_alpha=bad)
+
+
+def test_an_image_with_every_pixel_ignored_adds_nothing():
+    """Image 1 of batch_example fully ignored: its per-image mean has no valid pixel (0, not 0/0),
+    and it has no present mask. Left: image 0 only, num_masks 1 (class 0):
+    focal = ((A + Bv)/2 [cls0] + (A + Bv)/2 [cls1, absent but its negatives count]) / 1 = A + Bv;
+    dice, no smoothing: (0,0) 1 - 2.5 / 2.8125 = 1/9 (absent masks and the empty image give no
+    term, and 0/0 must not turn into NaN)."""
+    logits, _ = batch_example()
+    target = torch.tensor([[[0, 0]], [[255, 255]]])
+    assert sigmoid_focal_loss(logits, target).item() == pytest.approx(A_ + B_, rel=1e-6)
+    d = dice_loss(logits, target, smooth=0.0)
+    assert torch.isfinite(d) and d.item() == pytest.approx(1 / 9, rel=1e-6)
+    assert dice_loss(logits, target, smooth=0.0, squared=False).item() == pytest.approx(1 - 2.5 / 3.25, rel=1e-6)
+    terms = segmentation_loss_terms(logits, target, dice_smooth=0.0)
+    assert terms["dice"].item() == pytest.approx(1 / 9, rel=1e-6)
+
+
+def test_class_id_checks_at_the_edges_and_the_message():
+    logits = torch.zeros(1, 3, 2, 7)
+    # ids 0 and C - 1 = 2 and the ignore value are fine; C = 3 and -1 are not
+    ok = torch.tensor([[[0, 2, 255, 1, 0, 2, 1], [2, 2, 0, 0, 255, 1, 1]]])
+    assert torch.isfinite(sigmoid_focal_loss(logits, ok))
+    for v in (3, -1):
+        bad = ok.clone()
+        bad[0, 1, 3] = v
+        with pytest.raises(ValueError, match=rf"class ids \[{v}\] outside 0..2 that are not ignore_index=255"):
+            sigmoid_focal_loss(logits, bad)
+    # the message lists the distinct bad ids, sorted, at most 10
+    many = torch.tensor([[[15, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, -2]]])
+    with pytest.raises(ValueError, match=r"class ids \[-2, 3, 4, 5, 6, 7, 8, 9, 10, 11\] outside"):
+        dice_loss(logits, many)
+    with pytest.raises(
+        ValueError, match=r"\[3, 7\] outside 0..2.*the logits must have one channel per training \(seen\) class"
+    ):
+        cross_entropy_loss(logits, torch.tensor([[[7, 3, 7, 0, 0, 0, 0], [0] * 7]]))
+    from zeroseg.losses import check_class_ids
+
+    with pytest.raises(ValueError, match=r"ignore_index=-1: the logits must have K"):
+        check_class_ids(torch.tensor([255, -1, 0]), 3, ignore_index=-1, expects="K")
+    check_class_ids(torch.tensor([2, -1, 0]), 3, ignore_index=-1)
+    with pytest.raises(ValueError, match="integer class ids"):
+        check_class_ids(torch.tensor([0.0, 1.0]), 3)
+
+
+def test_shape_checks():
+    logits = torch.zeros(2, 3, 4, 5)
+    t = torch.zeros(2, 4, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"logits must be \[B, C, H, W\]"):
+        sigmoid_focal_loss(logits[0], t[0])
+    for bad in (t[0], t[:1], t[:, :3], t[:, :, :4], t[None]):
+        with pytest.raises(ValueError, match=r"target must be \[B, H, W\]"):
+            segmentation_loss(logits, bad)
+        with pytest.raises(ValueError, match=r"target must be \[B, H, W\]"):
+            segmentation_loss(logits, bad, kind="ce")
+
+
+def test_every_option_of_the_terms_reaches_its_loss():
+    """segmentation_loss_terms threads gamma, dice_smooth, dice_squared and ignore_index through
+    (the hand values of batch_example above); ignore 9 instead of 255 gives the same numbers."""
+    logits, target = batch_example()
+    t9 = torch.where(target == 255, torch.tensor(9), target)
+    g1 = 0.25 * math.log(4 / 3) + 0.5 * math.log(2)  # test_batch_focal_gamma_is_the_exponent
+    terms = segmentation_loss_terms(logits, t9, alpha=2.0, beta=3.0, gamma=1.0, dice_squared=False, ignore_index=9)
+    assert terms["focal"].item() == pytest.approx(g1, rel=1e-6)
+    assert terms["dice"].item() == pytest.approx(DICE_B_PLAIN, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(2 * g1 + 3 * DICE_B_PLAIN, rel=1e-6)
+    terms = segmentation_loss_terms(logits, t9, dice_smooth=0.0, ignore_index=9)
+    assert terms["dice"].item() == pytest.approx(DICE_B_S0, rel=1e-6)
+    assert terms["focal"].item() == pytest.approx(FOCAL_B, rel=1e-6)
+    ce = segmentation_loss_terms(logits, t9, kind="ce", ignore_index=9)
+    assert ce["ce"].item() == pytest.approx(CE_B, rel=1e-6)
+    assert cross_entropy_loss(logits, t9, ignore_index=9).item() == pytest.approx(CE_B, rel=1e-6)
+    assert sigmoid_focal_loss(logits, t9, ignore_index=9).item() == pytest.approx(FOCAL_B, rel=1e-6)
+    assert dice_loss(logits, t9, ignore_index=9).item() == pytest.approx(DICE_B, rel=1e-6)
+    masks, valid = one_hot_targets(t9, 2, ignore_index=9)
+    assert masks.dtype == torch.float32 and valid.tolist() == [[[True, True]], [[True, False]]]
+    assert masks.tolist() == [[[[1.0, 1.0]], [[0.0, 0.0]]], [[[0.0, 0.0]], [[1.0, 0.0]]]]
+    # all ignored under ignore 9: CE is 0 with a graph
+    x = logits.clone().requires_grad_(True)
+    z = cross_entropy_loss(x, torch.full_like(target, 9), ignore_index=9)
+    assert z.item() == 0.0 and z.requires_grad
+
+
+def test_losses_of_half_precision_logits_are_float32():
+    logits, target = batch_example()
+    for fn, expect in ((sigmoid_focal_loss, FOCAL_B), (dice_loss, DICE_B), (cross_entropy_loss, CE_B)):
+        out = fn(logits.to(torch.bfloat16), target)
+        assert out.dtype == torch.float32 and out.item() == pytest.approx(expect, rel=3e-2)
+
+
+def test_mask_focal_alpha_zero_is_a_weight_not_no_balance():
+    """mask_focal_loss with alpha = 0 keeps only the negatives (alpha < 0 is 'no balance').
+    Logits [0, ln3], targets [1, 0]: (p .5, y 1) weight 0; (p .75, y 0): p_t .25,
+    (.75)^2 ln 4 = 0.7797905; mean over the 2 pixels, num_masks 1 -> 0.3898953. Without the
+    weight: (.25 ln 2 + .5625 ln 4) / 2 = 0.4765387. alpha = 1: .25 ln2 / 2 = 0.0866434."""
+    from zeroseg.losses import mask_dice_loss, mask_focal_loss
+
+    x, y = torch.tensor([[0.0, L3]]), torch.tensor([[1.0, 0.0]])
+    assert mask_focal_loss(x, y, 1.0, alpha=0.0).item() == pytest.approx(0.5625 * math.log(4) / 2, rel=1e-6)
+    assert mask_focal_loss(x, y, 1.0, alpha=-1.0).item() == pytest.approx(
+        (0.25 * math.log(2) + 0.5625 * math.log(4)) / 2, rel=1e-6
+    )
+    assert mask_focal_loss(x, y, 1.0, alpha=1.0).item() == pytest.approx(0.25 * math.log(2) / 2, rel=1e-6)
+    # default alpha 0.25 gamma 2: (.25 * .25 ln2 + .75 * .5625 ln4) / 2
+    assert mask_focal_loss(x, y, 2.0).item() == pytest.approx(
+        (0.0625 * math.log(2) + 0.421875 * math.log(4)) / 4, rel=1e-6
+    )
+    # dice: 1 - (2 * .5 + 1) / (1.25 + 1 + 1) = 1 - 2 / 3.25, over num_masks 2
+    assert mask_dice_loss(x, y, 2.0).item() == pytest.approx((1 - 2 / 3.25) / 2, rel=1e-6)
+
+
+def test_semantic_to_targets_edges():
+    """Ascending ids, a custom ignore value, int64 labels out of uint8 and int32 input, and the
+    refused inputs (bool, float, not 2-D)."""
+    from zeroseg.losses import semantic_to_targets
+
+    lab = torch.tensor([[4, 0, 9], [9, 4, 2]], dtype=torch.int32)
+    t = semantic_to_targets(lab, ignore_index=9)
+    assert t["labels"].tolist() == [0, 2, 4] and t["labels"].dtype == torch.int64
+    assert t["masks"].tolist() == [
+        [[False, True, False], [False, False, False]],
+        [[False, False, False], [False, False, True]],
+        [[True, False, False], [False, True, False]],
+    ]
+    t255 = semantic_to_targets(lab)  # 9 is a class under the default ignore 255
+    assert t255["labels"].tolist() == [0, 2, 4, 9]
+    for bad in (
+        torch.zeros(2, 2, dtype=torch.bool),
+        torch.zeros(2, 2),
+        torch.zeros(1, 2, 2, dtype=torch.long),
+        np.zeros(3, np.uint8),
+    ):
+        with pytest.raises(ValueError, match=r"integer \[H, W\] label map"):
+            semantic_to_targets(bad)
+
+
+def test_mask_focal_odd_gamma_pins_p_t():
+    """gamma = 1 (odd, so a sign error in p_t shows; with gamma 2 (1 - p_t)^2 hides it): logits
+    [0, ln3], targets [1, 0], no balance: (p .5, y 1): p_t .5 -> .5 ln 2; (p .75, y 0): p_t .25
+    -> .75 ln 4 = 1.5 ln 2; mean over the 2 pixels = ln 2."""
+    from zeroseg.losses import mask_focal_loss
+
+    x, y = torch.tensor([[0.0, L3]]), torch.tensor([[1.0, 0.0]])
+    assert mask_focal_loss(x, y, 1.0, alpha=-1.0, gamma=1.0).item() == pytest.approx(math.log(2), rel=1e-6)

@@ -251,3 +251,98 @@ def test_maskclip_default_config_is_pinned():
     from zeroseg.models.maskclip import MASKCLIP_DEFAULT_CONFIG
 
     assert MASKCLIP_DEFAULT_CONFIG == {"input_size": None, "logit_scale": 100.0}
+
+
+def test_maskclip_keeps_the_tower_in_eval_and_checks_every_text_shape(clip_model):
+    seg = MaskCLIP(clip_model.visual)  # the tower itself is accepted
+    seg.train()
+    assert seg.training and not seg.visual.training
+    assert seg.size_divisibility == 16 and seg.embed_dim == 64
+    x = torch.randn(1, 3, 32, 48)
+    for bad in (torch.zeros(0, 64), torch.zeros(2, 63), torch.zeros(1, 2, 64), torch.zeros(64)):
+        with pytest.raises(ValueError, match=r"text_embeddings must be \[C >= 1, 64\]"):
+            seg(x, bad)
+    # the scores are logit_scale * cosine: one text embedding equal to a patch's embedding gives
+    # exactly logit_scale there (cosine 1), the negated one -logit_scale; 2 x 3 grid, not square
+    with torch.no_grad():
+        p = seg.patch_embeddings(x)
+        assert p.shape == (1, 64, 2, 3) and p.dtype == torch.float32
+        torch.testing.assert_close(p.norm(dim=1), torch.ones(1, 2, 3))
+        t = torch.stack([p[0, :, 1, 2] * 5.0, -p[0, :, 1, 2]])
+        out = seg(x, t.double())
+    assert out.dtype == torch.float32 and out.shape == (1, 2, 2, 3)
+    assert out[0, 0, 1, 2].item() == pytest.approx(100.0, rel=1e-5)
+    assert out[0, 1, 1, 2].item() == pytest.approx(-100.0, rel=1e-5)
+
+
+# ------------------------------------------------------------------ zeroseg.models helpers
+
+
+def test_weights_mismatch_message_lists_keys_and_survives_pickling():
+    import pickle
+
+    from zeroseg.models import check_state_dict
+
+    missing = [f"m{i:02d}" for i in range(22)]
+    err = WeightsMismatchError("w.pt", missing, ["u"], [], model="the X model")
+    msg = str(err)
+    # at most 20 keys shown, then the count; "none" for an empty list; no shape part when none
+    assert msg.startswith("w.pt does not match the X model: missing keys (22): m00, m01,")
+    assert "m19, ... (22 in all); unexpected keys (1): u. Was it written for another model config?" in msg
+    assert "m20" not in msg and "shape mismatches" not in msg
+    twenty = str(WeightsMismatchError("w", missing[:20], [], ["k (1,) vs model (2,)"]))
+    assert "missing keys (20): " + ", ".join(missing[:20]) + "; unexpected keys (0): none" in twenty
+    assert "(20 in all)" not in twenty and "; shape mismatches (1): k (1,) vs model (2,)." in twenty
+    back = pickle.loads(pickle.dumps(err))
+    assert isinstance(back, WeightsMismatchError) and str(back) == msg and back.missing == missing
+    # check_state_dict: sorted lists; a shape mismatch names both shapes; non-tensors are not shape-checked
+    expected = {"b": torch.zeros(2, 3), "a": torch.zeros(1), "c": torch.zeros(4)}
+    with pytest.raises(WeightsMismatchError) as e:
+        check_state_dict(expected, {"z": 1, "b": torch.zeros(3, 2), "y": 2, "c": torch.zeros(4)}, "f.pt")
+    assert e.value.missing == ["a"] and e.value.unexpected == ["y", "z"]
+    assert e.value.mismatched == ["b (3, 2) vs model (2, 3)"]
+    check_state_dict(expected, {"a": 0.5, "b": torch.zeros(2, 3), "c": torch.ones(4)}, "f.pt")
+
+
+def test_load_strict_read_state_dict_and_import_class(tmp_path):
+    from zeroseg.models import class_path, import_class, load_strict, load_trainable, read_state_dict
+
+    lin = torch.nn.Linear(2, 3)
+    sd = {k: torch.full_like(v, 7.0) for k, v in lin.state_dict().items()}
+    load_strict(lin, sd, "s")
+    assert torch.all(lin.weight == 7.0)
+    with pytest.raises(WeightsMismatchError, match="s does not match the Linear model: missing keys \\(1\\): bias"):
+        load_strict(lin, {"weight": sd["weight"]}, "s")
+    # names: only that part is expected and loaded, the rest stays
+    load_strict(lin, {"bias": torch.zeros(3)}, "s", names=["bias"])
+    assert torch.all(lin.bias == 0) and torch.all(lin.weight == 7.0)
+    with pytest.raises(
+        WeightsMismatchError, match="the part: missing keys \\(0\\): none; unexpected keys \\(1\\): weight"
+    ):
+        load_strict(lin, {"bias": torch.zeros(3), "weight": sd["weight"]}, "s", model="the part", names=["bias"])
+    load_trainable(lin, {k: torch.ones_like(v) for k, v in sd.items()})  # no trainable_names: all keys
+    assert torch.all(lin.weight == 1.0)
+    # read_state_dict
+    torch.save({"a": torch.ones(2)}, tmp_path / "ok.pt")
+    assert list(read_state_dict(tmp_path / "ok.pt")) == ["a"]
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(DataError, match="nice must hold a state dict, got list"):
+        read_state_dict(tmp_path / "list.pt", name="nice")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"cannot read .*junk\.pt: "):
+        read_state_dict(tmp_path / "junk.pt", error=ConfigError)
+    # class paths: the outermost re-exporting package under zeroseg.models
+    from zeroseg.models.deop import DeOP
+    from zeroseg.models.zegclip import ZegCLIP
+
+    assert class_path(MaskCLIP) == "zeroseg.models.maskclip:MaskCLIP"
+    assert class_path(DeOP) == "zeroseg.models.deop:DeOP" and DeOP.__module__ != "zeroseg.models.deop"
+    assert import_class("zeroseg.models.zegclip:ZegCLIP") is ZegCLIP
+    for bad, says in (
+        ("zeroseg.models.zegclip", "must be 'zeroseg.models.<module>:<Class>'"),
+        ("os:path", "must be"),
+        ("zeroseg.models.zegclip:Nope", "cannot be imported"),
+        ("zeroseg.models.nope:X", "cannot be imported"),
+    ):
+        with pytest.raises(DataError, match=f"where: class .* {says}" if says == "must be" else says):
+            import_class(bad, where="where")

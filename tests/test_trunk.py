@@ -444,3 +444,108 @@ def test_run_blocks_rejects_bad_prompts(tiny):
         run_blocks(v, x, grid, prompts={0: torch.zeros(1, 3, 32)})
     with pytest.raises(ValueError, match="smaller than one patch"):
         embed(v, pixels(1, 8, 32))
+
+
+# ------------------------------------------------------------------ the sine position encoding
+
+
+@pytest.mark.parametrize("h, w, channels, temperature", [(3, 5, 8, 10000.0), (4, 2, 12, 20.0), (1, 1, 4, 10000.0)])
+def test_sine_position_encoding_against_a_loop_over_detr(h, w, channels, temperature):
+    """DETR's PositionEmbeddingSine(normalize=True) by a plain loop: for row i, column j (1-based
+    positions i / (h + 1e-6) * 2 pi and j / (w + 1e-6) * 2 pi), feature k of each axis is
+    sin (k even) or cos (k odd) of pos / T^(2 floor(k/2) / (C/2)); y features first, then x;
+    token i * w + j. Non-square grids so that a swapped axis shows."""
+    import math
+
+    from zeroseg.models.position import sine_position_encoding
+
+    npf = channels // 2
+    want = torch.zeros(h * w, channels, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            yv = (i + 1) / (h + 1e-6) * 2 * math.pi
+            xv = (j + 1) / (w + 1e-6) * 2 * math.pi
+            for k in range(npf):
+                dim = temperature ** (2 * (k // 2) / npf)
+                f = math.sin if k % 2 == 0 else math.cos
+                want[i * w + j, k] = f(yv / dim)
+                want[i * w + j, npf + k] = f(xv / dim)
+    got = sine_position_encoding(h, w, channels, temperature=temperature, dtype=torch.float64)
+    assert got.shape == (h * w, channels) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    assert sine_position_encoding(h, w, channels).dtype == torch.float32
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_position_encoding(h, w, channels + 2)
+
+
+def test_resize_pos_embed_on_a_non_square_grid_against_a_manual_layout():
+    """Old grid 2 x 3 (rows x columns), width 2: token 1 + i * 3 + j holds (i, j) as its two channels.
+    Resized to 4 x 5: the reference builds the [1, 2, 2, 3] image channel by channel from that
+    layout and interpolates it (bicubic, align_corners False); a transposed reshape (3 x 2) or a
+    channel-last mix-up gives other numbers. [CLS] is kept, the dtype is kept."""
+    pos = torch.zeros(1 + 6, 2)
+    pos[0] = torch.tensor([9.0, -9.0])
+    for i in range(2):
+        for j in range(3):
+            pos[1 + i * 3 + j] = torch.tensor([float(i), float(j)])
+    img = torch.zeros(1, 2, 2, 3)
+    for i in range(2):
+        for j in range(3):
+            img[0, 0, i, j], img[0, 1, i, j] = float(i), float(j)
+    ref_grid = F.interpolate(img, size=(4, 5), mode="bicubic", align_corners=False)[0]  # [2, 4, 5]
+    out = resize_pos_embed(pos.double(), (2, 3), (4, 5))
+    assert out.shape == (1 + 20, 2) and out.dtype == torch.float64
+    torch.testing.assert_close(out[0], pos[0].double())
+    for i in range(4):
+        for j in range(5):
+            torch.testing.assert_close(out[1 + i * 5 + j].float(), ref_grid[:, i, j])
+    # columns keep their order: channel 1 (the column index) increases along each row
+    assert torch.all(out[1:6, 1].diff() > 0) and torch.all(out[1::5, 0].diff() >= 0)
+    assert resize_pos_embed(pos, (2, 3), (2, 3)) is pos
+    with pytest.raises(ValueError, match=r"has 6 rows, expected 1 \+ 2\*3"):
+        resize_pos_embed(pos[:6], (2, 3), (4, 4))
+
+
+def test_value_projection_by_hand_with_packed_and_separate_weights():
+    """out_proj(s * (W_v y + b_v)) written out with matrices: packed in_proj (W_v = the last third),
+    separate v_proj_weight (vdim != embed_dim), and no bias; per-token scale multiplies the bias too."""
+    from zeroseg.models.trunk import _additive_tensor, _drop_prompts, _layer_index, value_projection
+
+    torch.manual_seed(0)
+    y = torch.randn(2, 3, 8)
+    s = torch.tensor([0.5, 2.0, -1.0]).view(1, 3, 1)
+    packed = torch.nn.MultiheadAttention(8, 2)
+    wv, bv = packed.in_proj_weight[16:], packed.in_proj_bias[16:]
+    want = (s * (y @ wv.T + bv)) @ packed.out_proj.weight.T + packed.out_proj.bias
+    torch.testing.assert_close(value_projection(packed, y, s), want)
+    torch.testing.assert_close(
+        value_projection(packed, y), (y @ wv.T + bv) @ packed.out_proj.weight.T + packed.out_proj.bias
+    )
+    sep = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=6)
+    assert sep.in_proj_weight is None
+    y6 = torch.randn(2, 3, 6)
+    want = (y6 @ sep.v_proj_weight.T + sep.in_proj_bias[16:]) @ sep.out_proj.weight.T + sep.out_proj.bias
+    torch.testing.assert_close(value_projection(sep, y6), want)
+    nob = torch.nn.MultiheadAttention(8, 2, bias=False)
+    want = (y @ nob.in_proj_weight[16:].T) @ nob.out_proj.weight.T
+    torch.testing.assert_close(value_projection(nob, y), want)
+    # block indices: -n..n-1, ints only
+    assert [_layer_index(i, 4, "w") for i in (0, 3, -1, -4)] == [0, 3, 3, 0]
+    for bad in (4, -5):
+        with pytest.raises(ValueError, match=r"w: block .* outside 0..3 \(or -4..-1\)"):
+            _layer_index(bad, 4, "w")
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(ValueError, match="must be ints"):
+            _layer_index(bad, 4, "w")
+    # additive tensors: [1 + h*w, width] or [1 or B, 1 + h*w, width]
+    x = torch.zeros(2, 7, 8, dtype=torch.float64)
+    assert _additive_tensor(torch.ones(7, 8), (2, 3), x, "w").shape == (1, 7, 8)
+    assert _additive_tensor(torch.ones(2, 7, 8), (2, 3), x, "w").dtype == torch.float64
+    assert _additive_tensor(lambda g: torch.ones(1 + g[0] * g[1], 8), (2, 3), x, "w").shape == (1, 7, 8)
+    for bad in (torch.ones(3, 7, 8), torch.ones(7, 9), torch.ones(6, 8), torch.ones(1, 1, 7, 8)):
+        with pytest.raises(ValueError, match=r"additive prompt at w must be .* = \[2, 7, 8\] for grid \(2, 3\)"):
+            _additive_tensor(bad, (2, 3), x, "w")
+    # dropping prompts: [CLS], then the tokens after the prompts
+    t = torch.arange(6.0).view(1, 6, 1)
+    assert _drop_prompts(t, 2).flatten().tolist() == [0.0, 3.0, 4.0, 5.0]
+    assert _drop_prompts(t, 0) is t

@@ -580,3 +580,158 @@ def test_default_config_is_the_released_voc_setting():
         "focal_gamma": 2.0,
     }
     assert resolve_zegclip_config().model_dump(mode="json") == ZEGCLIP_DEFAULT_CONFIG
+
+
+# ------------------------------------------------------------------ PromptedVisionTransformer edges
+
+
+def test_prompted_encoder_argument_checks_and_layer_mapping():
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        PromptedVisionTransformer(tiny_clip().visual, backbone="lora")
+    with pytest.raises(ValueError, match="prompt_tokens must be >= 0"):
+        PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=-1)
+    with pytest.raises(ValueError, match=r"prompt_layers \[0\] outside 1..2"):
+        PromptedVisionTransformer(tiny_clip().visual, prompt_layers=[0, 1])
+    with pytest.raises(ValueError, match="duplicates"):
+        PromptedVisionTransformer(tiny_clip().visual, prompt_layers=[1, 1])
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        PromptedVisionTransformer(tiny_clip().visual, input_size=(64, 72))
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        PromptedVisionTransformer(tiny_clip().visual, input_size=(72, 64))
+    v = tiny_clip().visual
+    v.proj = None
+    with pytest.raises(ValueError, match="no output projection"):
+        PromptedVisionTransformer(v)
+    v = tiny_clip().visual
+    del v.ln_post
+    with pytest.raises(ValueError, match="no attribute 'ln_post'"):
+        PromptedVisionTransformer(v)
+    v = tiny_clip().visual
+    v.pool_type = "avg"
+    with pytest.raises(ValueError, match="pool_type='avg'"):
+        PromptedVisionTransformer(v)
+    v = tiny_clip().visual
+    v.attn_pool = torch.nn.Identity()
+    with pytest.raises(ValueError, match="attentional pooler"):
+        PromptedVisionTransformer(v)
+    # layers given out of order: sorted; 1-based layer l is 0-based block l - 1 with row by order
+    enc = PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=2, prompt_layers=[2, 1], prompt_dropout=0.0)
+    assert enc.prompt_layers == (1, 2) and enc.num_prompts == 2 and enc.num_layers == 2
+    x = torch.zeros(3, 5, 64)
+    torch.testing.assert_close(enc.layer_prompts(0, x), enc.prompts[0].expand(3, -1, -1))
+    torch.testing.assert_close(enc.layer_prompts(1, x), enc.prompts[1].expand(3, -1, -1))
+    assert enc.layer_prompts(2, x) is None
+    enc = PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=2, prompt_layers=[2], prompt_dropout=0.0)
+    assert enc.layer_prompts(0, x) is None and enc.layer_prompts(1, x).shape == (3, 2, 64)
+    assert isinstance(enc.prompt_dropout, torch.nn.Identity)
+    assert "prompt_layers=[2]" in repr(enc) and "output_dim=64" in repr(enc) and "width=64" in repr(enc)
+    # ft / fix: no prompts whatever prompt_tokens says
+    for variant in ("ft", "fix"):
+        e = PromptedVisionTransformer(tiny_clip().visual, backbone=variant, prompt_tokens=5)
+        assert e.prompts is None and e.prompt_layers == () and e.num_prompts == 0
+        assert all(p.requires_grad == (variant == "ft") for p in e.visual.parameters())
+    # dpt with zero tokens: no prompt parameter
+    assert PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=0).prompts is None
+
+
+def test_prompted_encoder_non_square_input_and_image_checks():
+    clip = tiny_clip()
+    old = clip.visual.positional_embedding.detach().clone()
+    enc = PromptedVisionTransformer(clip.visual, prompt_tokens=1, input_size=(32, 48), prompt_dropout=0.0)
+    # 32 x 48 pixels, patch 16 -> grid (2, 3): rows 2, columns 3 (a swapped axis gives (3, 2))
+    assert enc.grid_size == (2, 3) and clip.visual.grid_size == (2, 3) and clip.visual.image_size == (32, 48)
+    grid = old[1:].reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
+    expect = F.interpolate(grid, size=(2, 3), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(6, 64)
+    torch.testing.assert_close(clip.visual.positional_embedding[1:], expect)
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    g, patches, hw = enc(x)
+    assert hw == (2, 3) and patches.shape == (2, 6, 64) and g.shape == (2, 64)
+    for bad in (
+        torch.zeros(2, 1, 32, 48),
+        torch.zeros(3, 32, 48),
+        torch.zeros(1, 3, 32, 40),
+        torch.zeros(1, 3, 40, 48),
+    ):
+        with pytest.raises(ValueError, match=r"images must be|not a multiple"):
+            enc(bad)
+    # native size kept when input_size equals it: the embedding is the same tensor values
+    c2 = tiny_clip()
+    before = c2.visual.positional_embedding.detach().clone()
+    e2 = PromptedVisionTransformer(c2.visual, input_size=(224, 224))
+    assert e2.grid_size == (14, 14)
+    torch.testing.assert_close(c2.visual.positional_embedding.detach(), before)
+    # fix runs under no_grad: no graph on the outputs; ft and dpt have one
+    fix = PromptedVisionTransformer(tiny_clip().visual, backbone="fix", input_size=(32, 32))
+    assert not fix(x[:, :, :, :32])[0].requires_grad
+    ft = PromptedVisionTransformer(tiny_clip().visual, backbone="ft", input_size=(32, 32))
+    assert ft(x[:, :, :, :32])[0].requires_grad
+
+
+def test_label_logits_are_bilinear_without_corner_alignment_by_hand():
+    """A 1 x 2 logit map [0, 4] upsampled to 1 x 4 (align_corners=False): source positions
+    (i + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25 -> clamped 0, then 0.25 and 0.75 of the way,
+    then 1 -> [0, 1, 3, 4] (align_corners=True would give [0, 4/3, 8/3, 4]; nearest [0, 0, 4, 4])."""
+    model = ZegCLIP(tiny_clip(), SMALL).eval()
+    logits = torch.tensor([[[[0.0, 4.0]]]])
+    model.mask_logits = lambda images, t, all_layers=False: logits
+    out = model.label_logits(images(1, 64), text(1), (1, 4))
+    torch.testing.assert_close(out, torch.tensor([[[[0.0, 1.0, 3.0, 4.0]]]]))
+    # loss upsamples to the target's size and takes [B, 1, H, W] targets; the config's weights,
+    # gamma and loss kind reach the loss: CE of the upsampled logits [0, 1, 3, 4] vs class 0 of
+    # two classes whose second logit map is 0: per pixel ln(1 + e^(-x)) for the class-0 logit x
+    two = torch.tensor([[[[0.0, 4.0]], [[0.0, 0.0]]]])
+    ce_model = ZegCLIP(tiny_clip(), {**SMALL, "loss": "ce"}).eval()
+    ce_model.mask_logits = lambda images, t, all_layers=False: two
+    target = torch.zeros(1, 1, 1, 4, dtype=torch.long)
+    want = sum(math.log(1 + math.exp(-x)) for x in (0.0, 1.0, 3.0, 4.0)) / 4
+    out = ce_model.loss(images(1, 64), target, text(2))
+    assert set(out) == {"loss", "ce"} and out["loss"].item() == pytest.approx(want, rel=1e-6)
+    # focal_dice with loss_alpha 3, loss_beta 0.5, focal_gamma 0 (plain BCE): class 0 positives
+    # at logits [0, 1, 3, 4], class 1 negatives at 0 -> BCE per mask = mean ln(1 + e^-x) and ln 2;
+    # one present mask -> focal = want + ln 2
+    fd = ZegCLIP(tiny_clip(), {**SMALL, "loss_alpha": 3.0, "loss_beta": 0.5, "focal_gamma": 0.0}).eval()
+    fd.mask_logits = lambda images, t, all_layers=False: two
+    out = fd.loss(images(1, 64), target, text(2))
+    assert out["focal"].item() == pytest.approx(want + math.log(2), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(3.0 * out["focal"].item() + 0.5 * out["dice"].item(), rel=1e-6)
+    # an ignore value other than 255 is passed through
+    t9 = torch.tensor([[[0, 9, 9, 9]]])
+    out = ce_model.loss(images(1, 64), t9, text(2), ignore_index=9)
+    assert out["loss"].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_text_embedding_checks_and_train_mode_of_the_tower():
+    model = ZegCLIP(tiny_clip(), SMALL)
+    x = images(1, 64)
+    for bad in (torch.zeros(0, D), torch.zeros(2, D - 1), torch.zeros(1, 2, D), torch.zeros(D)):
+        with pytest.raises(ValueError, match=rf"text_embeddings must be \[C >= 1, {D}\]"):
+            model.mask_logits(x, bad)
+    model.train()
+    assert model.training and model.head.training and not model.encoder.visual.training
+    ft = ZegCLIP(tiny_clip(), {**SMALL, "backbone": "ft"}).train()
+    assert ft.encoder.visual.training
+    model.eval()
+    assert not model.head.training
+    assert model.size_divisibility == 16 and model.input_size == (64, 64)
+    # overrides win over the mapping and over a validated config
+    assert resolve_zegclip_config({"prompt_tokens": 4}, prompt_tokens=6).prompt_tokens == 6
+    typed = ZegCLIPConfig(prompt_tokens=3)
+    over = resolve_zegclip_config(typed, decoder_layers=2)
+    assert over is not typed and over.prompt_tokens == 3 and over.decoder_layers == 2
+    assert ZegCLIP(tiny_clip(), SMALL, decoder_layers=2).cfg.decoder_layers == 2
+
+
+def test_layer_prompts_follow_the_token_dtype_and_list_patch_sizes():
+    enc = PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=2, prompt_dropout=0.0)
+    x = torch.zeros(2, 5, 64, dtype=torch.float64)
+    p = enc.layer_prompts(1, x)
+    assert p.dtype == torch.float64 and p.shape == (2, 2, 64)
+    torch.testing.assert_close(p[1], enc.prompts[1].double())
+    from zeroseg.models.prompt import _pair
+
+    assert _pair([8, 16]) == (8, 16) and _pair((4, 2)) == (4, 2) and _pair(16) == (16, 16)
+    # VPT's init range for patch 16, width 64: sqrt(6 / (3 * 16 * 16 + 64)) = sqrt(6 / 832) = 0.08492
+    bound = math.sqrt(6 / 832)
+    big = PromptedVisionTransformer(tiny_clip().visual, prompt_tokens=400, prompt_layers=[1])
+    assert big.prompts.abs().max() <= bound and big.prompts.abs().max() > 0.99 * bound
+    assert big.prompts.mean().abs() < 0.01 and big.prompts.min() < -0.99 * bound
