@@ -381,6 +381,146 @@ def test_deop_refuses_images_off_the_divisibility_and_a_wrong_width(tiny, propos
         _deop(tiny, proposal_model, visual_prompt_layers=[0, 2])
 
 
+# ============================================================================ values against a reference
+
+
+def _bilinear_ref(m, h, w):
+    """torch's bilinear resize (align_corners=False) in plain loops: source (i + .5) * in / out - .5,
+    clamped at 0, the upper neighbour clamped to the last row / column. ``m``: [..., hi, wi]."""
+    import numpy as np
+
+    m = np.asarray(m, dtype=np.float64)
+    hi, wi = m.shape[-2:]
+
+    def src(i, n_in, n_out):
+        s = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = int(math.floor(s))
+        return i0, min(i0 + 1, n_in - 1), s - i0
+
+    out = np.zeros(m.shape[:-2] + (h, w))
+    for i in range(h):
+        y0, y1, ly = src(i, hi, h)
+        for j in range(w):
+            x0, x1, lx = src(j, wi, w)
+            out[..., i, j] = (1 - ly) * ((1 - lx) * m[..., y0, x0] + lx * m[..., y0, x1]) + ly * (
+                (1 - lx) * m[..., y1, x0] + lx * m[..., y1, x1]
+            )
+    return out
+
+
+def _sigmoid_np(x):
+    import numpy as np
+
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+@pytest.mark.parametrize("size,grid", [((5, 7), (3, 2)), ((7, 3), (2, 5)), ((6, 6), (4, 4))])
+def test_severance_masks_resize_the_logits_then_sigmoid_off_the_grid_size(size, grid):
+    """Masks of a size unlike the patch grid (non-square, not a multiple): the released GPS weights
+    and MPS token masks are sigmoid(bilinear(logits)) (released-code.md 2.2), which differs from
+    bilinear(sigmoid(logits)) by more than the tolerance on these inputs."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(sum(size) + grid[0])
+    m = 3 * torch.randn(2, 3, *size, generator=g)
+    want = _sigmoid_np(_bilinear_ref(m.numpy(), *grid))  # [2, 3, h, w]
+    other = _bilinear_ref(_sigmoid_np(m.numpy()), *grid)
+    assert np.abs(want - other).max() > 1e-2  # the order shows on these inputs
+    w = proposal_patch_weights(m, grid)
+    assert w.shape == (2, 1 + grid[0] * grid[1])
+    torch.testing.assert_close(w[:, 0], torch.full((2,), 3.0))  # [CLS]: Q
+    np.testing.assert_allclose(w[:, 1:].numpy(), want.sum(1).reshape(2, -1), rtol=1e-5, atol=1e-6)
+    t = proposal_token_masks(m, grid)
+    assert t.shape == (2, 3, 1 + grid[0] * grid[1])
+    torch.testing.assert_close(t[:, :, 0], torch.ones(2, 3))
+    np.testing.assert_allclose(t[:, :, 1:].numpy(), want.reshape(2, 3, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (3, 10)])
+def test_semantic_scores_against_a_reference_off_the_grid_size(size):
+    """deop_semantic_scores on non-square masks upsampled to a non-multiple size: einsum of
+    softmax(class logits) without the no-object column and sigmoid(bilinear(mask logits))
+    (released-code.md 2.6), recomputed with plain loops."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(size[1])
+    cl = 2 * torch.randn(2, 3, 4, generator=g)  # B 2, Q 3, C 3 + no-object
+    ml = 3 * torch.randn(2, 3, 2, 3, generator=g)
+    got = deop_semantic_scores(cl, ml, size)
+    p = np.exp(cl.double().numpy())
+    p = p / p.sum(-1, keepdims=True)
+    m = _sigmoid_np(_bilinear_ref(ml.numpy(), *size))  # [2, 3, H, W]
+    want = np.zeros((2, 3, *size))
+    for b in range(2):
+        for c in range(3):
+            for q in range(3):
+                want[b, c] += p[b, q, c] * m[b, q]
+    assert got.shape == (2, 3, *size) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_segment_logits_against_a_reference_forward(tiny, proposal_model):
+    """DeOP's segment logits for a tiny model (one decoder-free heatmap layer, K = 0), recomputed
+    from the model's own tensors by the paper's / released formulas written out here
+    (released-code.md 2.3): tgt starts at 0, so the output layer's self-attention returns
+    out_proj(b_v) for every query (the values are all b_v); tgt = LayerNorm(that); per head
+    H_h = softmax(q_h k_h^T / sqrt(d)) * M with q = W_q (tgt + qpos), k = W_k (F_V + pos),
+    M = bilinear(sigmoid(mask logits)) at the CLIP grid (sigmoid first: the released
+    semseg_mask_downsample); F_I = concat_h H_h F_V[h-slice], L2-normalised; logits =
+    100 * cos against [text; no-object] (temperature 100). Image 64 x 96: masks 16 x 24, grid 4 x 6."""
+    import numpy as np
+
+    seg = _deop(tiny, proposal_model, decoder_layers=0, dropout=0.0)
+    seg.eval()
+    assert seg.cfg.logit_scale == 100.0  # released get_sim_logits(temperature=100)
+    x = pixels(2, 64, 96, seed=11)
+    text = F.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(5)), dim=-1) * 2.5
+    with torch.no_grad():
+        logits, mask_logits = seg.segment(x, text)
+        fv, grid = seg.clip_features(x, mask_logits)
+    assert grid == (4, 6) and mask_logits.shape == (2, 6, 16, 24) and logits.shape == (2, 6, 4)
+
+    def t(a):
+        return a.detach().double().numpy()
+
+    dec = seg.decoder
+    Wd, heads = 64, 2
+    d = Wd // heads
+    mem = t(fv)  # [B, N, W]
+    pos = t(sine_position_encoding(4, 6, Wd))
+    qpos = t(dec.query_embed.weight)  # [Q, W]
+    e = Wd
+    b_v = t(dec.out_self_attn.in_proj_bias[2 * e :])
+    sa = t(dec.out_self_attn.out_proj.weight) @ b_v + t(dec.out_self_attn.out_proj.bias)  # [W]
+    mu, var = sa.mean(), sa.var()
+    tgt = (sa - mu) / np.sqrt(var + 1e-5) * t(dec.out_norm.weight) + t(dec.out_norm.bias)  # [W], every query
+    q = (tgt[None] + qpos) @ t(dec.q_proj.weight).T + t(dec.q_proj.bias)  # [Q, W]
+    masks = _bilinear_ref(_sigmoid_np(t(mask_logits)), 4, 6).reshape(2, 6, -1)  # [B, Q, N]
+    cls = np.concatenate([t(F.normalize(text, dim=-1)), t(F.normalize(seg.no_object, dim=-1))])  # [C + 1, W]
+
+    def reference(masks):
+        want = np.zeros((2, 6, 4))
+        for b in range(2):
+            k = (mem[b] + pos) @ t(dec.k_proj.weight).T + t(dec.k_proj.bias)  # [N, W]
+            for qi in range(6):
+                emb = np.zeros(Wd)
+                for h in range(heads):
+                    sl = slice(h * d, (h + 1) * d)
+                    a = q[qi, sl] @ k[:, sl].T / math.sqrt(d)
+                    a = np.exp(a - a.max())
+                    a = a / a.sum() * masks[b, qi]
+                    emb[sl] = a @ mem[b, :, sl]
+                emb = emb / np.linalg.norm(emb)
+                want[b, qi] = 100 * cls @ emb
+        return want
+
+    want = reference(masks)
+    np.testing.assert_allclose(t(logits), want, rtol=1e-4, atol=1e-3)
+    # the order of sigmoid and resize shows in the logits: resizing the logits first gives others
+    other = reference(_sigmoid_np(_bilinear_ref(t(mask_logits), 4, 6)).reshape(2, 6, -1))
+    assert np.abs(other - want).max() > 1e-2
+
+
 # ============================================================================ config and refusals
 
 
