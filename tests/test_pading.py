@@ -307,6 +307,22 @@ def test_generator_noise_per_seed_and_count(kind, n):
         assert (out[0][0] - out[0][1]).abs().max() > 1e-3
 
 
+def test_class_map_just_inside_and_outside_the_cosine_threshold():
+    """An evaluation class maps to the training class whose text it equals (cosine > 1 - 1e-4):
+    at an angle of 0.01 (cosine 1 - 5e-5) it maps, at 0.02 (1 - 2e-4) it is -1; the row's
+    length does not matter; the nearest training class wins."""
+    class_text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    fake = types.SimpleNamespace(class_text=class_text)
+
+    def at(theta, scale=1.0, axis=0):
+        v = [0.0, 0.0, scale * math.sin(theta)]
+        v[axis] = scale * math.cos(theta)
+        return v
+
+    text = torch.tensor([at(0.01), at(0.02), at(0.01, 4.0, axis=1), at(0.02, 0.3, axis=1), at(0.0, 1.0, axis=1)])
+    assert PADing.class_map(fake, text).tolist() == [0, -1, 1, -1, 1]
+
+
 # ------------------------------------------------------------------ matching and the segmenter
 def test_query_labels_take_the_matched_segment_or_no_object():
     from zeroseg.models.maskformer import HungarianMatcher

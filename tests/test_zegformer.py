@@ -174,6 +174,20 @@ def test_seen_classes_from_their_text_embeddings():
     assert seen_from_text(text, seen_text[:0]).tolist() == [False] * 4
 
 
+def test_seen_classes_just_inside_and_outside_the_tolerance():
+    """seen = L2 distance <= 1e-4 between normalised rows: a row at angle 5e-5 from a seen row
+    (distance 2 sin(theta / 2) ~ 5e-5) is seen, one at 2e-4 is not; the length of a row does not
+    matter (both sides are normalised)."""
+    seen_text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+    def at(theta, scale=1.0):
+        return [scale * math.cos(theta), 0.0, scale * math.sin(theta)]
+
+    text = torch.tensor([at(5e-5), at(2e-4), at(5e-5, 3.0), at(2e-4, 0.2)])
+    assert seen_from_text(text, seen_text).tolist() == [True, False, True, False]
+    assert seen_from_text(text, seen_text, tol=3e-4).tolist() == [True] * 4
+
+
 # ------------------------------------------------------------------ text
 def test_zegformer_template_sets():
     # released-code.md section 1.2 (dingjiansw101/ZegFormer imagenet_templates.IMAGENET_TEMPLATES_SELECT
