@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from zeroseg.models.maskformer import HungarianMatcher, SetCriterion
+from zeroseg.models.maskformer import HungarianMatcher, SetCriterion, batch_sigmoid_focal_cost
 
 K, Q = 3, 4
 H, W = 6, 4  # target size; predictions are [3, 2] (half), non-square
@@ -68,12 +68,13 @@ def _bilinear_up(m: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _focal(x: np.ndarray, y: np.ndarray, alpha=0.25, gamma=2.0) -> float:
-    """Mean over pixels of a_t (1 - p_t)^g (-log p_t)."""
+    """Mean over pixels of a_t (1 - p_t)^g (-log p_t); a_t = alpha for positives, 1 - alpha for
+    negatives, 1 when alpha < 0."""
     total = 0.0
     for xv, yv in zip(x.ravel(), y.ravel()):
         p = _sig(xv)
         pt = p if yv else 1 - p
-        at = alpha if yv else 1 - alpha
+        at = 1.0 if alpha < 0 else (alpha if yv else 1 - alpha)  # alpha < 0: no balance
         total += at * (1 - pt) ** gamma * -math.log(pt)
     return total / x.size
 
@@ -83,7 +84,7 @@ def _dice(x: np.ndarray, y: np.ndarray) -> float:
     return 1 - (2 * float((p * y.ravel()).sum()) + 1) / (float(p.sum()) + float(y.sum()) + 1)
 
 
-def _cost(logits, masks, labels, tmasks, wc=1.0, wm=20.0, wd=1.0, sign=1.0):
+def _cost(logits, masks, labels, tmasks, wc=1.0, wm=20.0, wd=1.0, sign=1.0, alpha=0.25, gamma=2.0):
     """[Q, N] matching cost, targets resized (nearest) to the prediction size."""
     prob = _softmax(logits)
     h, w = masks.shape[-2:]
@@ -91,7 +92,7 @@ def _cost(logits, masks, labels, tmasks, wc=1.0, wm=20.0, wd=1.0, sign=1.0):
     for q in range(logits.shape[0]):
         for n, lab in enumerate(labels):
             t = _nearest_down(tmasks[n], h, w)
-            c[q, n] = -sign * wc * prob[q, lab] + wm * _focal(masks[q], t) + wd * _dice(masks[q], t)
+            c[q, n] = -sign * wc * prob[q, lab] + wm * _focal(masks[q], t, alpha, gamma) + wd * _dice(masks[q], t)
     return c
 
 
@@ -156,7 +157,7 @@ def test_matcher_equals_brute_force_on_several_targets(weights):
         assert dict(zip(cols.tolist(), rows.tolist())) == want, (b, weights)
 
 
-def _reference_losses(logits, masks, targets, wc=1.0, wm=20.0, wd=1.0, eos=0.1, agnostic=False):
+def _reference_losses(logits, masks, targets, wc=1.0, wm=20.0, wd=1.0, eos=0.1, agnostic=False, alpha=0.25, gamma=2.0):
     """(ce, focal, dice) of one decoder layer with the brute-force matching."""
     if agnostic:
         targets = [(np.zeros_like(lab), tm) for lab, tm in targets]
@@ -164,12 +165,12 @@ def _reference_losses(logits, masks, targets, wc=1.0, wm=20.0, wd=1.0, eos=0.1, 
     num_masks = sum(len(lab) for lab, _ in targets)
     ce_num = ce_den = focal = dice = 0.0
     for b, (lab, tm) in enumerate(targets):
-        assign = _brute_assign(_cost(logits[b], masks[b], lab, tm, wc, wm, wd))
+        assign = _brute_assign(_cost(logits[b], masks[b], lab, tm, wc, wm, wd, alpha=alpha, gamma=gamma))
         cls = {q: k for q in range(logits.shape[1])}
         for n, q in assign.items():
             cls[q] = int(lab[n])
             up = _bilinear_up(masks[b, q], H, W)
-            focal += _focal(up, tm[n])
+            focal += _focal(up, tm[n], alpha, gamma)
             dice += _dice(up, tm[n])
         logp = np.log(_softmax(logits[b]))
         for q, c in cls.items():
@@ -217,3 +218,57 @@ def test_set_criterion_class_agnostic_on_several_targets():
     got = SetCriterion(1, class_agnostic=True)(out, tt)
     ce, focal, dice = _reference_losses(obj, masks, targets, agnostic=True)
     assert [float(got[k]) for k in ("loss_ce", "loss_mask", "loss_dice")] == pytest.approx([ce, focal, dice], rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.0, 2.0), (-1.0, 0.0), (0.6, 1.0)])
+def test_focal_alpha_and_gamma_reach_the_matcher_and_the_loss(alpha, gamma):
+    """Non-default focal alpha / gamma (alpha 0: positives weigh 0; alpha < 0: no balance) are used
+    by the default matcher and by the mask loss alike."""
+    logits, masks, targets = _case(SEED)
+    out, tt = _torch(logits, masks, targets)
+    got = SetCriterion(K, focal_alpha=alpha, focal_gamma=gamma)(out, tt)
+    ce, focal, dice = _reference_losses(logits, masks, targets, alpha=alpha, gamma=gamma)
+    assert [float(got[k]) for k in ("loss_ce", "loss_mask", "loss_dice")] == pytest.approx([ce, focal, dice], rel=1e-5)
+    m = HungarianMatcher(focal_alpha=alpha, focal_gamma=gamma)(out, tt)
+    for b, (rows, cols) in enumerate(m):
+        lab, tm = targets[b]
+        want = _brute_assign(_cost(logits[b], masks[b], lab, tm, alpha=alpha, gamma=gamma))
+        assert dict(zip(cols.tolist(), rows.tolist())) == want
+
+
+def test_pairwise_focal_cost_of_one_pixel_masks():
+    """P = 1 pixel (the per-pixel mean divides by 1): logits (0, ln 3) vs targets (1, 0)."""
+    x = torch.tensor([[0.0], [math.log(3.0)]])
+    y = torch.tensor([[1.0], [0.0]])
+    got = batch_sigmoid_focal_cost(x, y)
+    want = [[_focal(np.array([xv]), np.array([yv])) for yv in (1.0, 0.0)] for xv in (0.0, math.log(3.0))]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    # alpha 0 keeps only the negatives' term; alpha < 0 no balance at all
+    got0 = batch_sigmoid_focal_cost(x, y, alpha=0.0)
+    assert got0[:, 0].tolist() == [0.0, 0.0]
+    want_nb = [[_focal(np.array([xv]), np.array([yv]), alpha=-1.0) for yv in (1.0, 0.0)] for xv in (0.0, math.log(3.0))]
+    np.testing.assert_allclose(batch_sigmoid_focal_cost(x, y, alpha=-1.0).numpy(), want_nb, rtol=1e-6)
+
+
+def test_an_all_empty_batch_and_the_refusals():
+    """No targets at all: every query is no-object, the mask losses are 0 (and still in the graph),
+    CE = the mean of -log p(no-object) (every weight 0.1: the weights cancel)."""
+    logits, masks, _ = _case(SEED)
+    out, _ = _torch(logits, masks, [])
+    out["pred_masks"].requires_grad_(True)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, H, W, dtype=torch.bool)}] * 2
+    got = SetCriterion(K)(out, empty)
+    logp = np.log(_softmax(logits))[..., K]
+    assert float(got["loss_ce"]) == pytest.approx(float(-logp.mean()), rel=1e-5)
+    assert float(got["loss_mask"]) == 0.0 and float(got["loss_dice"]) == 0.0
+    got["loss"].backward()
+    assert out["pred_masks"].grad is not None and float(out["pred_masks"].grad.abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="all costs are 0"):
+        HungarianMatcher(0, 0, 0)
+    HungarianMatcher(0, 0, 1), HungarianMatcher(0, 1, 0), HungarianMatcher(1, 0, 0)  # one cost is enough
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        SetCriterion(0)
+    _, tt = _torch(logits, masks, _case(SEED)[2])
+    bad = [{"labels": torch.tensor([-1, 0, 1]), "masks": tt[0]["masks"]}, tt[1]]
+    with pytest.raises(ValueError, match="outside 0..2"):
+        HungarianMatcher()(out, bad)
