@@ -259,8 +259,8 @@ def test_an_all_empty_batch_and_the_refusals():
     empty = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, H, W, dtype=torch.bool)}] * 2
     got = SetCriterion(K)(out, empty)
     logp = np.log(_softmax(logits))[..., K]
-    assert float(got["loss_ce"]) == pytest.approx(float(-logp.mean()), rel=1e-5)
-    assert float(got["loss_mask"]) == 0.0 and float(got["loss_dice"]) == 0.0
+    assert got["loss_ce"].item() == pytest.approx(float(-logp.mean()), rel=1e-5)
+    assert got["loss_mask"].item() == 0.0 and got["loss_dice"].item() == 0.0
     got["loss"].backward()
     assert out["pred_masks"].grad is not None and float(out["pred_masks"].grad.abs().sum()) == 0.0
     with pytest.raises(ValueError, match="all costs are 0"):
