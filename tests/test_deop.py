@@ -521,6 +521,29 @@ def test_segment_logits_against_a_reference_forward(tiny, proposal_model):
     assert np.abs(other - want).max() > 1e-2
 
 
+def test_learned_tensors_start_from_the_released_draws_per_seed(tiny, proposal_model):
+    """The learned tensors' initial draws (released): visual prompts N(0, width^-0.5) (width 64:
+    std 0.125; 2 layers x (1 + 24 x 24) tokens x 64), the no-object embedding N(0, text width^-0.5),
+    the text context N(0, 0.02): the same for the same seed, different across seeds, and of
+    the released spread (sample std within a tolerance that the sample size allows)."""
+    tw = int(tiny.token_embedding.weight.shape[1])
+    draws = {}
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        seg = _deop(tiny, proposal_model, text_prompt_tokens=16)
+        t = {"vp": seg.visual_prompts.detach(), "no": seg.no_object.detach(), "ctx": seg.text_prompt.ctx.detach()}
+        assert t["vp"].shape == (2, 1 + 24 * 24, 64) and t["no"].shape == (1, 64) and t["ctx"].shape[0] == 16
+        assert float(t["vp"].std()) == pytest.approx(64**-0.5, rel=0.02)
+        assert float(t["no"].std()) == pytest.approx(tw**-0.5, rel=0.35)
+        assert float(t["ctx"].std()) == pytest.approx(0.02, rel=0.2)
+        if seed in draws:
+            for k in t:
+                torch.testing.assert_close(t[k], draws[seed][k], rtol=0, atol=0)
+        draws.setdefault(seed, t)
+    for k in ("vp", "no", "ctx"):
+        assert not torch.allclose(draws[0][k], draws[1][k])
+
+
 # ============================================================================ config and refusals
 
 
