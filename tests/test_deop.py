@@ -459,6 +459,54 @@ def test_semantic_scores_against_a_reference_off_the_grid_size(size):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"focal_weight": 1.5, "dice_weight": 0.3, "focal_alpha": 0.6, "focal_gamma": 1.0, "output_sig": 2.0}],
+)
+def test_loss_against_a_reference_on_two_images_off_the_grid_size(kw):
+    """deop_pixel_loss (released criterion_decoder.loss_labels_bce, released-code.md 2.4) on 2
+    images, 4 proposals, 3 classes, mask logits 3 x 2 upsampled to a 5 x 7 label with ignored
+    pixels, recomputed with plain loops: S = sum_n sigmoid(up(m_n)) softmax(l_n) over C + 1
+    channels, S' = sigmoid(k S - k), ignore -> the no-object channel, focal mean over every element,
+    dice per image over the class channels, mean over the images; defaults 2.0 / 0.8 / 0.25 / 2 / 3."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(4)
+    cl = 2 * torch.randn(2, 4, 4, generator=g)
+    ml = 3 * torch.randn(2, 4, 3, 2, generator=g)
+    target = torch.randint(0, 3, (2, 5, 7), generator=g)
+    target[0, 0, :3] = 255
+    target[1, 4, 4:] = 255
+    a = {"focal_weight": 2.0, "dice_weight": 0.8, "focal_alpha": 0.25, "focal_gamma": 2.0, "output_sig": 3.0, **kw}
+    got = deop_pixel_loss(cl, ml, target, **kw)
+    k = a["output_sig"]
+    m = _sigmoid_np(_bilinear_ref(ml.numpy(), 5, 7))  # [2, 4, 5, 7]
+    p = np.exp(cl.double().numpy())
+    p = p / p.sum(-1, keepdims=True)
+    focal_terms, dices = [], []
+    for b in range(2):
+        num = den_s = den_y = 0.0
+        for c in range(4):
+            for i in range(5):
+                for j in range(7):
+                    s = sum(m[b, n, i, j] * p[b, n, c] for n in range(4))
+                    s = 1 / (1 + math.exp(-(k * s - k)))
+                    lab = int(target[b, i, j])
+                    y = 1.0 if (lab == c or (lab == 255 and c == 3)) else 0.0
+                    pt = s if y else 1 - s
+                    at = a["focal_alpha"] if y else 1 - a["focal_alpha"]
+                    focal_terms.append(-at * (1 - pt) ** a["focal_gamma"] * math.log(min(max(pt, 1e-4), 1 - 1e-4)))
+                    if c < 3:
+                        num += s * y
+                        den_s += s
+                        den_y += y
+        dices.append(1 - (2 * num + 1) / (den_s + den_y + 1))
+    focal, dice = sum(focal_terms) / len(focal_terms), sum(dices) / 2
+    assert float(got["focal"]) == pytest.approx(focal, rel=1e-5)
+    assert float(got["dice"]) == pytest.approx(dice, rel=1e-5)
+    assert float(got["loss"]) == pytest.approx(a["focal_weight"] * focal + a["dice_weight"] * dice, rel=1e-5)
+
+
 def test_segment_logits_against_a_reference_forward(tiny, proposal_model):
     """DeOP's segment logits for a tiny model (one decoder-free heatmap layer, K = 0), recomputed
     from the model's own tensors by the paper's / released formulas written out here
