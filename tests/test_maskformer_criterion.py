@@ -272,3 +272,23 @@ def test_an_all_empty_batch_and_the_refusals():
     bad = [{"labels": torch.tensor([-1, 0, 1]), "masks": tt[0]["masks"]}, tt[1]]
     with pytest.raises(ValueError, match="outside 0..2"):
         HungarianMatcher()(out, bad)
+
+
+def test_num_masks_sums_over_workers_then_divides_by_the_world_size(monkeypatch):
+    """In-process stand-in for a process group of 2 workers (the forked two-worker test in
+    test_proposals.py runs in child processes): all_reduce adds the other worker's 4 masks in
+    place; released MaskFormer: (3 + 4) / 2 = 3.5; an empty batch on both: max(0 / 2, 1) = 1."""
+    from zeroseg.models.maskformer import num_masks_across_workers
+
+    def all_reduce(t):
+        t += 4.0
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    three = [{"labels": torch.zeros(3, dtype=torch.int64), "masks": torch.zeros(3, 2, 2)}]
+    assert num_masks_across_workers(three) == 3.5
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: None)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 2, 2)}]
+    assert num_masks_across_workers(empty) == 1.0
+    assert num_masks_across_workers(three + three) == 3.0  # (6 + 0) / 2
