@@ -292,3 +292,26 @@ def test_num_masks_sums_over_workers_then_divides_by_the_world_size(monkeypatch)
     empty = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 2, 2)}]
     assert num_masks_across_workers(empty) == 1.0
     assert num_masks_across_workers(three + three) == 3.0  # (6 + 0) / 2
+
+
+def test_an_image_without_targets_before_one_with_targets():
+    """The first image has no segments (all its queries no-object), the second 2: its mask losses
+    still count (normaliser 2), CE over all 8 queries."""
+    logits, masks, targets = _case(SEED)
+    none = (np.zeros(0, np.int64), np.zeros((0, H, W), bool))
+    batch = [none, targets[1]]
+    out, tt = _torch(logits, masks, batch)
+    got = SetCriterion(K)(out, tt)
+    ce, focal, dice = _reference_losses(logits, masks, batch)
+    assert focal > 0 and dice > 0
+    assert [float(got[k]) for k in ("loss_ce", "loss_mask", "loss_dice")] == pytest.approx([ce, focal, dice], rel=1e-5)
+
+
+def test_bf16_predictions_give_float32_losses_with_and_without_targets():
+    logits, masks, targets = _case(SEED)
+    out, tt = _torch(logits, masks, targets)
+    out = {k: v.to(torch.bfloat16) for k, v in out.items()}
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, H, W, dtype=torch.bool)}] * 2
+    for batch in (tt, empty):
+        got = SetCriterion(K)(out, batch)
+        assert all(got[k].dtype == torch.float32 for k in ("loss", "loss_ce", "loss_mask", "loss_dice"))
