@@ -315,3 +315,29 @@ def test_bf16_predictions_give_float32_losses_with_and_without_targets():
     for batch in (tt, empty):
         got = SetCriterion(K)(out, batch)
         assert all(got[k].dtype == torch.float32 for k in ("loss", "loss_ce", "loss_mask", "loss_dice"))
+
+
+def test_matcher_defaults_are_the_released_costs_and_malformed_targets_are_refused():
+    """Released MaskFormer / ZegFormer: HungarianMatcher(cost_class=1, cost_mask=20, cost_dice=1),
+    focal alpha 0.25, gamma 2; the matcher with no arguments equals the brute force with them."""
+    m = HungarianMatcher()
+    assert (m.cost_class, m.cost_mask, m.cost_dice, m.focal_alpha, m.focal_gamma) == (1.0, 20.0, 1.0, 0.25, 2.0)
+    logits, masks, targets = _case(SEED)
+    out, tt = _torch(logits, masks, targets)
+    (rows, cols), _ = m(out, tt)
+    assert dict(zip(cols.tolist(), rows.tolist())) == _brute_assign(_cost(logits[0], masks[0], *targets[0]))
+    good = tt[1]
+    for bad, match in (
+        ({"labels": good["labels"]}, "must be"),
+        ({"masks": good["masks"]}, "must be"),
+        ({"labels": good["labels"], "masks": good["masks"][0]}, r"must be \[N, H, W\]"),
+        ({"labels": good["labels"], "masks": good["masks"][:1]}, r"must be \[N, H, W\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            m(out, [tt[0], bad])
+    # a cost tensor that requires grad is read without its graph
+    from zeroseg.models.maskformer import hungarian_match
+
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    rows, cols = hungarian_match(c)
+    assert rows.tolist() == [0, 1] and cols.tolist() == [1, 0]
