@@ -507,6 +507,22 @@ def test_loss_against_a_reference_on_two_images_off_the_grid_size(kw):
     assert float(got["loss"]) == pytest.approx(a["focal_weight"] * focal + a["dice_weight"] * dice, rel=1e-5)
 
 
+def test_loss_takes_a_target_with_a_channel_axis_and_a_one_row_label():
+    """[B, 1, H, W] targets are the [B, H, W] ones with a channel axis (same loss); a one-row
+    [B, 1, W] label is a 3-d target, not a channel axis."""
+    g = torch.Generator().manual_seed(6)
+    cl = torch.randn(2, 3, 3, generator=g)
+    ml = torch.randn(2, 3, 2, 2, generator=g)
+    target = torch.randint(0, 2, (2, 4, 5), generator=g)
+    plain = deop_pixel_loss(cl, ml, target)
+    chan = deop_pixel_loss(cl, ml, target[:, None])
+    assert [float(chan[k]) for k in ("loss", "focal", "dice")] == [float(plain[k]) for k in ("loss", "focal", "dice")]
+    row = target[:, :1]  # [2, 1, 5]
+    one = deop_pixel_loss(cl, ml, row)
+    again = deop_pixel_loss(cl, ml, row[:, None])
+    assert float(one["loss"]) == float(again["loss"]) and float(one["loss"]) != float(plain["loss"])
+
+
 def test_segment_logits_against_a_reference_forward(tiny, proposal_model):
     """DeOP's segment logits for a tiny model (one decoder-free heatmap layer, K = 0), recomputed
     from the model's own tensors by the paper's / released formulas written out here
