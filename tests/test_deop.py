@@ -521,6 +521,10 @@ def test_loss_takes_a_target_with_a_channel_axis_and_a_one_row_label():
     one = deop_pixel_loss(cl, ml, row)
     again = deop_pixel_loss(cl, ml, row[:, None])
     assert float(one["loss"]) == float(again["loss"]) and float(one["loss"]) != float(plain["loss"])
+    with pytest.raises(ValueError, match="deop loss"):
+        deop_pixel_loss(cl, ml, target[:1])  # one label for two images
+    with pytest.raises(ValueError, match="deop loss"):
+        deop_pixel_loss(cl, ml[:, :2], target)  # two masks for three proposals
 
 
 def test_segment_logits_against_a_reference_forward(tiny, proposal_model):
