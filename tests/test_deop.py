@@ -381,6 +381,237 @@ def test_deop_refuses_images_off_the_divisibility_and_a_wrong_width(tiny, propos
         _deop(tiny, proposal_model, visual_prompt_layers=[0, 2])
 
 
+# ============================================================================ values against a reference
+
+
+def _bilinear_ref(m, h, w):
+    """torch's bilinear resize (align_corners=False) in plain loops: source (i + .5) * in / out - .5,
+    clamped at 0, the upper neighbour clamped to the last row / column. ``m``: [..., hi, wi]."""
+    import numpy as np
+
+    m = np.asarray(m, dtype=np.float64)
+    hi, wi = m.shape[-2:]
+
+    def src(i, n_in, n_out):
+        s = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = int(math.floor(s))
+        return i0, min(i0 + 1, n_in - 1), s - i0
+
+    out = np.zeros(m.shape[:-2] + (h, w))
+    for i in range(h):
+        y0, y1, ly = src(i, hi, h)
+        for j in range(w):
+            x0, x1, lx = src(j, wi, w)
+            out[..., i, j] = (1 - ly) * ((1 - lx) * m[..., y0, x0] + lx * m[..., y0, x1]) + ly * (
+                (1 - lx) * m[..., y1, x0] + lx * m[..., y1, x1]
+            )
+    return out
+
+
+def _sigmoid_np(x):
+    import numpy as np
+
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+@pytest.mark.parametrize("size,grid", [((5, 7), (3, 2)), ((7, 3), (2, 5)), ((6, 6), (4, 4))])
+def test_severance_masks_resize_the_logits_then_sigmoid_off_the_grid_size(size, grid):
+    """Masks of a size unlike the patch grid (non-square, not a multiple): the released GPS weights
+    and MPS token masks are sigmoid(bilinear(logits)) (released-code.md 2.2), which differs from
+    bilinear(sigmoid(logits)) by more than the tolerance on these inputs."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(sum(size) + grid[0])
+    m = 3 * torch.randn(2, 3, *size, generator=g)
+    want = _sigmoid_np(_bilinear_ref(m.numpy(), *grid))  # [2, 3, h, w]
+    other = _bilinear_ref(_sigmoid_np(m.numpy()), *grid)
+    assert np.abs(want - other).max() > 1e-2  # the order shows on these inputs
+    w = proposal_patch_weights(m, grid)
+    assert w.shape == (2, 1 + grid[0] * grid[1])
+    torch.testing.assert_close(w[:, 0], torch.full((2,), 3.0))  # [CLS]: Q
+    np.testing.assert_allclose(w[:, 1:].numpy(), want.sum(1).reshape(2, -1), rtol=1e-5, atol=1e-6)
+    t = proposal_token_masks(m, grid)
+    assert t.shape == (2, 3, 1 + grid[0] * grid[1])
+    torch.testing.assert_close(t[:, :, 0], torch.ones(2, 3))
+    np.testing.assert_allclose(t[:, :, 1:].numpy(), want.reshape(2, 3, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (3, 10)])
+def test_semantic_scores_against_a_reference_off_the_grid_size(size):
+    """deop_semantic_scores on non-square masks upsampled to a non-multiple size: einsum of
+    softmax(class logits) without the no-object column and sigmoid(bilinear(mask logits))
+    (released-code.md 2.6), recomputed with plain loops."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(size[1])
+    cl = 2 * torch.randn(2, 3, 4, generator=g)  # B 2, Q 3, C 3 + no-object
+    ml = 3 * torch.randn(2, 3, 2, 3, generator=g)
+    got = deop_semantic_scores(cl, ml, size)
+    p = np.exp(cl.double().numpy())
+    p = p / p.sum(-1, keepdims=True)
+    m = _sigmoid_np(_bilinear_ref(ml.numpy(), *size))  # [2, 3, H, W]
+    want = np.zeros((2, 3, *size))
+    for b in range(2):
+        for c in range(3):
+            for q in range(3):
+                want[b, c] += p[b, q, c] * m[b, q]
+    assert got.shape == (2, 3, *size) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"focal_weight": 1.5, "dice_weight": 0.3, "focal_alpha": 0.6, "focal_gamma": 1.0, "output_sig": 2.0}],
+)
+def test_loss_against_a_reference_on_two_images_off_the_grid_size(kw):
+    """deop_pixel_loss (released criterion_decoder.loss_labels_bce, released-code.md 2.4) on 2
+    images, 4 proposals, 3 classes, mask logits 3 x 2 upsampled to a 5 x 7 label with ignored
+    pixels, recomputed with plain loops: S = sum_n sigmoid(up(m_n)) softmax(l_n) over C + 1
+    channels, S' = sigmoid(k S - k), ignore -> the no-object channel, focal mean over every element,
+    dice per image over the class channels, mean over the images; defaults 2.0 / 0.8 / 0.25 / 2 / 3."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(4)
+    cl = 2 * torch.randn(2, 4, 4, generator=g)
+    ml = 3 * torch.randn(2, 4, 3, 2, generator=g)
+    target = torch.randint(0, 3, (2, 5, 7), generator=g)
+    target[0, 0, :3] = 255
+    target[1, 4, 4:] = 255
+    a = {"focal_weight": 2.0, "dice_weight": 0.8, "focal_alpha": 0.25, "focal_gamma": 2.0, "output_sig": 3.0, **kw}
+    got = deop_pixel_loss(cl, ml, target, **kw)
+    k = a["output_sig"]
+    m = _sigmoid_np(_bilinear_ref(ml.numpy(), 5, 7))  # [2, 4, 5, 7]
+    p = np.exp(cl.double().numpy())
+    p = p / p.sum(-1, keepdims=True)
+    focal_terms, dices = [], []
+    for b in range(2):
+        num = den_s = den_y = 0.0
+        for c in range(4):
+            for i in range(5):
+                for j in range(7):
+                    s = sum(m[b, n, i, j] * p[b, n, c] for n in range(4))
+                    s = 1 / (1 + math.exp(-(k * s - k)))
+                    lab = int(target[b, i, j])
+                    y = 1.0 if (lab == c or (lab == 255 and c == 3)) else 0.0
+                    pt = s if y else 1 - s
+                    at = a["focal_alpha"] if y else 1 - a["focal_alpha"]
+                    focal_terms.append(-at * (1 - pt) ** a["focal_gamma"] * math.log(min(max(pt, 1e-4), 1 - 1e-4)))
+                    if c < 3:
+                        num += s * y
+                        den_s += s
+                        den_y += y
+        dices.append(1 - (2 * num + 1) / (den_s + den_y + 1))
+    focal, dice = sum(focal_terms) / len(focal_terms), sum(dices) / 2
+    assert float(got["focal"]) == pytest.approx(focal, rel=1e-5)
+    assert float(got["dice"]) == pytest.approx(dice, rel=1e-5)
+    assert float(got["loss"]) == pytest.approx(a["focal_weight"] * focal + a["dice_weight"] * dice, rel=1e-5)
+
+
+def test_loss_takes_a_target_with_a_channel_axis_and_a_one_row_label():
+    """[B, 1, H, W] targets are the [B, H, W] ones with a channel axis (same loss); a one-row
+    [B, 1, W] label is a 3-d target, not a channel axis."""
+    g = torch.Generator().manual_seed(6)
+    cl = torch.randn(2, 3, 3, generator=g)
+    ml = torch.randn(2, 3, 2, 2, generator=g)
+    target = torch.randint(0, 2, (2, 4, 5), generator=g)
+    plain = deop_pixel_loss(cl, ml, target)
+    chan = deop_pixel_loss(cl, ml, target[:, None])
+    assert [float(chan[k]) for k in ("loss", "focal", "dice")] == [float(plain[k]) for k in ("loss", "focal", "dice")]
+    row = target[:, :1]  # [2, 1, 5]
+    one = deop_pixel_loss(cl, ml, row)
+    again = deop_pixel_loss(cl, ml, row[:, None])
+    assert float(one["loss"]) == float(again["loss"]) and float(one["loss"]) != float(plain["loss"])
+    with pytest.raises(ValueError, match="deop loss"):
+        deop_pixel_loss(cl, ml, target[:1])  # one label for two images
+    with pytest.raises(ValueError, match="deop loss"):
+        deop_pixel_loss(cl, ml[:, :2], target)  # two masks for three proposals
+
+
+def test_segment_logits_against_a_reference_forward(tiny, proposal_model):
+    """DeOP's segment logits for a tiny model (one decoder-free heatmap layer, K = 0), recomputed
+    from the model's own tensors by the paper's / released formulas written out here
+    (released-code.md 2.3): tgt starts at 0, so the output layer's self-attention returns
+    out_proj(b_v) for every query (the values are all b_v); tgt = LayerNorm(that); per head
+    H_h = softmax(q_h k_h^T / sqrt(d)) * M with q = W_q (tgt + qpos), k = W_k (F_V + pos),
+    M = bilinear(sigmoid(mask logits)) at the CLIP grid (sigmoid first: the released
+    semseg_mask_downsample); F_I = concat_h H_h F_V[h-slice], L2-normalised; logits =
+    100 * cos against [text; no-object] (temperature 100). Image 64 x 96: masks 16 x 24, grid 4 x 6."""
+    import numpy as np
+
+    seg = _deop(tiny, proposal_model, decoder_layers=0, dropout=0.0)
+    seg.eval()
+    assert seg.cfg.logit_scale == 100.0  # released get_sim_logits(temperature=100)
+    x = pixels(2, 64, 96, seed=11)
+    text = F.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(5)), dim=-1) * 2.5
+    with torch.no_grad():
+        logits, mask_logits = seg.segment(x, text)
+        fv, grid = seg.clip_features(x, mask_logits)
+    assert grid == (4, 6) and mask_logits.shape == (2, 6, 16, 24) and logits.shape == (2, 6, 4)
+
+    def t(a):
+        return a.detach().double().numpy()
+
+    dec = seg.decoder
+    Wd, heads = 64, 2
+    d = Wd // heads
+    mem = t(fv)  # [B, N, W]
+    pos = t(sine_position_encoding(4, 6, Wd))
+    qpos = t(dec.query_embed.weight)  # [Q, W]
+    e = Wd
+    b_v = t(dec.out_self_attn.in_proj_bias[2 * e :])
+    sa = t(dec.out_self_attn.out_proj.weight) @ b_v + t(dec.out_self_attn.out_proj.bias)  # [W]
+    mu, var = sa.mean(), sa.var()
+    tgt = (sa - mu) / np.sqrt(var + 1e-5) * t(dec.out_norm.weight) + t(dec.out_norm.bias)  # [W], every query
+    q = (tgt[None] + qpos) @ t(dec.q_proj.weight).T + t(dec.q_proj.bias)  # [Q, W]
+    masks = _bilinear_ref(_sigmoid_np(t(mask_logits)), 4, 6).reshape(2, 6, -1)  # [B, Q, N]
+    cls = np.concatenate([t(F.normalize(text, dim=-1)), t(F.normalize(seg.no_object, dim=-1))])  # [C + 1, W]
+
+    def reference(masks):
+        want = np.zeros((2, 6, 4))
+        for b in range(2):
+            k = (mem[b] + pos) @ t(dec.k_proj.weight).T + t(dec.k_proj.bias)  # [N, W]
+            for qi in range(6):
+                emb = np.zeros(Wd)
+                for h in range(heads):
+                    sl = slice(h * d, (h + 1) * d)
+                    a = q[qi, sl] @ k[:, sl].T / math.sqrt(d)
+                    a = np.exp(a - a.max())
+                    a = a / a.sum() * masks[b, qi]
+                    emb[sl] = a @ mem[b, :, sl]
+                emb = emb / np.linalg.norm(emb)
+                want[b, qi] = 100 * cls @ emb
+        return want
+
+    want = reference(masks)
+    np.testing.assert_allclose(t(logits), want, rtol=1e-4, atol=1e-3)
+    # the order of sigmoid and resize shows in the logits: resizing the logits first gives others
+    other = reference(_sigmoid_np(_bilinear_ref(t(mask_logits), 4, 6)).reshape(2, 6, -1))
+    assert np.abs(other - want).max() > 1e-2
+
+
+def test_learned_tensors_start_from_the_released_draws_per_seed(tiny, proposal_model):
+    """The learned tensors' initial draws (released): visual prompts N(0, width^-0.5) (width 64:
+    std 0.125; 2 layers x (1 + 24 x 24) tokens x 64), the no-object embedding N(0, text width^-0.5),
+    the text context N(0, 0.02): the same for the same seed, different across seeds, and of
+    the released spread (sample std within a tolerance that the sample size allows)."""
+    tw = int(tiny.token_embedding.weight.shape[1])
+    draws = {}
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        seg = _deop(tiny, proposal_model, text_prompt_tokens=16)
+        t = {"vp": seg.visual_prompts.detach(), "no": seg.no_object.detach(), "ctx": seg.text_prompt.ctx.detach()}
+        assert t["vp"].shape == (2, 1 + 24 * 24, 64) and t["no"].shape == (1, 64) and t["ctx"].shape[0] == 16
+        assert float(t["vp"].std()) == pytest.approx(64**-0.5, rel=0.02)
+        assert float(t["no"].std()) == pytest.approx(tw**-0.5, rel=0.35)
+        assert float(t["ctx"].std()) == pytest.approx(0.02, rel=0.2)
+        if seed in draws:
+            for k in t:
+                torch.testing.assert_close(t[k], draws[seed][k], rtol=0, atol=0)
+        draws.setdefault(seed, t)
+    for k in ("vp", "no", "ctx"):
+        assert not torch.allclose(draws[0][k], draws[1][k])
+
+
 # ============================================================================ config and refusals
 
 

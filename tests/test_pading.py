@@ -201,6 +201,128 @@ def test_retraining_teaches_the_head_the_unseen_class_on_two_clusters():
     assert (predicted(seen_real) == 0).float().mean().item() > 0.95
 
 
+def _fixed_gmmn(num_classes, seen, unseen, **kw):
+    """A FeatureGenerator whose GMMN sends the text e_c to 2 e_c (channels 0..3) whatever the
+    noise (the noise columns of the first layer are 0, no dropout)."""
+    torch.manual_seed(0)
+    g = FeatureGenerator(
+        {**GEN, "generator": "gmmn", "gmmn_hidden": 4, "gmmn_dropout": 0.0, "align": False, "disentangle": False, **kw},
+        num_classes,
+        seen=seen,
+        unseen=unseen,
+        class_text=torch.eye(4)[:num_classes] if num_classes <= 4 else torch.eye(num_classes)[:, :4],
+    )
+    first, second = g.generator.net[0], g.generator.net[3]
+    with torch.no_grad():
+        first.weight.zero_()
+        first.weight[:, :4] = torch.eye(4)
+        first.bias.zero_()
+        second.weight.zero_()
+        second.weight[:4] = 2 * torch.eye(4)
+        second.bias.zero_()
+    return g
+
+
+def test_retraining_loss_value_by_hand():
+    """The head's retraining loss (released forward_train_classifier: weighted CE over real + the
+    synthetic unseen embeddings) on 4 classes, seen {0, 2}, unseen {1, 3}, synthetic features 2 e_c.
+    Head: W[0, 0] = W[1, 1] = 1, W[3, 3] = 3, no-object row W[4, 5] = 1, bias 0. Real: e_0 (class 0)
+    -> logits (1, 0, 0, 0, 0) and e_5 (no-object) -> (0, 0, 0, 0, 1): each -log p = ln(1 + 4 / e);
+    synthetic 2 e_1 -> (0, 2, 0, 0, 0): ln(1 + 4 e^-2); 2 e_3 -> (0, 0, 0, 6, 0): ln(1 + 4 e^-6).
+    Weighted mean (torch's: divided by the summed weights), seen 1, no-object 0.1, unseen 5:
+    (1 La + .1 La + 5 L1 + 5 L3) / 11.1."""
+    g = _fixed_gmmn(4, [0, 2], [1, 3])
+    with torch.no_grad():
+        g.head.weight.zero_()
+        g.head.bias.zero_()
+        g.head.weight[0, 0] = g.head.weight[1, 1] = 1.0
+        g.head.weight[3, 3] = 3.0
+        g.head.weight[4, 5] = 1.0
+    real = torch.stack([torch.eye(8)[0], torch.eye(8)[5]])
+    labels = torch.tensor([0, 4])
+    la, l1, l3 = math.log(1 + 4 / math.e), math.log(1 + 4 * math.exp(-2)), math.log(1 + 4 * math.exp(-6))
+    loss = g.classifier_loss(real, labels, {})  # released: unseen_weight 5, no_object_weight 0.1, 17 per step
+    assert loss.item() == pytest.approx((1.1 * la + 5 * l1 + 5 * l3) / 11.1, rel=1e-6)
+    custom = g.classifier_loss(real, labels, {"unseen_weight": 2.0, "no_object_weight": 0.5})
+    assert custom.item() == pytest.approx((1.5 * la + 2 * l1 + 2 * l3) / 5.5, rel=1e-6)
+    # one synthetic feature per step: randperm(U)[:1] of the seeded generator picks class 1 or 3
+    seen_values = set()
+    for seed in range(8):
+        gen = torch.Generator().manual_seed(seed)
+        pick = [1, 3][int(torch.randperm(2, generator=torch.Generator().manual_seed(seed))[0])]
+        lu = l1 if pick == 1 else l3
+        one = g.classifier_loss(real, labels, {"unseen_per_step": 1}, generator=gen)
+        assert one.item() == pytest.approx((1.1 * la + 5 * lu) / 6.1, rel=1e-6), seed
+        seen_values.add(pick)
+    assert seen_values == {1, 3}  # both picks occur over the seeds
+
+
+@pytest.mark.parametrize("per_step", [1, 3, 5, 17])
+def test_retraining_draws_per_seed_and_count(per_step):
+    """The synthetic unseen classes of one retraining step: min(unseen_per_step, U) distinct
+    unseen classes (U = 5 here), the same for the same seed, different across seeds when fewer
+    than U are drawn, every unseen class when unseen_per_step >= U."""
+    unseen = [3, 4, 5, 6, 7]
+    g = _fixed_gmmn(8, [0, 1, 2], unseen)
+    drawn = []
+    orig = g.generate
+    g.generate = lambda ids: (drawn.append(ids.tolist()), orig(ids))[1]
+    real, labels = torch.eye(8)[:2], torch.tensor([0, 8])
+    per_seed = {}
+    for seed in range(6):
+        for _ in range(2):
+            drawn.clear()
+            g.classifier_loss(
+                real, labels, {"unseen_per_step": per_step}, generator=torch.Generator().manual_seed(seed)
+            )
+            (ids,) = drawn
+            assert len(ids) == min(per_step, 5) and len(set(ids)) == len(ids) and set(ids) <= set(unseen)
+            assert per_seed.setdefault(seed, ids) == ids  # reproducible per seed
+    distinct = {tuple(sorted(v)) for v in per_seed.values()}
+    if per_step < 5:
+        assert len(distinct) > 1
+    else:
+        assert distinct == {tuple(unseen)}
+
+
+@pytest.mark.parametrize("kind", ["primitive", "gmmn"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_generator_noise_per_seed_and_count(kind, n):
+    """Eq. 1's noise Z (primitive generator) and the GMMN's z: one draw per synthetic sample from
+    the global RNG, in eval mode too: the same seed gives the same features, another seed others,
+    and repeats of one class within a call differ."""
+    g = _generator(generator=kind, dropout=0.0, gmmn_dropout=0.0).eval()
+    ids = torch.full((n,), 1, dtype=torch.long)
+    out = {}
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out[seed] = g.generate(ids)[0]
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            torch.testing.assert_close(g.generate(ids)[0], out[seed], rtol=0, atol=0)
+        assert out[seed].shape == (n, 8)
+    assert (out[0] - out[1]).abs().max() > 1e-3 and (out[1] - out[2]).abs().max() > 1e-3
+    if n > 1:
+        assert (out[0][0] - out[0][1]).abs().max() > 1e-3
+
+
+def test_class_map_just_inside_and_outside_the_cosine_threshold():
+    """An evaluation class maps to the training class whose text it equals (cosine > 1 - 1e-4):
+    at an angle of 0.01 (cosine 1 - 5e-5) it maps, at 0.02 (1 - 2e-4) it is -1; the row's
+    length does not matter; the nearest training class wins."""
+    class_text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    fake = types.SimpleNamespace(class_text=class_text)
+
+    def at(theta, scale=1.0, axis=0):
+        v = [0.0, 0.0, scale * math.sin(theta)]
+        v[axis] = scale * math.cos(theta)
+        return v
+
+    text = torch.tensor([at(0.01), at(0.02), at(0.01, 4.0, axis=1), at(0.02, 0.3, axis=1), at(0.0, 1.0, axis=1)])
+    assert PADing.class_map(fake, text).tolist() == [0, -1, 1, -1, 1]
+
+
 # ------------------------------------------------------------------ matching and the segmenter
 def test_query_labels_take_the_matched_segment_or_no_object():
     from zeroseg.models.maskformer import HungarianMatcher

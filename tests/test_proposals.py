@@ -516,6 +516,43 @@ def test_recall_at_an_iou_of_exactly_the_threshold_and_under_ignored_pixels():
     assert r["recall"]["unseen"] == {0.7: 0.0, 0.75: 0.0}
 
 
+def test_recall_just_above_at_and_below_both_thresholds():
+    """A 5 x 10 image, one class per row (seen 0, 1; unseen 5, 7, 9), proposals giving best IoUs
+    3/10 (exactly 0.3), 5/10 (exactly 0.5), 4/13 (just above 0.3), 5/11 (just below 0.5) and
+    3/11 (just below 0.3); a brute-force IoU over the pixels agrees. Recall at IoU >= t: seen
+    2/2 at 0.3 and 1/2 at 0.5, unseen 2/3 at 0.3 and 0/3 at 0.5 (IoU > t would give 1/2 and 0/2
+    for seen)."""
+    label = np.repeat(np.array([0, 1, 5, 7, 9], np.uint8)[:, None], 10, axis=1)
+    seg = semantic_to_targets(label)
+    assert seg["labels"].tolist() == [0, 1, 5, 7, 9]
+    p = np.zeros((5, 5, 10), bool)
+    p[0, 0, :3] = True  # row 0: 3 / 10
+    p[1, 1, :5] = True  # row 1: 5 / 10
+    p[2, 2, :4], p[2, 3, :3] = True, True  # row 2: 4 / (10 + 7 - 4); row 3: 3 / 14
+    p[3, 3, 5:], p[3, 2, 9] = True, True  # row 3: 5 / (10 + 6 - 5); row 2: 1 / 15
+    p[4, 4, :3], p[4, 0, 9] = True, True  # row 4: 3 / (10 + 4 - 3); row 0: 1 / 13
+    want = [3 / 10, 5 / 10, 4 / 13, 5 / 11, 3 / 11]
+    brute = [
+        max(
+            sum(bool(p[q, y, x] and seg["masks"][n, y, x]) for y in range(5) for x in range(10))
+            / sum(bool(p[q, y, x] or seg["masks"][n, y, x]) for y in range(5) for x in range(10))
+            for q in range(5)
+        )
+        for n in range(5)
+    ]
+    assert brute == pytest.approx(want)
+    assert segment_max_iou(p, seg["masks"]).tolist() == pytest.approx(want, abs=1e-12)
+    c = proposal_recall(p, seg["masks"], seg["labels"], seen_ids=[0, 1], unseen_ids=[5, 7, 9])
+    assert c.hits["seen"].tolist() == [2, 1] and c.hits["unseen"].tolist() == [2, 0]
+    assert c.segments == {"seen": 2, "unseen": 3}
+    r = c.recall()
+    assert r["seen"] == {0.3: 1.0, 0.5: 0.5} and r["unseen"] == {0.3: 2 / 3, 0.5: 0.0}
+    assert r["all"] == {0.3: 4 / 5, 0.5: 1 / 5}
+    # a threshold of exactly 4/13 keeps row 2 (4/13 >= 4/13) and row 3 (5/11), drops rows 0 and 4
+    c2 = proposal_recall(p, seg["masks"], seg["labels"], [0, 1], [5, 7, 9], thresholds=(4 / 13, 5 / 11 + 1e-9))
+    assert c2.hits["seen"].tolist() == [1, 1] and c2.hits["unseen"].tolist() == [2, 0]
+
+
 def test_proposal_recall_errors():
     seg = semantic_to_targets(np.zeros((2, 2), np.uint8))
     with pytest.raises(ValueError, match="threshold logits"):

@@ -174,6 +174,20 @@ def test_seen_classes_from_their_text_embeddings():
     assert seen_from_text(text, seen_text[:0]).tolist() == [False] * 4
 
 
+def test_seen_classes_just_inside_and_outside_the_tolerance():
+    """seen = L2 distance <= 1e-4 between normalised rows: a row at angle 5e-5 from a seen row
+    (distance 2 sin(theta / 2) ~ 5e-5) is seen, one at 2e-4 is not; the length of a row does not
+    matter (both sides are normalised)."""
+    seen_text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+    def at(theta, scale=1.0):
+        return [scale * math.cos(theta), 0.0, scale * math.sin(theta)]
+
+    text = torch.tensor([at(5e-5), at(2e-4), at(5e-5, 3.0), at(2e-4, 0.2)])
+    assert seen_from_text(text, seen_text).tolist() == [True, False, True, False]
+    assert seen_from_text(text, seen_text, tol=3e-4).tolist() == [True] * 4
+
+
 # ------------------------------------------------------------------ text
 def test_zegformer_template_sets():
     # released-code.md section 1.2 (dingjiansw101/ZegFormer imagenet_templates.IMAGENET_TEMPLATES_SELECT
@@ -316,6 +330,114 @@ def test_segmenter_variants_and_artifact_round_trip(tiny_clip, proposals_dir, tm
     assert seg_only.variants == ("zegformer_seg",) and seg_only.clip_visual is None
     with torch.no_grad():
         torch.testing.assert_close(seg_only(images, text)["zegformer_seg"], out["zegformer_seg"])
+
+
+def _boxes_ref(binary):
+    """The released box (argmax-of-cumsum: first and last row / column holding a mask pixel), the
+    whole image for a zero-area box; plain loops."""
+    n, h, w = binary.shape
+    out = []
+    for q in range(n):
+        rows = [y for y in range(h) if binary[q, y].any()]
+        cols = [x for x in range(w) if binary[q, :, x].any()]
+        if not rows or rows[0] == rows[-1] or cols[0] == cols[-1]:
+            out.append([0.0, 0.0, float(w), float(h)])
+        else:
+            out.append([float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1])])
+    return torch.tensor(out)
+
+
+def test_image_branch_and_fused_variant_against_a_reference_forward(tiny_clip, proposals_dir):
+    """ZegFormer's three variants on a non-square image, recomputed here from the proposal
+    model's raw outputs and open_clip's own image encoder: masks bilinearly upsampled to the
+    image, the pixels renormalised to CLIP's mean / std (x * std + mean - mean' / std'), binary
+    masks sigmoid > 0.5, crop_and_mask sub-images (image times binary mask, roi_align of the
+    released box at 224), p' = softmax([100 cos(CLIP(crop), text), SSE no-object logit]) without
+    no-object, then Eq. 3 (released: seen p^lam mean_S(p')^(1 - lam), unseen p^(1 - lam)
+    p'^lam; all_classes p^(1 - lam) p'^lam), then sum_q p_q(c) sigmoid(m_q)."""
+    from torchvision.ops import roi_align
+
+    seg = _zegformer(tiny_clip, proposals_dir)
+    lam, fusion = 2.0 / 3.0, "released"  # the released lambda_balance and ENSEMBLING (the defaults)
+    assert seg.cfg.lambda_balance == pytest.approx(lam) and seg.cfg.fusion == fusion
+    g = torch.Generator().manual_seed(3)
+    text = F.normalize(torch.randn(5, 64, generator=g), dim=-1)
+    images = torch.randn(2, 3, 64, 96, generator=g)
+    seen = [0, 2]
+    with torch.no_grad():
+        out = seg(images, text, seen=seen)
+        raw = seg.proposals(images, text)
+        up = F.interpolate(raw["pred_masks"], size=(64, 96), mode="bilinear", align_corners=False).double()
+        mean0, std0 = torch.tensor(seg.mean).view(3, 1, 1), torch.tensor(seg.std).view(3, 1, 1)
+        # OpenAI CLIP's pixel mean / std (the tiny tower's preprocess_cfg)
+        mean1 = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
+        std1 = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
+        # the CLIP model's own logit scale (released: logit_scale.exp(); 100 for trained CLIP, 1 / 0.07
+        # at open_clip's random init)
+        scale = float(tiny_clip.logit_scale.exp())
+        assert scale == pytest.approx(1 / 0.07, rel=1e-5)
+        clip_logits = []
+        for b in range(2):
+            x = (images[b] * std0 + mean0 - mean1) / std1
+            binary = up[b].sigmoid() > 0.5
+            boxes = _boxes_ref(binary)
+            masked = x[None] * binary[:, None].float()
+            rois = torch.cat([torch.arange(len(boxes)).float()[:, None], boxes], dim=1)
+            crops = roi_align(masked, rois, output_size=224, aligned=True)
+            emb = F.normalize(tiny_clip.encode_image(crops).double(), dim=-1)
+            clip_logits.append(scale * emb @ text.double().T)
+        clip_logits = torch.stack(clip_logits)  # [B, Q, C]
+    sse = raw["pred_logits"].double()
+    p = sse.softmax(-1)[..., :5]
+    p_img = torch.cat([clip_logits, sse[..., 5:]], -1).softmax(-1)[..., :5]
+    fused = torch.zeros_like(p)
+    for c in range(5):
+        if fusion == "all_classes":
+            fused[..., c] = p[..., c] ** (1 - lam) * p_img[..., c] ** lam
+        elif c in seen:
+            fused[..., c] = p[..., c] ** lam * ((p_img[..., 0] + p_img[..., 2]) / 2) ** (1 - lam)
+        else:
+            fused[..., c] = p[..., c] ** (1 - lam) * p_img[..., c] ** lam
+    sig = up.sigmoid()
+    for name, probs in (("zegformer_seg", p), ("zegformer_img", p_img), ("zegformer", fused)):
+        want = torch.zeros(2, 5, 64, 96, dtype=torch.float64)
+        for q in range(probs.shape[1]):
+            want += probs[:, q, :, None, None] * sig[:, q, None]
+        torch.testing.assert_close(out[name].double(), want, rtol=1e-4, atol=1e-6, msg=name)
+    # the inputs discriminate: the two branches disagree, and some masks are partial
+    assert (p - p_img).abs().max() > 1e-2
+    frac = (up.sigmoid() > 0.5).double().mean(dim=(-1, -2))
+    assert ((frac > 0) & (frac < 1)).any()
+
+
+def test_mask_binarisation_just_above_and_below_the_threshold():
+    """A binary mask is sigmoid(logit) > threshold (released 0.5), strictly: at 0.5 the logits
+    +1e-3 (sigmoid 0.50025) are kept, 0 (sigmoid exactly 0.5) and -1e-3 dropped; at 0.7 the logit
+    0.85 (sigmoid 0.70057) is kept and 0.84 (0.69846) dropped, where thresholding the logit itself
+    (0.84 > 0.7) would keep both."""
+    img = _image()
+    m = torch.full((1, 8, 8), -5.0)
+    m[0, 1, 1:4] = 1e-3
+    m[0, 2, 1:4] = 0.0
+    m[0, 3, 1:4] = -1e-3
+    out = sub_images(img, m, "mask", size=8)
+    kept = out[0].abs().sum(0) > 0
+    want = torch.zeros(8, 8, dtype=torch.bool)
+    want[1, 1:4] = True
+    want[0, 0] = False  # img is 0 at (0, 0) in channel 0 only: the other channels show every kept pixel
+    assert kept.tolist() == want.tolist()
+    m2 = torch.full((1, 8, 8), -5.0)
+    m2[0, 2, 2:6] = 0.85
+    m2[0, 4, 2:6] = 0.84
+    out = sub_images(img, m2, "mask", size=8, threshold=0.7)
+    kept = out[0].abs().sum(0) > 0
+    want = torch.zeros(8, 8, dtype=torch.bool)
+    want[2, 2:6] = True
+    assert kept.tolist() == want.tolist()
+    # crop_and_mask: the box is the kept row only (a single row: zero area -> the whole image),
+    # and the masked copy keeps only that row
+    out = sub_images(img, m2, "crop_and_mask", size=8, threshold=0.7)
+    assert (out[0].abs().sum(0) > 0).tolist() == want.tolist()
 
 
 def test_segmenter_refuses_what_does_not_fit(tiny_clip, proposals_dir):
