@@ -154,22 +154,7 @@ def test_retraining_teaches_the_head_the_unseen_class_on_two_clusters():
     weights send text e_c to 2 e_c whatever the noise: Algorithm 1's classifier step after the
     generator). The pretrained head knows class 0 and no-object only: before retraining it never
     predicts class 1; after, unseen-cluster points are class 1 and seen ones still class 0."""
-    torch.manual_seed(0)
-    g = FeatureGenerator(
-        {**GEN, "generator": "gmmn", "gmmn_hidden": 4, "gmmn_dropout": 0.0, "align": False, "disentangle": False},
-        2,
-        seen=[0],
-        unseen=[1],
-        class_text=torch.eye(4)[:2],
-    )
-    first, second = g.generator.net[0], g.generator.net[3]
-    with torch.no_grad():  # [text (4) | noise (4)] -> text -> 2 x text in channels 0..3
-        first.weight.zero_()
-        first.weight[:, :4] = torch.eye(4)
-        first.bias.zero_()
-        second.weight.zero_()
-        second.weight[:4] = 2 * torch.eye(4)
-        second.bias.zero_()
+    g = _fixed_gmmn(2, seen=[0], unseen=[1])  # [text (4) | noise (4)] -> text -> 2 x text in channels 0..3
     synth = g.generate(torch.ones(3, dtype=torch.long))[0]
     torch.testing.assert_close(synth, 2 * torch.eye(8)[1].expand(3, 8))
     w = torch.zeros(2, 8)
