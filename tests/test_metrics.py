@@ -700,3 +700,40 @@ def test_one_class_uint8_labels_with_an_ignore_index_outside_the_byte_range(coun
             confusion_matrix(np.zeros((1, 2), np.int64), np.array([[0, 1]], np.uint8), 1, ignore_index=ignore)
         for cm in _both(np.zeros((1, 2), np.int64), np.zeros((1, 2), np.uint8), 1, ignore_index=ignore):
             assert cm.tolist() == [[2]]
+
+
+# ------------------------------------------------ survivors of `make mutants` (docs/testing.md)
+def test_zs3_metrics_of_no_unseen_class_has_every_key_and_nan():
+    from zeroseg.metrics import zs3_metrics
+
+    out = zs3_metrics(np.zeros((0, 0), np.int64))
+    assert set(out) == {"mIoU", "pAcc", "mAcc", "iou"} and out["iou"] == []
+    assert all(math.isnan(out[k]) for k in ("mIoU", "pAcc", "mAcc"))
+
+
+def test_harmonic_iou_is_nan_when_either_side_is_nan():
+    from zeroseg.metrics import harmonic_iou
+
+    nan = float("nan")
+    assert math.isnan(harmonic_iou(nan, 30.0)) and math.isnan(harmonic_iou(30.0, nan))
+    assert harmonic_iou(20.0, 30.0) == pytest.approx(2 * 20 * 30 / 50)  # 24, by hand
+
+
+def test_a_class_with_one_ground_truth_pixel_has_its_accuracy():
+    from zeroseg.metrics import per_class_accuracy
+
+    # class 0: 1 pixel, predicted right (100 %); class 1: 3 pixels, 2 right (66.67 %); class 2: none
+    cm = np.array([[1, 0, 0], [1, 2, 0], [0, 0, 0]])
+    acc = per_class_accuracy(cm)
+    assert acc[0] == pytest.approx(100.0) and acc[1] == pytest.approx(200 / 3) and math.isnan(acc[2])
+
+
+def test_per_class_table_is_markdown_with_right_aligned_numbers():
+    from zeroseg.metrics import per_class_table, segmentation_metrics
+
+    m = segmentation_metrics(np.array([[3, 1], [0, 2]]), seen_ids=[0], unseen_ids=[1])
+    lines = per_class_table(m, ["a", "b|c"]).splitlines()
+    assert lines[1] == "|---:|---|---|---:|---:|---:|---:|"
+    # a: IoU 3 / (4 + 3 - 3) = 75, acc 3/4; b: IoU 2 / (2 + 3 - 2) = 66.67, acc 100
+    assert lines[2] == "| 0 | a | seen | 75.00 | 75.00 | 4 | 3 |"
+    assert lines[3] == "| 1 | b/c | unseen | 66.67 | 100.00 | 2 | 3 |"
