@@ -737,3 +737,13 @@ def test_per_class_table_is_markdown_with_right_aligned_numbers():
     # a: IoU 3 / (4 + 3 - 3) = 75, acc 3/4; b: IoU 2 / (2 + 3 - 2) = 66.67, acc 100
     assert lines[2] == "| 0 | a | seen | 75.00 | 75.00 | 4 | 3 |"
     assert lines[3] == "| 1 | b/c | unseen | 66.67 | 100.00 | 2 | 3 |"
+
+
+def test_zs3_metrics_of_one_unseen_class_and_pixel_counts_are_integers():
+    from zeroseg.metrics import segmentation_metrics, zs3_metrics
+
+    out = zs3_metrics(np.array([[5]]))  # one unseen class, 5 pixels, all right
+    assert out["mIoU"] == 100.0 and out["pAcc"] == 100.0 and out["mAcc"] == 100.0 and out["iou"] == [100.0]
+    m = segmentation_metrics(np.array([[3, 1], [0, 2]]), seen_ids=[0], unseen_ids=[1])
+    assert m.pred_pixels.dtype == np.int64 and m.pred_pixels.tolist() == [3, 3]
+    assert m.gt_pixels.dtype == np.int64 and m.gt_pixels.tolist() == [4, 2]
