@@ -31,8 +31,9 @@ def module_of(mutant: str) -> str:
     return ".".join(parts)
 
 
-def load(root: Path) -> dict[str, Counter]:
-    """Status counts a module from every ``*.meta`` under ``root`` (``mutants/``).
+def statuses(root: Path):
+    """``(mutant name, status)`` of every mutant in the ``*.meta`` files under ``root``
+    (``mutants/``); the status is mutmut's word for its exit code, ``"not checked"`` when unrun.
 
     Raises:
         SystemExit: no result files (``make mutants`` has not run).
@@ -42,29 +43,27 @@ def load(root: Path) -> dict[str, Counter]:
     metas = sorted(root.rglob("*.py.meta"))
     if not metas:
         raise SystemExit(f"error: no mutmut results under {root}/: run `make mutants` first")
-    counts: dict[str, Counter] = {}
     for meta in metas:
-        data = json.loads(meta.read_text())
-        for name, code in data.get("exit_code_by_key", {}).items():
-            status = "not checked" if code is None else status_by_exit_code[code]
-            counts.setdefault(module_of(name), Counter())[status] += 1
+        for name, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items():
+            yield name, "not checked" if code is None else status_by_exit_code[code]
+
+
+def load(root: Path) -> dict[str, Counter]:
+    """Status counts a module (:func:`statuses`)."""
+    counts: dict[str, Counter] = {}
+    for name, status in statuses(root):
+        counts.setdefault(module_of(name), Counter())[status] += 1
     return counts
 
 
 def survivors(root: Path, module: str) -> list[str]:
     """Names of the surviving (or unreached) mutants of ``module``, for ``mutmut show NAME``."""
-    from mutmut.stats import status_by_exit_code
-
-    out = []
-    for meta in sorted(root.rglob("*.py.meta")):
-        for name, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items():
-            if module_of(name) == module and code is not None:
-                if status_by_exit_code[code] in {"survived", "no tests"}:
-                    out.append(name)
-    return out
+    return [n for n, st in statuses(root) if module_of(n) == module and st in {"survived", "no tests"}]
 
 
 def table(counts: dict[str, Counter]) -> list[dict]:
+    """One row a module: counts by kind and ``score`` = killed / counted mutants in percent
+    (None when none was counted)."""
     rows = []
     for module in sorted(counts):
         c = counts[module]
